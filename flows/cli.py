@@ -1,0 +1,241 @@
+"""The ``shardwise`` command line: ``run``, ``demo`` and ``status``.
+
+Exit codes: 0 success; 1 the run failed (some shards failed, or an unexpected error); 2 bad input
+or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted.
+Errors are one line on stderr; set ``SHARDWISE_DEBUG=1`` for a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "conf" / "jobs" / "demo.yaml"
+
+
+def _environment_defaults() -> None:
+    """Defaults that must be in place before Prefect or tokenizers are imported."""
+    # The ephemeral Prefect server takes ~12 s to start on a small machine; 20 s is too tight.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardwise", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="enrich a Parquet dataset")
+    run.add_argument("--config", help="YAML job config (conf/jobs/*.yaml)")
+    run.add_argument("--input", help="Parquet file, directory, glob or fsspec URI")
+    run.add_argument("--output", help="output directory URI")
+    run.add_argument("--task", choices=["generate", "embed", "both"])
+    run.add_argument("--text-column")
+    run.add_argument("--id-column")
+    run.add_argument("--keep-columns", choices=["all", "id"])
+    run.add_argument("--prompt-template")
+    run.add_argument("--system-prompt")
+    run.add_argument("--max-new-tokens", type=int)
+    run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
+    run.add_argument("--embed-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
+    run.add_argument("--rows-per-shard", type=int)
+    run.add_argument("--workers", type=int, help="shards processed at once in this process")
+    run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    run.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config key, e.g. generate.temperature=0.7 (repeatable)")
+
+    demo = sub.add_parser("demo", help="generate a synthetic review dataset and enrich it")
+    demo.add_argument("--rows", type=int, default=48, help="total rows (spread over 3 files)")
+    demo.add_argument("--max-new-tokens", type=int)
+    demo.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE")
+
+    status = sub.add_parser("status", help="progress of an output directory")
+    status.add_argument("output")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from tasks.job_config import build_config
+
+    flags = {
+        "input": args.input,
+        "output": args.output,
+        "task": args.task,
+        "text_column": args.text_column,
+        "id_column": args.id_column,
+        "keep_columns": args.keep_columns,
+        "rows_per_shard": args.rows_per_shard,
+        "workers": args.workers,
+        "device": args.device,
+    }
+    overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    generate = {
+        "prompt_template": args.prompt_template,
+        "system_prompt": args.system_prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "model": args.gen_model,
+    }
+    if any(v is not None for v in generate.values()):
+        overrides["generate"] = {k: v for k, v in generate.items() if v is not None}
+    if args.embed_model:
+        overrides["embed"] = {"model": args.embed_model}
+    if args.config is None and ("input" not in overrides or "output" not in overrides):
+        from tasks.errors import ConfigError
+
+        raise ConfigError("run needs --input and --output (or a --config that sets them)")
+    return build_config(args.config, overrides, args.set_options)
+
+
+def preflight(cfg) -> Any:
+    """Everything that can fail fast does so here, before Prefect starts or a model loads."""
+    from gpu_runtime import resolve_model_spec
+    from tasks.planning import plan_shards
+    from tasks.storage import check_writable
+
+    plan = plan_shards(cfg)
+    if cfg.runs_generation:
+        resolve_model_spec(cfg.generate.model)
+    if cfg.runs_embedding:
+        resolve_model_spec(cfg.embed.model)
+    check_writable(cfg.output, cfg.storage_options)
+    return plan
+
+
+def execute(cfg) -> int:
+    """Run the flow for ``cfg``, print the summary, return the exit code."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.enrich import enrich
+    from tasks.storage import set_runtime_storage_options
+
+    plan = preflight(cfg)
+    print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
+          file=sys.stderr, flush=True)
+    set_runtime_storage_options(cfg.storage_options)
+    flow = enrich.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.workers))
+    state = flow(job=cfg.public_dict(), return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, dict):
+        print(format_summary(result))
+        return 0 if result.get("succeeded") else 1
+    reason = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else state.message
+    _error(f"run failed: {reason}")
+    return getattr(result, "exit_code", 1)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    from tasks.state import tracking_uri
+
+    ok = summary["succeeded"]
+    rows = [
+        ("status", "succeeded" if ok else "FAILED"),
+        ("output", summary["output"]),
+        ("rows", f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
+                 f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
+        ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"),
+        ("seconds", f"{summary['seconds']:.1f}"),
+        ("rows/s", f"{summary['rows_per_s']:.2f}"),
+        ("prompt tok/s", f"{summary['prompt_tok_per_s']:.1f}"),
+        ("generated tok/s", f"{summary['generated_tok_per_s']:.1f}"),
+        ("estimated cost", f"{summary['cost']:.6f} {summary['currency']} "
+                           f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)"),
+        ("MLflow run", f"{summary['mlflow_run_id']} ({tracking_uri()})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "shardwise run summary", "-" * 21] + [f"{k:<{width}}  {v}" for k, v in rows]
+    for failure in summary.get("failures", []):
+        lines.append(f"{'failed':<{width}}  {failure['shard']}: {failure['error']}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return execute(config_from_args(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tasks.demo_data import write_reviews_dataset
+    from tasks.job_config import build_config
+    from tasks.state import state_dir
+
+    root = state_dir() / "demo"
+    files = 3
+    per_file = max(1, args.rows // files)
+    input_dir = root / "input"
+    write_reviews_dataset(str(input_dir), files=files, rows_per_file=per_file, rows_per_group=4)
+    overrides: dict[str, Any] = {"input": str(input_dir), "output": str(root / "output")}
+    if args.max_new_tokens:
+        overrides["generate"] = {"max_new_tokens": args.max_new_tokens}
+    cfg = build_config(DEMO_CONFIG, overrides, args.set_options)
+    print(f"shardwise demo: {files * per_file} synthetic reviews in {input_dir}", file=sys.stderr)
+    code = execute(cfg)
+    if code == 0:
+        from tasks.state import tracking_uri
+
+        print(
+            "\nWhere to look:\n"
+            f"  output Parquet : {cfg.output}/part-*.parquet  (manifest: {cfg.output}/_manifest.json)\n"
+            f"    python -c \"import polars as pl; print(pl.read_parquet('{cfg.output}/part-*.parquet'))\"\n"
+            f"  MLflow         : mlflow ui --backend-store-uri {tracking_uri()}\n"
+            "  Prefect        : runs went to a temporary server; `prefect server start` and\n"
+            "                   PREFECT_API_URL=http://127.0.0.1:4200/api keep them for the UI\n"
+            f"  status         : shardwise status {cfg.output}"
+        )
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tasks.manifest import read_status
+    from tasks.storage import exists, runtime_storage_options
+
+    options = runtime_storage_options()
+    if not exists(args.output, options):
+        _error(f"no such output: {args.output}")
+        return 2
+    status = read_status(args.output, options)
+    print(f"output   {status.output}")
+    print(f"state    {status.state}")
+    print(f"shards   {status.shards_done}/{status.shards_total} done")
+    print(f"rows     {status.rows}")
+    print(f"_SUCCESS {'yes' if status.success else 'no'}")
+    return 0 if status.success else 1
+
+
+def _error(message: str) -> None:
+    print(f"shardwise: error: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _environment_defaults()
+    args = build_parser().parse_args(argv)
+    from gpu_runtime.errors import EngineError, ModelNotFoundError
+    from tasks.errors import ShardwiseError
+
+    handlers = {"run": cmd_run, "demo": cmd_demo, "status": cmd_status}
+    started = time.perf_counter()
+    try:
+        return handlers[args.command](args)
+    except ShardwiseError as err:
+        _error(str(err))
+        return err.exit_code
+    except ModelNotFoundError as err:
+        _error(str(err))
+        return 2
+    except EngineError as err:
+        _error(f"engine failed: {err}")
+        return 1
+    except KeyboardInterrupt:
+        _error(f"interrupted after {time.perf_counter() - started:.0f}s; rerun the same command to redo it")
+        return 130
+    except Exception as err:  # noqa: BLE001 - last resort: one line, traceback on request
+        if os.environ.get("SHARDWISE_DEBUG"):
+            raise
+        _error(f"unexpected {type(err).__name__}: {err} (SHARDWISE_DEBUG=1 shows the traceback)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The ``enrich`` flow: plan shards -> one task per shard -> commit -> report.
+
+Orchestration only; every step is a task in ``tasks/`` over a plain function.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.job_config import JobConfig, validate_config
+from tasks.manifest import commit_output_task, start_output_task
+from tasks.planning import ShardPlan, plan_shards_task
+from tasks.reporting import price_for, report_task
+from tasks.results import ShardResult
+from tasks.shard_work import process_shard
+from tasks.storage import runtime_storage_options
+from tasks.tracking import log_shard, prompt_hash, start_tracking_task
+
+
+def job_from_parameters(job: dict[str, Any]) -> JobConfig:
+    """Flow parameters hold the public config; storage options come from this process/environment."""
+    return validate_config({**job, "storage_options": runtime_storage_options()})
+
+
+def shard_outcome(future: PrefectFuture, shard_by_name: dict[str, Any]) -> ShardResult:
+    """A finished shard future as a ShardResult, failed ones included (with their reason)."""
+    value = future.result(raise_on_failure=False)
+    if isinstance(value, ShardResult):
+        return value
+    shard = shard_by_name[future.task_run_id]
+    reason = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value)
+    return ShardResult(index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
+                       status="failed", error=reason, finished_at=time.time())
+
+
+def part_lineage(cfg: JobConfig, run_info: dict[str, Any]) -> dict[str, str]:
+    lineage = {k: str(v) for k, v in run_info.items() if v}
+    lineage["config_fingerprint"] = cfg.output_fingerprint()
+    if cfg.runs_generation:
+        lineage["generate_model"] = cfg.generate.model
+        lineage["prompt_hash"] = prompt_hash(cfg)
+    if cfg.runs_embedding:
+        lineage["embed_model"] = cfg.embed.model
+    return lineage
+
+
+def process_shards(cfg: JobConfig, plan: ShardPlan, run_id: str, lineage: dict[str, str]) -> list[ShardResult]:
+    """Submit one task per shard; log each to MLflow as it finishes."""
+    logger = get_run_logger()
+    futures = process_shard.with_options(retries=cfg.shard_retries).map(
+        list(plan.shards), unmapped(cfg), unmapped(lineage)
+    )
+    by_task_run = {f.task_run_id: s for f, s in zip(futures, plan.shards)}
+    results: list[ShardResult] = []
+    for future in as_completed(list(futures)):
+        result = shard_outcome(future, by_task_run)
+        results.append(result)
+        log_shard(run_id, result, price_for(cfg, [result]))
+        if result.status == "committed":
+            logger.info(
+                "%s committed (%d/%d): %d rows in %.1fs, %.1f generated tok/s",
+                result.name, len(results), len(plan.shards), result.rows, result.seconds,
+                result.generated_tokens / max(result.seconds_compute, 1e-9),
+            )
+        else:
+            logger.error("%s failed (%d/%d): %s", result.name, len(results), len(plan.shards), result.error)
+    return results
+
+
+@flow(name="enrich", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def enrich(job: dict[str, Any]) -> dict[str, Any]:
+    """Enrich a Parquet dataset with generated text and/or embeddings; returns the run summary."""
+    started = time.perf_counter()
+    cfg = job_from_parameters(job)
+    plan = plan_shards_task(cfg)
+    run_id = start_tracking_task(cfg, plan, flow_run.get_id())
+    run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id()}
+    start_output_task(cfg, plan, run_info)
+    results = process_shards(cfg, plan, run_id, part_lineage(cfg, run_info))
+    outcome = commit_output_task(cfg, plan, results, run_info)
+    summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started)
+    if not outcome.succeeded:
+        return Failed(message=f"{len(summary['failures'])} of {len(plan.shards)} shards failed", data=summary)
+    return summary

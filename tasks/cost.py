@@ -1,0 +1,49 @@
+"""Cost estimates: device-seconds actually used times an editable price per device-hour.
+
+Prices live in ``conf/prices.yaml`` (documented there as list-price assumptions); a job config's
+``price_per_device_hour`` overrides the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+PRICES_FILE = Path(__file__).resolve().parent.parent / "conf" / "prices.yaml"
+
+
+@dataclass(frozen=True)
+class Price:
+    device_type: str
+    per_hour: float
+    currency: str = "USD"
+
+    def cost(self, device_seconds: float) -> float:
+        return device_seconds / 3600.0 * self.per_hour
+
+
+def detect_device_type(device: str | None) -> str:
+    """``cpu``, or the CUDA device's name normalised (``nvidia-h100-80gb-hbm3``)."""
+    if not device or not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    return torch.cuda.get_device_name(index).lower().replace(" ", "-")
+
+
+def lookup_price(device_type: str, override: float | None = None, prices_file: Path = PRICES_FILE) -> Price:
+    data = yaml.safe_load(prices_file.read_text()) if prices_file.exists() else {}
+    currency = data.get("currency", "USD")
+    if override is not None:
+        return Price(device_type, float(override), currency)
+    table: dict[str, float] = data.get("per_device_hour", {})
+    if device_type in table:
+        return Price(device_type, float(table[device_type]), currency)
+    for key, value in table.items():
+        if key not in ("cpu", "default-gpu") and key in device_type:
+            return Price(device_type, float(value), currency)
+    fallback = table.get("cpu" if device_type == "cpu" else "default-gpu", 0.0)
+    return Price(device_type, float(fallback), currency)

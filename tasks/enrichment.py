@@ -1,0 +1,161 @@
+"""Rows in, enriched rows out: prompt building, per-row validation and the output schema.
+
+Bad rows (null, empty or unusable text) never reach an engine: they are written with ``error`` set
+and every other row is processed. One output row per input row, in input order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from tasks.job_config import JobConfig
+
+if TYPE_CHECKING:  # engines are loaded by the shard task; this module only needs their interface
+    from gpu_runtime import EmbeddingEngine, GenerationEngine
+
+# C0/C1 control characters except tab, newline and carriage return; lone surrogates from bad UTF-8.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+GENERATION_FIELDS = [
+    pa.field("generated_text", pa.string()),
+    pa.field("n_prompt_tokens", pa.int32()),
+    pa.field("n_generated_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+]
+
+
+def clean_text(value: Any) -> tuple[str | None, str | None]:
+    """``(text, error)``: control characters removed; an error for null, empty or non-text values."""
+    if value is None:
+        return None, "text is null"
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        return None, f"text is {type(value).__name__}, not a string"
+    cleaned = _CONTROL.sub("", value)
+    if not cleaned.strip():
+        return None, "text is empty"
+    return cleaned, None
+
+
+def output_schema(input_schema: pa.Schema, cfg: JobConfig, embedding_dim: int | None) -> pa.Schema:
+    """Kept input columns, then the enrichment columns, in a fixed order for every part."""
+    kept = [input_schema.field(cfg.id_column)] if cfg.keep_columns == "id" else list(input_schema)
+    fields = list(kept)
+    if cfg.runs_generation:
+        fields += GENERATION_FIELDS
+    if cfg.runs_embedding:
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
+    fields += [pa.field("truncated", pa.bool_()), pa.field("error", pa.string())]
+    return pa.schema(fields)
+
+
+@dataclass
+class EnrichStats:
+    rows: int = 0
+    error_rows: int = 0
+    truncated_rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    embedded_tokens: int = 0
+
+
+def _prompt_row(row: dict[str, Any], text_column: str, text: str) -> dict[str, Any]:
+    values = {k: ("" if v is None else v) for k, v in row.items()}
+    values[text_column] = text
+    return values
+
+
+def enrich_table(
+    table: pa.Table,
+    cfg: JobConfig,
+    generator: GenerationEngine | None,
+    embedder: EmbeddingEngine | None,
+) -> tuple[pa.Table, EnrichStats]:
+    """Run the configured engines over ``table``; returns the output table and its counters."""
+    from gpu_runtime import GenerationParams, render_prompt, template_fields
+
+    n = table.num_rows
+    stats = EnrichStats(rows=n)
+    cleaned = [clean_text(v) for v in table.column(cfg.text_column).to_pylist()]
+    errors: list[str | None] = [err for _, err in cleaned]
+    truncated = [False] * n
+    valid = [i for i in range(n) if errors[i] is None]
+
+    columns: dict[str, list[Any]] = {}
+    if cfg.runs_generation:
+        assert generator is not None
+        fields = template_fields(cfg.template)
+        rows = table.select(fields).to_pylist()
+        prompts = [render_prompt(cfg.template, _prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in valid]
+        g = cfg.generate
+        params = GenerationParams(
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            seed=g.seed,
+            system_prompt=g.system_prompt,
+            max_input_tokens=g.max_input_tokens,
+            token_budget=g.token_budget,
+            max_batch_size=g.max_batch_size,
+        )
+        outputs = generator.generate(prompts, params) if prompts else []
+        gen_cols: dict[str, list[Any]] = {f.name: [None] * n for f in GENERATION_FIELDS}
+        for i, out in zip(valid, outputs):
+            gen_cols["generated_text"][i] = out.text
+            gen_cols["n_prompt_tokens"][i] = out.n_prompt_tokens
+            gen_cols["n_generated_tokens"][i] = out.n_generated_tokens
+            gen_cols["finish_reason"][i] = out.finish_reason
+            truncated[i] = truncated[i] or out.truncated
+            stats.prompt_tokens += out.n_prompt_tokens
+            stats.generated_tokens += out.n_generated_tokens
+        columns.update(gen_cols)
+
+    dim = None
+    if cfg.runs_embedding:
+        assert embedder is not None
+        dim = embedder.dim
+        texts = [cleaned[i][0] for i in valid]
+        result = embedder.embed(texts, token_budget=cfg.embed.token_budget, max_batch_size=cfg.embed.max_batch_size)
+        vectors: list[Any] = [None] * n
+        for j, i in enumerate(valid):
+            vectors[i] = result.vectors[j]
+            truncated[i] = truncated[i] or result.truncated[j]
+            stats.embedded_tokens += result.n_tokens[j]
+        columns["embedding"] = vectors
+
+    schema = output_schema(table.schema, cfg, dim)
+    kept = table.select([cfg.id_column]) if cfg.keep_columns == "id" else table
+    arrays = list(kept.columns)
+    for field in schema[kept.num_columns:]:
+        if field.name == "truncated":
+            arrays.append(pa.array([t if errors[i] is None else None for i, t in enumerate(truncated)], pa.bool_()))
+        elif field.name == "error":
+            arrays.append(pa.array(errors, pa.string()))
+        elif field.name == "embedding":
+            arrays.append(_embedding_array(columns["embedding"], dim or 0))
+        else:
+            arrays.append(pa.array(columns[field.name], field.type))
+    stats.error_rows = sum(e is not None for e in errors)
+    stats.truncated_rows = sum(truncated)
+    return pa.Table.from_arrays(arrays, schema=schema), stats
+
+
+def _embedding_array(vectors: list[Any], dim: int) -> pa.Array:
+    """Fixed-size float32 lists; null where the row had no valid text."""
+    import numpy as np
+
+    mask = np.array([v is None for v in vectors], dtype=bool)
+    flat = np.zeros((len(vectors), dim), dtype=np.float32)
+    for i, v in enumerate(vectors):
+        if v is not None:
+            flat[i] = v
+    values = pa.array(flat.reshape(-1), pa.float32())
+    array = pa.FixedSizeListArray.from_arrays(values, dim)
+    if mask.any():
+        array = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(mask))
+    return array

@@ -1,0 +1,194 @@
+"""The job config: one pydantic model, loaded from YAML (``conf/jobs/*.yaml``), CLI flags and ``--set``.
+
+Precedence, lowest first: model defaults < YAML file < explicit CLI flags < ``--set key=value``.
+``storage_options`` may carry credentials: it is excluded from :meth:`JobConfig.public_dict`, which
+is what goes to Prefect parameters, MLflow and the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import ConfigError
+
+DEFAULT_GEN_MODEL = "bundled:smollm2-135m-instruct"
+DEFAULT_EMBED_MODEL = "bundled:all-minilm-l6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerateConfig(_Strict):
+    """Text generation: an instruct model over a prompt template of row columns."""
+
+    model: str = DEFAULT_GEN_MODEL
+    prompt_template: str | None = Field(
+        default=None, description="Python format string over row columns; default: the text column alone"
+    )
+    system_prompt: str | None = None
+    max_new_tokens: int = Field(default=64, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    max_input_tokens: int | None = Field(default=None, ge=8)
+    token_budget: int = Field(default=16384, ge=64)
+    max_batch_size: int = Field(default=32, ge=1)
+
+
+class EmbedConfig(_Strict):
+    """Embeddings of the text column."""
+
+    model: str = DEFAULT_EMBED_MODEL
+    token_budget: int = Field(default=16384, ge=64)
+    max_batch_size: int = Field(default=64, ge=1)
+
+
+class JobConfig(_Strict):
+    """Everything one enrichment run needs; validated on construction."""
+
+    name: str = Field(default="shardwise", min_length=1, description="MLflow experiment name")
+    input: str = Field(min_length=1, description="Parquet file, directory, glob or any fsspec URI")
+    output: str = Field(min_length=1, description="output directory URI")
+    task: Literal["generate", "embed", "both"] = "both"
+    text_column: str = "text"
+    id_column: str = "id"
+    keep_columns: Literal["all", "id"] = "all"
+    rows_per_shard: int = Field(default=1024, ge=1)
+    device: str = "auto"
+    workers: int = Field(default=1, ge=1)
+    shard_retries: int = Field(default=2, ge=0)
+    device_type: str | None = Field(default=None, description="price-table key; default: detected")
+    price_per_device_hour: float | None = Field(default=None, ge=0)
+    generate: GenerateConfig = GenerateConfig()
+    embed: EmbedConfig = EmbedConfig()
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _template_uses_columns(self) -> JobConfig:
+        template = self.generate.prompt_template
+        if self.runs_generation and template is not None:
+            from gpu_runtime.prompts import template_fields
+
+            try:
+                fields = template_fields(template)
+            except ValueError as err:
+                raise ValueError(f"prompt_template is not a valid format string: {err}") from None
+            if not fields:
+                raise ValueError("prompt_template uses no column: put e.g. {text} where the row text goes")
+        return self
+
+    @property
+    def runs_generation(self) -> bool:
+        return self.task in ("generate", "both")
+
+    @property
+    def runs_embedding(self) -> bool:
+        return self.task in ("embed", "both")
+
+    @property
+    def template(self) -> str:
+        """The effective prompt template (the text column alone when none is configured)."""
+        return self.generate.prompt_template or "{" + self.text_column + "}"
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config without ``storage_options``: safe for Prefect parameters, MLflow and manifests."""
+        return self.model_dump(mode="json", exclude={"storage_options"})
+
+    def output_fingerprint(self) -> str:
+        """Hash of every setting that changes output values; a resume must match it."""
+        relevant = self.model_dump(
+            mode="json",
+            include={"task", "text_column", "id_column", "keep_columns", "generate", "embed"},
+        )
+        if not self.runs_generation:
+            relevant.pop("generate")
+        if not self.runs_embedding:
+            relevant.pop("embed")
+        for section in ("generate", "embed"):
+            if section in relevant:
+                for knob in ("token_budget", "max_batch_size"):  # batching does not change values
+                    relevant[section].pop(knob, None)
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """``["generate.max_new_tokens=8", "task=embed"]`` -> nested dict; values are parsed as YAML."""
+    data: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def build_config(
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    set_options: list[str] | None = None,
+) -> JobConfig:
+    """Merge file < overrides < ``--set`` and validate; a bad value raises :class:`ConfigError`."""
+    data: dict[str, Any] = read_config_file(file) if file else {}
+    data = _merge(data, overrides or {})
+    data = _merge(data, parse_set_options(set_options or []))
+    return validate_config(data, source=str(file) if file else "job config")
+
+
+def validate_config(data: dict[str, Any], source: str = "job config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {where}: {message}{more}") from None

@@ -1,0 +1,99 @@
+"""The end of a run: totals, cost, MLflow close-out and the Prefect artifacts people look at."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.cost import Price, detect_device_type, lookup_price
+from tasks.job_config import JobConfig
+from tasks.manifest import CommitOutcome, read_manifest
+from tasks.results import ShardResult
+from tasks.tracking import finish_run, run_metrics, shard_metrics
+
+
+def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:
+    """The price of the device the shards actually ran on (or the config's override)."""
+    device = next((r.device for r in results if r.device), None)
+    device_type = cfg.device_type or detect_device_type(device)
+    return lookup_price(device_type, cfg.price_per_device_hour)
+
+
+def build_summary(
+    cfg: JobConfig,
+    outcome: CommitOutcome,
+    results: list[ShardResult],
+    run_id: str,
+    wall_seconds: float,
+    price: Price,
+) -> dict[str, Any]:
+    metrics = run_metrics(outcome.totals, wall_seconds, price, outcome.duplicate_ids)
+    failures = [
+        {"shard": r.name, "source": r.source, "error": r.error}
+        for r in sorted(results, key=lambda r: r.index)
+        if r.status != "committed"
+    ]
+    return {
+        "succeeded": outcome.succeeded,
+        "output": cfg.output,
+        "manifest": outcome.manifest_uri,
+        "mlflow_run_id": run_id,
+        "shards_total": outcome.totals.shards,
+        "shards_committed": outcome.totals.committed,
+        "failures": failures,
+        "currency": price.currency,
+        "device_type": price.device_type,
+        **metrics,
+    }
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# shardwise run {'succeeded' if summary['succeeded'] else 'FAILED'}",
+        "",
+        f"- output: `{summary['output']}`",
+        f"- rows: {summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
+        f"{summary['duplicate_ids']:.0f} duplicate ids)",
+        f"- shards: {summary['shards_committed']}/{summary['shards_total']} committed",
+        f"- throughput: {summary['rows_per_s']:.1f} rows/s, {summary['generated_tok_per_s']:.1f} generated tok/s",
+        f"- estimated cost: {summary['cost']:.6f} {summary['currency']} ({summary['device_type']})",
+        f"- MLflow run: `{summary['mlflow_run_id']}`",
+    ]
+    if summary["failures"]:
+        lines += ["", "## Failed shards", ""]
+        lines += [f"- {f['shard']} ({f['source']}): {f['error']}" for f in summary["failures"]]
+    return "\n".join(lines)
+
+
+def report(
+    cfg: JobConfig,
+    outcome: CommitOutcome,
+    results: list[ShardResult],
+    run_id: str,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    price = price_for(cfg, results)
+    summary = build_summary(cfg, outcome, results, run_id, wall_seconds, price)
+    manifest = read_manifest(cfg.output, cfg.storage_options)
+    finish_run(run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+               manifest, outcome.succeeded, price)
+    rows = []
+    for r in sorted(results, key=lambda r: r.index):
+        m = shard_metrics(r, price)
+        rows.append({
+            "shard": r.name, "rows": r.rows, "generated_tok_per_s": round(m["shard_generated_tok_per_s"], 2),
+            "rows_per_s": round(m["shard_rows_per_s"], 2), "seconds": round(r.seconds, 3),
+            "cost": round(m["shard_cost"], 6), "status": r.status, "error": r.error or "",
+        })
+    create_table_artifact(rows, key="shard-results", description="One row per shard")
+    create_markdown_artifact(_markdown(summary), key="run-summary", description="shardwise run summary")
+    return summary
+
+
+@task(name="report", retries=2, retry_delay_seconds=2)
+def report_task(
+    cfg: JobConfig, outcome: CommitOutcome, results: list[ShardResult], run_id: str, wall_seconds: float
+) -> dict[str, Any]:
+    return report(cfg, outcome, results, run_id, wall_seconds)

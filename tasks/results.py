@@ -1,0 +1,72 @@
+"""What a shard reports back to the flow, and how shard results add up to run totals."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class ShardResult:
+    """Outcome of one shard; ``status`` is ``committed`` or ``failed`` (then ``error`` says why)."""
+
+    index: int
+    shard_id: str
+    name: str
+    source: str
+    status: str
+    rows: int = 0
+    error_rows: int = 0
+    truncated_rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    embedded_tokens: int = 0
+    seconds_read: float = 0.0
+    seconds_compute: float = 0.0
+    seconds_write: float = 0.0
+    part_uri: str | None = None
+    part_bytes: int = 0
+    part_sha256: str | None = None
+    device: str | None = None
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: str | None = None
+    finished_at: float = 0.0
+    ids: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_read + self.seconds_compute + self.seconds_write
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("ids")
+        return data
+
+
+@dataclass
+class RunTotals:
+    shards: int = 0
+    committed: int = 0
+    failed: int = 0
+    rows: int = 0
+    error_rows: int = 0
+    truncated_rows: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    device_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, results: list[ShardResult], planned: int) -> RunTotals:
+        totals = cls(shards=planned)
+        for r in results:
+            if r.status == "committed":
+                totals.committed += 1
+                totals.rows += r.rows
+                totals.error_rows += r.error_rows
+                totals.truncated_rows += r.truncated_rows
+                totals.prompt_tokens += r.prompt_tokens
+                totals.generated_tokens += r.generated_tokens
+            else:
+                totals.failed += 1
+            totals.device_seconds += r.seconds
+        return totals

@@ -1,0 +1,84 @@
+"""Reading one shard's rows and writing one output part, atomically, with lineage in the footer."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.errors import InputError, StorageError
+from tasks.planning import Shard
+from tasks.storage import atomic_write_bytes, filesystem, join
+
+METADATA_PREFIX = "shardwise."
+
+
+def read_shard(shard: Shard, columns: list[str] | None, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """The shard's rows (only ``columns`` when given), streamed from its row groups."""
+    fs, path = filesystem(shard.source, storage_options)
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle, pre_buffer=True)
+            batches = list(parquet.iter_batches(row_groups=list(shard.row_groups), columns=columns))
+            schema = parquet.schema_arrow if columns is None else pa.schema(
+                [parquet.schema_arrow.field(c) for c in columns]
+            )
+    except (pa.ArrowInvalid, pa.ArrowException, EOFError) as err:
+        raise InputError(f"{shard.source}: corrupt Parquet data in row groups {list(shard.row_groups)}: {err}") from None
+    except FileNotFoundError:
+        raise InputError(f"{shard.source}: file disappeared since planning") from None
+    except OSError as err:
+        raise StorageError(f"cannot read {shard.source}: {err}") from None
+    table = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+    table = table.slice(shard.slice_start, shard.num_rows)
+    if table.num_rows != shard.num_rows:
+        raise InputError(
+            f"{shard.source}: expected {shard.num_rows} rows in {shard.name}, read {table.num_rows}"
+        )
+    return table
+
+
+@dataclass(frozen=True)
+class WrittenPart:
+    uri: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def write_part(
+    table: pa.Table,
+    output: str,
+    shard: Shard,
+    lineage: dict[str, str],
+    storage_options: dict[str, Any] | None = None,
+) -> WrittenPart:
+    """Serialise in memory, then publish with one atomic write: a part is whole or absent."""
+    metadata = dict(table.schema.metadata or {})
+    metadata.update({f"{METADATA_PREFIX}{k}".encode(): str(v).encode() for k, v in lineage.items()})
+    table = table.replace_schema_metadata(metadata)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    data = buffer.getvalue()
+    uri = join(output, shard.part_name)
+    try:
+        atomic_write_bytes(uri, data, storage_options)
+    except OSError as err:
+        raise StorageError(f"cannot write {uri}: {err}") from None
+    return WrittenPart(uri=uri, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def read_part_lineage(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """The ``shardwise.*`` key-value metadata of a written part."""
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as handle:
+        metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+    return {
+        k.decode()[len(METADATA_PREFIX):]: v.decode()
+        for k, v in metadata.items()
+        if k.decode().startswith(METADATA_PREFIX)
+    }

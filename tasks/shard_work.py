@@ -1,0 +1,101 @@
+"""One shard end to end: read its rows, run the engines, write its part. Plain function + Prefect task.
+
+Models come from ``gpu_runtime``'s per-process cache, so a worker loads each model once however
+many shards it processes. Bad data (an ``InputError``) fails the shard at once; anything else (a
+storage hiccup, an engine crash) is retried by Prefect.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import task
+
+from tasks.enrichment import enrich_table
+from tasks.job_config import JobConfig
+from tasks.planning import Shard
+from tasks.results import ShardResult
+from tasks.retry_policy import retry_unless_bad_input
+from tasks.shard_io import read_shard, write_part
+
+
+def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
+    """The configured engines, from this process's model cache."""
+    from gpu_runtime import load_embedding_engine, load_generation_engine
+
+    generator = load_generation_engine(cfg.generate.model, device=cfg.device) if cfg.runs_generation else None
+    embedder = load_embedding_engine(cfg.embed.model, device=cfg.device) if cfg.runs_embedding else None
+    return generator, embedder
+
+
+def input_columns(cfg: JobConfig) -> list[str] | None:
+    """Columns to read: all when they are all kept, else only what the engines and the id need."""
+    if cfg.keep_columns == "all":
+        return None
+    from gpu_runtime import template_fields
+
+    needed = [cfg.id_column, cfg.text_column]
+    if cfg.runs_generation:
+        needed += template_fields(cfg.template)
+    return list(dict.fromkeys(needed))
+
+
+def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
+    """Process one shard and publish its part; raises on failure."""
+    generator, embedder = load_engines(cfg)
+    started = time.perf_counter()
+    table = read_shard(shard, input_columns(cfg), cfg.storage_options)
+    read_done = time.perf_counter()
+    enriched, stats = enrich_table(table, cfg, generator, embedder)
+    compute_done = time.perf_counter()
+    part_lineage = {
+        **lineage,
+        "shard_id": shard.shard_id,
+        "source": shard.source,
+        "source_fingerprint": shard.source_fingerprint,
+        "source_rows": f"{shard.first_row}:{shard.first_row + shard.num_rows}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    part = write_part(enriched, cfg.output, shard, part_lineage, cfg.storage_options)
+    write_done = time.perf_counter()
+    models = {}
+    if generator is not None:
+        models["generate"] = dict(generator.info)
+    if embedder is not None:
+        models["embed"] = dict(embedder.info)
+    device = next((m.get("device") for m in models.values()), None)
+    return ShardResult(
+        index=shard.index,
+        shard_id=shard.shard_id,
+        name=shard.name,
+        source=shard.source,
+        status="committed",
+        rows=stats.rows,
+        error_rows=stats.error_rows,
+        truncated_rows=stats.truncated_rows,
+        prompt_tokens=stats.prompt_tokens,
+        generated_tokens=stats.generated_tokens,
+        embedded_tokens=stats.embedded_tokens,
+        seconds_read=read_done - started,
+        seconds_compute=compute_done - read_done,
+        seconds_write=write_done - compute_done,
+        part_uri=part.uri,
+        part_bytes=part.bytes,
+        part_sha256=part.sha256,
+        device=str(device) if device else None,
+        models=models,
+        finished_at=time.time(),
+        ids=table.column(cfg.id_column).to_pylist(),
+    )
+
+
+@task(
+    name="enrich-shard",
+    task_run_name="{shard.name}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_bad_input,
+)
+def process_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
+    return run_shard(shard, cfg, lineage)

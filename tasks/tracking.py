@@ -1,0 +1,151 @@
+"""MLflow tracking, written from one place (the flow's process) through ``MlflowClient``.
+
+MLflow's active run is thread-local and sqlite dislikes many writers, so shard tasks never log:
+they return a :class:`~tasks.results.ShardResult` and the flow logs it here, step = shard index.
+Nothing in ``storage_options`` reaches MLflow (see ``JobConfig.public_dict``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from prefect import task
+
+from tasks.cost import Price
+from tasks.job_config import JobConfig
+from tasks.planning import ShardPlan
+from tasks.results import RunTotals, ShardResult
+from tasks.state import tracking_uri
+
+_PARAM_LIMIT = 6000
+
+
+def _client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
+    else:
+        text = "" if value is None else str(value)
+        out[prefix] = text if len(text) <= _PARAM_LIMIT else text[: _PARAM_LIMIT - 20] + "...[truncated]"
+
+
+def prompt_hash(cfg: JobConfig) -> str:
+    blob = f"{cfg.template}\x00{cfg.generate.system_prompt or ''}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def start_run(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, uri: str | None = None) -> str:
+    """Create the MLflow run for this flow run; returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(cfg.name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.name)
+    tags = {
+        "mlflow.runName": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "shardwise.input": cfg.input,
+        "shardwise.output": cfg.output,
+        "shardwise.task": cfg.task,
+    }
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    run = client.create_run(experiment_id, tags=tags)
+    params: dict[str, str] = {}
+    _flatten("", cfg.public_dict(), params)
+    params["input.files"] = str(len(plan.files))
+    params["input.rows"] = str(plan.total_rows)
+    params["shards.planned"] = str(len(plan.shards))
+    if cfg.runs_generation:
+        params["generate.prompt_hash"] = prompt_hash(cfg)
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"],
+    )
+    client.log_dict(run.info.run_id, cfg.public_dict(), "job_config.json")
+    return run.info.run_id
+
+
+def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
+    seconds = max(result.seconds, 1e-9)
+    compute = max(result.seconds_compute, 1e-9)
+    return {
+        "shard_rows": result.rows,
+        "shard_error_rows": result.error_rows,
+        "shard_seconds": result.seconds,
+        "shard_seconds_read": result.seconds_read,
+        "shard_seconds_compute": result.seconds_compute,
+        "shard_seconds_write": result.seconds_write,
+        "shard_rows_per_s": result.rows / seconds,
+        "shard_prompt_tok_per_s": result.prompt_tokens / compute,
+        "shard_generated_tok_per_s": result.generated_tokens / compute,
+        "shard_cost": price.cost(result.seconds),
+        "shard_failed": 0.0 if result.status == "committed" else 1.0,
+    }
+
+
+def log_shard(run_id: str, result: ShardResult, price: Price, uri: str | None = None) -> None:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), stamp, result.index) for k, v in shard_metrics(result, price).items()]
+    _client(uri).log_batch(run_id, metrics=metrics)
+
+
+def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int) -> dict[str, float]:
+    wall = max(wall_seconds, 1e-9)
+    cost = price.cost(totals.device_seconds)
+    return {
+        "rows": totals.rows,
+        "error_rows": totals.error_rows,
+        "truncated_rows": totals.truncated_rows,
+        "duplicate_ids": duplicate_ids,
+        "shards_committed": totals.committed,
+        "shards_failed": totals.failed,
+        "prompt_tokens": totals.prompt_tokens,
+        "generated_tokens": totals.generated_tokens,
+        "seconds": wall_seconds,
+        "device_seconds": totals.device_seconds,
+        "rows_per_s": totals.rows / wall,
+        "prompt_tok_per_s": totals.prompt_tokens / wall,
+        "generated_tok_per_s": totals.generated_tokens / wall,
+        "cost": cost,
+        "price_per_device_hour": price.per_hour,
+        "cost_per_1k_rows": cost / totals.rows * 1000 if totals.rows else 0.0,
+        "cost_per_1m_generated_tokens": cost / totals.generated_tokens * 1e6 if totals.generated_tokens else 0.0,
+    }
+
+
+def finish_run(
+    run_id: str,
+    metrics: dict[str, float],
+    manifest: dict[str, Any] | None,
+    succeeded: bool,
+    price: Price,
+    uri: str | None = None,
+) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(uri)
+    stamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
+        tags=[RunTag("shardwise.device_type", price.device_type), RunTag("shardwise.currency", price.currency)],
+    )
+    if manifest is not None:
+        client.log_dict(run_id, manifest, "manifest.json")
+    client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+
+
+@task(name="start-tracking", retries=2, retry_delay_seconds=2)
+def start_tracking_task(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None) -> str:
+    return start_run(cfg, plan, flow_run_id)

@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.errors import InputError
+from tasks.job_config import JobConfig
+from tasks.planning import list_input_files, plan_shards
+
+
+def job(input_uri, **kw) -> JobConfig:
+    defaults = {"id_column": "review_id", "text_column": "text", "output": "unused"}
+    return JobConfig(input=str(input_uri), **{**defaults, **kw})
+
+
+def write(path: Path, rows: int, row_group: int, **columns) -> Path:
+    data = {"review_id": [f"id-{path.stem}-{i}" for i in range(rows)], "text": [f"text {i}" for i in range(rows)]}
+    data.update(columns)
+    pq.write_table(pa.table(data), path, row_group_size=row_group)
+    return path
+
+
+def test_plan_covers_every_row_once_from_footers(reviews_dir):
+    plan = plan_shards(job(reviews_dir, rows_per_shard=6))
+    assert plan.total_rows == 30
+    assert [s.name for s in plan.shards] == [f"shard-{i:05d}" for i in range(len(plan.shards))]
+    for file in plan.files:
+        ranges = sorted((s.first_row, s.first_row + s.num_rows) for s in plan.shards if s.source == file.uri)
+        assert ranges[0][0] == 0 and ranges[-1][1] == file.num_rows
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+    assert all(s.num_rows <= 6 for s in plan.shards)
+
+
+def test_large_row_groups_are_split(tmp_path):
+    write(tmp_path / "big.parquet", rows=25, row_group=25)
+    plan = plan_shards(job(tmp_path, rows_per_shard=10))
+    assert [(s.slice_start, s.num_rows) for s in plan.shards] == [(0, 10), (10, 10), (20, 5)]
+
+
+def test_shard_ids_are_deterministic_and_follow_content(tmp_path):
+    path = write(tmp_path / "a.parquet", rows=12, row_group=4)
+    first = [s.shard_id for s in plan_shards(job(tmp_path, rows_per_shard=4)).shards]
+    assert first == [s.shard_id for s in plan_shards(job(tmp_path, rows_per_shard=4)).shards]
+    write(path, rows=12, row_group=4, extra=list(range(12)))  # same shape, different content
+    assert first != [s.shard_id for s in plan_shards(job(tmp_path, rows_per_shard=4)).shards]
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="input not found"):
+        plan_shards(job(tmp_path / "nope"))
+    with pytest.raises(InputError, match="no file matches"):
+        plan_shards(job(f"{tmp_path}/*.parquet"))
+
+
+def test_missing_column_lists_existing_columns(tmp_path):
+    write(tmp_path / "a.parquet", rows=3, row_group=3)
+    with pytest.raises(InputError) as err:
+        plan_shards(job(tmp_path, text_column="body"))
+    message = str(err.value)
+    assert "a.parquet" in message and "'body'" in message and "review_id, text" in message
+
+
+def test_template_columns_must_exist(tmp_path):
+    write(tmp_path / "a.parquet", rows=3, row_group=3)
+    with pytest.raises(InputError, match="'title'"):
+        plan_shards(job(tmp_path, generate={"prompt_template": "{title}: {text}"}))
+
+
+def test_non_string_text_column(tmp_path):
+    pq.write_table(pa.table({"review_id": ["a"], "text": [3]}), tmp_path / "a.parquet")
+    with pytest.raises(InputError, match="expected a string column"):
+        plan_shards(job(tmp_path))
+
+
+def test_schema_drift_names_the_file(tmp_path):
+    write(tmp_path / "a.parquet", rows=3, row_group=3, rating=[1, 2, 3])
+    write(tmp_path / "b.parquet", rows=3, row_group=3, rating=["1", "2", "3"])
+    with pytest.raises(InputError, match=r"schema drift: .*b\.parquet column 'rating'"):
+        plan_shards(job(tmp_path))
+    write(tmp_path / "b.parquet", rows=3, row_group=3)
+    with pytest.raises(InputError, match=r"b\.parquet has no column 'rating'"):
+        plan_shards(job(tmp_path))
+
+
+def test_corrupt_file_is_named(tmp_path):
+    write(tmp_path / "a.parquet", rows=3, row_group=3)
+    (tmp_path / "b.parquet").write_bytes(b"this is not parquet at all")
+    with pytest.raises(InputError, match=r"b\.parquet: not a Parquet file"):
+        plan_shards(job(tmp_path))
+
+
+def test_empty_directory_plans_zero_shards(tmp_path):
+    plan = plan_shards(job(tmp_path))
+    assert plan.shards == () and plan.total_rows == 0
+
+
+def test_empty_file_plans_zero_shards(tmp_path):
+    pq.write_table(pa.table({"review_id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+                   tmp_path / "empty.parquet")
+    assert plan_shards(job(tmp_path)).shards == ()
+
+
+def test_listing_skips_hidden_and_underscore_files(tmp_path):
+    write(tmp_path / "a.parquet", rows=2, row_group=2)
+    write(tmp_path / "_tmp.parquet", rows=2, row_group=2)
+    (tmp_path / ".hidden").mkdir()
+    write(tmp_path / ".hidden" / "c.parquet", rows=2, row_group=2)
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "sub" / "b.parquet", rows=2, row_group=2)
+    names = [Path(u).name for u in list_input_files(str(tmp_path))]
+    assert names == ["a.parquet", "b.parquet"]
