@@ -23,6 +23,8 @@ def _environment_defaults() -> None:
     # The ephemeral Prefect server takes ~12 s to start on a small machine; 20 s is too tight.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # No network but package registries: telemetry would only log a failure.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rows-per-shard", type=int)
     run.add_argument("--workers", type=int, help="shards processed at once in this process")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    run.add_argument("--overwrite", action="store_true", default=None,
+                     help="replace an output that was written with a different config")
     run.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. generate.temperature=0.7 (repeatable)")
 
@@ -71,6 +75,7 @@ def config_from_args(args: argparse.Namespace):
         "rows_per_shard": args.rows_per_shard,
         "workers": args.workers,
         "device": args.device,
+        "overwrite": args.overwrite,
     }
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     generate = {
@@ -94,9 +99,11 @@ def preflight(cfg) -> Any:
     """Everything that can fail fast does so here, before Prefect starts or a model loads."""
     from gpu_runtime import resolve_model_spec
     from tasks.planning import plan_shards
+    from tasks.resume import check_output_compatible
     from tasks.storage import check_writable
 
     plan = plan_shards(cfg)
+    check_output_compatible(cfg)
     if cfg.runs_generation:
         resolve_model_spec(cfg.generate.model)
     if cfg.runs_embedding:
@@ -161,7 +168,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tasks.job_config import build_config
     from tasks.state import state_dir
 
+    import shutil
+
     root = state_dir() / "demo"
+    shutil.rmtree(root / "output", ignore_errors=True)  # the demo always computes from scratch
     files = 3
     per_file = max(1, args.rows // files)
     input_dir = root / "input"

@@ -18,6 +18,7 @@ from tasks.job_config import JobConfig, validate_config
 from tasks.manifest import commit_output_task, start_output_task
 from tasks.planning import ShardPlan, plan_shards_task
 from tasks.reporting import price_for, report_task
+from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
 from tasks.shard_work import process_shard
 from tasks.storage import runtime_storage_options
@@ -51,14 +52,18 @@ def part_lineage(cfg: JobConfig, run_info: dict[str, Any]) -> dict[str, str]:
     return lineage
 
 
-def process_shards(cfg: JobConfig, plan: ShardPlan, run_id: str, lineage: dict[str, str]) -> list[ShardResult]:
-    """Submit one task per shard; log each to MLflow as it finishes."""
+def process_shards(
+    cfg: JobConfig, plan: ShardPlan, done: list[ShardResult], run_id: str, lineage: dict[str, str]
+) -> list[ShardResult]:
+    """Submit one task per shard not already committed; log each to MLflow as it finishes."""
     logger = get_run_logger()
-    futures = process_shard.with_options(retries=cfg.shard_retries).map(
-        list(plan.shards), unmapped(cfg), unmapped(lineage)
-    )
-    by_task_run = {f.task_run_id: s for f, s in zip(futures, plan.shards)}
-    results: list[ShardResult] = []
+    committed = {r.index for r in done}
+    pending = [s for s in plan.shards if s.index not in committed]
+    if done:
+        logger.info("resuming: %d of %d shards already committed, %d to do", len(done), len(plan.shards), len(pending))
+    futures = process_shard.with_options(retries=cfg.shard_retries).map(pending, unmapped(cfg), unmapped(lineage))
+    by_task_run = {f.task_run_id: s for f, s in zip(futures, pending)}
+    results: list[ShardResult] = list(done)
     for future in as_completed(list(futures)):
         result = shard_outcome(future, by_task_run)
         results.append(result)
@@ -80,10 +85,12 @@ def enrich(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = job_from_parameters(job)
     plan = plan_shards_task(cfg)
+    prepare_output_task(cfg)
     run_id = start_tracking_task(cfg, plan, flow_run.get_id())
     run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id()}
     start_output_task(cfg, plan, run_info)
-    results = process_shards(cfg, plan, run_id, part_lineage(cfg, run_info))
+    done = find_committed_task(cfg, plan)
+    results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
     outcome = commit_output_task(cfg, plan, results, run_info)
     summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started)
     if not outcome.succeeded:

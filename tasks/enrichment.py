@@ -131,7 +131,7 @@ def enrich_table(
     schema = output_schema(table.schema, cfg, dim)
     kept = table.select([cfg.id_column]) if cfg.keep_columns == "id" else table
     arrays = list(kept.columns)
-    for field in schema[kept.num_columns:]:
+    for field in list(schema)[kept.num_columns:]:
         if field.name == "truncated":
             arrays.append(pa.array([t if errors[i] is None else None for i, t in enumerate(truncated)], pa.bool_()))
         elif field.name == "error":

@@ -64,6 +64,7 @@ class JobConfig(_Strict):
     device: str = "auto"
     workers: int = Field(default=1, ge=1)
     shard_retries: int = Field(default=2, ge=0)
+    overwrite: bool = Field(default=False, description="replace an output written with another config")
     device_type: str | None = Field(default=None, description="price-table key; default: detected")
     price_per_device_hour: float | None = Field(default=None, ge=0)
     generate: GenerateConfig = GenerateConfig()

@@ -116,9 +116,21 @@ def commit_output(
     manifest_uri = join(cfg.output, MANIFEST_NAME)
     _write_json(manifest_uri, manifest, cfg.storage_options)
     if succeeded:
+        remove_stray_parts(cfg, plan)
         success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
         _write_json(join(cfg.output, SUCCESS_NAME), success, cfg.storage_options)
     return CommitOutcome(succeeded, manifest_uri, duplicates, totals)
+
+
+def remove_stray_parts(cfg: JobConfig, plan: ShardPlan) -> list[str]:
+    """Delete parts that belong to no planned shard (an earlier plan of changed input), so that
+    ``part-*.parquet`` under a ``_SUCCESS`` holds each input row exactly once."""
+    fs, root = filesystem(cfg.output, cfg.storage_options)
+    planned = {s.part_name for s in plan.shards}
+    stray = [p for p in fs.glob(f"{root.rstrip('/')}/part-*.parquet") if p.rsplit("/", 1)[-1] not in planned]
+    for path in stray:
+        fs.rm_file(path)
+    return stray
 
 
 @task(name="start-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)

@@ -31,6 +31,7 @@ class ShardResult:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     finished_at: float = 0.0
+    resumed: bool = False  # committed by an earlier run and verified, not recomputed
     ids: list[Any] = field(default_factory=list, repr=False)
 
     @property

@@ -1,0 +1,51 @@
+"""Device and dtype choice, in one place so generation and embedding agree."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import EngineError
+
+__all__ = ["default_dtype", "placement_kwargs", "select_device"]
+
+
+def select_device(preference: str | torch.device | None = "auto") -> torch.device:
+    """Resolve a device preference: ``"auto"``/``None`` picks CUDA when available, else CPU.
+
+    Explicit ``"cpu"``, ``"cuda"`` and ``"cuda:N"`` are honoured; asking for a GPU that is not
+    there raises ``EngineError`` rather than silently running on CPU for hours.
+    """
+    if preference is None or (isinstance(preference, str) and preference.strip().lower() == "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    try:
+        device = torch.device(preference.strip().lower() if isinstance(preference, str) else preference)
+    except RuntimeError as exc:
+        raise ValueError(f"not a device: {preference!r} (use 'auto', 'cpu', 'cuda' or 'cuda:N')") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineError(f"device {preference!r} requested but CUDA is not available")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise EngineError(
+                f"device {preference!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        device = torch.device("cuda", index)
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (half the memory, same range as fp32); fp32 on CPU, where bf16 is slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def placement_kwargs(device: torch.device) -> dict[str, object]:
+    """``from_pretrained`` kwargs that put weights straight on ``device``.
+
+    On CUDA, accelerate's ``device_map`` loads each tensor directly onto the GPU instead of
+    materialising the model on CPU first; on CPU nothing is needed.
+    """
+    if device.type == "cuda":
+        return {"device_map": {"": device.index if device.index is not None else 0}}
+    return {}

@@ -1,0 +1,108 @@
+"""Batched sentence embeddings with a sentence-transformers model.
+
+The model's own module list (Transformer -> Pooling -> [Normalize]) decides pooling and
+normalisation; this engine only plans batches by token length and records truncation, so its
+vectors equal ``SentenceTransformer.encode``'s.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .batching import plan_batches
+from .device import default_dtype
+
+if TYPE_CHECKING:
+    from .models import ResolvedModel
+
+__all__ = ["EmbeddingEngine", "EmbeddingOutput"]
+
+
+@dataclass
+class EmbeddingOutput:
+    """Embeddings in input order: ``vectors`` is float32 ``[n, dim]``; ``n_tokens`` counts each
+    text's tokens (special tokens included) before truncation; ``truncated`` marks texts longer
+    than the model's ``max_seq_length``, whose tail did not influence the vector."""
+
+    vectors: np.ndarray
+    n_tokens: list[int]
+    truncated: list[bool]
+
+
+class EmbeddingEngine:
+    """A ``SentenceTransformer`` ready for batched embedding.
+
+    Obtain one with :func:`gpu_runtime.load_embedding_engine` (cached per process). Calls to
+    :meth:`embed` on one engine run one at a time (shared device, thread-unsafe tokenizer).
+    """
+
+    def __init__(self, model: Any, info: dict[str, Any]) -> None:
+        self.model = model
+        self.dim: int = int(model.get_embedding_dimension())
+        self.max_seq_length: int = int(model.max_seq_length or model.tokenizer.model_max_length)
+        normalize = any(type(module).__name__ == "Normalize" for module in model)
+        self.info: dict[str, Any] = {**info, "dim": self.dim, "normalize": normalize}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_resolved(cls, resolved: ResolvedModel, device: torch.device) -> EmbeddingEngine:
+        """Load ``resolved`` onto ``device``; a plain transformers checkpoint gets mean pooling
+        from sentence-transformers itself."""
+        from sentence_transformers import SentenceTransformer
+
+        from .errors import EngineError
+
+        if resolved.gguf_file is not None:
+            raise EngineError(
+                f"{resolved.spec!r} is a GGUF model; embedding models must be transformers checkpoints"
+            )
+        dtype = default_dtype(device)
+        model_kwargs = {"dtype": dtype} if dtype != torch.float32 else None
+        model = SentenceTransformer(resolved.path, device=str(device), model_kwargs=model_kwargs)
+        model.eval()
+        info = {
+            "spec": resolved.spec,
+            "source": resolved.source,
+            "path": resolved.path,
+            "revision": resolved.revision,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+        }
+        return cls(model, info)
+
+    def embed(
+        self, texts: Sequence[str], *, token_budget: int = 16384, max_batch_size: int = 64
+    ) -> EmbeddingOutput:
+        """Embed ``texts`` (returned in input order); over-long texts are truncated by the model."""
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"text {i} must be a string, got {text!r}")
+        if not texts:
+            return EmbeddingOutput(np.zeros((0, self.dim), dtype=np.float32), [], [])
+        with self._lock:
+            # verbose=False: over-long inputs are expected; the model truncates them itself.
+            encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+            n_tokens = [len(ids) for ids in encoded["input_ids"]]
+            # What a row costs in a batch is its length after truncation.
+            batches = plan_batches(
+                [min(n, self.max_seq_length) for n in n_tokens],
+                token_budget=token_budget,
+                max_batch_size=max_batch_size,
+            )
+            vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+            for batch in batches:
+                out = self.model.encode(
+                    [texts[i] for i in batch],
+                    batch_size=len(batch),
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+                vectors[batch] = np.asarray(out, dtype=np.float32)
+        return EmbeddingOutput(vectors, n_tokens, [n > self.max_seq_length for n in n_tokens])

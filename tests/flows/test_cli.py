@@ -1,0 +1,98 @@
+"""The ``shardwise`` console script as a user runs it: a subprocess, its exit code and its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
+
+
+def shardwise(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([SHARDWISE, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_missing_input(tmp_path):
+    proc = shardwise("run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"))
+    assert_one_line_error(proc, 2, "input not found", "missing")
+
+
+def test_missing_column_lists_the_columns(reviews_dir, tmp_path):
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--id-column", "uid")
+    assert_one_line_error(proc, 2, "'uid' not found", "review_id", "created_at", "text")
+
+
+def test_text_column_must_be_text(reviews_dir, tmp_path):
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
+                     "--id-column", "review_id", "--text-column", "rating")
+    assert_one_line_error(proc, 2, "'rating'", "expected a string column")
+
+
+def test_invalid_flag_value_is_a_config_error(reviews_dir, tmp_path):
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
+                     "--set", "generate.max_new_tokens=-1")
+    assert_one_line_error(proc, 2, "generate.max_new_tokens")
+
+
+def test_unwritable_output_fails_before_any_model_loads(reviews_dir, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory")
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(blocker / "out"), "--id-column", "review_id")
+    assert_one_line_error(proc, 3, "not writable")
+    assert "Loading weights" not in proc.stderr
+
+
+def test_unknown_bundled_model(reviews_dir, tmp_path):
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
+                     "--id-column", "review_id", "--gen-model", "bundled:nope")
+    assert_one_line_error(proc, 2, "nope")
+
+
+def test_status_of_missing_output(tmp_path):
+    proc = shardwise("status", str(tmp_path / "nothing"))
+    assert_one_line_error(proc, 2, "no such output")
+
+
+@pytest.mark.slow
+def test_run_then_status(tmp_path):
+    """A complete run through the console script: progress on stderr, summary table on stdout."""
+    source = tmp_path / "in"
+    source.mkdir()
+    texts = ["The kettle boils fast and quietly.", None, "Shoes fell apart after a week of light walking."] * 2
+    table = pa.table({"id": [f"row-{i}" for i in range(6)], "text": pa.array(texts, pa.string())})
+    pq.write_table(table, source / "a.parquet", row_group_size=2)
+    output = tmp_path / "out"
+    proc = shardwise(
+        "run", "--input", str(source / "a.parquet"), "--output", str(output), "--task", "both",
+        "--prompt-template", "Summarise: {text}", "--max-new-tokens", "3", "--rows-per-shard", "4",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "shard-00000 committed" in proc.stderr  # progress while it runs
+    for label in ["rows", "shards", "generated tok/s", "rows/s", "seconds", "estimated cost", "output", "MLflow run"]:
+        assert any(line.startswith(label) for line in proc.stdout.splitlines()), (label, proc.stdout)
+    assert "6 (2 with errors" in proc.stdout
+    assert "2/2 committed" in proc.stdout
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["totals"]["rows"] == 6 and manifest["totals"]["error_rows"] == 2
+
+    status = shardwise("status", str(output))
+    assert status.returncode == 0
+    assert "2/2 done" in status.stdout and "_SUCCESS yes" in status.stdout

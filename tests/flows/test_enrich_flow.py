@@ -1,0 +1,192 @@
+"""The real flow on a real Prefect server, real models, real MLflow sqlite and real Parquet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.job_config import JobConfig
+from tasks.state import tracking_uri
+
+pytestmark = pytest.mark.slow
+
+INPUT_COLUMNS = ["review_id", "created_at", "category", "product", "rating", "text"]
+GENERATION_COLUMNS = ["generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason"]
+
+
+def run_flow(cfg: JobConfig):
+    from flows.enrich import enrich
+
+    state = enrich(job=cfg.public_dict(), return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+def spoil_rows(path: Path) -> list[str]:
+    """Make row 0 of a file null text and row 1 empty (after control-character cleaning)."""
+    table = pq.read_table(path)
+    texts = table.column("text").to_pylist()
+    texts[0], texts[1] = None, " \x00\x07 "
+    texts[2] = "Great\x00 product \x1b, works well."
+    table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+    pq.write_table(table, path, row_group_size=4)
+    ids = table.column("review_id").to_pylist()
+    return ids[:2]
+
+
+def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path):
+    bad_ids = spoil_rows(reviews_dir / "reviews-001.parquet")
+    output = tmp_path / "out"
+    cfg = JobConfig(
+        input=str(reviews_dir), output=str(output), task="both", id_column="review_id",
+        rows_per_shard=8,
+        generate={"prompt_template": "Product: {product}. Review: {text}\nSummarise in five words.",
+                  "max_new_tokens": 4, "max_batch_size": 8},
+    )
+    state, summary = run_flow(cfg)
+    assert state.is_completed(), state.message
+    assert summary["succeeded"] and summary["rows"] == 30 and summary["error_rows"] == 2
+
+    # Every planned shard has one part; _SUCCESS and the manifest agree.
+    manifest = json.loads((output / "_manifest.json").read_text())
+    parts = sorted(p.name for p in output.glob("part-*.parquet"))
+    assert parts == sorted(f"part-{s['shard_id']}.parquet" for s in manifest["shards"])
+    assert manifest["status"] == "succeeded" and all(s["status"] == "committed" for s in manifest["shards"])
+    assert (output / "_SUCCESS").exists()
+    assert manifest["totals"]["rows"] == 30 and manifest["totals"]["duplicate_ids"] == 0
+
+    df = pl.read_parquet(output / "part-*.parquet")
+    assert df.columns == INPUT_COLUMNS + GENERATION_COLUMNS + ["embedding", "truncated", "error"]
+    source = pl.read_parquet(reviews_dir / "*.parquet")
+    assert sorted(df["review_id"]) == sorted(source["review_id"])  # one output row per input row
+    assert df["review_id"].n_unique() == 30
+    joined = source.join(df.select("review_id", "rating"), on="review_id", suffix="_out")
+    assert (joined["rating"] == joined["rating_out"]).all()  # kept columns are the input's values
+
+    bad = df.filter(pl.col("review_id").is_in(bad_ids))
+    assert bad["error"].to_list() == ["text is null", "text is empty"]
+    assert bad["generated_text"].is_null().all() and bad["embedding"].is_null().all()
+
+    good = df.filter(pl.col("error").is_null())
+    assert good.height == 28
+    assert (good["generated_text"].str.len_chars() > 0).all()
+    assert good["n_generated_tokens"].is_between(1, 4).all()
+    assert (good["n_prompt_tokens"] > 10).all()
+    assert set(good["finish_reason"]) <= {"stop", "length"}
+    assert "length" in set(good["finish_reason"])  # 4 new tokens rarely finish a sentence
+    vectors = np.stack(good["embedding"].to_numpy())
+    assert vectors.shape == (28, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    schema = pq.read_schema(output / parts[0])
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 384)
+
+    # MLflow: one run, params, per-shard metrics stepped by shard index, totals, flow-run tag.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["generate.model"] == "bundled:smollm2-135m-instruct"
+    assert run.data.params["embed.model"] == "bundled:all-minilm-l6-v2"
+    assert run.data.params["rows_per_shard"] == "8"
+    assert run.data.tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
+    history = client.get_metric_history(run.info.run_id, "shard_rows")
+    assert sorted(m.step for m in history) == list(range(len(manifest["shards"])))
+    assert sum(m.value for m in history) == 30
+    assert run.data.metrics["rows"] == 30
+    assert run.data.metrics["generated_tok_per_s"] > 0 and run.data.metrics["cost"] > 0
+
+    # Prefect: one task run per shard, named after it.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        task_runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    shard_runs = sorted(t.name for t in task_runs if t.name.startswith("shard-"))
+    assert shard_runs == [f"shard-{i:05d}" for i in range(len(manifest["shards"]))]
+
+    # Analysts' tools read the output as is.
+    import duckdb
+
+    count = duckdb.connect().execute(f"select count(*) from read_parquet('{output}/part-*.parquet')").fetchall()[0][0]
+    assert count == 30
+
+
+def test_embed_only_keeping_just_the_id(prefect_server, reviews_dir, tmp_path):
+    output = tmp_path / "out"
+    cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
+                    keep_columns="id", rows_per_shard=16)
+    state, summary = run_flow(cfg)
+    assert state.is_completed() and summary["rows"] == 30
+    df = pl.read_parquet(output / "part-*.parquet")
+    assert df.columns == ["review_id", "embedding", "truncated", "error"]
+    assert df["error"].is_null().all() and df.height == 30
+
+
+def test_empty_dataset_succeeds_with_zero_rows(prefect_server, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    empty = pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+    pq.write_table(empty, source / "empty.parquet")
+    output = tmp_path / "out"
+    state, summary = run_flow(JobConfig(input=str(source), output=str(output)))
+    assert state.is_completed() and summary["succeeded"] and summary["rows"] == 0
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["shards"] == [] and manifest["totals"]["rows"] == 0
+    assert (output / "_SUCCESS").exists()
+
+
+def test_rerun_resumes_only_missing_or_damaged_shards(prefect_server, reviews_dir, tmp_path):
+    output = tmp_path / "out"
+    cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
+                    rows_per_shard=4)
+    state, first = run_flow(cfg)
+    assert state.is_completed() and first["shards_total"] == 9
+    reference = pl.read_parquet(output / "part-*.parquet").sort("review_id")
+
+    parts = sorted(output.glob("part-*.parquet"))
+    parts[0].unlink()  # a shard that never got written
+    parts[4].write_bytes(parts[4].read_bytes()[:100])  # a damaged part
+    (output / "_SUCCESS").unlink()
+
+    state, second = run_flow(cfg)
+    assert state.is_completed() and second["succeeded"]
+    assert second["rows"] == 30 and second["shards_committed"] == 9
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert sorted(t.name for t in runs if t.name.startswith("shard-")) == ["shard-00000", "shard-00004"]
+    again = pl.read_parquet(output / "part-*.parquet").sort("review_id")
+    assert again.equals(reference)
+    assert (output / "_SUCCESS").exists()
+
+
+def test_rerun_with_another_config_refuses_unless_overwrite(prefect_server, reviews_dir, tmp_path):
+    from tasks.errors import ConfigError
+
+    output = tmp_path / "out"
+    base = {"input": str(reviews_dir), "output": str(output), "task": "embed", "id_column": "review_id",
+            "rows_per_shard": 16}
+    state, _ = run_flow(JobConfig(**base))
+    assert state.is_completed()
+    changed = JobConfig(**{**base, "keep_columns": "id"})
+    state, result = run_flow(changed)
+    assert state.is_failed()
+    assert isinstance(result, ConfigError) and "keep_columns changed" in str(result)
+    assert (output / "_SUCCESS").exists()  # the earlier complete output is untouched
+
+    state, summary = run_flow(JobConfig(**{**base, "keep_columns": "id", "overwrite": True}))
+    assert state.is_completed() and summary["rows"] == 30
+    assert pl.read_parquet(output / "part-*.parquet").columns == ["review_id", "embedding", "truncated", "error"]

@@ -1,0 +1,138 @@
+"""GenerationParams validation (fast) and the generation engine on the bundled SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_runtime import GenerationParams
+from gpu_runtime.batching import plan_batches
+from gpu_runtime.prompts import build_chat
+
+
+def test_params_defaults_are_greedy():
+    params = GenerationParams()
+    assert params.temperature == 0.0 and params.max_new_tokens == 64 and params.seed is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"max_new_tokens": 2.5},
+        {"max_new_tokens": True},
+        {"token_budget": -1},
+        {"max_batch_size": 0},
+        {"max_input_tokens": 0},
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"seed": "7"},
+    ],
+)
+def test_params_reject_invalid_values(kwargs):
+    with pytest.raises(ValueError):
+        GenerationParams(**kwargs)
+
+
+# Very different lengths, so length-sorted batches still pad.
+PROMPTS = [
+    "Hi",
+    "What is the capital of France?",
+    "Explain in one sentence why the sky is blue. " * 3,
+    "List three fruits.",
+    "Summarize this review: " + "The hotel was clean, the staff friendly, the breakfast cold. " * 8,
+    "Translate 'good morning' to Spanish.",
+]
+
+
+@pytest.mark.slow
+def test_batched_greedy_equals_one_prompt_at_a_time(generation_engine):
+    params = GenerationParams(max_new_tokens=12, token_budget=300, max_batch_size=3)
+    tokenizer = generation_engine.tokenizer
+    lengths = [len(tokenizer(build_chat(tokenizer, p, None), add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    batches = plan_batches(lengths, token_budget=300, max_batch_size=3, extra_tokens_per_row=12)
+    # The premise of the test: several batches, and at least one that mixes lengths (real padding).
+    assert len(batches) >= 2
+    assert any(len({lengths[i] for i in batch}) > 1 for batch in batches)
+
+    batched = generation_engine.generate(PROMPTS, params)
+    alone = [generation_engine.generate([p], params)[0] for p in PROMPTS]
+
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert batched == alone
+    assert [g.n_prompt_tokens for g in batched] == lengths
+    assert all(g.text for g in batched)
+
+
+@pytest.mark.slow
+def test_finish_reasons_and_token_counts(generation_engine):
+    stop, cut = generation_engine.generate(
+        ["What is the capital of France?", "Write a long story about a dragon."],
+        GenerationParams(max_new_tokens=16),
+    )
+    assert "Paris" in stop.text
+    assert stop.finish_reason == "stop"
+    assert 1 <= stop.n_generated_tokens < 16
+    assert stop.truncated is False
+
+    (short,) = generation_engine.generate(["Write a long story about a dragon."], GenerationParams(max_new_tokens=3))
+    assert short.finish_reason == "length"
+    assert short.n_generated_tokens == 3
+    assert cut.n_generated_tokens <= 16
+
+
+@pytest.mark.slow
+def test_long_prompt_is_truncated_not_fatal(generation_engine):
+    long_text = "The quick brown fox jumps over the lazy dog. " * 450  # ~20k characters
+    assert len(long_text) > 20_000
+    (out,) = generation_engine.generate(
+        [long_text], GenerationParams(max_new_tokens=4, max_input_tokens=256, system_prompt="Be brief.")
+    )
+    assert out.truncated is True
+    assert 200 < out.n_prompt_tokens <= 256
+    assert 1 <= out.n_generated_tokens <= 4
+
+
+@pytest.mark.slow
+def test_input_limit_leaves_room_in_the_model_context(generation_engine):
+    # Checked at the tokenization step: an 8k-token prefill takes minutes on a small CPU.
+    max_context = generation_engine.info["max_context"]
+    limit = generation_engine._input_limit(GenerationParams(max_new_tokens=64))
+    assert limit == max_context - 64
+    assert generation_engine._input_limit(GenerationParams(max_new_tokens=64, max_input_tokens=100)) == 100
+    ids, truncated = generation_engine._encode("word " * (max_context + 500), None, limit)
+    assert truncated is True
+    assert limit - 16 <= len(ids) <= limit
+    with pytest.raises(ValueError, match="no room"):
+        generation_engine._input_limit(GenerationParams(max_new_tokens=max_context))
+    with pytest.raises(ValueError, match="system prompt"):
+        generation_engine.generate(["hi"], GenerationParams(max_new_tokens=2, max_input_tokens=5))
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_reproducible(generation_engine):
+    params = GenerationParams(max_new_tokens=8, temperature=0.9, top_p=0.95, seed=1234)
+    first = generation_engine.generate(["Tell me a fun fact."], params)
+    second = generation_engine.generate(["Tell me a fun fact."], params)
+    assert first == second
+
+
+@pytest.mark.slow
+def test_empty_list_and_invalid_prompts(generation_engine):
+    assert generation_engine.generate([], GenerationParams()) == []
+    with pytest.raises(ValueError, match="prompt 1"):
+        generation_engine.generate(["ok", ""], GenerationParams(max_new_tokens=2))
+    with pytest.raises(ValueError):
+        generation_engine.generate([None], GenerationParams(max_new_tokens=2))  # type: ignore[list-item]
+
+
+@pytest.mark.slow
+def test_engine_info(generation_engine):
+    info = generation_engine.info
+    assert info["spec"] == "bundled:smollm2-135m-instruct"
+    assert info["source"] == "bundled"
+    assert info["dtype"] == "float32" and info["device"] == "cpu"
+    assert len(info["revision"]) == 64
+    assert info["max_context"] == 8192
+    assert generation_engine.tokenizer.padding_side == "left"

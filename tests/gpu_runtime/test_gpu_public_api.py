@@ -1,0 +1,47 @@
+"""The pinned public surface of gpu_runtime and its dependency rule."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import gpu_runtime
+
+PACKAGE_DIR = Path(gpu_runtime.__file__).parent
+ALLOWED_THIRD_PARTY = {"torch", "transformers", "accelerate", "sentence_transformers", "numpy", "pyarrow"}
+
+
+def test_exported_names_are_exactly_the_intended_ones():
+    assert set(gpu_runtime.__all__) == {
+        "ResolvedModel", "resolve_model_spec", "load_generation_engine", "load_embedding_engine",
+        "model_load_counts", "model_cache_dir", "GenerationParams", "Generation", "GenerationEngine",
+        "EmbeddingEngine", "EmbeddingOutput", "plan_batches", "template_fields", "render_prompt",
+        "select_device", "default_dtype", "ModelNotFoundError", "EngineError",
+    }
+    assert len(gpu_runtime.__all__) == len(set(gpu_runtime.__all__))
+    for name in gpu_runtime.__all__:
+        assert getattr(gpu_runtime, name) is not None
+
+
+def test_imports_only_the_allowed_packages():
+    for source in PACKAGE_DIR.glob("*.py"):
+        tree = ast.parse(source.read_text(), filename=str(source))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in sys.stdlib_module_names or root in ALLOWED_THIRD_PARTY, f"{source.name} imports {root}"
+
+
+def test_pure_helpers_do_not_import_torch():
+    code = (
+        "import sys; from gpu_runtime import plan_batches, template_fields, render_prompt, ModelNotFoundError;"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE_DIR.parent)
