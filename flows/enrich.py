@@ -61,7 +61,8 @@ def process_shards(
     pending = [s for s in plan.shards if s.index not in committed]
     if done:
         logger.info("resuming: %d of %d shards already committed, %d to do", len(done), len(plan.shards), len(pending))
-    futures = process_shard.with_options(retries=cfg.shard_retries).map(pending, unmapped(cfg), unmapped(lineage))
+    shard_task = process_shard.with_options(retries=cfg.shard_retries, timeout_seconds=cfg.shard_timeout_s)
+    futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
     by_task_run = {f.task_run_id: s for f, s in zip(futures, pending)}
     results: list[ShardResult] = list(done)
     for future in as_completed(list(futures)):
@@ -79,6 +80,14 @@ def process_shards(
     return results
 
 
+def failure_message(summary: dict[str, Any], plan: ShardPlan) -> str:
+    failed = len(plan.shards) - summary["shards_committed"]
+    parts = [f"{failed} of {len(plan.shards)} shards failed"]
+    if plan.unreadable:
+        parts.append(f"{len(plan.unreadable)} input files unreadable")
+    return ", ".join(parts)
+
+
 @flow(name="enrich", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def enrich(job: dict[str, Any]) -> dict[str, Any]:
     """Enrich a Parquet dataset with generated text and/or embeddings; returns the run summary."""
@@ -92,7 +101,7 @@ def enrich(job: dict[str, Any]) -> dict[str, Any]:
     done = find_committed_task(cfg, plan)
     results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
     outcome = commit_output_task(cfg, plan, results, run_info)
-    summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started)
+    summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
     if not outcome.succeeded:
-        return Failed(message=f"{len(summary['failures'])} of {len(plan.shards)} shards failed", data=summary)
+        return Failed(message=failure_message(summary, plan), data=summary)
     return summary

@@ -64,6 +64,9 @@ class JobConfig(_Strict):
     device: str = "auto"
     workers: int = Field(default=1, ge=1)
     shard_retries: int = Field(default=2, ge=0)
+    shard_timeout_s: float | None = Field(
+        default=3600, gt=0, description="a shard attempt running longer fails and is retried; null: no limit"
+    )
     overwrite: bool = Field(default=False, description="replace an output written with another config")
     device_type: str | None = Field(default=None, description="price-table key; default: detected")
     price_per_device_hour: float | None = Field(default=None, ge=0)
@@ -178,9 +181,13 @@ def build_config(
     set_options: list[str] | None = None,
 ) -> JobConfig:
     """Merge file < overrides < ``--set`` and validate; a bad value raises :class:`ConfigError`."""
+    from tasks.storage import runtime_storage_options
+
     data: dict[str, Any] = read_config_file(file) if file else {}
     data = _merge(data, overrides or {})
     data = _merge(data, parse_set_options(set_options or []))
+    # $SHARDWISE_STORAGE_OPTIONS under the file's own storage_options (the file wins).
+    data["storage_options"] = _merge(runtime_storage_options(), data.get("storage_options") or {})
     return validate_config(data, source=str(file) if file else "job config")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import task
 
 from tasks.errors import StorageError
+from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import ShardPlan
 from tasks.results import RunTotals, ShardResult
@@ -33,7 +34,12 @@ def _now() -> str:
 
 
 def _write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any]) -> None:
-    atomic_write_bytes(uri, json.dumps(data, indent=2, sort_keys=False, default=str).encode(), storage_options)
+    try:
+        atomic_write_bytes(uri, json.dumps(data, indent=2, sort_keys=False, default=str).encode(), storage_options)
+    except StorageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any backend failure is a storage failure here
+        raise StorageError(f"cannot write {uri}: {type(err).__name__}: {err}") from None
 
 
 def read_manifest(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -96,7 +102,7 @@ def commit_output(
             entry["error"] = result.error
         shards.append(entry)
     totals = RunTotals.of(results, planned=len(plan.shards))
-    succeeded = totals.committed == len(plan.shards)
+    succeeded = totals.committed == len(plan.shards) and not plan.unreadable
     duplicates = count_duplicate_ids(results)
     models: dict[str, Any] = {}
     for r in results:
@@ -110,13 +116,16 @@ def commit_output(
         **run_info,
         "models": models,
         "input": plan.to_dict()["files"],
+        "unreadable_files": [{"uri": u.uri, "reason": u.reason} for u in plan.unreadable],
         "totals": {**totals.__dict__, "duplicate_ids": duplicates},
         "shards": shards,
     }
     manifest_uri = join(cfg.output, MANIFEST_NAME)
+    crash_point("before-manifest")
     _write_json(manifest_uri, manifest, cfg.storage_options)
     if succeeded:
         remove_stray_parts(cfg, plan)
+        crash_point("before-success")
         success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
         _write_json(join(cfg.output, SUCCESS_NAME), success, cfg.storage_options)
     return CommitOutcome(succeeded, manifest_uri, duplicates, totals)

@@ -8,6 +8,7 @@ of the file (size + footer bytes), so a rerun over the same input plans the same
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,9 +61,18 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class UnreadableFile:
+    """An input file whose footer cannot be read: its rows cannot be planned, so the run fails."""
+
+    uri: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ShardPlan:
     files: tuple[InputFile, ...]
     shards: tuple[Shard, ...]
+    unreadable: tuple[UnreadableFile, ...] = ()
 
     @property
     def total_rows(self) -> int:
@@ -190,9 +200,14 @@ def validate_schemas(files: list[InputFile], cfg: JobConfig) -> None:
             raise InputError(f"schema drift: {file.uri} has extra columns {extra} not in {reference.uri}")
 
 
-def _shard_id(index: int, file: InputFile, row_groups: tuple[int, ...], slice_start: int, rows: int) -> str:
+def _shard_id(file: InputFile, row_groups: tuple[int, ...], slice_start: int, rows: int, first_row: int) -> str:
+    """``<file stem>-<first row>-<hash>``: stable across reruns and independent of other files, so
+    fixing or adding one file never renames another file's parts. The stem is reduced to safe
+    characters so a file name can never place a part outside the output root."""
+    stem = file.uri.rsplit("/", 1)[-1].removesuffix(".parquet")
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:48] or "input"
     key = f"{file.uri}|{file.fingerprint}|{row_groups}|{slice_start}|{rows}".encode()
-    return f"{index:05d}-{hashlib.sha256(key).hexdigest()[:10]}"
+    return f"{stem}-{first_row:010d}-{hashlib.sha256(key).hexdigest()[:10]}"
 
 
 def split_file(file: InputFile, rows_per_shard: int, first_index: int) -> list[Shard]:
@@ -208,7 +223,7 @@ def split_file(file: InputFile, rows_per_shard: int, first_index: int) -> list[S
         shards.append(
             Shard(
                 index=index,
-                shard_id=_shard_id(index, file, groups, slice_start, rows),
+                shard_id=_shard_id(file, groups, slice_start, rows, first_row),
                 source=file.uri,
                 source_fingerprint=file.fingerprint,
                 row_groups=groups,
@@ -239,13 +254,28 @@ def split_file(file: InputFile, rows_per_shard: int, first_index: int) -> list[S
 
 
 def plan_shards(cfg: JobConfig) -> ShardPlan:
-    """Inspect footers, validate schemas, and cut the input into shards."""
-    files = [inspect_file(uri, cfg.storage_options) for uri in list_input_files(cfg.input, cfg.storage_options)]
+    """Inspect footers, validate schemas, and cut the input into shards.
+
+    A file with an unreadable footer (corrupt, truncated) does not stop the others: it is listed in
+    ``plan.unreadable`` and the run ends failed once every other shard is committed. Only when
+    no file at all is readable is that an immediate :class:`InputError`.
+    """
+    files: list[InputFile] = []
+    unreadable: list[UnreadableFile] = []
+    uris = list_input_files(cfg.input, cfg.storage_options)
+    for uri in uris:
+        try:
+            files.append(inspect_file(uri, cfg.storage_options))
+        except InputError as err:
+            unreadable.append(UnreadableFile(uri, str(err)))
+    if unreadable and not files:
+        raise InputError(unreadable[0].reason + (f" (and {len(unreadable) - 1} more unreadable files)"
+                                                 if len(unreadable) > 1 else ""))
     validate_schemas(files, cfg)
     shards: list[Shard] = []
     for file in files:
         shards.extend(split_file(file, cfg.rows_per_shard, first_index=len(shards)))
-    return ShardPlan(files=tuple(files), shards=tuple(shards))
+    return ShardPlan(files=tuple(files), shards=tuple(shards), unreadable=tuple(unreadable))
 
 
 @task(name="plan-shards", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)

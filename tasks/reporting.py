@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.cost import Price, detect_device_type, lookup_price
 from tasks.job_config import JobConfig
 from tasks.manifest import CommitOutcome, read_manifest
+from tasks.planning import UnreadableFile
 from tasks.results import ShardResult
 from tasks.tracking import finish_run, run_metrics, shard_metrics
 
@@ -28,9 +29,11 @@ def build_summary(
     run_id: str,
     wall_seconds: float,
     price: Price,
+    unreadable: tuple[UnreadableFile, ...] = (),
 ) -> dict[str, Any]:
     metrics = run_metrics(outcome.totals, wall_seconds, price, outcome.duplicate_ids)
-    failures = [
+    failures = [{"shard": "(unplanned)", "source": u.uri, "error": u.reason} for u in unreadable]
+    failures += [
         {"shard": r.name, "source": r.source, "error": r.error}
         for r in sorted(results, key=lambda r: r.index)
         if r.status != "committed"
@@ -73,9 +76,10 @@ def report(
     results: list[ShardResult],
     run_id: str,
     wall_seconds: float,
+    unreadable: tuple[UnreadableFile, ...] = (),
 ) -> dict[str, Any]:
     price = price_for(cfg, results)
-    summary = build_summary(cfg, outcome, results, run_id, wall_seconds, price)
+    summary = build_summary(cfg, outcome, results, run_id, wall_seconds, price, unreadable)
     manifest = read_manifest(cfg.output, cfg.storage_options)
     finish_run(run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                manifest, outcome.succeeded, price)
@@ -94,6 +98,11 @@ def report(
 
 @task(name="report", retries=2, retry_delay_seconds=2)
 def report_task(
-    cfg: JobConfig, outcome: CommitOutcome, results: list[ShardResult], run_id: str, wall_seconds: float
+    cfg: JobConfig,
+    outcome: CommitOutcome,
+    results: list[ShardResult],
+    run_id: str,
+    wall_seconds: float,
+    unreadable: tuple[UnreadableFile, ...] = (),
 ) -> dict[str, Any]:
-    return report(cfg, outcome, results, run_id, wall_seconds)
+    return report(cfg, outcome, results, run_id, wall_seconds, unreadable)

@@ -18,7 +18,7 @@ from tasks.planning import Shard, ShardPlan
 from tasks.results import ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.shard_io import METADATA_PREFIX
-from tasks.storage import filesystem, join
+from tasks.storage import TEMP_PREFIX, filesystem, join
 
 _FINGERPRINT_KEYS = ("task", "text_column", "id_column", "keep_columns", "generate", "embed")
 
@@ -55,6 +55,7 @@ def clear_output(cfg: JobConfig) -> None:
     fs, root = filesystem(cfg.output, cfg.storage_options)
     root = root.rstrip("/")
     paths = [f"{root}/{SUCCESS_NAME}"] + fs.glob(f"{root}/part-*.parquet") + [f"{root}/{MANIFEST_NAME}"]
+    paths += fs.glob(f"{root}/{TEMP_PREFIX}*")
     for path in paths:
         if fs.exists(path):
             fs.rm_file(path)
@@ -113,9 +114,14 @@ def find_committed_task(cfg: JobConfig, plan: ShardPlan) -> list[ShardResult]:
 
 
 def prepare_output(cfg: JobConfig) -> None:
-    """Refuse an output of another config, or clear it when ``overwrite`` is set."""
+    """Refuse an output of another config, or clear it when ``overwrite`` is set; drop temporary
+    files a killed run left behind."""
     if check_output_compatible(cfg):
         clear_output(cfg)
+        return
+    fs, root = filesystem(cfg.output, cfg.storage_options)
+    for path in fs.glob(f"{root.rstrip('/')}/{TEMP_PREFIX}*"):
+        fs.rm_file(path)
 
 
 @task(name="prepare-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)

@@ -13,6 +13,7 @@ from typing import Any
 from prefect import task
 
 from tasks.enrichment import enrich_table
+from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import Shard
 from tasks.results import ShardResult
@@ -47,6 +48,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     started = time.perf_counter()
     table = read_shard(shard, input_columns(cfg), cfg.storage_options)
     read_done = time.perf_counter()
+    crash_point("shard-compute")
     enriched, stats = enrich_table(table, cfg, generator, embedder)
     compute_done = time.perf_counter()
     part_lineage = {

@@ -17,6 +17,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import StorageError
 
+TEMP_PREFIX = ".tmp-"  # local in-flight writes; never matched by part-*.parquet
+
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and protocol-less path for ``uri``."""
@@ -46,14 +48,20 @@ def join(uri: str, *names: str) -> str:
 
 def atomic_write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``data`` so that readers see either the old file/no file, or the whole new file."""
+    from tasks.faults import crash_point
+
     fs, path = filesystem(uri, storage_options)
+    half = len(data) // 2
     if isinstance(fs, LocalFileSystem):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        tmp = os.path.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
         try:
             with open(tmp, "wb") as handle:
-                handle.write(data)
+                handle.write(data[:half])
+                if os.path.basename(path).startswith("part-"):
+                    crash_point("part-write")
+                handle.write(data[half:])
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -61,8 +69,13 @@ def atomic_write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | 
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        # One PUT (or a completed multipart upload): the object appears whole or not at all.
-        fs.pipe_file(path, data)
+        # The object becomes visible only when close() completes the upload (one PUT, or the
+        # completion of a multipart upload): a crash before that leaves nothing behind.
+        with fs.open(path, "wb") as handle:
+            handle.write(data[:half])
+            if path.rsplit("/", 1)[-1].startswith("part-"):
+                crash_point("part-write")
+            handle.write(data[half:])
 
 
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:

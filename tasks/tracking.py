@@ -8,6 +8,7 @@ Nothing in ``storage_options`` reaches MLflow (see ``JobConfig.public_dict``).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from tasks.cost import Price
 from tasks.job_config import JobConfig
 from tasks.planning import ShardPlan
 from tasks.results import RunTotals, ShardResult
-from tasks.state import tracking_uri
+from tasks.state import state_dir, tracking_uri
 
 _PARAM_LIMIT = 6000
 
@@ -48,7 +49,12 @@ def start_run(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, uri: str
 
     client = _client(uri)
     experiment = client.get_experiment_by_name(cfg.name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.name)
+    if experiment is None:
+        # Next to the default sqlite database rather than wherever the process happens to run.
+        location = None if uri or os.environ.get("MLFLOW_TRACKING_URI") else (state_dir() / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(cfg.name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
     tags = {
         "mlflow.runName": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         "shardwise.input": cfg.input,

@@ -6,7 +6,9 @@ temporary PREFECT_HOME (its own sqlite database) and a temporary shardwise state
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -32,12 +34,68 @@ def session_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One Prefect server (the test harness's temporary one) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(session_dir):
+    """A real ``prefect server start`` process on loopback for the whole session. In-process flows
+    and ``shardwise`` subprocesses both report to it (PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    from servers import start_prefect_server
+
+    proc, url = start_prefect_server(session_dir / "prefect-server")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on loopback behind a cuttable TCP proxy; yields the proxy."""
+    from moto.server import ThreadedMotoServer
+
+    from servers import TcpProxy, free_port
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    proxy = TcpProxy(server.get_host_and_port())
+    proxy.restore()
+    yield proxy
+    proxy.cut()
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket; credentials and endpoint come from the environment, as in production."""
+    import uuid
+
+    import s3fs
+
+    for key, value in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL_S3": s3_server.url}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SHARDWISE_STORAGE_OPTIONS", json.dumps(S3_OPTIONS_NO_RETRY_STORM))
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(**S3_OPTIONS_NO_RETRY_STORM)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    yield fs, bucket
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+# Bounded retries so an unreachable endpoint fails in seconds, not minutes.
+S3_OPTIONS_NO_RETRY_STORM = {"config_kwargs": {"connect_timeout": 2, "read_timeout": 10,
+                                               "retries": {"max_attempts": 2, "mode": "standard"}}}
 
 
 @pytest.fixture

@@ -190,3 +190,24 @@ def test_rerun_with_another_config_refuses_unless_overwrite(prefect_server, revi
     state, summary = run_flow(JobConfig(**{**base, "keep_columns": "id", "overwrite": True}))
     assert state.is_completed() and summary["rows"] == 30
     assert pl.read_parquet(output / "part-*.parquet").columns == ["review_id", "embedding", "truncated", "error"]
+
+
+def test_a_hung_shard_times_out_and_is_retried(prefect_server, reviews_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDWISE_HANG_AT", "shard-compute:2")  # the 2nd shard attempt hangs for an hour
+    output = tmp_path / "out"
+    cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
+                    rows_per_shard=10, shard_timeout_s=3)
+    started = __import__("time").monotonic()
+    state, summary = run_flow(cfg)
+    assert state.is_completed() and summary["rows"] == 30
+    assert __import__("time").monotonic() - started < 120
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    retried = [t for t in runs if t.name.startswith("shard-") and t.run_count > 1]
+    assert len(retried) == 1

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,11 +84,39 @@ def test_schema_drift_names_the_file(tmp_path):
         plan_shards(job(tmp_path))
 
 
-def test_corrupt_file_is_named(tmp_path):
+def test_corrupt_file_is_named_and_the_others_still_planned(tmp_path):
     write(tmp_path / "a.parquet", rows=3, row_group=3)
+    good = (tmp_path / "c.parquet")
+    write(good, rows=4, row_group=4)
     (tmp_path / "b.parquet").write_bytes(b"this is not parquet at all")
+    plan = plan_shards(job(tmp_path))
+    assert [u.uri.rsplit("/", 1)[-1] for u in plan.unreadable] == ["b.parquet"]
+    assert "b.parquet: not a Parquet file" in plan.unreadable[0].reason
+    assert plan.total_rows == 7
+    truncated = good.read_bytes()[:-20]
+    (tmp_path / "b.parquet").write_bytes(truncated)
+    assert "truncated" in plan_shards(job(tmp_path)).unreadable[0].reason
+
+
+def test_only_unreadable_files_is_an_input_error(tmp_path):
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet at all")
     with pytest.raises(InputError, match=r"b\.parquet: not a Parquet file"):
         plan_shards(job(tmp_path))
+
+
+def test_shard_ids_do_not_depend_on_other_files(tmp_path):
+    write(tmp_path / "b.parquet", rows=8, row_group=4)
+    alone = {s.shard_id for s in plan_shards(job(tmp_path, rows_per_shard=4)).shards}
+    write(tmp_path / "a.parquet", rows=8, row_group=4)  # sorts first, shifts every index
+    together = {s.shard_id for s in plan_shards(job(tmp_path, rows_per_shard=4)).shards}
+    assert alone < together
+
+
+def test_file_names_cannot_escape_the_output_root(tmp_path):
+    write(tmp_path / "we ird;$(x)..\\..parquet", rows=2, row_group=2)
+    (shard,) = plan_shards(job(tmp_path)).shards
+    assert re.fullmatch(r"part-[A-Za-z0-9_-]+\.parquet", shard.part_name), shard.part_name
+    assert shard.part_name.startswith("part-we_ird___x_____-")
 
 
 def test_empty_directory_plans_zero_shards(tmp_path):

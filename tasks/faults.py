@@ -1,0 +1,45 @@
+"""Named crash points, so tests can prove exactly-once outputs by killing a real run anywhere.
+
+``SHARDWISE_CRASH_AT=<point>[:<n>]`` makes this process SIGKILL itself the n-th time (default 1st)
+it reaches ``<point>``. Unset (always, outside tests) it costs one dictionary lookup.
+
+``SHARDWISE_HANG_AT=<point>[:<n>]`` makes the n-th arrival sleep (interruptibly, in Python) for an
+hour instead: a hung worker, for the per-shard timeout to catch.
+
+Points: ``shard-compute`` (rows read, engines running), ``part-write`` (half of a part's bytes
+written), ``before-manifest`` (every part published, final manifest not yet written),
+``before-success`` (manifest written, ``_SUCCESS`` not yet).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+POINTS = ("shard-compute", "part-write", "before-manifest", "before-success")
+_reached: Counter[tuple[str, str]] = Counter()
+_lock = threading.Lock()
+
+
+def _arrived(variable: str, name: str) -> bool:
+    spec = os.environ.get(variable)
+    if not spec:
+        return False
+    point, _, nth = spec.partition(":")
+    if point != name:
+        return False
+    with _lock:
+        _reached[(variable, name)] += 1
+        return _reached[(variable, name)] == int(nth or 1)
+
+
+def crash_point(name: str) -> None:
+    if _arrived("SHARDWISE_CRASH_AT", name):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _arrived("SHARDWISE_HANG_AT", name):
+        deadline = time.monotonic() + 3600
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
