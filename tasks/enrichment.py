@@ -42,6 +42,27 @@ def clean_text(value: Any) -> tuple[str | None, str | None]:
     return cleaned, None
 
 
+def repair_utf8(table: pa.Table) -> tuple[pa.Table, int]:
+    """Replace invalid UTF-8 in string columns with U+FFFD, so neither Python nor the analysts'
+    readers (polars refuses such files) choke on it; returns the table and the rows repaired."""
+    repaired_rows = 0
+    for index, field in enumerate(table.schema):
+        if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
+            continue
+        column = table.column(index)
+        try:
+            column.validate(full=True)
+            continue
+        except pa.ArrowInvalid:
+            pass
+        binary = pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary()
+        raw = column.cast(binary).to_pylist()
+        fixed = [None if b is None else b.decode("utf-8", errors="replace") for b in raw]
+        repaired_rows += sum(1 for b, f in zip(raw, fixed) if b is not None and b != f.encode())
+        table = table.set_column(index, field, pa.array(fixed, field.type))
+    return table, repaired_rows
+
+
 def output_schema(input_schema: pa.Schema, cfg: JobConfig, embedding_dim: int | None) -> pa.Schema:
     """Kept input columns, then the enrichment columns, in a fixed order for every part."""
     kept = [input_schema.field(cfg.id_column)] if cfg.keep_columns == "id" else list(input_schema)
@@ -62,6 +83,7 @@ class EnrichStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     embedded_tokens: int = 0
+    repaired_utf8_rows: int = 0
 
 
 def _prompt_row(row: dict[str, Any], text_column: str, text: str) -> dict[str, Any]:
@@ -79,8 +101,9 @@ def enrich_table(
     """Run the configured engines over ``table``; returns the output table and its counters."""
     from gpu_runtime import GenerationParams, render_prompt, template_fields
 
+    table, stats_repaired = repair_utf8(table)
     n = table.num_rows
-    stats = EnrichStats(rows=n)
+    stats = EnrichStats(rows=n, repaired_utf8_rows=stats_repaired)
     cleaned = [clean_text(v) for v in table.column(cfg.text_column).to_pylist()]
     errors: list[str | None] = [err for _, err in cleaned]
     truncated = [False] * n

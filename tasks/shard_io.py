@@ -17,22 +17,51 @@ from tasks.storage import atomic_write_bytes, filesystem, join
 METADATA_PREFIX = "shardwise."
 
 
+class _StorageReads:
+    """A file handle whose read failures surface as :class:`StorageError`, so that anything else
+    pyarrow raises while decoding can be blamed on the data (corrupt pages), not the storage."""
+
+    def __init__(self, handle: Any, uri: str) -> None:
+        self._handle, self._uri = handle, uri
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+    def _guard(self, method: str, *args: Any) -> Any:
+        try:
+            return getattr(self._handle, method)(*args)
+        except Exception as err:  # noqa: BLE001 - any backend failure is a storage failure
+            raise StorageError(f"cannot read {self._uri}: {type(err).__name__}: {err}") from None
+
+    def read(self, *args: Any) -> bytes:
+        return self._guard("read", *args)
+
+    def seek(self, *args: Any) -> int:
+        return self._guard("seek", *args)
+
+
 def read_shard(shard: Shard, columns: list[str] | None, storage_options: dict[str, Any] | None = None) -> pa.Table:
     """The shard's rows (only ``columns`` when given), streamed from its row groups."""
     fs, path = filesystem(shard.source, storage_options)
     try:
-        with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle, pre_buffer=True)
+        handle = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{shard.source}: file disappeared since planning") from None
+    except Exception as err:  # noqa: BLE001 - opening is a storage operation
+        raise StorageError(f"cannot open {shard.source}: {type(err).__name__}: {err}") from None
+    try:
+        with handle:
+            parquet = pq.ParquetFile(_StorageReads(handle, shard.source), pre_buffer=True)
             batches = list(parquet.iter_batches(row_groups=list(shard.row_groups), columns=columns))
             schema = parquet.schema_arrow if columns is None else pa.schema(
                 [parquet.schema_arrow.field(c) for c in columns]
             )
-    except (pa.ArrowInvalid, pa.ArrowException, EOFError) as err:
-        raise InputError(f"{shard.source}: corrupt Parquet data in row groups {list(shard.row_groups)}: {err}") from None
-    except FileNotFoundError:
-        raise InputError(f"{shard.source}: file disappeared since planning") from None
-    except OSError as err:
-        raise StorageError(f"cannot read {shard.source}: {err}") from None
+    except StorageError:
+        raise
+    except (pa.ArrowException, OSError, EOFError, ValueError) as err:
+        raise InputError(
+            f"{shard.source}: corrupt Parquet data in row groups {list(shard.row_groups)}: {err}"
+        ) from None
     table = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
     table = table.slice(shard.slice_start, shard.num_rows)
     if table.num_rows != shard.num_rows:

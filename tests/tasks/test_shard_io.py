@@ -46,3 +46,42 @@ def test_unwritable_output_fails_early(tmp_path):
         check_writable(str(blocker / "out"))
     check_writable(str(tmp_path / "fine"))
     assert os.listdir(tmp_path / "fine") == []
+
+
+def test_corrupt_data_pages_fail_the_shard_naming_the_file(tmp_path):
+    from tasks.errors import InputError
+
+    path = tmp_path / "in" / "pages.parquet"
+    path.parent.mkdir()
+    texts = [f"review number {i} " * 20 for i in range(200)]
+    pq.write_table(pa.table({"id": list(range(200)), "text": texts}), path, compression="snappy")
+    raw = bytearray(path.read_bytes())
+    for offset in range(200, 2200):  # scribble over the first data pages, keep the footer intact
+        raw[offset] = 0xAB
+    path.write_bytes(bytes(raw))
+    plan = plan_shards(JobConfig(input=str(path.parent), output="x"))  # the footer still plans
+    with pytest.raises(InputError, match=r"pages\.parquet: corrupt Parquet data"):
+        read_shard(plan.shards[0], None)
+
+
+def test_a_storage_failure_mid_read_is_a_storage_error_not_bad_data(tmp_path):
+    from tasks.shard_io import _StorageReads
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"id": list(range(1000))}), path)
+
+    class FlakyFile:
+        def __init__(self) -> None:
+            self.handle, self.reads = open(path, "rb"), 0
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def read(self, *args):
+            self.reads += 1
+            if self.reads > 1:
+                raise ConnectionResetError("connection reset by peer")
+            return self.handle.read(*args)
+
+    with pytest.raises(StorageError, match="connection reset by peer"):
+        pq.ParquetFile(_StorageReads(FlakyFile(), str(path))).read()

@@ -1,0 +1,63 @@
+"""Row-level handling with the real bundled engines: bad rows flagged, good rows processed."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.enrichment import clean_text, enrich_table, repair_utf8
+from tasks.job_config import JobConfig
+
+
+def invalid_utf8_column() -> pa.Array:
+    data = b"fine\xff\xfebroken"
+    offsets = pa.array([0, 4, 12], pa.int32()).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(data)])
+
+
+def test_clean_text_flags_null_and_empty_and_strips_control_characters():
+    assert clean_text(None) == (None, "text is null")
+    assert clean_text("  \t\n ") == (None, "text is empty")
+    assert clean_text("\x00\x07") == (None, "text is empty")
+    assert clean_text("a\x00b\x1bc\td\ne") == ("abc\td\ne", None)
+    assert clean_text(b"caf\xc3\xa9") == ("café", None)
+
+
+def test_repair_utf8_replaces_bad_bytes_and_leaves_good_columns(tmp_path):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "text": invalid_utf8_column()}), path)
+    table = pq.read_table(path)
+    with pytest.raises(UnicodeDecodeError):
+        table.column("text").to_pylist()
+    fixed, rows = repair_utf8(table)
+    assert rows == 1
+    assert fixed.column("text").to_pylist() == ["fine", "\ufffd\ufffdbroken"]
+    assert fixed.column("id").to_pylist() == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_enrich_table_with_real_engines(tmp_path):
+    from gpu_runtime import load_embedding_engine, load_generation_engine
+
+    long_text = " ".join(["The blender is loud but it crushes ice well."] * 60)
+    texts = ["Great kettle.", None, "", long_text, "bad \x00 bytes \x07 here"]
+    table = pa.table({"id": [1, 2, 3, 4, 5], "text": pa.array(texts, pa.string()), "stars": [5, 1, 3, 4, 2]})
+    cfg = JobConfig(input="x", output="y", generate={"prompt_template": "{stars} stars: {text}",
+                                                     "max_new_tokens": 3, "max_input_tokens": 64})
+    generator = load_generation_engine(cfg.generate.model, device="cpu")
+    embedder = load_embedding_engine(cfg.embed.model, device="cpu")
+    out, stats = enrich_table(table, cfg, generator, embedder)
+    rows = out.to_pylist()
+    assert [r["id"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["error"] for r in rows] == [None, "text is null", "text is empty", None, None]
+    assert [r["truncated"] for r in rows] == [False, None, None, True, False]
+    assert rows[3]["n_prompt_tokens"] <= 64
+    for r in (rows[0], rows[3], rows[4]):
+        assert r["generated_text"] and r["n_generated_tokens"] >= 1 and len(r["embedding"]) == 384
+    assert stats.error_rows == 2 and stats.truncated_rows == 1 and stats.rows == 5
+
+    invalid = pa.table({"id": [1, 2], "text": invalid_utf8_column(), "stars": [1, 2]})
+    out, stats = enrich_table(invalid, cfg, generator, embedder)
+    assert stats.repaired_utf8_rows == 1 and out.column("error").to_pylist() == [None, None]
+    assert out.column("text").to_pylist()[1].startswith("\ufffd")
