@@ -1,4 +1,4 @@
-"""The ``shardwise`` command line: ``run``, ``demo`` and ``status``.
+"""The ``shardwise`` command line: ``run``, ``demo``, ``status`` and ``lineage``.
 
 Exit codes: 0 success; 1 the run failed (some shards failed, or an unexpected error); 2 bad input
 or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted.
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="progress of an output directory")
     status.add_argument("output")
+
+    lineage = sub.add_parser("lineage", help="provenance of an output part, or of one output row")
+    lineage.add_argument("target", help="an output directory or one part-*.parquet")
+    lineage.add_argument("--id", dest="row_id", help="show the row with this id and where it came from")
     return parser
 
 
@@ -214,6 +218,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if status.success else 1
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from tasks.lineage import find_row, list_parts, part_lineage
+    from tasks.storage import runtime_storage_options
+
+    options = runtime_storage_options()
+    if args.row_id is not None:
+        part, row = find_row(args.target, args.row_id, options)
+        lineage = part_lineage(part, options)
+        print(f"row {args.row_id!r}")
+        print(f"  from        {lineage.get('source')} row {row.pop('_source_row')}")
+        print(f"  written to  {part}")
+        _print_lineage(lineage, indent="  ")
+        print("  values")
+        for key, value in row.items():
+            text = str(value)
+            print(f"    {key:<20} {text if len(text) <= 200 else text[:197] + '...'}")
+        return 0
+    parts = list_parts(args.target, options)
+    if not parts:
+        _error(f"no part-*.parquet under {args.target}")
+        return 2
+    for part in parts:
+        print(part)
+        _print_lineage(part_lineage(part, options), indent="  ")
+    return 0
+
+
+def _print_lineage(lineage: dict[str, str], indent: str) -> None:
+    order = ["mlflow_run_id", "prefect_flow_run_id", "generate_model", "generate_model_revision",
+             "embed_model", "embed_model_revision", "prompt_hash", "config_fingerprint", "source",
+             "source_rows", "source_fingerprint", "shard_id", "created_at"]
+    keys = [k for k in order if k in lineage] + sorted(k for k in lineage if k not in order)
+    for key in keys:
+        print(f"{indent}{key:<24} {lineage[key]}")
+
+
 def _error(message: str) -> None:
     print(f"shardwise: error: {message}", file=sys.stderr, flush=True)
 
@@ -224,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_runtime.errors import EngineError, ModelNotFoundError
     from tasks.errors import ShardwiseError
 
-    handlers = {"run": cmd_run, "demo": cmd_demo, "status": cmd_status}
+    handlers = {"run": cmd_run, "demo": cmd_demo, "status": cmd_status, "lineage": cmd_lineage}
     started = time.perf_counter()
     try:
         return handlers[args.command](args)

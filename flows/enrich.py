@@ -5,6 +5,7 @@ Orchestration only; every step is a task in ``tasks/`` over a plain function.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,12 +18,28 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.job_config import JobConfig, validate_config
 from tasks.manifest import commit_output_task, start_output_task
 from tasks.planning import ShardPlan, plan_shards_task
-from tasks.reporting import price_for, report_task
+from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
 from tasks.shard_work import process_shard
 from tasks.storage import runtime_storage_options
 from tasks.tracking import log_shard, prompt_hash, start_tracking_task
+
+
+class _ThreadTimeoutWarningOnce(logging.Filter):
+    """Prefect warns on every shard that a thread-run timeout cannot interrupt a blocking call.
+    True (and documented in the README), but once per process is enough."""
+
+    _seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Timeouts in worker threads cannot interrupt" not in record.getMessage():
+            return True
+        seen, _ThreadTimeoutWarningOnce._seen = _ThreadTimeoutWarningOnce._seen, True
+        return not seen
+
+
+logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutWarningOnce())
 
 
 def job_from_parameters(job: dict[str, Any]) -> JobConfig:
@@ -65,9 +82,11 @@ def process_shards(
     futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
     by_task_run = {f.task_run_id: s for f, s in zip(futures, pending)}
     results: list[ShardResult] = list(done)
+    progress = start_progress(len(plan.shards), len(done))
     for future in as_completed(list(futures)):
         result = shard_outcome(future, by_task_run)
         results.append(result)
+        update_progress(progress, sum(r.status == "committed" for r in results), len(plan.shards))
         log_shard(run_id, result, price_for(cfg, [result]))
         if result.status == "committed":
             logger.info(
@@ -95,7 +114,7 @@ def enrich(job: dict[str, Any]) -> dict[str, Any]:
     cfg = job_from_parameters(job)
     plan = plan_shards_task(cfg)
     prepare_output_task(cfg)
-    run_id = start_tracking_task(cfg, plan, flow_run.get_id())
+    run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
     run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id()}
     start_output_task(cfg, plan, run_info)
     done = find_committed_task(cfg, plan)

@@ -47,3 +47,28 @@ def lookup_price(device_type: str, override: float | None = None, prices_file: P
             return Price(device_type, float(value), currency)
     fallback = table.get("cpu" if device_type == "cpu" else "default-gpu", 0.0)
     return Price(device_type, float(fallback), currency)
+
+
+def nvml_available() -> bool:
+    """Whether NVIDIA's management library is importable and finds a GPU (``nvidia-ml-py``)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount() > 0
+    except Exception:  # noqa: BLE001 - no library, no driver or no GPU: all mean "not available"
+        return False
+
+
+def gpu_energy_mj(device: str | None) -> float | None:
+    """Total energy the device has used since the driver loaded, in mJ; None off NVIDIA GPUs."""
+    if not device or not device.startswith("cuda"):
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        return float(pynvml.nvmlDeviceGetTotalEnergyConsumption(pynvml.nvmlDeviceGetHandleByIndex(index)))
+    except Exception:  # noqa: BLE001 - energy is optional; never fail a shard over it
+        return None

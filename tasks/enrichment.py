@@ -169,16 +169,13 @@ def enrich_table(
 
 
 def _embedding_array(vectors: list[Any], dim: int) -> pa.Array:
-    """Fixed-size float32 lists; null where the row had no valid text."""
+    """Fixed-size float32 lists. Rows without valid text get an all-zero vector rather than null:
+    pyarrow < 26 (which MLflow 3.17 pins) cannot read null fixed-size lists back from Parquet,
+    and such rows are marked by ``error`` anyway."""
     import numpy as np
 
-    mask = np.array([v is None for v in vectors], dtype=bool)
     flat = np.zeros((len(vectors), dim), dtype=np.float32)
     for i, v in enumerate(vectors):
         if v is not None:
             flat[i] = v
-    values = pa.array(flat.reshape(-1), pa.float32())
-    array = pa.FixedSizeListArray.from_arrays(values, dim)
-    if mask.any():
-        array = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(mask))
-    return array
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float32()), dim)

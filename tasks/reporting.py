@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from tasks.cost import Price, detect_device_type, lookup_price
 from tasks.job_config import JobConfig
@@ -13,6 +18,19 @@ from tasks.manifest import CommitOutcome, read_manifest
 from tasks.planning import UnreadableFile
 from tasks.results import ShardResult
 from tasks.tracking import finish_run, run_metrics, shard_metrics
+
+
+def start_progress(total: int, done: int) -> Any:
+    """A progress artifact on the flow run (percent of shards committed), updated as shards land."""
+    return create_progress_artifact(
+        progress=100.0 * done / total if total else 100.0,
+        key="shard-progress",
+        description=f"Shards committed out of {total}",
+    )
+
+
+def update_progress(artifact_id: Any, done: int, total: int) -> None:
+    update_progress_artifact(artifact_id, progress=100.0 * done / total if total else 100.0)
 
 
 def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:
@@ -43,6 +61,7 @@ def build_summary(
         "output": cfg.output,
         "manifest": outcome.manifest_uri,
         "mlflow_run_id": run_id,
+        "mlflow_run_url": mlflow_run_url(run_id),
         "shards_total": outcome.totals.shards,
         "shards_committed": outcome.totals.committed,
         "failures": failures,
@@ -50,6 +69,19 @@ def build_summary(
         "device_type": price.device_type,
         **metrics,
     }
+
+
+def mlflow_run_url(run_id: str) -> str | None:
+    """A browser link when MLflow is a server; a sqlite file has no UI address of its own."""
+    from tasks.state import tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -62,7 +94,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"- shards: {summary['shards_committed']}/{summary['shards_total']} committed",
         f"- throughput: {summary['rows_per_s']:.1f} rows/s, {summary['generated_tok_per_s']:.1f} generated tok/s",
         f"- estimated cost: {summary['cost']:.6f} {summary['currency']} ({summary['device_type']})",
-        f"- MLflow run: `{summary['mlflow_run_id']}`",
+        f"- MLflow run: `{summary['mlflow_run_id']}`"
+        + (f" ([open]({summary['mlflow_run_url']}))" if summary.get("mlflow_run_url") else ""),
     ]
     if summary["failures"]:
         lines += ["", "## Failed shards", ""]
@@ -81,8 +114,8 @@ def report(
     price = price_for(cfg, results)
     summary = build_summary(cfg, outcome, results, run_id, wall_seconds, price, unreadable)
     manifest = read_manifest(cfg.output, cfg.storage_options)
-    finish_run(run_id, {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-               manifest, outcome.succeeded, price)
+    numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    finish_run(run_id, numbers, manifest, outcome.succeeded, price, cfg.output, results)
     rows = []
     for r in sorted(results, key=lambda r: r.index):
         m = shard_metrics(r, price)

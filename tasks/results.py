@@ -31,6 +31,7 @@ class ShardResult:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     finished_at: float = 0.0
+    energy_j: float | None = None  # GPU energy during compute, when NVML is available
     resumed: bool = False  # committed by an earlier run and verified, not recomputed
     ids: list[Any] = field(default_factory=list, repr=False)
 
@@ -55,6 +56,10 @@ class RunTotals:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     device_seconds: float = 0.0
+    seconds_read: float = 0.0
+    seconds_compute: float = 0.0
+    seconds_write: float = 0.0
+    energy_j: float | None = None
 
     @classmethod
     def of(cls, results: list[ShardResult], planned: int) -> RunTotals:
@@ -70,4 +75,9 @@ class RunTotals:
             else:
                 totals.failed += 1
             totals.device_seconds += r.seconds
+            totals.seconds_read += r.seconds_read
+            totals.seconds_compute += r.seconds_compute
+            totals.seconds_write += r.seconds_write
+            if r.energy_j is not None:
+                totals.energy_j = (totals.energy_j or 0.0) + r.energy_j
         return totals

@@ -12,6 +12,7 @@ from typing import Any
 
 from prefect import task
 
+from tasks.cost import gpu_energy_mj
 from tasks.enrichment import enrich_table
 from tasks.faults import crash_point
 from tasks.job_config import JobConfig
@@ -49,8 +50,11 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     table = read_shard(shard, input_columns(cfg), cfg.storage_options)
     read_done = time.perf_counter()
     crash_point("shard-compute")
+    engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
+    energy_before = gpu_energy_mj(engine_device)
     enriched, stats = enrich_table(table, cfg, generator, embedder)
     compute_done = time.perf_counter()
+    energy_after = gpu_energy_mj(engine_device)
     part_lineage = {
         **lineage,
         "shard_id": shard.shard_id,
@@ -58,7 +62,12 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         "source_fingerprint": shard.source_fingerprint,
         "source_rows": f"{shard.first_row}:{shard.first_row + shard.num_rows}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "id_column": cfg.id_column,
     }
+    for role, engine in (("generate", generator), ("embed", embedder)):
+        if engine is not None:
+            part_lineage[f"{role}_model_revision"] = str(engine.info.get("revision"))
+            part_lineage[f"{role}_model_dtype"] = str(engine.info.get("dtype"))
     part = write_part(enriched, cfg.output, shard, part_lineage, cfg.storage_options)
     write_done = time.perf_counter()
     models = {}
@@ -87,6 +96,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         part_sha256=part.sha256,
         device=str(device) if device else None,
         models=models,
+        energy_j=(energy_after - energy_before) / 1000 if energy_before is not None and energy_after is not None
+        else None,
         finished_at=time.time(),
         ids=table.column(cfg.id_column).to_pylist(),
     )

@@ -43,9 +43,17 @@ def prompt_hash(cfg: JobConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def start_run(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, uri: str | None = None) -> str:
-    """Create the MLflow run for this flow run; returns its id."""
+def start_run(
+    cfg: JobConfig,
+    plan: ShardPlan,
+    flow_run_id: str | None,
+    uri: str | None = None,
+    flow_run_url: str | None = None,
+) -> str:
+    """Create the MLflow run for this flow run, with its config, inputs and code version."""
     from mlflow.entities import Param, RunTag
+
+    from tasks.lineage import code_version, log_inputs
 
     client = _client(uri)
     experiment = client.get_experiment_by_name(cfg.name)
@@ -63,6 +71,9 @@ def start_run(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, uri: str
     }
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
+    if flow_run_url:
+        tags["prefect.flow_run_url"] = flow_run_url
+    tags.update(code_version())
     run = client.create_run(experiment_id, tags=tags)
     params: dict[str, str] = {}
     _flatten("", cfg.public_dict(), params)
@@ -71,19 +82,44 @@ def start_run(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, uri: str
     params["shards.planned"] = str(len(plan.shards))
     if cfg.runs_generation:
         params["generate.prompt_hash"] = prompt_hash(cfg)
+        params["generate.effective_prompt_template"] = cfg.template[:_PARAM_LIMIT]
     client.log_batch(
         run.info.run_id,
         params=[Param(k, v) for k, v in params.items()],
         tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"],
     )
     client.log_dict(run.info.run_id, cfg.public_dict(), "job_config.json")
+    log_inputs(run.info.run_id, plan, client)
+    _start_system_metrics(run.info.run_id, uri or tracking_uri())
     return run.info.run_id
+
+
+_monitors: dict[str, Any] = {}
+
+
+def _start_system_metrics(run_id: str, uri: str) -> None:
+    """GPU utilisation, memory and power as MLflow ``system/*`` metrics, when NVML is available."""
+    from tasks.cost import nvml_available
+
+    if not nvml_available():
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
+    monitor.start()
+    _monitors[run_id] = monitor
+
+
+def _stop_system_metrics(run_id: str) -> None:
+    monitor = _monitors.pop(run_id, None)
+    if monitor is not None:
+        monitor.finish()
 
 
 def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
     seconds = max(result.seconds, 1e-9)
     compute = max(result.seconds_compute, 1e-9)
-    return {
+    metrics = {
         "shard_rows": result.rows,
         "shard_error_rows": result.error_rows,
         "shard_seconds": result.seconds,
@@ -96,6 +132,13 @@ def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
         "shard_cost": price.cost(result.seconds),
         "shard_failed": 0.0 if result.status == "committed" else 1.0,
     }
+    cost = metrics["shard_cost"]
+    metrics["shard_cost_per_1k_rows"] = cost / result.rows * 1000 if result.rows else 0.0
+    if result.generated_tokens:
+        metrics["shard_cost_per_1m_generated_tokens"] = cost / result.generated_tokens * 1e6
+    if result.energy_j is not None:
+        metrics["shard_energy_j"] = result.energy_j
+    return metrics
 
 
 def log_shard(run_id: str, result: ShardResult, price: Price, uri: str | None = None) -> None:
@@ -109,7 +152,8 @@ def log_shard(run_id: str, result: ShardResult, price: Price, uri: str | None = 
 def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int) -> dict[str, float]:
     wall = max(wall_seconds, 1e-9)
     cost = price.cost(totals.device_seconds)
-    return {
+    energy = {} if totals.energy_j is None else {"energy_j": totals.energy_j}
+    return energy | {
         "rows": totals.rows,
         "error_rows": totals.error_rows,
         "truncated_rows": totals.truncated_rows,
@@ -120,6 +164,9 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
         "generated_tokens": totals.generated_tokens,
         "seconds": wall_seconds,
         "device_seconds": totals.device_seconds,
+        "seconds_read": totals.seconds_read,
+        "seconds_compute": totals.seconds_compute,
+        "seconds_write": totals.seconds_write,
         "rows_per_s": totals.rows / wall,
         "prompt_tok_per_s": totals.prompt_tokens / wall,
         "generated_tok_per_s": totals.generated_tokens / wall,
@@ -136,22 +183,42 @@ def finish_run(
     manifest: dict[str, Any] | None,
     succeeded: bool,
     price: Price,
+    output: str,
+    results: list[ShardResult],
     uri: str | None = None,
 ) -> None:
-    from mlflow.entities import Metric, RunTag
+    """Totals, models, the output dataset and manifest, the throughput figure; then close the run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from tasks.lineage import model_params, output_dataset
+    from tasks.run_figure import throughput_figure
 
     client = _client(uri)
     stamp = int(time.time() * 1000)
+    models: dict[str, dict[str, Any]] = {}
+    for result in results:
+        models.update(result.models)
+    logged = client.get_run(run_id).data.params
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in model_params(models).items() if k not in logged],
         tags=[RunTag("shardwise.device_type", price.device_type), RunTag("shardwise.currency", price.currency)],
     )
     if manifest is not None:
         client.log_dict(run_id, manifest, "manifest.json")
+        client.log_inputs(run_id, datasets=[output_dataset(output, manifest)])
+    computed = [r for r in results if not r.resumed and r.status == "committed"]
+    if computed:
+        figure = throughput_figure(computed, price)
+        client.log_figure(run_id, figure, "throughput.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    _stop_system_metrics(run_id)
     client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
 
 
 @task(name="start-tracking", retries=2, retry_delay_seconds=2)
-def start_tracking_task(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None) -> str:
-    return start_run(cfg, plan, flow_run_id)
+def start_tracking_task(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, flow_run_url: str | None) -> str:
+    return start_run(cfg, plan, flow_run_id, flow_run_url=flow_run_url)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.job_config import JobConfig
+from tasks.shard_io import read_part_lineage
 from tasks.state import tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def spoil_rows(path: Path) -> list[str]:
     return ids[:2]
 
 
-def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path):
+def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path, capsys):
     bad_ids = spoil_rows(reviews_dir / "reviews-001.parquet")
     output = tmp_path / "out"
     cfg = JobConfig(
@@ -70,7 +71,8 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path):
 
     bad = df.filter(pl.col("review_id").is_in(bad_ids))
     assert bad["error"].to_list() == ["text is null", "text is empty"]
-    assert bad["generated_text"].is_null().all() and bad["embedding"].is_null().all()
+    assert bad["generated_text"].is_null().all()
+    assert (np.stack(bad["embedding"].to_numpy()) == 0).all()  # zeros, not null: see enrichment.py
 
     good = df.filter(pl.col("error").is_null())
     assert good.height == 28
@@ -82,8 +84,9 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path):
     vectors = np.stack(good["embedding"].to_numpy())
     assert vectors.shape == (28, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
-    schema = pq.read_schema(output / parts[0])
-    assert schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    for part in parts:  # pyarrow itself reads every part back, error rows included
+        table = pq.read_table(output / part)
+        assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
 
     # MLflow: one run, params, per-shard metrics stepped by shard index, totals, flow-run tag.
     from mlflow.tracking import MlflowClient
@@ -101,16 +104,72 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path):
     assert run.data.metrics["rows"] == 30
     assert run.data.metrics["generated_tok_per_s"] > 0 and run.data.metrics["cost"] > 0
 
-    # Prefect: one task run per shard, named after it.
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    # MLflow lineage: input files with their exact digests, the output, models, code version.
+    contexts = {}
+    for dataset_input in run.inputs.dataset_inputs:
+        context = {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"]
+        contexts.setdefault(context, []).append(dataset_input.dataset)
+    assert sorted(d.name for d in contexts["input"]) == [f"reviews-00{i}.parquet" for i in range(3)]
+    digests = {f["uri"].rsplit("/", 1)[-1]: f["fingerprint"][:32] for f in manifest["input"]}
+    assert {d.name: d.digest for d in contexts["input"]} == digests
+    assert [json.loads(d.source)["uri"] for d in contexts["output"]] == [str(output)]
+    assert run.data.params["model.generate.revision"] == manifest["models"]["generate"]["revision"]
+    assert len(run.data.params["model.generate.revision"]) == 64  # the GGUF file's sha256
+    assert run.data.params["model.embed.device"] == "cpu" and run.data.params["model.embed.dtype"] == "float32"
+    assert run.data.params["generate.prompt_hash"] and "{product}" in run.data.params["generate.prompt_template"]
+    assert run.data.tags["shardwise.version"] == "0.1.0" and run.data.tags["shardwise.git_commit"]
+    assert run.data.tags["prefect.flow_run_url"].endswith(str(state.state_details.flow_run_id))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"job_config.json", "manifest.json", "throughput.png"} <= artifacts
+    for metric in ("cost_per_1k_rows", "cost_per_1m_generated_tokens", "prompt_tok_per_s", "device_seconds",
+                   "seconds_read", "seconds_compute", "seconds_write"):
+        assert run.data.metrics[metric] > 0, metric
+    for metric in ("shard_seconds_read", "shard_seconds_compute", "shard_seconds_write", "shard_cost",
+                   "shard_cost_per_1k_rows", "shard_cost_per_1m_generated_tokens", "shard_rows_per_s",
+                   "shard_prompt_tok_per_s", "shard_generated_tok_per_s"):
+        assert len(client.get_metric_history(run.info.run_id, metric)) == len(manifest["shards"]), metric
 
+    # Lineage travels with the data: every part's footer names its run, models, prompt and rows.
+    for part in parts:
+        lineage = read_part_lineage(str(output / part))
+        assert lineage["mlflow_run_id"] == summary["mlflow_run_id"]
+        assert lineage["prefect_flow_run_id"] == str(state.state_details.flow_run_id)
+        assert lineage["generate_model_revision"] == run.data.params["model.generate.revision"]
+        assert lineage["prompt_hash"] == run.data.params["generate.prompt_hash"]
+        assert lineage["source"].endswith(".parquet") and ":" in lineage["source_rows"]
+
+    # Prefect: one task run per shard, named after it; progress, table and summary artifacts.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as prefect:
-        task_runs = prefect.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        flow_run = prefect.read_flow_run(flow_run_id)
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
+    assert flow_run.state.is_completed()
     shard_runs = sorted(t.name for t in task_runs if t.name.startswith("shard-"))
     assert shard_runs == [f"shard-{i:05d}" for i in range(len(manifest["shards"]))]
+    by_type = {a.type: a for a in artifacts}
+    assert by_type["progress"].data == 100.0
+    table = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
+    assert sorted(row["shard"] for row in table) == shard_runs
+    assert all(row["status"] == "committed" and row["rows"] > 0 for row in table)
+    assert str(output) in by_type["markdown"].data and "succeeded" in by_type["markdown"].data
+
+    # `shardwise lineage` answers for a row by id.
+    from flows.cli import main
+
+    assert main(["lineage", str(output), "--id", "r-000013"]) == 0
+    printed = capsys.readouterr().out
+    assert "reviews-001.parquet row 3" in printed and summary["mlflow_run_id"] in printed
 
     # Analysts' tools read the output as is.
     import duckdb

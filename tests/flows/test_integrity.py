@@ -125,6 +125,18 @@ def test_corrupt_file_fails_only_its_shards_and_a_rerun_finishes_the_rest(prefec
     assert len(parts_before) == 4  # both good files committed
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["unreadable_files"][0]["uri"].endswith("reviews-001.parquet")
+    # The Prefect run says so too: failed state, and the summary artifact names the file and why.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(manifest["prefect_flow_run_id"])
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+    assert flow_run.state.is_failed() and "1 input files unreadable" in flow_run.state.message
+    summary = next(a for a in artifacts if a.key == "run-summary").data
+    assert "FAILED" in summary and "## Failed shards" in summary and "reviews-001.parquet" in summary
 
     (source / "reviews-001.parquet").write_bytes(good_copy)
     fixed = shardwise(*job)

@@ -1,0 +1,42 @@
+"""The per-run picture logged to MLflow: throughput per shard over time, and cumulative cost."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.cost import Price
+from tasks.results import ShardResult
+
+
+def throughput_figure(results: list[ShardResult], price: Price) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(results, key=lambda r: r.finished_at)
+    start = min(r.finished_at - r.seconds for r in ordered)
+    times = [r.finished_at - start for r in ordered]
+    rows_per_s = [r.rows / max(r.seconds, 1e-9) for r in ordered]
+    tok_per_s = [r.generated_tokens / max(r.seconds_compute, 1e-9) for r in ordered]
+    cumulative, total = [], 0.0
+    for r in ordered:
+        total += price.cost(r.seconds)
+        cumulative.append(total)
+
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(times, rows_per_s, "o-", color="tab:blue", label="rows/s")
+    top.set_ylabel("rows/s", color="tab:blue")
+    if any(tok_per_s):
+        right = top.twinx()
+        right.plot(times, tok_per_s, "s--", color="tab:orange", label="generated tok/s")
+        right.set_ylabel("generated tok/s", color="tab:orange")
+    top.set_title(f"Throughput per shard ({len(ordered)} shards)")
+    top.grid(alpha=0.3)
+    bottom.step(times, cumulative, where="post", color="tab:green")
+    bottom.set_ylabel(f"cumulative cost ({price.currency})")
+    bottom.set_xlabel("seconds since the first shard started")
+    bottom.set_title(f"Cost at {price.per_hour:.2f} {price.currency}/h ({price.device_type})")
+    bottom.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
