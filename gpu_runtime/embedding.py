@@ -2,19 +2,21 @@
 
 The model's own module list (Transformer -> Pooling -> [Normalize]) decides pooling and
 normalisation; this engine only plans batches by token length and records truncation, so its
-vectors equal ``SentenceTransformer.encode``'s.
+vectors equal ``SentenceTransformer.encode``'s. A batch that runs out of memory is halved and
+retried, and later batches of the call are capped at the size that worked (see backoff.py).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .backoff import BatchBackoff
 from .batching import plan_batches
 from .device import default_dtype
 
@@ -53,7 +55,7 @@ class EmbeddingEngine:
     @classmethod
     def from_resolved(cls, resolved: ResolvedModel, device: torch.device) -> EmbeddingEngine:
         """Load ``resolved`` onto ``device``; a plain transformers checkpoint gets mean pooling
-        from sentence-transformers itself."""
+        from sentence-transformers itself, a ``dummy:`` spec seeded random weights (see dummy.py)."""
         from sentence_transformers import SentenceTransformer
 
         from .errors import EngineError
@@ -63,8 +65,13 @@ class EmbeddingEngine:
                 f"{resolved.spec!r} is a GGUF model; embedding models must be transformers checkpoints"
             )
         dtype = default_dtype(device)
-        model_kwargs = {"dtype": dtype} if dtype != torch.float32 else None
-        model = SentenceTransformer(resolved.path, device=str(device), model_kwargs=model_kwargs)
+        if resolved.source == "dummy":
+            from .dummy import build_sentence_transformer
+
+            model = build_sentence_transformer(resolved.spec, device, dtype)
+        else:
+            model_kwargs = {"dtype": dtype} if dtype != torch.float32 else None
+            model = SentenceTransformer(resolved.path, device=str(device), model_kwargs=model_kwargs)
         model.eval()
         info = {
             "spec": resolved.spec,
@@ -97,12 +104,31 @@ class EmbeddingEngine:
                 max_batch_size=max_batch_size,
             )
             vectors = np.empty((len(texts), self.dim), dtype=np.float32)
+            backoff = BatchBackoff(self.device, what=f"embedding with {self.info.get('spec')!r}")
+            encode_rows = self._encode_rows(texts)
             for batch in batches:
-                out = self.model.encode(
-                    [texts[i] for i in batch],
-                    batch_size=len(batch),
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
+                rows = backoff.run(
+                    batch,
+                    encode_rows,
+                    describe_row=lambda i: f"text {i}: {min(n_tokens[i], self.max_seq_length)} tokens",
                 )
-                vectors[batch] = np.asarray(out, dtype=np.float32)
+                vectors[batch] = np.stack(rows)
         return EmbeddingOutput(vectors, n_tokens, [n > self.max_seq_length for n in n_tokens])
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.model.device)
+
+    def _encode_rows(self, texts: list[str]) -> Callable[[list[int]], list[np.ndarray]]:
+        """``rows -> one float32 vector per row``: one forward pass over ``texts[rows]``."""
+
+        def encode(rows: list[int]) -> list[np.ndarray]:
+            out = self.model.encode(
+                [texts[i] for i in rows],
+                batch_size=len(rows),
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+            return list(np.asarray(out, dtype=np.float32))
+
+        return encode

@@ -3,6 +3,9 @@
 Rows are chat-formatted, tokenized once, truncated when too long, grouped by length
 (:func:`plan_batches`), left-padded and decoded in static batches. On a small CPU that beat
 transformers' continuous batching (see notes/pitfalls.md); on a GPU it keeps shapes few.
+
+A batch that runs out of memory is halved and retried, and later batches of the same call are
+capped at the size that worked (:mod:`gpu_runtime.backoff`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .backoff import BatchBackoff
 from .batching import plan_batches
 from .device import default_dtype, placement_kwargs
 from .errors import EngineError
@@ -35,6 +39,16 @@ class GenerationParams:
     what bounds memory; ``max_batch_size`` caps rows per batch. Sampling uses ``temperature`` and
     ``top_p`` only (no top-k); sampling defaults in the model's generation_config are ignored, so
     the same params mean the same decoding for every model.
+
+    ``ignore_eos=True`` (like vLLM's ``ignore_eos``) makes every row generate exactly
+    ``max_new_tokens`` tokens, with ``finish_reason="length"``: the eos tokens are masked out until
+    then, so the text never ends early. Meant for throughput benchmarks (e.g. with ``dummy:``
+    models, whose random weights rarely emit eos); the text then runs on past the natural answer.
+    Dummy specs do not switch it on by themselves.
+
+    If a batch runs out of device memory it is split in half and retried (later batches of the
+    call are capped at the size that worked). Greedy outputs do not depend on the split; sampled
+    outputs of a call that had to split may differ from an un-split run's.
     """
 
     max_new_tokens: int = 64
@@ -45,6 +59,7 @@ class GenerationParams:
     max_input_tokens: int | None = None
     token_budget: int = 16384
     max_batch_size: int = 32
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "token_budget", "max_batch_size"):
@@ -61,6 +76,8 @@ class GenerationParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ValueError(f"system_prompt must be a string or None, got {self.system_prompt!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
 
 
 def _require_positive_int(name: str, value: object) -> None:
@@ -105,19 +122,26 @@ class GenerationEngine:
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedModel, device: torch.device) -> GenerationEngine:
-        """Load the weights of ``resolved`` (converting a GGUF once, see models.py) onto ``device``."""
+        """Load the weights of ``resolved`` (converting a GGUF once, see models.py) onto ``device``;
+        a ``dummy:`` spec gets seeded random weights created on ``device`` (see dummy.py)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .models import weights_dir
 
-        path = weights_dir(resolved)
         dtype = default_dtype(device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa", **placement_kwargs(device)
-        )
-        if device.type != "cuda":
-            model.to(device)
+        if resolved.source == "dummy":
+            from .dummy import build_causal_lm
+
+            model, tokenizer, _ = build_causal_lm(resolved.spec, device, dtype)
+            path = resolved.path
+        else:
+            path = weights_dir(resolved)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation="sdpa", **placement_kwargs(device)
+            )
+            if device.type != "cuda":
+                model.to(device)
         model.eval()
         info = {
             "spec": resolved.spec,
@@ -160,8 +184,15 @@ class GenerationEngine:
                 max_batch_size=params.max_batch_size,
                 extra_tokens_per_row=params.max_new_tokens,
             )
+            backoff = BatchBackoff(self.device, what=f"generation with {self.info.get('spec')!r}")
             for batch in batches:
-                outputs = self._generate_batch([encoded[i][0] for i in batch], config)
+                outputs = backoff.run(
+                    batch,
+                    lambda rows: self._generate_batch([encoded[i][0] for i in rows], config, params.ignore_eos),
+                    describe_row=lambda i: (
+                        f"prompt {i}: {len(encoded[i][0])} tokens + max_new_tokens={params.max_new_tokens}"
+                    ),
+                )
                 for i, (text, n_new, finish) in zip(batch, outputs, strict=True):
                     ids, truncated = encoded[i]
                     results[i] = Generation(text, len(ids), n_new, finish, truncated)
@@ -216,6 +247,9 @@ class GenerationEngine:
                 "top_p": float(params.top_p),
                 "top_k": 0,
             }
+        if params.ignore_eos:
+            # The eos ids are masked until max_new_tokens is reached: every row runs to the end.
+            sampling["min_new_tokens"] = params.max_new_tokens
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -224,7 +258,7 @@ class GenerationEngine:
         )
 
     def _generate_batch(
-        self, batch_ids: list[list[int]], config: Any
+        self, batch_ids: list[list[int]], config: Any, ignore_eos: bool = False
     ) -> list[tuple[str, int, Literal["stop", "length"]]]:
         # pad_to_multiple_of=8 keeps the number of distinct shapes (and kernel choices) small.
         padded = self.tokenizer.pad(
@@ -240,7 +274,8 @@ class GenerationEngine:
         for new_tokens in output[:, input_ids.shape[1] :].tolist():
             # Rows that finish early are filled with pad (often == eos) up to the batch's longest:
             # count through the first eos only.
-            stop_at = next((k for k, tok in enumerate(new_tokens) if tok in self._eos_ids), None)
+            # With ignore_eos every row runs to max_new_tokens and nothing is padding.
+            stop_at = None if ignore_eos else next((k for k, tok in enumerate(new_tokens) if tok in self._eos_ids), None)
             n_new = len(new_tokens) if stop_at is None else stop_at + 1
             text = self.tokenizer.decode(new_tokens[:n_new], skip_special_tokens=True).strip()
             rows.append((text, n_new, "length" if stop_at is None else "stop"))

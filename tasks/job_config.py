@@ -38,6 +38,7 @@ class GenerateConfig(_Strict):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     max_input_tokens: int | None = Field(default=None, ge=8)
+    ignore_eos: bool = Field(default=False, description="always generate max_new_tokens (benchmarks)")
     token_budget: int = Field(default=16384, ge=64)
     max_batch_size: int = Field(default=32, ge=1)
 

@@ -12,6 +12,11 @@ from gpu_runtime.prompts import build_chat
 def test_params_defaults_are_greedy():
     params = GenerationParams()
     assert params.temperature == 0.0 and params.max_new_tokens == 64 and params.seed is None
+    assert params.ignore_eos is False
+
+
+def test_params_accept_ignore_eos():
+    assert GenerationParams(ignore_eos=True, max_new_tokens=3).ignore_eos is True
 
 
 @pytest.mark.parametrize(
@@ -28,6 +33,9 @@ def test_params_defaults_are_greedy():
         {"top_p": 0.0},
         {"top_p": 1.5},
         {"seed": "7"},
+        {"ignore_eos": 1},
+        {"ignore_eos": "yes"},
+        {"ignore_eos": None},
     ],
 )
 def test_params_reject_invalid_values(kwargs):
@@ -80,6 +88,20 @@ def test_finish_reasons_and_token_counts(generation_engine):
     assert short.finish_reason == "length"
     assert short.n_generated_tokens == 3
     assert cut.n_generated_tokens <= 16
+
+
+@pytest.mark.slow
+def test_ignore_eos_generates_exactly_max_new_tokens(generation_engine):
+    prompts = ["What is the capital of France?", "Say hi."]
+    (natural,) = generation_engine.generate(prompts[:1], GenerationParams(max_new_tokens=16))
+    assert natural.finish_reason == "stop" and natural.n_generated_tokens < 16  # the premise
+
+    forced = generation_engine.generate(prompts, GenerationParams(max_new_tokens=16, ignore_eos=True))
+    for out in forced:
+        assert out.n_generated_tokens == 16
+        assert out.finish_reason == "length"
+    assert forced[0].text.startswith(natural.text)  # same greedy answer, then it carries on
+    assert forced[0].n_prompt_tokens == natural.n_prompt_tokens
 
 
 @pytest.mark.slow
