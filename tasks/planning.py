@@ -105,10 +105,14 @@ def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) ->
         if any(ch in path for ch in "*?["):
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
         elif fs.isdir(path):
+            # Skip hidden and underscore entries *below* the input root (_SUCCESS, .tmp-*, _temp/),
+            # whatever the root itself is called (it may well live under ~/.something).
+            root = path.rstrip("/") + "/"
             paths = [
                 p
                 for p in fs.find(path)
-                if p.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in p.split("/"))
+                if p.endswith(".parquet")
+                and not any(part.startswith(("_", ".")) for part in p[len(root):].split("/"))
             ]
         elif fs.isfile(path):
             paths = [path]

@@ -96,3 +96,24 @@ def test_run_then_status(tmp_path):
     status = shardwise("status", str(output))
     assert status.returncode == 0
     assert "2/2 done" in status.stdout and "_SUCCESS yes" in status.stdout
+
+
+@pytest.mark.slow
+def test_demo_from_a_fresh_directory(tmp_path):
+    """`shardwise demo` with default state dir (./.shardwise): real rows, readable by polars and DuckDB."""
+    import duckdb
+    import polars as pl
+
+    env = {k: v for k, v in os.environ.items() if k != "SHARDWISE_HOME"}
+    proc = subprocess.run([SHARDWISE, "demo", "--rows", "6", "--max-new-tokens", "2"], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 (0 with errors" in proc.stdout and "status           succeeded" in proc.stdout
+    output = tmp_path / ".shardwise" / "demo" / "output"
+    assert (output / "_SUCCESS").exists()
+    df = pl.read_parquet(output / "part-*.parquet")
+    assert df.height == 6 and df["generated_text"].str.len_chars().min() > 0
+    count = duckdb.connect().execute(
+        f"select count(*), count(generated_text) from read_parquet('{output}/part-*.parquet')").fetchall()
+    assert count == [(6, 6)]
+    assert (tmp_path / ".shardwise" / "mlflow.db").exists()

@@ -139,3 +139,11 @@ def test_listing_skips_hidden_and_underscore_files(tmp_path):
     write(tmp_path / "sub" / "b.parquet", rows=2, row_group=2)
     names = [Path(u).name for u in list_input_files(str(tmp_path))]
     assert names == ["a.parquet", "b.parquet"]
+
+
+def test_an_input_root_under_a_hidden_directory_is_still_read(tmp_path):
+    root = tmp_path / ".shardwise" / "_demo" / "input"
+    root.mkdir(parents=True)
+    write(root / "a.parquet", rows=2, row_group=2)
+    write(root / "_partial.parquet", rows=2, row_group=2)
+    assert [Path(u).name for u in list_input_files(str(root))] == ["a.parquet"]
