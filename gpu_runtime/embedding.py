@@ -73,14 +73,7 @@ class EmbeddingEngine:
             model_kwargs = {"dtype": dtype} if dtype != torch.float32 else None
             model = SentenceTransformer(resolved.path, device=str(device), model_kwargs=model_kwargs)
         model.eval()
-        info = {
-            "spec": resolved.spec,
-            "source": resolved.source,
-            "path": resolved.path,
-            "revision": resolved.revision,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-        }
+        info = resolved.engine_info(dtype, device)
         return cls(model, info)
 
     def embed(

@@ -143,15 +143,7 @@ class GenerationEngine:
             if device.type != "cuda":
                 model.to(device)
         model.eval()
-        info = {
-            "spec": resolved.spec,
-            "source": resolved.source,
-            "path": resolved.path,
-            "revision": resolved.revision,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": str(device),
-            "loaded_from": path,
-        }
+        info = {**resolved.engine_info(dtype, device), "loaded_from": path}
         return cls(model, tokenizer, info)
 
     @property

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .dummy import DUMMY_PREFIX, DUMMY_SHAPES, dummy_revision
 from .errors import EngineError, ModelNotFoundError
@@ -93,6 +93,17 @@ class ResolvedModel:
     path: str
     gguf_file: str | None
     revision: str
+
+    def engine_info(self, dtype: Any, device: Any) -> dict[str, Any]:
+        """The lineage facts every engine reports in its ``info``."""
+        return {
+            "spec": self.spec,
+            "source": self.source,
+            "path": self.path,
+            "revision": self.revision,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+        }
 
 
 def model_cache_dir() -> Path:
