@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from tasks.errors import InputError
 from tasks.planning import InputFile, ShardPlan
-from tasks.shard_io import METADATA_PREFIX
+from tasks.shard_io import read_part_lineage
 from tasks.storage import filesystem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,16 +101,13 @@ def model_params(models: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def part_lineage(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
-    fs, path = filesystem(uri, storage_options)
+    """:func:`tasks.shard_io.read_part_lineage`, with unreadable parts as a one-line InputError."""
     try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+        return read_part_lineage(uri, storage_options)
     except FileNotFoundError:
         raise InputError(f"no such part: {uri}") from None
     except (pa.ArrowException, OSError) as err:
         raise InputError(f"{uri}: not a readable Parquet part ({err})") from None
-    return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in metadata.items()
-            if k.decode().startswith(METADATA_PREFIX)}
 
 
 def list_parts(target: str, storage_options: dict[str, Any] | None = None) -> list[str]:
