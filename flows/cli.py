@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--embed-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--rows-per-shard", type=int)
-    run.add_argument("--workers", type=int, help="shards processed at once in this process")
+    run.add_argument("--workers", type=int,
+                     help="worker processes, one per device (default: visible GPUs, 1 on CPU)")
+    run.add_argument("--runner", choices=["local", "ray"], help="local worker processes (default) or Ray")
+    run.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     run.add_argument("--overwrite", action="store_true", default=None,
                      help="replace an output that was written with a different config")
@@ -78,6 +81,7 @@ def config_from_args(args: argparse.Namespace):
         "keep_columns": args.keep_columns,
         "rows_per_shard": args.rows_per_shard,
         "workers": args.workers,
+        "runner": args.runner,
         "device": args.device,
         "overwrite": args.overwrite,
     }
@@ -92,6 +96,9 @@ def config_from_args(args: argparse.Namespace):
         overrides["generate"] = {k: v for k, v in generate.items() if v is not None}
     if args.embed_model:
         overrides["embed"] = {"model": args.embed_model}
+    if args.ray_address:
+        overrides["ray"] = {"address": args.ray_address}
+        overrides.setdefault("runner", "ray")
     if args.config is None and ("input" not in overrides or "output" not in overrides):
         from tasks.errors import ConfigError
 
@@ -118,17 +125,16 @@ def preflight(cfg) -> Any:
 
 def execute(cfg) -> int:
     """Run the flow for ``cfg``, print the summary, return the exit code."""
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from flows.enrich import enrich
+    from flows.enrich import enrich_for
+    from tasks.runners import shared_prefect_api
     from tasks.storage import set_runtime_storage_options
 
     plan = preflight(cfg)
     print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
           file=sys.stderr, flush=True)
     set_runtime_storage_options(cfg.storage_options)
-    flow = enrich.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.workers))
-    state = flow(job=cfg.public_dict(), return_state=True)
+    with shared_prefect_api():
+        state = enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
         print(format_summary(result))
@@ -156,6 +162,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                            f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)"),
         ("MLflow run", f"{summary['mlflow_run_id']} ({tracking_uri()})"),
     ]
+    for label, use in summary.get("workers", {}).items():
+        rows.append(("worker", f"{label}: {use['shards']} shards"))
     width = max(len(k) for k, _ in rows)
     lines = ["", "shardwise run summary", "-" * 21] + [f"{k:<{width}}  {v}" for k, v in rows]
     for failure in summary.get("failures", []):

@@ -21,6 +21,7 @@ from tasks.planning import ShardPlan, plan_shards_task
 from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
+from tasks.runners import shard_placement, shard_task_runner
 from tasks.shard_work import process_shard
 from tasks.storage import runtime_storage_options
 from tasks.tracking import log_shard, prompt_hash, start_tracking_task
@@ -78,8 +79,15 @@ def process_shards(
     pending = [s for s in plan.shards if s.index not in committed]
     if done:
         logger.info("resuming: %d of %d shards already committed, %d to do", len(done), len(plan.shards), len(pending))
-    shard_task = process_shard.with_options(retries=cfg.shard_retries, timeout_seconds=cfg.shard_timeout_s)
-    futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
+    shard_task = process_shard.with_options(
+        retries=cfg.shard_retries,
+        timeout_seconds=cfg.shard_timeout_s,
+        tags=[cfg.concurrency_tag] if cfg.concurrency_tag else [],
+    )
+    with shard_placement(cfg) as resources:
+        if resources:
+            logger.info("each shard asks Ray for %s", resources)
+        futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
     by_task_run = {f.task_run_id: s for f, s in zip(futures, pending)}
     results: list[ShardResult] = list(done)
     progress = start_progress(len(plan.shards), len(done))
@@ -90,8 +98,8 @@ def process_shards(
         log_shard(run_id, result, price_for(cfg, [result]))
         if result.status == "committed":
             logger.info(
-                "%s committed (%d/%d): %d rows in %.1fs, %.1f generated tok/s",
-                result.name, len(results), len(plan.shards), result.rows, result.seconds,
+                "%s committed (%d/%d) by %s: %d rows in %.1fs, %.1f generated tok/s",
+                result.name, len(results), len(plan.shards), result.worker, result.rows, result.seconds,
                 result.generated_tokens / max(result.seconds_compute, 1e-9),
             )
         else:
@@ -124,3 +132,8 @@ def enrich(job: dict[str, Any]) -> dict[str, Any]:
     if not outcome.succeeded:
         return Failed(message=failure_message(summary, plan), data=summary)
     return summary
+
+
+def enrich_for(cfg: JobConfig):
+    """The ``enrich`` flow with the task runner this job asks for (threads, worker processes or Ray)."""
+    return enrich.with_options(task_runner=shard_task_runner(cfg))

@@ -29,6 +29,8 @@ __all__ = [
     "render_prompt",
     "select_device",
     "default_dtype",
+    "pin_worker",
+    "visible_gpu_count",
     "ModelNotFoundError",
     "EngineError",
 ]
@@ -51,13 +53,15 @@ _LOCATION = {
     "render_prompt": "prompts",
     "select_device": "device",
     "default_dtype": "device",
+    "pin_worker": "device",
+    "visible_gpu_count": "device",
     "ModelNotFoundError": "errors",
     "EngineError": "errors",
 }
 
 if TYPE_CHECKING:
     from .batching import plan_batches
-    from .device import default_dtype, select_device
+    from .device import default_dtype, pin_worker, select_device, visible_gpu_count
     from .embedding import EmbeddingEngine, EmbeddingOutput
     from .errors import EngineError, ModelNotFoundError
     from .generation import Generation, GenerationEngine, GenerationParams

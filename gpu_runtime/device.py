@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import EngineError
 
-__all__ = ["default_dtype", "placement_kwargs", "select_device"]
+__all__ = ["default_dtype", "pin_worker", "placement_kwargs", "select_device", "visible_gpu_count"]
 
 
 def select_device(preference: str | torch.device | None = "auto") -> torch.device:
@@ -49,3 +51,30 @@ def placement_kwargs(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         return {"device_map": {"": device.index if device.index is not None else 0}}
     return {}
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process may use (after ``CUDA_VISIBLE_DEVICES``); 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pin_worker(slot: int, workers: int, gpus: int, cpus: int | None = None) -> str:
+    """Give worker process ``slot`` of ``workers`` its own GPU, or its share of the CPU cores.
+
+    Runs in the worker before it touches CUDA: with GPUs, ``CUDA_VISIBLE_DEVICES`` is narrowed to
+    one of the parent's visible devices (workers beyond the GPU count share round-robin), so the
+    engine's ``auto``/``cuda`` device is that GPU. On CPU, torch's intra-op threads are split
+    between the workers so they do not oversubscribe the cores. Returns a label for logs.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    threads = max(1, cpus // max(1, workers))
+    if gpus > 0:
+        parent = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        ids = parent if parent else [str(i) for i in range(gpus)]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
+        label = f"gpu {ids[slot % len(ids)]}"
+    else:
+        label = f"cpu x{threads}"
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    return label

@@ -51,6 +51,16 @@ class EmbedConfig(_Strict):
     max_batch_size: int = Field(default=64, ge=1)
 
 
+class RayConfig(_Strict):
+    """Where shard tasks go with ``runner: ray``, and what each one asks Ray for."""
+
+    address: str | None = Field(
+        default=None, description="ray://host:10001 or host:6379 of a running cluster; none: a local cluster"
+    )
+    num_gpus: float | None = Field(default=None, ge=0, description="per shard; default: 1 if the cluster has GPUs")
+    num_cpus: float | None = Field(default=None, ge=0, description="per shard; default: 1 when no GPU is asked for")
+
+
 class JobConfig(_Strict):
     """Everything one enrichment run needs; validated on construction."""
 
@@ -63,7 +73,14 @@ class JobConfig(_Strict):
     keep_columns: Literal["all", "id"] = "all"
     rows_per_shard: int = Field(default=1024, ge=1)
     device: str = "auto"
-    workers: int = Field(default=1, ge=1)
+    workers: int | None = Field(
+        default=None, ge=1, description="worker processes, one per device; default: visible GPUs, 1 on CPU"
+    )
+    runner: Literal["local", "ray"] = Field(default="local", description="local processes, or a Ray cluster")
+    ray: RayConfig = RayConfig()
+    concurrency_tag: str | None = Field(
+        default="gpu", description="Prefect tag on shard tasks; a tag concurrency limit caps them across runs"
+    )
     shard_retries: int = Field(default=2, ge=0)
     shard_timeout_s: float | None = Field(
         default=3600, gt=0, description="a shard attempt running longer fails and is retried; null: no limit"

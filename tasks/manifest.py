@@ -97,7 +97,7 @@ def commit_output(
         if result is not None and result.status == "committed":
             entry.update(part=result.part_uri.rsplit("/", 1)[-1] if result.part_uri else None,
                          rows=result.rows, error_rows=result.error_rows,
-                         bytes=result.part_bytes, sha256=result.part_sha256)
+                         bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker)
         elif result is not None:
             entry["error"] = result.error
         shards.append(entry)

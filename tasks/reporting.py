@@ -40,6 +40,19 @@ def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:
     return lookup_price(device_type, cfg.price_per_device_hour)
 
 
+def worker_usage(results: list[ShardResult]) -> dict[str, dict[str, Any]]:
+    """Shards each worker ran in this run, and how often it loaded each model (1 when cached)."""
+    usage: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if r.resumed or r.worker is None:
+            continue
+        entry = usage.setdefault(r.worker, {"shards": 0, "model_loads": {}})
+        entry["shards"] += 1
+        for spec, count in r.model_loads.items():
+            entry["model_loads"][spec] = max(count, entry["model_loads"].get(spec, 0))
+    return usage
+
+
 def build_summary(
     cfg: JobConfig,
     outcome: CommitOutcome,
@@ -56,9 +69,12 @@ def build_summary(
         for r in sorted(results, key=lambda r: r.index)
         if r.status != "committed"
     ]
+    workers = worker_usage(results)
     return {
         "succeeded": outcome.succeeded,
         "output": cfg.output,
+        "workers": workers,
+        "worker_processes": len(workers),
         "manifest": outcome.manifest_uri,
         "mlflow_run_id": run_id,
         "mlflow_run_url": mlflow_run_url(run_id),
@@ -122,7 +138,8 @@ def report(
         rows.append({
             "shard": r.name, "rows": r.rows, "generated_tok_per_s": round(m["shard_generated_tok_per_s"], 2),
             "rows_per_s": round(m["shard_rows_per_s"], 2), "seconds": round(r.seconds, 3),
-            "cost": round(m["shard_cost"], 6), "status": r.status, "error": r.error or "",
+            "cost": round(m["shard_cost"], 6), "status": r.status, "worker": r.worker or "",
+            "error": r.error or "",
         })
     create_table_artifact(rows, key="shard-results", description="One row per shard")
     create_markdown_artifact(_markdown(summary), key="run-summary", description="shardwise run summary")

@@ -33,6 +33,8 @@ class ShardResult:
     finished_at: float = 0.0
     energy_j: float | None = None  # GPU energy during compute, when NVML is available
     resumed: bool = False  # committed by an earlier run and verified, not recomputed
+    worker: str | None = None  # which worker process ran it (see tasks.runners)
+    model_loads: dict[str, int] = field(default_factory=dict)  # loads so far in that worker, by model
     ids: list[Any] = field(default_factory=list, repr=False)
 
     @property

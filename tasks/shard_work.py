@@ -19,6 +19,7 @@ from tasks.job_config import JobConfig
 from tasks.planning import Shard
 from tasks.results import ShardResult
 from tasks.retry_policy import retry_unless_bad_input
+from tasks.runners import worker_label
 from tasks.shard_io import read_shard, write_part
 
 
@@ -29,6 +30,13 @@ def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
     generator = load_generation_engine(cfg.generate.model, device=cfg.device) if cfg.runs_generation else None
     embedder = load_embedding_engine(cfg.embed.model, device=cfg.device) if cfg.runs_embedding else None
     return generator, embedder
+
+
+def loads_of_this_worker() -> dict[str, int]:
+    """How many times this process has loaded each model (1 each when the cache works)."""
+    from gpu_runtime import model_load_counts
+
+    return {str(spec): count for spec, count in model_load_counts().items()}
 
 
 def input_columns(cfg: JobConfig) -> list[str] | None:
@@ -99,6 +107,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         energy_j=(energy_after - energy_before) / 1000 if energy_before is not None and energy_after is not None
         else None,
         finished_at=time.time(),
+        worker=worker_label(),
+        model_loads=loads_of_this_worker(),
         ids=table.column(cfg.id_column).to_pylist(),
     )
 

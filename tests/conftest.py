@@ -39,7 +39,7 @@ def prefect_server(session_dir):
     and ``shardwise`` subprocesses both report to it (PREFECT_API_URL)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from servers import start_prefect_server
+    from tests.servers import start_prefect_server
 
     proc, url = start_prefect_server(session_dir / "prefect-server")
     os.environ["PREFECT_API_URL"] = url
@@ -47,6 +47,11 @@ def prefect_server(session_dir):
         with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
     finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for service in (APILogWorker, EventsWorker):  # deliver queued logs while the server is up
+            service.drain_all(timeout=10, at_exit=False)
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()
         try:
@@ -64,7 +69,7 @@ def s3_server():
     """moto's S3 server on loopback behind a cuttable TCP proxy; yields the proxy."""
     from moto.server import ThreadedMotoServer
 
-    from servers import TcpProxy, free_port
+    from tests.servers import TcpProxy, free_port
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()

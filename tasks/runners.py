@@ -1,0 +1,159 @@
+"""Where shard tasks run: this process, one worker process per device, or a Ray cluster.
+
+The job config decides (``workers``, ``runner``, ``ray``), so the CLI and the deployments build the
+same runner. Each worker keeps ``gpu_runtime``'s per-process model cache, so it loads a model once
+however many shards it takes; shards are handed out from the executor's queue as workers free up,
+never split up front, so a slow worker does not hold the run back.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import contextvars
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+
+from tasks.job_config import JobConfig
+
+# Set in each worker process by ``start_worker``; read into every ShardResult.
+WORKER_LABEL: str | None = None
+
+
+def _pins_gpus(cfg: JobConfig) -> bool:
+    """Workers get a GPU each unless the job names one device (``cuda:N`` or ``cpu``) for all."""
+    return cfg.device in ("auto", "cuda")
+
+
+def visible_gpus(cfg: JobConfig) -> int:
+    if cfg.device == "cpu":
+        return 0
+    from gpu_runtime import visible_gpu_count
+
+    return visible_gpu_count()
+
+
+def worker_count(cfg: JobConfig) -> int:
+    """``workers`` from the job, else one per visible GPU, else 1."""
+    if cfg.workers:
+        return cfg.workers
+    return max(1, visible_gpus(cfg)) if _pins_gpus(cfg) else 1
+
+
+def claim_slot(slot_dir: str, workers: int) -> int:
+    """The lowest free worker slot, claimed with an exclusive create (the slots outlive no run)."""
+    for slot in range(workers):
+        try:
+            os.close(os.open(os.path.join(slot_dir, f"slot-{slot}"), os.O_CREAT | os.O_EXCL))
+            return slot
+        except FileExistsError:
+            continue
+    return os.getpid() % workers  # a replacement process after a crash: share round-robin
+
+
+def start_worker(slot_dir: str, workers: int, gpus: int) -> None:
+    """Process-pool initializer: claim a slot, then pin this process to its device."""
+    global WORKER_LABEL
+    slot = claim_slot(slot_dir, workers)
+    from gpu_runtime import pin_worker
+
+    WORKER_LABEL = f"worker {slot} (pid {os.getpid()}, {pin_worker(slot, workers, gpus)})"
+
+
+class WorkerProcessPool(ProcessPoolTaskRunner):
+    """Prefect's process pool, with worker logs and events forwarded to the flow's own API.
+
+    The pool forwards what workers log from a plain thread, which sees Prefect's import-time
+    settings rather than the settings the flow runs under (a test server, or the temporary server
+    of ``shared_prefect_api``); without this it starts a stray temporary server of its own.
+    """
+
+    def __enter__(self):
+        self._flow_context = contextvars.copy_context()
+        return super().__enter__()
+
+    def _forward_subprocess_messages(self) -> None:
+        context = getattr(self, "_flow_context", None)
+        forward = super()._forward_subprocess_messages
+        return context.run(forward) if context is not None else forward()
+
+
+def worker_label() -> str:
+    return WORKER_LABEL or f"in-process (pid {os.getpid()})"
+
+
+def shard_task_runner(cfg: JobConfig) -> TaskRunner:
+    """The task runner for this job's shard tasks."""
+    if cfg.runner == "ray":
+        from prefect_ray import RayTaskRunner
+
+        init_kwargs: dict[str, Any] = {"include_dashboard": False} if cfg.ray.address is None else {}
+        return RayTaskRunner(address=cfg.ray.address, init_kwargs=init_kwargs)
+    workers = worker_count(cfg)
+    if workers == 1:
+        return ThreadPoolTaskRunner(max_workers=1)
+    gpus = visible_gpus(cfg) if _pins_gpus(cfg) else 0
+    # Slots are claimed through files: the runner is pickled with each task, and a
+    # multiprocessing queue or lock refuses that.
+    slot_dir = tempfile.mkdtemp(prefix="shardwise-workers-")
+    atexit.register(shutil.rmtree, slot_dir, True)
+    return WorkerProcessPool(max_workers=workers, initializer=start_worker, initargs=(slot_dir, workers, gpus))
+
+
+def ray_resources(cfg: JobConfig) -> dict[str, float]:
+    """What each shard task asks Ray for: the job's numbers, else one GPU on a GPU cluster, else one CPU."""
+    import ray
+
+    wanted = {k: v for k, v in (("num_gpus", cfg.ray.num_gpus), ("num_cpus", cfg.ray.num_cpus)) if v is not None}
+    if "num_gpus" not in wanted and cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0:
+        wanted["num_gpus"] = 1
+    if not wanted.get("num_gpus"):
+        wanted.setdefault("num_cpus", 1)
+    return wanted
+
+
+@contextlib.contextmanager
+def shared_prefect_api() -> Iterator[str | None]:
+    """Make worker processes and Ray tasks report to the flow's Prefect API.
+
+    With ``PREFECT_API_URL`` set, everything already shares that server. Without it, Prefect would
+    start a temporary server per process, and each worker's task runs would land in a different
+    one; so the temporary server is started here, once, and its URL handed down in the settings.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield PREFECT_API_URL.value()
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+    finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for service in (APILogWorker, EventsWorker):  # deliver what is queued while the server is up
+            service.drain_all(timeout=10, at_exit=False)
+        server.stop()
+
+
+@contextlib.contextmanager
+def shard_placement(cfg: JobConfig) -> Iterator[dict[str, float]]:
+    """Around the shard ``.map``: on Ray, attach each task's resource request; elsewhere nothing."""
+    if cfg.runner != "ray":
+        yield {}
+        return
+    from prefect_ray.context import remote_options
+
+    resources = ray_resources(cfg)
+    with remote_options(**resources):
+        yield resources
