@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--embed-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--rows-per-shard", type=int)
+    run.add_argument("--date", help="run one dt=YYYY-MM-DD partition of a partitioned job")
     run.add_argument("--workers", type=int,
                      help="worker processes, one per device (default: visible GPUs, 1 on CPU)")
     run.add_argument("--runner", choices=["local", "ray"], help="local worker processes (default) or Ray")
@@ -103,7 +104,12 @@ def config_from_args(args: argparse.Namespace):
         from tasks.errors import ConfigError
 
         raise ConfigError("run needs --input and --output (or a --config that sets them)")
-    return build_config(args.config, overrides, args.set_options)
+    cfg = build_config(args.config, overrides, args.set_options)
+    if args.date:
+        from tasks.partitions import dated
+
+        cfg = dated(cfg, args.date)
+    return cfg
 
 
 def preflight(cfg) -> Any:

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -84,7 +85,13 @@ class WorkerProcessPool(ProcessPoolTaskRunner):
 
 
 def worker_label() -> str:
-    return WORKER_LABEL or f"in-process (pid {os.getpid()})"
+    """Which process ran a shard: a pool worker, a Ray worker, or the flow's own process."""
+    if WORKER_LABEL:
+        return WORKER_LABEL
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        return f"ray worker (pid {os.getpid()}, node {ray.util.get_node_ip_address()})"
+    return f"in-process (pid {os.getpid()})"
 
 
 def shard_task_runner(cfg: JobConfig) -> TaskRunner:

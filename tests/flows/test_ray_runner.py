@@ -1,0 +1,71 @@
+"""``--runner ray`` on a local Ray cluster started here (``ray start --head``, CPU only): same output
+as the local runner, every shard run by a Ray worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tasks.job_config import JobConfig
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def ray_cluster(prefect_server):
+    """A one-node Ray cluster in its own processes, as ``ray start`` makes on a real head node.
+    Started after the Prefect server so its workers inherit PREFECT_API_URL."""
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+             "--disable-usage-stats"]
+    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=300)
+
+
+def test_ray_runner_matches_local_runner(ray_cluster, reviews_dir, tmp_path):
+    from flows.enrich import enrich_for
+
+    common = dict(input=str(reviews_dir), task="both", id_column="review_id", rows_per_shard=5, device="cpu",
+                  generate={"prompt_template": "Review: {text}\nOne word:", "max_new_tokens": 3})
+    local = JobConfig(output=str(tmp_path / "local"), **common)
+    state = enrich_for(local)(job=local.public_dict(), return_state=True)
+    assert state.is_completed(), state.message
+
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({**common, "output": str(tmp_path / "ray")}))
+    proc = subprocess.run(
+        [str(BIN / "shardwise"), "run", "--config", str(config), "--runner", "ray", "--ray-address", ray_cluster],
+        capture_output=True, text=True, timeout=900, env=os.environ,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "each shard asks Ray for {'num_cpus': 1}" in proc.stderr
+
+    # Every shard ran in a Ray worker process, not in the driver.
+    manifest = json.loads((tmp_path / "ray" / "_manifest.json").read_text())
+    local_manifest = json.loads((tmp_path / "local" / "_manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and len(manifest["shards"]) == len(local_manifest["shards"]) == 9
+    assert all(s["worker"].startswith("ray worker") for s in manifest["shards"]), manifest["shards"]
+    assert sorted(p.name for p in (tmp_path / "ray").glob("part-*.parquet")) == sorted(
+        s["part"] for s in manifest["shards"])
+
+    a = pl.read_parquet(str(tmp_path / "local" / "part-*.parquet")).sort("review_id")
+    b = pl.read_parquet(str(tmp_path / "ray" / "part-*.parquet")).sort("review_id")
+    assert a.height == b.height == 30
+    assert a["review_id"].to_list() == b["review_id"].to_list()
+    assert a["generated_text"].to_list() == b["generated_text"].to_list()
+    np.testing.assert_allclose(np.array(a["embedding"].to_list()), np.array(b["embedding"].to_list()), atol=1e-5)
