@@ -1,0 +1,56 @@
+"""Flows behind the deployments in ``prefect.yaml``: one date partition, the nightly run, backfills.
+
+enrich-partition: partition config -> skip if complete -> enrich (as a subflow)
+nightly-enrich:   partition date from the scheduled start -> enrich-partition
+backfill:         dates -> one enrich-partition deployment run per date (idempotent) -> report
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.enrich import enrich_for
+from tasks.backfill import run_partition_task
+from tasks.partitions import nightly_date, partition_config, partition_dates, partition_done
+
+PARTITION_DEPLOYMENT = "enrich-partition/enrich-partition"
+
+
+@flow(name="enrich-partition", flow_run_name="dt={date}")
+def enrich_partition(job: str | dict[str, Any], date: str):
+    """Enrich one ``dt=YYYY-MM-DD`` partition of a job; a complete partition is left alone."""
+    cfg = partition_config(job, date)
+    if partition_done(cfg):
+        get_run_logger().info("%s is already complete with this config: nothing to do", cfg.output)
+        return Completed(message=f"dt={date} already complete", data={"output": cfg.output, "skipped": True})
+    return enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
+
+
+@flow(name="nightly-enrich")
+def nightly_enrich(job: str | dict[str, Any], timezone: str = "UTC", days_back: int = 1, date: str | None = None):
+    """The partition this scheduled run owns (scheduled start in ``timezone`` minus ``days_back``)."""
+    day = date or nightly_date(flow_run.scheduled_start_time, timezone, days_back)
+    get_run_logger().info("scheduled for %s (%s): processing dt=%s", flow_run.scheduled_start_time, timezone, day)
+    return enrich_partition(job=job, date=day, return_state=True)
+
+
+@flow(name="backfill", flow_run_name="backfill-{start}-to-{end}", task_runner=ThreadPoolTaskRunner(max_workers=32))
+def backfill(job: str | dict[str, Any], start: str, end: str, deployment: str = PARTITION_DEPLOYMENT):
+    """One enrich-partition run per date from ``start`` to ``end``; how many run at once is the
+    deployment's concurrency limit (and the ``gpu`` tag limit on shard tasks)."""
+    dates = partition_dates(start, end)
+    outcomes = [f.result() for f in run_partition_task.map(unmapped(job), dates, unmapped(deployment))]
+    create_table_artifact(outcomes, key="backfill-partitions", description=f"backfill {start} to {end}")
+    counts = {s: sum(o["status"] == s for o in outcomes) for s in ("ran", "skipped", "failed")}
+    summary = {"dates": len(dates), **counts, "partitions": outcomes}
+    message = f"{counts['ran']} ran, {counts['skipped']} skipped, {counts['failed']} failed of {len(dates)} dates"
+    get_run_logger().info(message)
+    if counts["failed"]:
+        return Failed(message=message, data=summary)
+    return Completed(message=message, data=summary)
