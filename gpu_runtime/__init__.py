@@ -29,6 +29,7 @@ __all__ = [
     "render_prompt",
     "select_device",
     "default_dtype",
+    "device_lock",
     "pin_worker",
     "visible_gpu_count",
     "ModelNotFoundError",
@@ -53,6 +54,7 @@ _LOCATION = {
     "render_prompt": "prompts",
     "select_device": "device",
     "default_dtype": "device",
+    "device_lock": "device",
     "pin_worker": "device",
     "visible_gpu_count": "device",
     "ModelNotFoundError": "errors",
@@ -61,7 +63,7 @@ _LOCATION = {
 
 if TYPE_CHECKING:
     from .batching import plan_batches
-    from .device import default_dtype, pin_worker, select_device, visible_gpu_count
+    from .device import default_dtype, device_lock, pin_worker, select_device, visible_gpu_count
     from .embedding import EmbeddingEngine, EmbeddingOutput
     from .errors import EngineError, ModelNotFoundError
     from .generation import Generation, GenerationEngine, GenerationParams

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
 from .errors import EngineError
 
-__all__ = ["default_dtype", "pin_worker", "placement_kwargs", "select_device", "visible_gpu_count"]
+__all__ = ["default_dtype", "device_lock", "pin_worker", "placement_kwargs", "select_device", "visible_gpu_count"]
 
 
 def select_device(preference: str | torch.device | None = "auto") -> torch.device:
@@ -51,6 +52,18 @@ def placement_kwargs(device: torch.device) -> dict[str, object]:
     if device.type == "cuda":
         return {"device_map": {"": device.index if device.index is not None else 0}}
     return {}
+
+
+_DEVICE_LOCKS: dict[str, threading.Lock] = {}
+_DEVICE_LOCKS_GUARD = threading.Lock()
+
+
+def device_lock(device: str | torch.device | None) -> threading.Lock:
+    """One lock per device in this process: the compute of one shard at a time, so that a second
+    shard in flight reads its rows or writes its part while the first one computes."""
+    key = str(device or "cpu")
+    with _DEVICE_LOCKS_GUARD:
+        return _DEVICE_LOCKS.setdefault(key, threading.Lock())
 
 
 def visible_gpu_count() -> int:

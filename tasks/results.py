@@ -22,6 +22,7 @@ class ShardResult:
     generated_tokens: int = 0
     embedded_tokens: int = 0
     seconds_read: float = 0.0
+    seconds_wait: float = 0.0  # waiting for the device while another shard computed (not billed)
     seconds_compute: float = 0.0
     seconds_write: float = 0.0
     part_uri: str | None = None

@@ -22,6 +22,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from tasks.job_config import JobConfig
 
+SHARDS_IN_FLIGHT = 2
+
 # Set in each worker process by ``start_worker``; read into every ShardResult.
 WORKER_LABEL: str | None = None
 
@@ -103,7 +105,9 @@ def shard_task_runner(cfg: JobConfig) -> TaskRunner:
         return RayTaskRunner(address=cfg.ray.address, init_kwargs=init_kwargs)
     workers = worker_count(cfg)
     if workers == 1:
-        return ThreadPoolTaskRunner(max_workers=1)
+        # Two shards in flight: one computes (under the device lock) while the other reads its
+        # rows or writes its part.
+        return ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT)
     gpus = visible_gpus(cfg) if _pins_gpus(cfg) else 0
     # Slots are claimed through files: the runner is pickled with each task, and a
     # multiprocessing queue or lock refuses that.

@@ -23,6 +23,12 @@ from tasks.runners import worker_label
 from tasks.shard_io import read_shard, write_part
 
 
+def device_lock(device: str | None):
+    from gpu_runtime import device_lock as lock_for
+
+    return lock_for(device)
+
+
 def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
     """The configured engines, from this process's model cache."""
     from gpu_runtime import load_embedding_engine, load_generation_engine
@@ -59,10 +65,12 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     read_done = time.perf_counter()
     crash_point("shard-compute")
     engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
-    energy_before = gpu_energy_mj(engine_device)
-    enriched, stats = enrich_table(table, cfg, generator, embedder)
-    compute_done = time.perf_counter()
-    energy_after = gpu_energy_mj(engine_device)
+    with device_lock(engine_device):  # another shard in flight reads or writes meanwhile
+        compute_started = time.perf_counter()
+        energy_before = gpu_energy_mj(engine_device)
+        enriched, stats = enrich_table(table, cfg, generator, embedder)
+        compute_done = time.perf_counter()
+        energy_after = gpu_energy_mj(engine_device)
     part_lineage = {
         **lineage,
         "shard_id": shard.shard_id,
@@ -97,7 +105,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         generated_tokens=stats.generated_tokens,
         embedded_tokens=stats.embedded_tokens,
         seconds_read=read_done - started,
-        seconds_compute=compute_done - read_done,
+        seconds_wait=compute_started - read_done,
+        seconds_compute=compute_done - compute_started,
         seconds_write=write_done - compute_done,
         part_uri=part.uri,
         part_bytes=part.bytes,

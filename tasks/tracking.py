@@ -124,6 +124,7 @@ def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
         "shard_error_rows": result.error_rows,
         "shard_seconds": result.seconds,
         "shard_seconds_read": result.seconds_read,
+        "shard_seconds_wait": result.seconds_wait,
         "shard_seconds_compute": result.seconds_compute,
         "shard_seconds_write": result.seconds_write,
         "shard_rows_per_s": result.rows / seconds,
