@@ -20,6 +20,7 @@ from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from tasks.errors import ConfigError
 from tasks.job_config import JobConfig
 
 SHARDS_IN_FLIGHT = 2
@@ -99,7 +100,10 @@ def worker_label() -> str:
 def shard_task_runner(cfg: JobConfig) -> TaskRunner:
     """The task runner for this job's shard tasks."""
     if cfg.runner == "ray":
-        from prefect_ray import RayTaskRunner
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ConfigError("runner: ray needs prefect-ray: pip install 'shardwise[ray]'") from None
 
         init_kwargs: dict[str, Any] = {"include_dashboard": False} if cfg.ray.address is None else {}
         return RayTaskRunner(address=cfg.ray.address, init_kwargs=init_kwargs)
