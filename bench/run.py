@@ -172,12 +172,15 @@ def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
+ROWS_PER_SHARD = 5000  # both sizes span many shards, so both have two in flight
+
+
 def bench_memory(root: Path, small: int, large: int) -> dict:
     """Peak RSS of the whole run (one process: flow, shard tasks, engine) at two dataset sizes.
     A tiny dummy model keeps compute cheap, so what grows (or not) is shardwise's own memory."""
     from tasks.demo_data import write_reviews_dataset
 
-    result: dict = {"model": "dummy:bert-tiny", "rows_per_shard": 20000, "goal": "<= 1.2"}
+    result: dict = {"model": "dummy:bert-tiny", "rows_per_shard": ROWS_PER_SHARD, "goal": "<= 1.2"}
     for label, rows in (("small", small), ("large", large)):
         files = max(1, rows // 100_000)
         data = root / f"mem-{label}-in"
@@ -185,7 +188,7 @@ def bench_memory(root: Path, small: int, large: int) -> dict:
         seconds, peak = peak_rss_mb(
             ["run", "--input", str(data), "--output", str(root / f"mem-{label}-out"), "--task", "embed",
              "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--keep-columns", "id",
-             "--rows-per-shard", "20000", "--device", "cpu"], root / f"mem-{label}.log")
+             "--rows-per-shard", str(ROWS_PER_SHARD), "--device", "cpu"], root / f"mem-{label}.log")
         result[f"{label}_rows"], result[f"{label}_peak_rss_mb"], result[f"{label}_s"] = rows, peak, seconds
     result["ratio"] = result["large_peak_rss_mb"] / result["small_peak_rss_mb"]
     return result
