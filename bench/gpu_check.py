@@ -8,7 +8,8 @@ the tokenizers exported by ``bench/gpu_check.sh --prepare``. Prints one table an
    the CPU (cosine of next-token logits, top-1 agreement; cosine of embeddings);
 3. throughput per shape: generated tok/s (``ignore_eos``, a fixed batch) next to the floor the
    bandwidth sets (every decode step reads all weights once: batch x bandwidth / weight bytes),
-   and embedding rows/s;
+   the smallest shape again with a static KV cache + ``torch.compile`` (the engine option to
+   choose by measurement), and embedding rows/s;
 4. the enrich flow end to end on the device (``shardwise run`` with dummy models) when Prefect,
    MLflow and the rest are importable; otherwise it says so and why.
 
@@ -94,12 +95,21 @@ def agreement(device: torch.device) -> dict:
             "ok": bool(logits_cos.min() > 0.99 and emb_cos.min() > 0.99)}
 
 
-def generation_throughput(shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float) -> dict:
+def generation_throughput(shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float,
+                          decode: str = "dynamic") -> dict:
+    """``decode``: ``dynamic`` (the default engine), or ``static+compile`` (static KV cache and
+    torch.compile; its first full run compiles, so the second one is timed)."""
     engine = GenerationEngine.from_resolved(resolve_model_spec(f"dummy:{shape}"), device)
+    options = {"cache": "static", "compile": device.type == "cuda"} if decode == "static+compile" else {}
+    if options and not options["compile"]:
+        decode = "static"  # transformers compiles only on accelerators
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True, max_batch_size=batch,
-                              token_budget=batch * (new_tokens + 256))
+                              token_budget=batch * (new_tokens + 256), **options)
     prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
-    engine.generate(prompts[:2], GenerationParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    if options:
+        engine.generate(prompts, params)  # compiles for exactly this shape
+    else:
+        engine.generate(prompts[:2], GenerationParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     sync(device)
     started = time.perf_counter()
     out = engine.generate(prompts, params)
@@ -108,7 +118,7 @@ def generation_throughput(shape: str, device: torch.device, batch: int, new_toke
     tokens = sum(g.n_generated_tokens for g in out)
     size = weight_bytes(engine.model)
     floor_tok_s = batch * bandwidth * 1e9 / size  # every decode step reads every weight once
-    result = {"shape": shape, "params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6,
+    result = {"shape": shape, "decode": decode, "params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6,
               "weights_gb": size / 1e9, "batch": batch, "new_tokens": new_tokens, "generated_tokens": tokens,
               "seconds": seconds, "tok_per_s": tokens / seconds, "bandwidth_bound_tok_per_s": floor_tok_s,
               "fraction_of_bound": tokens / seconds / floor_tok_s}
@@ -175,8 +185,11 @@ def main() -> int:
     report: dict = {"device": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": args.quick}
     report["copy_bandwidth_gb_s"] = copy_bandwidth(device, 64 if args.quick else 1024)
     report["agreement"] = agreement(device)
-    report["generation"] = [generation_throughput(s, device, batch, new_tokens, report["copy_bandwidth_gb_s"])
-                            for s in shapes]
+    bandwidth = report["copy_bandwidth_gb_s"]
+    report["generation"] = [generation_throughput(s, device, batch, new_tokens, bandwidth) for s in shapes]
+    # The engine option to choose by measurement: static KV cache + torch.compile, on the smallest shape.
+    report["generation"].append(generation_throughput(shapes[0], device, batch, new_tokens, bandwidth,
+                                                      decode="static+compile"))
     report["embedding"] = [embedding_throughput(s, device, 256 if args.quick else 8192) for s in ("minilm",)]
     report["flow"] = flow_end_to_end(device, 16 if args.quick else 256, 8 if args.quick else 64)
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -187,13 +200,13 @@ def main() -> int:
     print(f"agreement {a['dtype']} on device vs fp32 CPU: logits cosine >= {a['logits_cosine_min']:.4f}, "
           f"top-1 {a['top1_agreement']:.0%}, embeddings cosine >= {a['embedding_cosine_min']:.4f} "
           f"-> {'ok' if a['ok'] else 'MISMATCH'}")
-    print(f"\n| shape | params | weights GB | batch x new tokens | tok/s | bandwidth bound tok/s | of bound |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| shape | decode | params | weights GB | batch x new tokens | tok/s | bandwidth bound tok/s | of bound |")
+    print("|---|---|---|---|---|---|---|---|")
     for g in report["generation"]:
-        print(f"| dummy:{g['shape']} | {g['params_m']:.0f}M | {g['weights_gb']:.2f} | {g['batch']} x {g['new_tokens']} "
+        print(f"| dummy:{g['shape']} | {g['decode']} | {g['params_m']:.0f}M | {g['weights_gb']:.2f} | {g['batch']} x {g['new_tokens']} "
               f"| {g['tok_per_s']:.0f} | {g['bandwidth_bound_tok_per_s']:.0f} | {g['fraction_of_bound']:.0%} |")
     for e in report["embedding"]:
-        print(f"| dummy:{e['shape']} (embedding) | | | {e['rows']} rows | {e['rows_per_s']:.0f} rows/s | | |")
+        print(f"| dummy:{e['shape']} (embedding) | | | | {e['rows']} rows | {e['rows_per_s']:.0f} rows/s | | |")
     f = report["flow"]
     if f["ran"]:
         print(f"\nflow end to end: exit {f['exit_code']}, manifest {f['status']}, {f['rows']} rows in {f['seconds']:.1f}s "

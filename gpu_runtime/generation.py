@@ -46,6 +46,10 @@ class GenerationParams:
     models, whose random weights rarely emit eos); the text then runs on past the natural answer.
     Dummy specs do not switch it on by themselves.
 
+    ``cache="static"`` preallocates the KV cache, and ``compile=True`` lets transformers
+    ``torch.compile`` the decode step for it (GPU only; every new batch shape compiles again).
+    Both are off by default, to be switched on where a measurement shows a gain.
+
     If a batch runs out of device memory it is split in half and retried (later batches of the
     call are capped at the size that worked). Greedy outputs do not depend on the split; sampled
     outputs of a call that had to split may differ from an un-split run's.
@@ -60,6 +64,8 @@ class GenerationParams:
     token_budget: int = 16384
     max_batch_size: int = 32
     ignore_eos: bool = False
+    cache: Literal["dynamic", "static"] = "dynamic"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "token_budget", "max_batch_size"):
@@ -78,6 +84,10 @@ class GenerationParams:
             raise ValueError(f"system_prompt must be a string or None, got {self.system_prompt!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
+        if not isinstance(self.compile, bool) or (self.compile and self.cache != "static"):
+            raise ValueError("compile=True needs cache='static' (torch.compile wants fixed cache shapes)")
 
 
 def _require_positive_int(name: str, value: object) -> None:
@@ -242,6 +252,11 @@ class GenerationEngine:
         if params.ignore_eos:
             # The eos ids are masked until max_new_tokens is reached: every row runs to the end.
             sampling["min_new_tokens"] = params.max_new_tokens
+        if params.cache == "static":
+            # A preallocated KV cache; transformers compiles the decode step for it on GPUs unless
+            # told not to. Off by default: each new batch shape recompiles (see bench/gpu_check.sh).
+            sampling["cache_implementation"] = "static"
+            sampling["disable_compile"] = not params.compile
         return GenerationConfig(
             max_new_tokens=params.max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,

@@ -126,6 +126,8 @@ def enrich_table(
             ignore_eos=g.ignore_eos,
             token_budget=g.token_budget,
             max_batch_size=g.max_batch_size,
+            cache=g.cache,
+            compile=g.compile,
         )
         outputs = generator.generate(prompts, params) if prompts else []
         gen_cols: dict[str, list[Any]] = {f.name: [None] * n for f in GENERATION_FIELDS}

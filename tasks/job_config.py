@@ -41,6 +41,14 @@ class GenerateConfig(_Strict):
     ignore_eos: bool = Field(default=False, description="always generate max_new_tokens (benchmarks)")
     token_budget: int = Field(default=16384, ge=64)
     max_batch_size: int = Field(default=32, ge=1)
+    cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache: static preallocates")
+    compile: bool = Field(default=False, description="torch.compile the decode step (needs cache: static; GPU)")
+
+    @model_validator(mode="after")
+    def _compile_needs_static_cache(self) -> GenerateConfig:
+        if self.compile and self.cache != "static":
+            raise ValueError("compile: true needs cache: static (torch.compile wants fixed cache shapes)")
+        return self
 
 
 class EmbedConfig(_Strict):
@@ -142,7 +150,8 @@ class JobConfig(_Strict):
             relevant.pop("embed")
         for section in ("generate", "embed"):
             if section in relevant:
-                for knob in ("token_budget", "max_batch_size"):  # batching does not change values
+                # execution knobs: batching and the KV cache's form do not change values
+                for knob in ("token_budget", "max_batch_size", "cache", "compile"):
                     relevant[section].pop(knob, None)
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

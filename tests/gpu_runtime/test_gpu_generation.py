@@ -36,6 +36,9 @@ def test_params_accept_ignore_eos():
         {"ignore_eos": 1},
         {"ignore_eos": "yes"},
         {"ignore_eos": None},
+        {"cache": "paged"},
+        {"compile": True},  # without cache="static"
+        {"cache": "static", "compile": "yes"},
     ],
 )
 def test_params_reject_invalid_values(kwargs):
@@ -158,3 +161,17 @@ def test_engine_info(generation_engine):
     assert len(info["revision"]) == 64
     assert info["max_context"] == 8192
     assert generation_engine.tokenizer.padding_side == "left"
+
+
+@pytest.mark.slow
+def test_static_kv_cache_gives_the_same_greedy_answers(generation_engine):
+    prompts = ["What is the capital of France?", "Name a colour.",
+               "Summarise: the blender is loud but crushes ice well, and the jug is easy to clean."]
+    dynamic = generation_engine.generate(prompts, GenerationParams(max_new_tokens=8))
+    static = generation_engine.generate(prompts, GenerationParams(max_new_tokens=8, cache="static"))
+    assert [g.text for g in static] == [g.text for g in dynamic]
+    assert static[0].text == "The capital of France is Paris."
+    config = generation_engine._generation_config(GenerationParams(cache="static"))
+    assert config.cache_implementation == "static" and config.disable_compile is True
+    compiled = generation_engine._generation_config(GenerationParams(cache="static", compile=True))
+    assert compiled.disable_compile is False

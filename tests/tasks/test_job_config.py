@@ -33,6 +33,10 @@ def test_set_values_are_parsed_as_yaml():
         ({"input": "a", "output": "b", "unknown_key": 1}, "unknown_key"),
         ({"input": "a", "output": "b", "generate": {"prompt_template": "no fields"}}, "prompt_template"),
         ({"output": "b"}, "input"),
+        ({"input": "a", "output": "b", "generate": {"compile": True}}, "compile: true needs cache: static"),
+        ({"input": "a", "output": "b", "generate": {"cache": "paged"}}, "generate.cache"),
+        ({"input": "a", "output": "b", "runner": "spark"}, "runner"),
+        ({"input": "a", "output": "b", "workers": 0}, "workers"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path, data, message):
