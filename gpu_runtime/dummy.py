@@ -76,6 +76,19 @@ _LLAMA3_ROPE = {
     "rope_type": "llama3",
 }
 
+# What every BERT shape here shares (the uncased 30522-token vocabulary of the bundled MiniLM tokenizer).
+_BERT_UNCASED: dict[str, Any] = {
+    "vocab_size": 30522,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+    "pad_token_id": 0,
+    "initializer_range": 0.02,
+}
+
 DUMMY_SHAPES: dict[str, DummyShape] = {
     "llama-135m": DummyShape(
         kind="generation",
@@ -136,21 +149,8 @@ DUMMY_SHAPES: dict[str, DummyShape] = {
         mimics="sentence-transformers/all-MiniLM-L6-v2",
         tokenizer_spec="bundled:all-minilm-l6-v2",
         max_seq_length=256,
-        config={
-            "vocab_size": 30522,
-            "hidden_size": 384,
-            "num_hidden_layers": 6,
-            "num_attention_heads": 12,
-            "intermediate_size": 1536,
-            "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.1,
-            "attention_probs_dropout_prob": 0.1,
-            "max_position_embeddings": 512,
-            "type_vocab_size": 2,
-            "layer_norm_eps": 1e-12,
-            "pad_token_id": 0,
-            "initializer_range": 0.02,
-        },
+        config={**_BERT_UNCASED, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                "intermediate_size": 1536},
     ),
     # Compute is nearly free: for measuring what is *not* the model (memory, I/O, orchestration).
     "bert-tiny": DummyShape(
@@ -158,21 +158,8 @@ DUMMY_SHAPES: dict[str, DummyShape] = {
         mimics="google/bert_uncased_L-2_H-128_A-2",
         tokenizer_spec="bundled:all-minilm-l6-v2",
         max_seq_length=128,
-        config={
-            "vocab_size": 30522,
-            "hidden_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 512,
-            "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.1,
-            "attention_probs_dropout_prob": 0.1,
-            "max_position_embeddings": 512,
-            "type_vocab_size": 2,
-            "layer_norm_eps": 1e-12,
-            "pad_token_id": 0,
-            "initializer_range": 0.02,
-        },
+        config={**_BERT_UNCASED, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 512},
     ),
 }
 
