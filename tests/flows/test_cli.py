@@ -51,6 +51,14 @@ def test_invalid_flag_value_is_a_config_error(reviews_dir, tmp_path):
     assert_one_line_error(proc, 2, "generate.max_new_tokens")
 
 
+def test_bad_partition_date_and_worker_count_are_config_errors(reviews_dir, tmp_path):
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--date", "yesterday")
+    assert_one_line_error(proc, 2, "expected YYYY-MM-DD", "'yesterday'")
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--workers", "0")
+    assert_one_line_error(proc, 2, "workers")
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
 def test_unwritable_output_fails_before_any_model_loads(reviews_dir, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file, not a directory")
