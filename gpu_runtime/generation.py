@@ -1,8 +1,13 @@
 """Batched text generation with an instruct (chat) model.
 
-Rows are chat-formatted, tokenized once, truncated when too long, grouped by length
-(:func:`plan_batches`), left-padded and decoded in static batches. On a small CPU that beat
-transformers' continuous batching (see notes/pitfalls.md); on a GPU it keeps shapes few.
+Rows are chat-formatted, tokenized once, truncated when too long and grouped by length
+(:func:`plan_batches`) into decode batches. Within a call, the tokens every prompt starts with (the
+chat template's system turn, the prompt template's first words) are run through the model once and
+their KV cache is shared; each batch's rows are then prefilled in chunks of similar length on top
+of it and joined, left-padded, into one wide decode batch for ``model.generate``. Prefill is
+compute-bound and decoding is bound by reading the weights, so the two want different batch
+shapes (see docs/benchmarks.md). Models whose cache cannot be joined that way (sliding-window,
+encoder-decoder) and ``cache="static"`` run each batch's whole prompts through ``generate``.
 
 A batch that runs out of memory is halved and retried, and later batches of the same call are
 capped at the size that worked (:mod:`gpu_runtime.backoff`).
@@ -10,6 +15,7 @@ capped at the size that worked (:mod:`gpu_runtime.backoff`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from collections.abc import Sequence
@@ -17,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from .backoff import BatchBackoff
 from .batching import plan_batches
@@ -62,7 +69,7 @@ class GenerationParams:
     system_prompt: str | None = None
     max_input_tokens: int | None = None
     token_budget: int = 16384
-    max_batch_size: int = 32
+    max_batch_size: int = 64
     ignore_eos: bool = False
     cache: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
@@ -129,6 +136,9 @@ class GenerationEngine:
         self.max_context: int | None = _max_context(model, tokenizer)
         self.info: dict[str, Any] = {**info, "max_context": self.max_context}
         self._lock = threading.Lock()
+        # The forward's name for a KV cache argument, or None where ours cannot be padded and
+        # joined (then every batch runs the whole prompt through generate()).
+        self._cache_arg = _kv_cache_argument(model)
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedModel, device: torch.device) -> GenerationEngine:
@@ -186,11 +196,14 @@ class GenerationEngine:
                 max_batch_size=params.max_batch_size,
                 extra_tokens_per_row=params.max_new_tokens,
             )
+            prefix = self._shared_prefix([ids for ids, _ in encoded], params)
             backoff = BatchBackoff(self.device, what=f"generation with {self.info.get('spec')!r}")
             for batch in batches:
                 outputs = backoff.run(
                     batch,
-                    lambda rows: self._generate_batch([encoded[i][0] for i in rows], config, params.ignore_eos),
+                    lambda rows: self._generate_batch(
+                        [encoded[i][0] for i in rows], config, params.ignore_eos, prefix
+                    ),
                     describe_row=lambda i: (
                         f"prompt {i}: {len(encoded[i][0])} tokens + max_new_tokens={params.max_new_tokens}"
                     ),
@@ -264,18 +277,99 @@ class GenerationEngine:
             **sampling,
         )
 
-    def _generate_batch(
-        self, batch_ids: list[list[int]], config: Any, ignore_eos: bool = False
-    ) -> list[tuple[str, int, Literal["stop", "length"]]]:
-        # pad_to_multiple_of=8 keeps the number of distinct shapes (and kernel choices) small.
-        padded = self.tokenizer.pad(
-            {"input_ids": batch_ids}, padding=True, pad_to_multiple_of=8, return_tensors="pt"
-        )
-        input_ids = padded["input_ids"].to(self.device)
-        attention_mask = padded["attention_mask"].to(self.device)
+    def _shared_prefix(self, prompts: list[list[int]], params: GenerationParams) -> _Prefix | None:
+        """The tokens every prompt of the call starts with (chat template, system prompt, the
+        template's opening words) and their KV cache, computed once; None where reuse does not apply."""
+        if self._cache_arg is None or params.cache != "dynamic" or len(prompts) < 2:
+            return None
+        # Every row keeps at least its last prompt token for generate() to process.
+        limit = min(len(ids) for ids in prompts) - 1
+        first, n = prompts[0], 0
+        while n < limit and all(ids[n] == first[n] for ids in prompts):
+            n += 1
+        if n < MIN_SHARED_PREFIX:
+            return None
+        cache = _new_cache(self.model)
         with torch.inference_mode():
+            self.model(input_ids=torch.tensor([first[:n]], device=self.device), use_cache=True,
+                       logits_to_keep=1, **{self._cache_arg: cache})
+        return _Prefix(n, [(layer.keys, layer.values) for layer in cache.layers])
+
+    def _prefill(self, batch_ids: list[list[int]], prefix: _Prefix | None) -> tuple[Any, torch.Tensor]:
+        """The KV cache of every prompt but its last token, as one left-padded batch, and its mask.
+
+        Rows are prefilled in chunks of similar length on top of the shared prefix, then joined
+        into one decode batch. Prefill is compute-bound, so a wider chunk buys only padding;
+        decoding is bound by reading the weights, so the wider its batch, the cheaper each token.
+        A row reads ``[left pad | shared prefix | pad | rest of its prompt]``; the mask hides the
+        pads and positions count unmasked tokens only, as with plain left padding.
+        """
+        shared = prefix.length if prefix else 0
+        bodies = [ids[shared:-1] for ids in batch_ids]
+        chunk_tokens = PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 4 * PREFILL_CHUNK_TOKENS
+        chunks = plan_batches([len(b) for b in bodies], token_budget=chunk_tokens, max_batch_size=len(bodies))
+        parts = []  # per chunk: its row numbers, its per-layer (keys, values), its mask
+        for rows in chunks:
+            width = max(len(bodies[i]) for i in rows)
+            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
+            mask[:, :shared] = 1
+            for j, i in enumerate(rows):
+                if bodies[i]:
+                    ids[j, width - len(bodies[i]) :] = torch.tensor(bodies[i])
+                    mask[j, shared + width - len(bodies[i]) :] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            cache = _new_cache(self.model)
+            if prefix:
+                for layer, (keys, values) in enumerate(prefix.kv):
+                    cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
+            if width:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+                self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                           logits_to_keep=1, **{self._cache_arg: cache})
+            parts.append((rows, [(layer.keys, layer.values) for layer in cache.layers], mask))
+
+        length = max(mask.shape[1] for _, _, mask in parts)
+        order = torch.tensor([i for rows, _, _ in parts for i in rows], device=self.device)
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(len(order), device=self.device)
+
+        def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+            """Left-pad each chunk's tensor (on its sequence dim) to ``length``; rows back in batch order."""
+            pads = [(0, 0, length - t.shape[-2], 0) if t.dim() == 4 else (length - t.shape[-1], 0) for t in tensors]
+            return torch.cat([F.pad(t, pad) for t, pad in zip(tensors, pads, strict=True)]).index_select(0, restore)
+
+        merged = _new_cache(self.model)
+        for layer in range(len(parts[0][1])):
+            merged.update(join([kv[layer][0] for _, kv, _ in parts]), join([kv[layer][1] for _, kv, _ in parts]), layer)
+        return merged, join([mask for _, _, mask in parts])
+
+    def _generate_batch(
+        self, batch_ids: list[list[int]], config: Any, ignore_eos: bool = False, prefix: _Prefix | None = None
+    ) -> list[tuple[str, int, Literal["stop", "length"]]]:
+        with torch.inference_mode():
+            # A one-token prompt with nothing cached before it has no KV cache to pad and join.
+            if self._cache_arg is not None and config.cache_implementation is None and (
+                prefix is not None or min(len(ids) for ids in batch_ids) > 1
+            ):
+                cache, mask = self._prefill(batch_ids, prefix)
+                last = torch.tensor([[ids[-1]] for ids in batch_ids], device=self.device)
+                # generate() runs only the tokens the cache lacks: each row's last one. The filler
+                # stands for the cached ones (only its length matters) and is sliced off below.
+                filler = torch.full((len(batch_ids), mask.shape[1]), self.tokenizer.pad_token_id, device=self.device)
+                input_ids = torch.cat([filler, last], dim=1)
+                attention_mask = torch.cat([mask, torch.ones_like(last)], dim=1)
+                kwargs = {self._cache_arg: cache}
+            else:
+                # pad_to_multiple_of=8 keeps the number of distinct shapes (and kernel choices) small.
+                padded = self.tokenizer.pad(
+                    {"input_ids": batch_ids}, padding=True, pad_to_multiple_of=8, return_tensors="pt"
+                )
+                input_ids = padded["input_ids"].to(self.device)
+                attention_mask = padded["attention_mask"].to(self.device)
+                kwargs = {}
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs
             )
         rows = []
         for new_tokens in output[:, input_ids.shape[1] :].tolist():
@@ -287,6 +381,42 @@ class GenerationEngine:
             text = self.tokenizer.decode(new_tokens[:n_new], skip_special_tokens=True).strip()
             rows.append((text, n_new, "length" if stop_at is None else "stop"))
         return rows
+
+
+MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a cache of their own
+PREFILL_CHUNK_TOKENS = 2048  # padded prompt tokens prefilled together
+
+
+@dataclass
+class _Prefix:
+    length: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _new_cache(model: Any) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _kv_cache_argument(model: Any) -> str | None:
+    """How the model's forward takes a KV cache ("cache" from transformers 5.2x, "past_key_values"
+    before), if it keeps a plain full-length one that can be padded and joined by row: None for
+    sliding-window or hybrid layers, encoder-decoders, or a forward without the arguments we pass."""
+    from transformers.cache_utils import DynamicLayer
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return None
+    accepted = inspect.signature(model.forward).parameters
+    if not {"position_ids", "logits_to_keep", "attention_mask"} <= accepted.keys():
+        return None
+    try:
+        layers = _new_cache(model).layers
+    except Exception:  # noqa: BLE001 - a model whose cache we cannot build keeps the plain path
+        return None
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in accepted), None)
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

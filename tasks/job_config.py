@@ -40,7 +40,7 @@ class GenerateConfig(_Strict):
     max_input_tokens: int | None = Field(default=None, ge=8)
     ignore_eos: bool = Field(default=False, description="always generate max_new_tokens (benchmarks)")
     token_budget: int = Field(default=16384, ge=64)
-    max_batch_size: int = Field(default=32, ge=1)
+    max_batch_size: int = Field(default=64, ge=1)
     cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache: static preallocates")
     compile: bool = Field(default=False, description="torch.compile the decode step (needs cache: static; GPU)")
 

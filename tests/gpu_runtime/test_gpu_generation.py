@@ -175,3 +175,80 @@ def test_static_kv_cache_gives_the_same_greedy_answers(generation_engine):
     assert config.cache_implementation == "static" and config.disable_compile is True
     compiled = generation_engine._generation_config(GenerationParams(cache="static", compile=True))
     assert compiled.disable_compile is False
+
+
+REVIEWS = [
+    "Product: kettle (kitchen), rated 2/5.\nReview: Boils fast but the lid broke after a week.\n\nMain point?",
+    "Product: kettle (kitchen), rated 5/5.\nReview: Quiet, quick, and the handle stays cool.\n\nMain point?",
+    "Product: tent (outdoor), rated 4/5.\nReview: " + "Kept us dry through two nights of heavy rain. " * 6 + "\n\nMain point?",
+    "Product: lamp (home), rated 1/5.\nReview: Flickers.\n\nMain point?",
+    "Product: headphones (audio), rated 3/5.\nReview: Good sound, but they pinch after an hour.\n\nMain point?",
+    "Product: blender (kitchen), rated 4/5.\nReview: Loud, crushes ice well, easy to clean.\n\nMain point?",
+]
+
+
+def _whole_prompt_generate(engine, prompts, params):
+    """The engine's plain path: every batch's whole prompts through ``model.generate``."""
+    saved, engine._cache_arg = engine._cache_arg, None
+    try:
+        return engine.generate(prompts, params)
+    finally:
+        engine._cache_arg = saved
+
+
+@pytest.mark.slow
+def test_shared_prefix_and_chunked_prefill_give_the_whole_prompt_answers(generation_engine, monkeypatch):
+    """The prefix cached once, rows prefilled in several chunks and joined into one decode batch:
+    the same greedy answers and token counts as running every whole prompt through generate()."""
+    import gpu_runtime.generation as generation
+
+    params = GenerationParams(max_new_tokens=10, max_batch_size=6)
+    encoded = [generation_engine._encode(p, None, 10**6)[0] for p in REVIEWS]
+    prefix = generation_engine._shared_prefix(encoded, params)
+    # The chat template's system turn and the template's first word are shared.
+    template_tokens = len(generation_engine._tokenize(build_chat(generation_engine.tokenizer, "Product:", None)))
+    assert prefix is not None and template_tokens - 8 <= prefix.length < min(map(len, encoded))
+    assert all(ids[: prefix.length] == encoded[0][: prefix.length] for ids in encoded)
+
+    # A chunk budget this small prefills the six rows in several chunks of different widths.
+    monkeypatch.setattr(generation, "PREFILL_CHUNK_TOKENS", 64)
+    bodies = [len(ids) - prefix.length - 1 for ids in encoded]
+    assert len(plan_batches(sorted(bodies, reverse=True), token_budget=64, max_batch_size=6)) >= 3
+    reused = generation_engine.generate(REVIEWS, params)
+    whole = _whole_prompt_generate(generation_engine, REVIEWS, params)
+    assert reused == whole
+    assert all(g.text for g in reused)
+
+
+@pytest.mark.slow
+def test_identical_prompts_keep_their_last_token_for_generate(generation_engine):
+    params = GenerationParams(max_new_tokens=8)
+    same = generation_engine.generate(["What is the capital of France?"] * 3, params)
+    assert [g.text for g in same] == ["The capital of France is Paris."] * 3
+
+
+@pytest.mark.slow
+def test_shared_prefix_is_skipped_where_it_does_not_pay_or_apply(generation_engine):
+    engine, params = generation_engine, GenerationParams()
+    assert engine._shared_prefix([list(range(1, 40)), list(range(2, 40))], params) is None  # nothing shared
+    assert engine._shared_prefix([list(range(1, 40))], params) is None  # one prompt
+    shared = list(range(1, 20))
+    assert engine._shared_prefix([shared + [50], shared + [60, 70]], params).length == 19
+    assert engine._shared_prefix([shared + [50], shared + [60]], GenerationParams(cache="static")) is None
+
+
+def test_kv_cache_reuse_only_for_plain_full_attention_caches():
+    """Sliding-window and encoder-decoder models keep the plain path: their caches cannot be
+    padded and joined row by row."""
+    from transformers import (
+        Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration,
+    )
+
+    from gpu_runtime.generation import _kv_cache_argument
+
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+    assert _kv_cache_argument(LlamaForCausalLM(LlamaConfig(**small))) in ("cache", "past_key_values")
+    assert _kv_cache_argument(Gemma2ForCausalLM(Gemma2Config(**small, sliding_window=4))) is None
+    t5 = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    assert _kv_cache_argument(T5ForConditionalGeneration(t5)) is None
