@@ -15,7 +15,6 @@ capped at the size that worked (:mod:`gpu_runtime.backoff`).
 
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 from collections.abc import Sequence
@@ -136,9 +135,11 @@ class GenerationEngine:
         self.max_context: int | None = _max_context(model, tokenizer)
         self.info: dict[str, Any] = {**info, "max_context": self.max_context}
         self._lock = threading.Lock()
+        from . import kv_cache  # imports transformers: not at module level (see __init__.py)
+
         # The forward's name for a KV cache argument, or None where ours cannot be padded and
         # joined (then every batch runs the whole prompt through generate()).
-        self._cache_arg = _kv_cache_argument(model)
+        self._cache_arg = kv_cache.joinable_cache_argument(model)
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedModel, device: torch.device) -> GenerationEngine:
@@ -289,21 +290,26 @@ class GenerationEngine:
             n += 1
         if n < MIN_SHARED_PREFIX:
             return None
-        cache = _new_cache(self.model)
+        from . import kv_cache
+
+        cache = kv_cache.new_cache(self.model)
         with torch.inference_mode():
             self.model(input_ids=torch.tensor([first[:n]], device=self.device), use_cache=True,
                        logits_to_keep=1, **{self._cache_arg: cache})
         return _Prefix(n, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _prefill(self, batch_ids: list[list[int]], prefix: _Prefix | None) -> tuple[Any, torch.Tensor]:
+    def _prefill(self, batch_ids: list[list[int]], prefix: _Prefix | None, room: int) -> tuple[Any, torch.Tensor]:
         """The KV cache of every prompt but its last token, as one left-padded batch, and its mask.
 
         Rows are prefilled in chunks of similar length on top of the shared prefix, then joined
         into one decode batch. Prefill is compute-bound, so a wider chunk buys only padding;
         decoding is bound by reading the weights, so the wider its batch, the cheaper each token.
         A row reads ``[left pad | shared prefix | pad | rest of its prompt]``; the mask hides the
-        pads and positions count unmasked tokens only, as with plain left padding.
+        pads and positions count unmasked tokens only, as with plain left padding. The joined cache
+        has ``room`` more positions per row preallocated for the tokens to come.
         """
+        from . import kv_cache
+
         shared = prefix.length if prefix else 0
         bodies = [ids[shared:-1] for ids in batch_ids]
         chunk_tokens = PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 4 * PREFILL_CHUNK_TOKENS
@@ -319,7 +325,7 @@ class GenerationEngine:
                     ids[j, width - len(bodies[i]) :] = torch.tensor(bodies[i])
                     mask[j, shared + width - len(bodies[i]) :] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
-            cache = _new_cache(self.model)
+            cache = kv_cache.new_cache(self.model)
             if prefix:
                 for layer, (keys, values) in enumerate(prefix.kv):
                     cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
@@ -339,7 +345,7 @@ class GenerationEngine:
             pads = [(0, 0, length - t.shape[-2], 0) if t.dim() == 4 else (length - t.shape[-1], 0) for t in tensors]
             return torch.cat([F.pad(t, pad) for t, pad in zip(tensors, pads, strict=True)]).index_select(0, restore)
 
-        merged = _new_cache(self.model)
+        merged = kv_cache.new_cache(self.model, room=room)
         for layer in range(len(parts[0][1])):
             merged.update(join([kv[layer][0] for _, kv, _ in parts]), join([kv[layer][1] for _, kv, _ in parts]), layer)
         return merged, join([mask for _, _, mask in parts])
@@ -352,7 +358,7 @@ class GenerationEngine:
             if self._cache_arg is not None and config.cache_implementation is None and (
                 prefix is not None or min(len(ids) for ids in batch_ids) > 1
             ):
-                cache, mask = self._prefill(batch_ids, prefix)
+                cache, mask = self._prefill(batch_ids, prefix, room=config.max_new_tokens)
                 last = torch.tensor([[ids[-1]] for ids in batch_ids], device=self.device)
                 # generate() runs only the tokens the cache lacks: each row's last one. The filler
                 # stands for the cached ones (only its length matters) and is sliced off below.
@@ -391,32 +397,6 @@ PREFILL_CHUNK_TOKENS = 2048  # padded prompt tokens prefilled together
 class _Prefix:
     length: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _new_cache(model: Any) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
-def _kv_cache_argument(model: Any) -> str | None:
-    """How the model's forward takes a KV cache ("cache" from transformers 5.2x, "past_key_values"
-    before), if it keeps a plain full-length one that can be padded and joined by row: None for
-    sliding-window or hybrid layers, encoder-decoders, or a forward without the arguments we pass."""
-    from transformers.cache_utils import DynamicLayer
-
-    if getattr(model.config, "is_encoder_decoder", False):
-        return None
-    accepted = inspect.signature(model.forward).parameters
-    if not {"position_ids", "logits_to_keep", "attention_mask"} <= accepted.keys():
-        return None
-    try:
-        layers = _new_cache(model).layers
-    except Exception:  # noqa: BLE001 - a model whose cache we cannot build keeps the plain path
-        return None
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        return None
-    return next((name for name in ("cache", "past_key_values") if name in accepted), None)
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -236,19 +236,3 @@ def test_shared_prefix_is_skipped_where_it_does_not_pay_or_apply(generation_engi
     assert engine._shared_prefix([shared + [50], shared + [60, 70]], params).length == 19
     assert engine._shared_prefix([shared + [50], shared + [60]], GenerationParams(cache="static")) is None
 
-
-def test_kv_cache_reuse_only_for_plain_full_attention_caches():
-    """Sliding-window and encoder-decoder models keep the plain path: their caches cannot be
-    padded and joined row by row."""
-    from transformers import (
-        Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration,
-    )
-
-    from gpu_runtime.generation import _kv_cache_argument
-
-    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
-    assert _kv_cache_argument(LlamaForCausalLM(LlamaConfig(**small))) in ("cache", "past_key_values")
-    assert _kv_cache_argument(Gemma2ForCausalLM(Gemma2Config(**small, sliding_window=4))) is None
-    t5 = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    assert _kv_cache_argument(T5ForConditionalGeneration(t5)) is None
