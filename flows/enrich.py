@@ -21,7 +21,7 @@ from tasks.planning import ShardPlan, plan_shards_task
 from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
-from tasks.runners import SHARDS_IN_FLIGHT, shard_placement, shard_task_runner
+from tasks.runners import shard_placement, shard_task_runner
 from tasks.shard_work import process_shard
 from tasks.storage import runtime_storage_options
 from tasks.tracking import log_shard, prompt_hash, start_tracking_task
@@ -115,9 +115,12 @@ def failure_message(summary: dict[str, Any], plan: ShardPlan) -> str:
     return ", ".join(parts)
 
 
-@flow(name="enrich", task_runner=ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT))
+@flow(name="enrich", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def enrich(job: dict[str, Any]) -> dict[str, Any]:
-    """Enrich a Parquet dataset with generated text and/or embeddings; returns the run summary."""
+    """Enrich a Parquet dataset with generated text and/or embeddings; returns the run summary.
+
+    Called directly it runs one shard at a time in this process; :func:`enrich_for` picks the
+    runner the job asks for (worker processes, Ray, a second shard in flight on a GPU)."""
     started = time.perf_counter()
     cfg = job_from_parameters(job)
     plan = plan_shards_task(cfg)

@@ -23,6 +23,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from tasks.errors import ConfigError
 from tasks.job_config import JobConfig
 
+# Shards one in-process worker holds at once where its compute runs on a GPU (see shards_in_flight).
 SHARDS_IN_FLIGHT = 2
 
 # Set in each worker process by ``start_worker``; read into every ShardResult.
@@ -40,6 +41,14 @@ def visible_gpus(cfg: JobConfig) -> int:
     from gpu_runtime import visible_gpu_count
 
     return visible_gpu_count()
+
+
+def shards_in_flight(cfg: JobConfig) -> int:
+    """Shards an in-process worker holds at once: two where compute runs on a GPU, so that one
+    shard's read and another's write run on the CPU meanwhile; one on a CPU, where they would take
+    cores from the compute. Measured on 2 CPU cores: a second shard in flight made compute 15%
+    slower and the run slower overall (docs/benchmarks.md)."""
+    return SHARDS_IN_FLIGHT if cfg.device != "cpu" and visible_gpus(cfg) > 0 else 1
 
 
 def worker_count(cfg: JobConfig) -> int:
@@ -109,9 +118,8 @@ def shard_task_runner(cfg: JobConfig) -> TaskRunner:
         return RayTaskRunner(address=cfg.ray.address, init_kwargs=init_kwargs)
     workers = worker_count(cfg)
     if workers == 1:
-        # Two shards in flight: one computes (under the device lock) while the other reads its
-        # rows or writes its part.
-        return ThreadPoolTaskRunner(max_workers=SHARDS_IN_FLIGHT)
+        # On a GPU one shard computes (under the device lock) while another reads or writes.
+        return ThreadPoolTaskRunner(max_workers=shards_in_flight(cfg))
     gpus = visible_gpus(cfg) if _pins_gpus(cfg) else 0
     # Slots are claimed through files: the runner is pickled with each task, and a
     # multiprocessing queue or lock refuses that.
