@@ -32,6 +32,7 @@ __all__ = [
     "device_lock",
     "pin_worker",
     "visible_gpu_count",
+    "on_compute_thread",
     "ModelNotFoundError",
     "EngineError",
 ]
@@ -57,12 +58,14 @@ _LOCATION = {
     "device_lock": "device",
     "pin_worker": "device",
     "visible_gpu_count": "device",
+    "on_compute_thread": "compute_thread",
     "ModelNotFoundError": "errors",
     "EngineError": "errors",
 }
 
 if TYPE_CHECKING:
     from .batching import plan_batches
+    from .compute_thread import on_compute_thread
     from .device import default_dtype, device_lock, pin_worker, select_device, visible_gpu_count
     from .embedding import EmbeddingEngine, EmbeddingOutput
     from .errors import EngineError, ModelNotFoundError

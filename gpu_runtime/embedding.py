@@ -18,6 +18,7 @@ import torch
 
 from .backoff import BatchBackoff
 from .batching import plan_batches
+from .compute_thread import check_cancelled, on_compute_thread
 from .device import default_dtype
 
 if TYPE_CHECKING:
@@ -86,6 +87,9 @@ class EmbeddingEngine:
                 raise ValueError(f"text {i} must be a string, got {text!r}")
         if not texts:
             return EmbeddingOutput(np.zeros((0, self.dim), dtype=np.float32), [], [])
+        return on_compute_thread(self._embed, texts, token_budget, max_batch_size)
+
+    def _embed(self, texts: list[str], token_budget: int, max_batch_size: int) -> EmbeddingOutput:
         with self._lock:
             # verbose=False: over-long inputs are expected; the model truncates them itself.
             encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
@@ -100,6 +104,7 @@ class EmbeddingEngine:
             backoff = BatchBackoff(self.device, what=f"embedding with {self.info.get('spec')!r}")
             encode_rows = self._encode_rows(texts)
             for batch in batches:
+                check_cancelled()
                 rows = backoff.run(
                     batch,
                     encode_rows,

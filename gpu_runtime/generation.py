@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .backoff import BatchBackoff
 from .batching import plan_batches
+from .compute_thread import check_cancelled, on_compute_thread
 from .device import default_dtype, placement_kwargs
 from .errors import EngineError
 from .prompts import build_chat
@@ -184,6 +185,9 @@ class GenerationEngine:
                 raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}")
         if not prompts:
             return []
+        return on_compute_thread(self._generate, prompts, params)
+
+    def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         limit = self._input_limit(params)
         with self._lock:
             encoded = [self._encode(prompt, params.system_prompt, limit) for prompt in prompts]
@@ -200,6 +204,7 @@ class GenerationEngine:
             prefix = self._shared_prefix([ids for ids, _ in encoded], params)
             backoff = BatchBackoff(self.device, what=f"generation with {self.info.get('spec')!r}")
             for batch in batches:
+                check_cancelled()
                 outputs = backoff.run(
                     batch,
                     lambda rows: self._generate_batch(

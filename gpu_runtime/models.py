@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from .compute_thread import on_compute_thread
 from .dummy import DUMMY_PREFIX, DUMMY_SHAPES, dummy_revision
 from .errors import EngineError, ModelNotFoundError
 
@@ -425,8 +426,9 @@ def _cached_engine(
         if engine is not None:
             return engine  # type: ignore[return-value]
         key_lock = _key_locks.setdefault(key, threading.Lock())
-    # Loading happens outside the registry lock, so different models load in parallel while two
-    # threads asking for the same one wait for a single load.
+    # Loading happens outside the registry lock, so two threads asking for the same model wait for
+    # a single load; the load itself runs on the compute thread, like every later call (see
+    # compute_thread.py: the thread that first runs torch work keeps an OpenMP team).
     with key_lock:
         with _registry_lock:
             engine = _engines.get(key)
@@ -434,7 +436,7 @@ def _cached_engine(
             return engine  # type: ignore[return-value]
         resolved = resolve_model_spec(spec)
         try:
-            engine = build(resolved, torch_device)
+            engine = on_compute_thread(build, resolved, torch_device)
         except (ModelNotFoundError, EngineError):
             raise
         except Exception as exc:

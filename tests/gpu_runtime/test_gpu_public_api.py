@@ -18,7 +18,8 @@ def test_exported_names_are_exactly_the_intended_ones():
         "ResolvedModel", "resolve_model_spec", "load_generation_engine", "load_embedding_engine",
         "model_load_counts", "model_cache_dir", "GenerationParams", "Generation", "GenerationEngine",
         "EmbeddingEngine", "EmbeddingOutput", "plan_batches", "template_fields", "render_prompt",
-        "select_device", "default_dtype", "device_lock", "pin_worker", "visible_gpu_count", "ModelNotFoundError",
+        "select_device", "default_dtype", "device_lock", "pin_worker", "visible_gpu_count", "on_compute_thread",
+        "ModelNotFoundError",
         "EngineError",
     }
     assert len(gpu_runtime.__all__) == len(set(gpu_runtime.__all__))
