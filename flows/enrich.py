@@ -21,7 +21,7 @@ from tasks.planning import ShardPlan, plan_shards_task
 from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
-from tasks.runners import shard_placement, shard_task_runner
+from tasks.runners import shard_placement, shard_tags, shard_task_runner
 from tasks.shard_work import process_shard
 from tasks.storage import runtime_storage_options
 from tasks.tracking import log_shard, prompt_hash, start_tracking_task
@@ -82,7 +82,7 @@ def process_shards(
     shard_task = process_shard.with_options(
         retries=cfg.shard_retries,
         timeout_seconds=cfg.shard_timeout_s,
-        tags=[cfg.concurrency_tag] if cfg.concurrency_tag else [],
+        tags=shard_tags(cfg),
     )
     with shard_placement(cfg) as resources:
         if resources:

@@ -87,7 +87,7 @@ class JobConfig(_Strict):
     runner: Literal["local", "ray"] = Field(default="local", description="local processes, or a Ray cluster")
     ray: RayConfig = RayConfig()
     concurrency_tag: str | None = Field(
-        default="gpu", description="Prefect tag on shard tasks; a tag concurrency limit caps them across runs"
+        default="gpu", description="Prefect tag on shard tasks, set while a concurrency limit for it exists (which then caps them across runs)"
     )
     shard_retries: int = Field(default=2, ge=0)
     shard_timeout_s: float | None = Field(

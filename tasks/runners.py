@@ -45,10 +45,31 @@ def visible_gpus(cfg: JobConfig) -> int:
 
 def shards_in_flight(cfg: JobConfig) -> int:
     """Shards an in-process worker holds at once: two where compute runs on a GPU, so that one
-    shard's read and another's write run on the CPU meanwhile; one on a CPU, where they would take
-    cores from the compute. Measured on 2 CPU cores: a second shard in flight made compute 15%
-    slower and the run slower overall (docs/benchmarks.md)."""
+    shard's read and another's write run on the CPU meanwhile; one on a CPU, where there is little
+    I/O to overlap. Measured on 2 CPU cores in session 3, a second shard in flight made compute 15%
+    slower; most of that was probably the second OpenMP team its thread started, which
+    gpu_runtime's compute thread now prevents. Not re-measured since (docs/benchmarks.md)."""
     return SHARDS_IN_FLIGHT if cfg.device != "cpu" and visible_gpus(cfg) > 0 else 1
+
+
+def shard_tags(cfg: JobConfig) -> list[str]:
+    """The Prefect tags for shard tasks: ``concurrency_tag`` if a concurrency limit exists for it.
+
+    Prefect asks its server for a slot on every tagged task, limit or not; against the local
+    temporary server that request took about 2 s per shard (docs/benchmarks.md, session 4). So
+    the tag is set only when there is a limit to obey, as checked when the run starts.
+    """
+    if not cfg.concurrency_tag:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(f"tag:{cfg.concurrency_tag}")
+        except ObjectNotFound:
+            return []
+    return [cfg.concurrency_tag]
 
 
 def worker_count(cfg: JobConfig) -> int:

@@ -251,6 +251,35 @@ def test_rerun_with_another_config_refuses_unless_overwrite(prefect_server, revi
     assert pl.read_parquet(output / "part-*.parquet").columns == ["review_id", "embedding", "truncated", "error"]
 
 
+def test_shard_tasks_carry_the_concurrency_tag_while_a_limit_exists(prefect_server, reviews_dir, tmp_path):
+    # Without a limit the tag is left off: Prefect would ask the server for a slot on every shard.
+    from uuid import uuid4
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    tag = f"test-gpu-{uuid4().hex[:8]}"
+
+    def shard_tags_of_a_run(output: Path) -> set[tuple[str, ...]]:
+        cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
+                        rows_per_shard=15, concurrency_tag=tag, embed={"model": "dummy:bert-tiny"})
+        state, summary = run_flow(cfg)
+        assert state.is_completed() and summary["rows"] == 30
+        with get_client(sync_client=True) as prefect:
+            runs = prefect.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+        tags = [tuple(sorted(t.tags)) for t in runs if t.name.startswith("shard-")]
+        assert len(tags) == 3  # one per input file
+        return set(tags)
+
+    assert shard_tags_of_a_run(tmp_path / "no-limit") == {()}
+    with get_client(sync_client=True) as prefect:
+        prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=f"tag:{tag}", limit=1))
+    assert shard_tags_of_a_run(tmp_path / "limited") == {(tag,)}
+
+
 def test_a_hung_shard_times_out_and_is_retried(prefect_server, reviews_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SHARDWISE_HANG_AT", "shard-compute:2")  # the 2nd shard attempt hangs for an hour
     output = tmp_path / "out"
