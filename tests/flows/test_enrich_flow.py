@@ -251,6 +251,30 @@ def test_rerun_with_another_config_refuses_unless_overwrite(prefect_server, revi
     assert pl.read_parquet(output / "part-*.parquet").columns == ["review_id", "embedding", "truncated", "error"]
 
 
+def test_a_timeout_during_model_work_stops_the_shard_and_frees_the_model(prefect_server, reviews_dir, tmp_path):
+    # The model runs on the compute thread; the timed-out task stops waiting for it, and the model
+    # call stops at its next batch instead of running through the shard (thirty one-row batches
+    # of 48 forced tokens here, far longer than the timeout).
+    import time
+
+    from gpu_runtime import load_generation_engine, on_compute_thread
+
+    spec = "dummy:llama-135m"
+    load_generation_engine(spec, device="cpu")  # loading is not what the timeout should catch
+    cfg = JobConfig(input=str(reviews_dir), output=str(tmp_path / "out"), task="generate", id_column="review_id",
+                    rows_per_shard=30, shard_timeout_s=2, shard_retries=0, device="cpu",
+                    generate={"model": spec, "prompt_template": "{text}", "max_new_tokens": 48,
+                              "ignore_eos": True, "max_batch_size": 1})
+    started = time.monotonic()
+    state, summary = run_flow(cfg)
+    assert not state.is_completed() and state.message == "3 of 3 shards failed"
+    assert summary["shards_committed"] == 0
+    waited = time.monotonic()
+    assert on_compute_thread(lambda: "free") == "free"
+    assert time.monotonic() - waited < 10, "the timed-out model call kept the compute thread busy"
+    assert time.monotonic() - started < 60
+
+
 def test_shard_tasks_carry_the_concurrency_tag_while_a_limit_exists(prefect_server, reviews_dir, tmp_path):
     # Without a limit the tag is left off: Prefect would ask the server for a slot on every shard.
     from uuid import uuid4
