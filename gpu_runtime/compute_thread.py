@@ -46,11 +46,10 @@ def on_compute_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T
     its next :func:`check_cancelled` (the engines check between batches) and the interruption
     propagates.
     """
-    executor = _compute_executor()
     if getattr(_job, "on_compute_thread", False):
         return fn(*args, **kwargs)
     cancel = threading.Event()
-    future = executor.submit(contextvars.copy_context().run, _run_job, cancel, fn, args, kwargs)
+    future = _compute_executor().submit(contextvars.copy_context().run, _run_job, cancel, fn, args, kwargs)
     try:
         while not future.done():
             concurrent.futures.wait([future], timeout=_WAIT_SLICE_S)
