@@ -167,6 +167,21 @@ def bench_overhead(root: Path, shards: int) -> dict:
             "per_shard_s": (many_s - one_s) / (shards - 1)}
 
 
+# Linux keeps a process's peak RSS across fork and exec, so a child forked straight from this
+# process would report at least this process's size (gigabytes once the other benchmarks have
+# loaded models and data). A small launcher forks ``shardwise`` instead and reports its peak.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
     """Run ``shardwise`` with ``args`` in a child process; (seconds, its peak resident set in MiB)."""
     import subprocess
@@ -175,14 +190,15 @@ def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the harness's server, not a new one
+    peak_file = log.with_suffix(".maxrss")
+    shardwise = str(Path(sys.executable).with_name("shardwise"))
     started = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("shardwise")), *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        status = subprocess.run([sys.executable, "-c", _LAUNCHER, str(peak_file), shardwise, *args], env=env,
+                                stdout=out, stderr=subprocess.STDOUT).returncode
     if status != 0:
         raise SystemExit(f"shardwise {' '.join(args)} failed; see {log}")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024  # Linux reports KiB
+    return time.perf_counter() - started, int(peak_file.read_text()) / 1024  # Linux reports KiB
 
 
 ROWS_PER_SHARD = 5000  # both sizes span many shards, so both have two in flight
