@@ -201,7 +201,7 @@ def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - started, int(peak_file.read_text()) / 1024  # Linux reports KiB
 
 
-ROWS_PER_SHARD = 5000  # both sizes span many shards, so both have two in flight
+ROWS_PER_SHARD = 5000  # both sizes span many shards
 
 
 def bench_memory(root: Path, small: int, large: int) -> dict:
