@@ -3,8 +3,9 @@
 The batch planner bounds a batch by a padded-token budget, but what really fits depends on the
 device, the dtype, the attention kernel and what else lives in memory. When a batch runs out of
 memory, :class:`BatchBackoff` splits it in half and retries each half (recursively), frees cached
-device memory first, and caps every later batch of the same call at the size that worked, so a
-too-generous ``max_batch_size`` costs one failed attempt rather than one per batch.
+device memory first, and caps every later batch at the size that worked. Each engine keeps one
+for its lifetime, so a too-generous ``max_batch_size`` costs one failed attempt per worker, not
+one per batch or per shard.
 
 This is accelerate's ``find_executable_batch_size`` idea fitted to the engines' structure: they
 run pre-planned batches of row *indices* (longest first), not a loop over a batch-size argument,
@@ -72,8 +73,8 @@ def free_device_memory(device: torch.device | None = None) -> None:
 class BatchBackoff:
     """Runs batches of row indices, halving any batch that runs out of memory.
 
-    One instance lives for one engine call: ``limit`` (``None`` until the first out-of-memory
-    error) is the largest batch size allowed for the rest of that call. ``attempts`` lists the size
+    One instance lives as long as its engine: ``limit`` (``None`` until the first out-of-memory
+    error) is the largest batch size allowed from then on, in this call and every later one. ``attempts`` lists the size
     of every batch tried and ``splits`` counts the batches that were halved, for logs and tests.
     """
 
@@ -101,7 +102,7 @@ class BatchBackoff:
         while work:
             chunk = work.popleft()
             if self.limit is not None and len(chunk) > self.limit:
-                # A size that already failed in this call: do not try it again.
+                # A size that already failed: do not try it again.
                 pieces = [chunk[k : k + self.limit] for k in range(0, len(chunk), self.limit)]
                 work.extendleft(reversed(pieces))
                 continue
@@ -137,7 +138,7 @@ class BatchBackoff:
             self.splits += 1
             logger.warning(
                 "%s: out of memory on a batch of %d rows on %s (%s); retrying it in halves and capping "
-                "later batches of this call at %d rows",
+                "later batches at %d rows",
                 self.what, len(chunk), self._where(), failure, self.limit,
             )
             work.extendleft([chunk[half:], chunk[:half]])

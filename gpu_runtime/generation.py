@@ -9,12 +9,17 @@ compute-bound and decoding is bound by reading the weights, so the two want diff
 shapes (see docs/benchmarks.md). Models whose cache cannot be joined that way (sliding-window,
 encoder-decoder) and ``cache="static"`` run each batch's whole prompts through ``generate``.
 
-A batch that runs out of memory is halved and retried, and later batches of the same call are
-capped at the size that worked (:mod:`gpu_runtime.backoff`).
+A batch that runs out of memory is halved and retried, and later batches (of this and every later
+call on the engine) are capped at the size that worked (:mod:`gpu_runtime.backoff`).
+
+Decoding is decided by :class:`GenerationParams` alone: the model's own generation_config (which
+checkpoints ship with sampling knobs, penalties, a ``cache_implementation``) is reduced to its
+bos, eos and pad ids at load, so a greedy row decodes the same on every path.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import threading
 from collections.abc import Sequence
@@ -22,14 +27,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from .backoff import BatchBackoff
 from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
 from .device import default_dtype, placement_kwargs
 from .errors import EngineError
-from .prompts import build_chat
+from .prompts import RESERVED_TEMPLATE_KWARGS, encode_chat
+from .sizing import CPU_MAX_BATCH_SIZE, CPU_TOKEN_BUDGET, auto_batch_limits, free_device_bytes, kv_bytes_per_token
 
 if TYPE_CHECKING:
     from .models import ResolvedModel
@@ -43,9 +48,15 @@ class GenerationParams:
 
     ``max_input_tokens`` caps the chat-formatted prompt (longer user text is truncated);
     ``token_budget`` caps a batch's padded tokens, prompt plus ``max_new_tokens`` per row, which is
-    what bounds memory; ``max_batch_size`` caps rows per batch. Sampling uses ``temperature`` and
-    ``top_p`` only (no top-k); sampling defaults in the model's generation_config are ignored, so
-    the same params mean the same decoding for every model.
+    what bounds memory; ``max_batch_size`` caps rows per batch. Left at None, both are sized by the
+    engine: on CUDA from the free device memory and the model's KV bytes per token
+    (:mod:`gpu_runtime.sizing`), elsewhere 16384 tokens and 64 rows. Sampling uses ``temperature``
+    and ``top_p`` only (no top-k); nothing in the model's generation_config but its bos, eos and
+    pad ids is used, so the same params mean the same decoding for every model.
+
+    ``chat_template_kwargs`` become variables of the chat template (``{"enable_thinking": False}``
+    for Qwen3); ``chat_date`` is the date a template that prints today's date (Llama-3.1's,
+    as Llama-3.1's does) shows instead of the wall clock's, passed as ``date_string``.
 
     ``ignore_eos=True`` (like vLLM's ``ignore_eos``) makes every row generate exactly
     ``max_new_tokens`` tokens, with ``finish_reason="length"``: the eos tokens are masked out until
@@ -68,15 +79,19 @@ class GenerationParams:
     seed: int | None = None
     system_prompt: str | None = None
     max_input_tokens: int | None = None
-    token_budget: int = 16384
-    max_batch_size: int = 64
+    token_budget: int | None = None
+    max_batch_size: int | None = None
     ignore_eos: bool = False
     cache: Literal["dynamic", "static"] = "dynamic"
     compile: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    chat_date: dt.date | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "token_budget", "max_batch_size"):
-            _require_positive_int(name, getattr(self, name))
+        _require_positive_int("max_new_tokens", self.max_new_tokens)
+        for name in ("token_budget", "max_batch_size"):
+            if getattr(self, name) is not None:
+                _require_positive_int(name, getattr(self, name))
         if self.max_input_tokens is not None:
             _require_positive_int("max_input_tokens", self.max_input_tokens)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -95,6 +110,17 @@ class GenerationParams:
             raise ValueError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
         if not isinstance(self.compile, bool) or (self.compile and self.cache != "static"):
             raise ValueError("compile=True needs cache='static' (torch.compile wants fixed cache shapes)")
+        if self.chat_template_kwargs is not None:
+            if not isinstance(self.chat_template_kwargs, dict) or not all(
+                isinstance(k, str) for k in self.chat_template_kwargs
+            ):
+                raise ValueError(f"chat_template_kwargs must be a dict of names, got {self.chat_template_kwargs!r}")
+            if reserved := sorted(RESERVED_TEMPLATE_KWARGS & self.chat_template_kwargs.keys()):
+                raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)} (set by the engine)")
+        if self.chat_date is not None and (
+            not isinstance(self.chat_date, dt.date) or isinstance(self.chat_date, dt.datetime)
+        ):
+            raise ValueError(f"chat_date must be a datetime.date, got {self.chat_date!r}")
 
 
 def _require_positive_int(name: str, value: object) -> None:
@@ -132,10 +158,14 @@ class GenerationEngine:
                 raise EngineError(f"tokenizer of {info.get('spec')!r} has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
         self._eos_ids = _eos_token_ids(model, tokenizer)
+        model.generation_config = _token_ids_only(model.generation_config)
         self._has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.max_context: int | None = _max_context(model, tokenizer)
         self.info: dict[str, Any] = {**info, "max_context": self.max_context}
         self._lock = threading.Lock()
+        # Lives as long as the engine: a batch size that ran out of memory is not tried again on
+        # the next call (the next shard) either.
+        self.backoff = BatchBackoff(self.device, what=f"generation with {info.get('spec')!r}")
         from . import kv_cache  # imports transformers: not at module level (see __init__.py)
 
         # The forward's name for a KV cache argument, or None where ours cannot be padded and
@@ -143,9 +173,13 @@ class GenerationEngine:
         self._cache_arg = kv_cache.joinable_cache_argument(model)
 
     @classmethod
-    def from_resolved(cls, resolved: ResolvedModel, device: torch.device) -> GenerationEngine:
+    def from_resolved(
+        cls, resolved: ResolvedModel, device: torch.device, attn_implementation: str | None = None
+    ) -> GenerationEngine:
         """Load the weights of ``resolved`` (converting a GGUF once, see models.py) onto ``device``;
-        a ``dummy:`` spec gets seeded random weights created on ``device`` (see dummy.py)."""
+        a ``dummy:`` spec gets seeded random weights created on ``device`` (see dummy.py).
+        ``attn_implementation`` (``"sdpa"``, ``"eager"``, ...) is passed to ``from_pretrained``;
+        None lets transformers pick what the architecture supports (Gemma-2 refuses sdpa)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from .models import weights_dir
@@ -159,13 +193,16 @@ class GenerationEngine:
         else:
             path = weights_dir(resolved)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation="sdpa", **placement_kwargs(device)
-            )
+            attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention, **placement_kwargs(device))
             if device.type != "cuda":
                 model.to(device)
         model.eval()
-        info = {**resolved.engine_info(dtype, device), "loaded_from": path}
+        info = {
+            **resolved.engine_info(dtype, device),
+            "loaded_from": path,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        }
         return cls(model, tokenizer, info)
 
     @property
@@ -190,22 +227,26 @@ class GenerationEngine:
     def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         limit = self._input_limit(params)
         with self._lock:
-            encoded = [self._encode(prompt, params.system_prompt, limit) for prompt in prompts]
+            encoded = [
+                encode_chat(self.tokenizer, prompt, limit, system_prompt=params.system_prompt,
+                            template_kwargs=params.chat_template_kwargs, date=params.chat_date)
+                for prompt in prompts
+            ]
             config = self._generation_config(params)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             results: list[Generation | None] = [None] * len(prompts)
+            token_budget, max_batch_size = self.batch_limits(params)
             batches = plan_batches(
                 [len(ids) for ids, _ in encoded],
-                token_budget=params.token_budget,
-                max_batch_size=params.max_batch_size,
+                token_budget=token_budget,
+                max_batch_size=max_batch_size,
                 extra_tokens_per_row=params.max_new_tokens,
             )
             prefix = self._shared_prefix([ids for ids, _ in encoded], params)
-            backoff = BatchBackoff(self.device, what=f"generation with {self.info.get('spec')!r}")
             for batch in batches:
                 check_cancelled()
-                outputs = backoff.run(
+                outputs = self.backoff.run(
                     batch,
                     lambda rows: self._generate_batch(
                         [encoded[i][0] for i in rows], config, params.ignore_eos, prefix
@@ -218,6 +259,17 @@ class GenerationEngine:
                     ids, truncated = encoded[i]
                     results[i] = Generation(text, len(ids), n_new, finish, truncated)
         return results  # type: ignore[return-value]
+
+    def batch_limits(self, params: GenerationParams) -> tuple[int, int]:
+        """``(token_budget, max_batch_size)`` for a call: the params' own, or sized for the device."""
+        if params.token_budget is not None and params.max_batch_size is not None:
+            return params.token_budget, params.max_batch_size
+        if self.device.type == "cuda":
+            per_token = kv_bytes_per_token(self.model.config, self.model.dtype)
+            auto = auto_batch_limits(free_device_bytes(self.device), per_token)
+        else:
+            auto = (CPU_TOKEN_BUDGET, CPU_MAX_BATCH_SIZE)
+        return params.token_budget or auto[0], params.max_batch_size or auto[1]
 
     def _input_limit(self, params: GenerationParams) -> int:
         """Longest chat prompt allowed: the caller's cap and room for max_new_tokens in the context."""
@@ -232,29 +284,11 @@ class GenerationEngine:
         return int(limit) if limit != math.inf else 2**62
 
     def _tokenize(self, text: str) -> list[int]:
-        # A chat template already spells out its special tokens; plain text gets the usual ones.
-        # verbose=False: over-long inputs are expected here and handled by the caller.
         return self.tokenizer(text, add_special_tokens=not self._has_chat_template, verbose=False)["input_ids"]
 
     def _encode(self, user_text: str, system_prompt: str | None, limit: int) -> tuple[list[int], bool]:
         """Token ids of the chat prompt, shortening the user text (not the template) to fit ``limit``."""
-        ids = self._tokenize(build_chat(self.tokenizer, user_text, system_prompt))
-        if len(ids) <= limit:
-            return ids, False
-        user_ids = self.tokenizer(user_text, add_special_tokens=False, verbose=False)["input_ids"]
-        overhead = len(ids) - len(user_ids)
-        keep = min(len(user_ids), limit - overhead)
-        # Decoding then re-tokenizing can merge tokens differently at the cut: shrink until it fits.
-        while keep > 0:
-            shortened = self.tokenizer.decode(user_ids[:keep])
-            ids = self._tokenize(build_chat(self.tokenizer, shortened, system_prompt))
-            if len(ids) <= limit:
-                return ids, True
-            keep -= len(ids) - limit
-        raise ValueError(
-            f"the chat template and system prompt alone take about {overhead} tokens, more than the "
-            f"input limit of {limit}; raise max_input_tokens or shorten the system prompt"
-        )
+        return encode_chat(self.tokenizer, user_text, limit, system_prompt=system_prompt)
 
     def _generation_config(self, params: GenerationParams) -> Any:
         from transformers import GenerationConfig
@@ -319,7 +353,11 @@ class GenerationEngine:
         bodies = [ids[shared:-1] for ids in batch_ids]
         chunk_tokens = PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 4 * PREFILL_CHUNK_TOKENS
         chunks = plan_batches([len(b) for b in bodies], token_budget=chunk_tokens, max_batch_size=len(bodies))
-        parts = []  # per chunk: its row numbers, its per-layer (keys, values), its mask
+        # Every chunk's cache is written straight into the joined one, then dropped: the batch's
+        # KV is never held twice.
+        length = shared + max(len(b) for b in bodies)
+        joined = kv_cache.JoinedKV(len(bodies), length, room)
+        joined_mask = torch.zeros((len(bodies), length), dtype=torch.long)
         for rows in chunks:
             width = max(len(bodies[i]) for i in rows)
             ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -329,6 +367,8 @@ class GenerationEngine:
                 if bodies[i]:
                     ids[j, width - len(bodies[i]) :] = torch.tensor(bodies[i])
                     mask[j, shared + width - len(bodies[i]) :] = 1
+            # Right-aligned, as the chunk's keys and values are (see JoinedKV).
+            joined_mask[rows, length - mask.shape[1] :] = mask
             ids, mask = ids.to(self.device), mask.to(self.device)
             cache = kv_cache.new_cache(self.model)
             if prefix:
@@ -338,22 +378,9 @@ class GenerationEngine:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
                 self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                            logits_to_keep=1, **{self._cache_arg: cache})
-            parts.append((rows, [(layer.keys, layer.values) for layer in cache.layers], mask))
-
-        length = max(mask.shape[1] for _, _, mask in parts)
-        order = torch.tensor([i for rows, _, _ in parts for i in rows], device=self.device)
-        restore = torch.empty_like(order)
-        restore[order] = torch.arange(len(order), device=self.device)
-
-        def join(tensors: list[torch.Tensor]) -> torch.Tensor:
-            """Left-pad each chunk's tensor (on its sequence dim) to ``length``; rows back in batch order."""
-            pads = [(0, 0, length - t.shape[-2], 0) if t.dim() == 4 else (length - t.shape[-1], 0) for t in tensors]
-            return torch.cat([F.pad(t, pad) for t, pad in zip(tensors, pads, strict=True)]).index_select(0, restore)
-
-        merged = kv_cache.new_cache(self.model, room=room)
-        for layer in range(len(parts[0][1])):
-            merged.update(join([kv[layer][0] for _, kv, _ in parts]), join([kv[layer][1] for _, kv, _ in parts]), layer)
-        return merged, join([mask for _, _, mask in parts])
+            joined.write(torch.tensor(rows, device=self.device), [(layer.keys, layer.values) for layer in cache.layers])
+            del cache
+        return joined.cache(self.model), joined_mask.to(self.device)
 
     def _generate_batch(
         self, batch_ids: list[list[int]], config: Any, ignore_eos: bool = False, prefix: _Prefix | None = None
@@ -402,6 +429,20 @@ PREFILL_CHUNK_TOKENS = 2048  # padded prompt tokens prefilled together
 class _Prefix:
     length: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+# What a model's generation_config may keep: token ids the model was trained with, not decoding choices.
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def _token_ids_only(loaded: Any) -> Any:
+    """A generation_config holding only ``loaded``'s token ids. transformers fills every field a
+    ``GenerationConfig`` passed to ``generate`` leaves unset from the model's (penalties, no-repeat
+    n-grams, sampling knobs, ``cache_implementation``): with this one, only the engine's own count."""
+    from transformers import GenerationConfig
+
+    kept = {name: getattr(loaded, name, None) for name in _TOKEN_ID_FIELDS}
+    return GenerationConfig(**{name: value for name, value in kept.items() if value is not None})
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -5,7 +5,8 @@ The engine prefills rows in chunks and joins their caches into one decode batch
 that can be left-padded), so sliding-window, hybrid and encoder-decoder models are left to
 transformers' own handling. The joined cache preallocates room for the tokens to come:
 transformers' ``DynamicLayer`` concatenates at every decode step, copying the whole cache, which
-was 46% of a 64-row SmolLM2 decode step on CPU.
+was 46% of a 64-row SmolLM2 decode step on CPU. Chunks are written straight into the joined
+cache's buffers (:class:`JoinedKV`), so joining never holds the batch's KV twice.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["PreallocatedLayer", "joinable_cache_argument", "new_cache"]
+__all__ = ["JoinedKV", "PreallocatedLayer", "joinable_cache_argument", "new_cache"]
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -54,6 +55,18 @@ class PreallocatedLayer(DynamicLayer):
         self._views = (self.keys, self.values)
         return self.keys, self.values
 
+    @classmethod
+    def adopt(cls, keys: torch.Tensor, values: torch.Tensor, length: int, room: int) -> PreallocatedLayer:
+        """A layer whose first ``length`` positions are already written in ``keys``/``values``
+        (buffers of ``length`` + spare positions), growing by ``room`` when they fill up."""
+        layer = cls(room)
+        layer.lazy_initialization(keys, values)
+        layer._buffers = (keys, values)
+        layer._length = length
+        layer.keys, layer.values = keys[..., :length, :], values[..., :length, :]
+        layer._views = (layer.keys, layer.values)
+        return layer
+
     def _regrow(self, key_states: torch.Tensor, value_states: torch.Tensor, new: int) -> None:
         # Before the first update, keys/values are empty 1-d placeholders.
         length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
@@ -66,6 +79,40 @@ class PreallocatedLayer(DynamicLayer):
             buffers.append(buffer)
         self._buffers = (buffers[0], buffers[1])
         self._length = length
+
+
+class JoinedKV:
+    """The KV cache of a decode batch, assembled from separately prefilled chunks of its rows.
+
+    Each chunk's per-layer keys and values (``[chunk rows, heads, positions, head_dim]``) are
+    written into one preallocated buffer per layer, right-aligned at ``length`` (left padding),
+    at the chunk's row numbers; positions never written stay zero (the attention mask hides
+    them, and zeros keep a masked position from turning the output into NaN). The buffers have
+    ``room`` spare positions for the tokens to come.
+    """
+
+    def __init__(self, rows: int, length: int, room: int) -> None:
+        self.rows, self.length, self.room = rows, length, room
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def write(self, rows: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy one chunk's cache (``layers``: per layer ``(keys, values)``) into batch rows ``rows``."""
+        for index, (keys, values) in enumerate(layers):
+            if index == len(self._buffers):
+                shape = (self.rows, keys.shape[1], self.length + self.room, keys.shape[-1])
+                self._buffers.append((keys.new_zeros(shape), values.new_zeros(shape)))
+            keys_buffer, values_buffer = self._buffers[index]
+            start = self.length - keys.shape[-2]
+            keys_buffer[rows, :, start : self.length] = keys
+            values_buffer[rows, :, start : self.length] = values
+
+    def cache(self, model: Any) -> DynamicCache:
+        """The joined cache, ready for ``generate``; it grows in place into the spare room."""
+        cache = DynamicCache(config=model.config)
+        if len(self._buffers) != len(cache.layers):
+            raise ValueError(f"{len(self._buffers)} layers written, the model has {len(cache.layers)}")
+        cache.layers = [PreallocatedLayer.adopt(k, v, self.length, self.room) for k, v in self._buffers]
+        return cache
 
 
 def new_cache(model: Any, room: int | None = None) -> DynamicCache:

@@ -23,6 +23,7 @@ model once, and :func:`model_load_counts` lets tests and workers check that.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -399,11 +400,16 @@ def model_load_counts() -> dict[str, int]:
         return dict(_load_counts)
 
 
-def load_generation_engine(spec: str, device: str | None = "auto") -> GenerationEngine:
-    """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use."""
+def load_generation_engine(
+    spec: str, device: str | None = "auto", attn_implementation: str | None = None
+) -> GenerationEngine:
+    """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use.
+    ``attn_implementation`` None lets transformers choose the attention kernel for the architecture."""
     from .generation import GenerationEngine
 
-    return _cached_engine("generation", spec, device, GenerationEngine.from_resolved)
+    build = functools.partial(GenerationEngine.from_resolved, attn_implementation=attn_implementation)
+    variant = f"attn={attn_implementation}" if attn_implementation else ""
+    return _cached_engine("generation", spec, device, build, variant)
 
 
 def load_embedding_engine(spec: str, device: str | None = "auto") -> EmbeddingEngine:
@@ -414,13 +420,18 @@ def load_embedding_engine(spec: str, device: str | None = "auto") -> EmbeddingEn
 
 
 def _cached_engine(
-    kind: str, spec: str, device: str | None, build: Callable[[ResolvedModel, torch.device], _E]
+    kind: str,
+    spec: str,
+    device: str | None,
+    build: Callable[[ResolvedModel, torch.device], _E],
+    variant: str = "",
 ) -> _E:
     from .device import select_device
 
     torch_device = select_device(device)
     # "auto" and "cpu" are the same engine on a CPU machine: key by the device actually used.
-    key = (kind, spec, str(torch_device))
+    # ``variant`` names load options that give another engine (e.g. another attention kernel).
+    key = (kind + (f"[{variant}]" if variant else ""), spec, str(torch_device))
     with _registry_lock:
         engine = _engines.get(key)
         if engine is not None:

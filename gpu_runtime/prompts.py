@@ -1,12 +1,28 @@
-"""Prompt templating: Parquet row -> user text -> the model's chat-formatted prompt."""
+"""Prompt templating: Parquet row -> user text -> the model's chat-formatted prompt -> token ids.
+
+Every generation engine (HF, vLLM) builds its prompts here, so the chat template, its extra
+variables (``chat_template_kwargs``), the date a template may insert, and the truncation of
+over-long user text are the same whichever engine decodes.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import string
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["build_chat", "render_prompt", "template_fields"]
+__all__ = ["RESERVED_TEMPLATE_KWARGS", "build_chat", "encode_chat", "render_prompt", "template_fields"]
+
+# Names apply_chat_template (or this module) sets itself: a job's chat_template_kwargs may not.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "strftime_now",
+    "date_string",
+})
+# How Llama-3.x templates print the date they read from ``date_string`` ("26 Jul 2024").
+DATE_STRING_FORMAT = "%d %b %Y"
 
 
 def template_fields(template: str) -> list[str]:
@@ -50,12 +66,24 @@ class _StrictRow:
             ) from None
 
 
-def build_chat(tokenizer: Any, user_text: str, system_prompt: str | None) -> str:
+def build_chat(
+    tokenizer: Any,
+    user_text: str,
+    system_prompt: str | None,
+    *,
+    template_kwargs: Mapping[str, Any] | None = None,
+    date: dt.date | None = None,
+) -> str:
     """Render one user turn with the model's own chat template, ready for the assistant's reply.
 
     The system message is included only when ``system_prompt`` is given (some templates, e.g.
-    SmolLM2's, then insert their default one). A tokenizer without a chat template gets the plain
-    text, so base (non-instruct) models still work.
+    SmolLM2's, then insert their default one). ``template_kwargs`` become template variables
+    (e.g. ``enable_thinking=False`` for Qwen3). ``date`` is passed as ``date_string``, the
+    variable Llama-3.x templates print before falling back to the wall clock (``strftime_now``),
+    so such a template renders the same prompt on every day of a run. (transformers hands
+    templates plain data only, so ``strftime_now`` itself cannot be replaced: a template that
+    calls it directly still prints today's date.) A tokenizer without a chat template gets the
+    plain text, so base (non-instruct) models still work.
     """
     if not getattr(tokenizer, "chat_template", None):
         return user_text
@@ -63,4 +91,46 @@ def build_chat(tokenizer: Any, user_text: str, system_prompt: str | None) -> str
     if system_prompt is not None:
         messages.append({"role": "system", "content": system_prompt})
     messages.append({"role": "user", "content": user_text})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    extra = dict(template_kwargs or {})
+    if date is not None:
+        extra["date_string"] = date.strftime(DATE_STRING_FORMAT)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+
+
+def encode_chat(
+    tokenizer: Any,
+    user_text: str,
+    limit: int,
+    *,
+    system_prompt: str | None = None,
+    template_kwargs: Mapping[str, Any] | None = None,
+    date: dt.date | None = None,
+) -> tuple[list[int], bool]:
+    """Token ids of the chat prompt and whether it was truncated: the user text (never the
+    template or the system prompt) is shortened until the prompt fits in ``limit`` tokens."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def tokenize(text: str) -> list[int]:
+        # A chat template already spells out its special tokens; plain text gets the usual ones.
+        # verbose=False: over-long inputs are expected here and handled below.
+        return tokenizer(text, add_special_tokens=not has_template, verbose=False)["input_ids"]
+
+    def chat_ids(text: str) -> list[int]:
+        return tokenize(build_chat(tokenizer, text, system_prompt, template_kwargs=template_kwargs, date=date))
+
+    ids = chat_ids(user_text)
+    if len(ids) <= limit:
+        return ids, False
+    user_ids = tokenizer(user_text, add_special_tokens=False, verbose=False)["input_ids"]
+    overhead = len(ids) - len(user_ids)
+    keep = min(len(user_ids), limit - overhead)
+    # Decoding then re-tokenizing can merge tokens differently at the cut: shrink until it fits.
+    while keep > 0:
+        ids = chat_ids(tokenizer.decode(user_ids[:keep]))
+        if len(ids) <= limit:
+            return ids, True
+        keep -= len(ids) - limit
+    raise ValueError(
+        f"the chat template and system prompt alone take about {overhead} tokens, more than the "
+        f"input limit of {limit}; raise max_input_tokens or shorten the system prompt"
+    )

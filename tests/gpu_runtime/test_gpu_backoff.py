@@ -122,6 +122,14 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture
+def fresh_caps(generation_engine, embedding_engine, monkeypatch):
+    """The session's engines with no learned out-of-memory cap (and their own back afterwards):
+    the cap persists on an engine, so one test's injected failures must not size the next's."""
+    for engine in (generation_engine, embedding_engine):
+        monkeypatch.setattr(engine, "backoff", BatchBackoff(engine.device, what=engine.backoff.what))
+
+
 def _oom_above(real, max_rows: int, attempts: list[int], rows_of):
     def wrapper(*args, **kwargs):
         rows = rows_of(*args, **kwargs)
@@ -134,7 +142,7 @@ def _oom_above(real, max_rows: int, attempts: list[int], rows_of):
 
 
 @pytest.mark.slow
-def test_generation_splits_batches_that_run_out_of_memory(generation_engine, monkeypatch):
+def test_generation_splits_batches_that_run_out_of_memory(generation_engine, monkeypatch, fresh_caps):
     params = GenerationParams(max_new_tokens=6, max_batch_size=3)  # 6 prompts: batches of 3 and 3
     expected = generation_engine.generate(PROMPTS, params)
 
@@ -151,7 +159,23 @@ def test_generation_splits_batches_that_run_out_of_memory(generation_engine, mon
 
 
 @pytest.mark.slow
-def test_generation_single_row_out_of_memory_is_an_engine_error(generation_engine, monkeypatch):
+def test_the_learned_cap_persists_across_calls(generation_engine, monkeypatch, fresh_caps):
+    """A batch size that ran out of memory is not tried again by the next call (the next shard)."""
+    params = GenerationParams(max_new_tokens=4, max_batch_size=3)
+    attempts: list[int] = []
+    model = generation_engine.model
+    monkeypatch.setattr(model, "generate",
+                        _oom_above(model.generate, 2, attempts, lambda *a, **kw: kw["input_ids"].shape[0]))
+    first = generation_engine.generate(PROMPTS, params)
+    assert attempts == [3, 2, 1, 2, 1] and generation_engine.backoff.limit == 2
+    attempts.clear()
+    second = generation_engine.generate(PROMPTS, params)
+    assert attempts == [2, 1, 2, 1]  # no batch of 3 again: no second out-of-memory error
+    assert second == first
+
+
+@pytest.mark.slow
+def test_generation_single_row_out_of_memory_is_an_engine_error(generation_engine, monkeypatch, fresh_caps):
     attempts: list[int] = []
     model = generation_engine.model
     monkeypatch.setattr(
@@ -165,7 +189,7 @@ def test_generation_single_row_out_of_memory_is_an_engine_error(generation_engin
 
 
 @pytest.mark.slow
-def test_ignore_eos_survives_a_split(generation_engine, monkeypatch):
+def test_ignore_eos_survives_a_split(generation_engine, monkeypatch, fresh_caps):
     params = GenerationParams(max_new_tokens=6, max_batch_size=4, ignore_eos=True)
     expected = generation_engine.generate(PROMPTS[:4], params)
     attempts: list[int] = []
@@ -194,7 +218,7 @@ EMBED_TEXTS = [
 
 
 @pytest.mark.slow
-def test_embedding_splits_batches_that_run_out_of_memory(embedding_engine, monkeypatch):
+def test_embedding_splits_batches_that_run_out_of_memory(embedding_engine, monkeypatch, fresh_caps):
     expected = embedding_engine.embed(EMBED_TEXTS, max_batch_size=4)  # batches of 4, 4, 2
 
     attempts: list[int] = []
@@ -209,7 +233,7 @@ def test_embedding_splits_batches_that_run_out_of_memory(embedding_engine, monke
 
 
 @pytest.mark.slow
-def test_embedding_single_row_out_of_memory_is_an_engine_error(embedding_engine, monkeypatch):
+def test_embedding_single_row_out_of_memory_is_an_engine_error(embedding_engine, monkeypatch, fresh_caps):
     transformer = embedding_engine.model[0]
     attempts: list[int] = []
     wrapped = _oom_above(transformer.forward, 0, attempts, lambda features, *a, **kw: features["input_ids"].shape[0])

@@ -4,6 +4,7 @@ models may use it."""
 from __future__ import annotations
 
 import torch
+from transformers import LlamaConfig
 from transformers.cache_utils import DynamicLayer
 
 from gpu_runtime.kv_cache import PreallocatedLayer, joinable_cache_argument
@@ -52,3 +53,42 @@ def test_only_plain_full_attention_caches_are_joinable():
     assert joinable_cache_argument(Gemma2ForCausalLM(Gemma2Config(**SMALL, sliding_window=4))) is None
     t5 = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     assert joinable_cache_argument(T5ForConditionalGeneration(t5)) is None
+
+
+def test_joined_kv_writes_chunks_in_place_like_padding_and_concatenating():
+    """Chunks of rows (each its own width) written into the joined buffers equal left-padding
+    each chunk to the batch's length and concatenating them in batch order, and no chunk-sized
+    copy of the whole batch is made."""
+    import torch.nn.functional as F
+
+    from gpu_runtime.kv_cache import JoinedKV
+
+    length, room = 7, 3
+    chunks = {(3, 0): 7, (1,): 4, (2, 4): 5}  # batch rows of a chunk -> its positions
+    joined = JoinedKV(rows=5, length=length, room=room)
+    layers_by_chunk = {}
+    for seed, (rows, width) in enumerate(chunks.items()):
+        layers_by_chunk[rows] = [_states(len(rows), width, 10 * seed + layer) for layer in range(2)]
+        joined.write(torch.tensor(rows), layers_by_chunk[rows])
+    buffers = [(k.data_ptr(), v.data_ptr()) for k, v in joined._buffers]
+
+    order = [row for rows in chunks for row in rows]
+    restore = torch.empty(len(order), dtype=torch.long)
+    restore[torch.tensor(order)] = torch.arange(len(order))
+
+    class _TwoLayers:
+        config = LlamaConfig(**SMALL)
+
+    cache = joined.cache(_TwoLayers())
+    for layer in range(2):
+        for which in (0, 1):
+            padded = [F.pad(layers_by_chunk[rows][layer][which], (0, 0, length - width, 0))
+                      for rows, width in chunks.items()]
+            expected = torch.cat(padded).index_select(0, restore)
+            got = (cache.layers[layer].keys, cache.layers[layer].values)[which]
+            assert torch.equal(got, expected)
+        assert cache.layers[layer].keys.data_ptr() == buffers[layer][0]  # views of the buffers
+        assert cache.layers[layer].get_seq_length() == length
+    # The spare room takes the next tokens without a copy.
+    cache.layers[0].update(*_states(5, 1, 99))
+    assert cache.layers[0].keys.data_ptr() == buffers[0][0] and cache.layers[0].get_seq_length() == length + 1
