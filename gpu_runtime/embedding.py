@@ -2,8 +2,12 @@
 
 The model's own module list (Transformer -> Pooling -> [Normalize]) decides pooling and
 normalisation; this engine only plans batches by token length and records truncation, so its
-vectors equal ``SentenceTransformer.encode``'s. A batch that runs out of memory is halved and
-retried, and later batches of the call are capped at the size that worked (see backoff.py).
+vectors equal ``SentenceTransformer.encode``'s. A normalising model computes in its own dtype
+(bf16 on a GPU) and the float32 result is normalised once more, so norms are 1 to float32
+precision. A prompt (``prompt_name``, or the model's default prompt) is prepended to every text,
+as sentence-transformers does, and counts towards the token limit. A batch that runs out of
+memory is halved and retried, and later batches of the engine are capped at the size that worked
+(see backoff.py).
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ class EmbeddingEngine:
         self.model = model
         self.dim: int = int(model.get_embedding_dimension())
         self.max_seq_length: int = int(model.max_seq_length or model.tokenizer.model_max_length)
-        normalize = any(type(module).__name__ == "Normalize" for module in model)
-        self.info: dict[str, Any] = {**info, "dim": self.dim, "normalize": normalize}
+        self.normalize = any(type(module).__name__ == "Normalize" for module in model)
+        self.info: dict[str, Any] = {**info, "dim": self.dim, "normalize": self.normalize}
         self._lock = threading.Lock()
+        # Lives as long as the engine: a batch size that ran out of memory is not tried again.
+        self.backoff = BatchBackoff(self.device, what=f"embedding with {info.get('spec')!r}")
 
     @classmethod
     def from_resolved(cls, resolved: ResolvedModel, device: torch.device) -> EmbeddingEngine:
@@ -77,22 +83,45 @@ class EmbeddingEngine:
         info = resolved.engine_info(dtype, device)
         return cls(model, info)
 
+    def prompt(self, prompt_name: str | None = None) -> str:
+        """The text put before every input: the model's prompt called ``prompt_name``, or its
+        default prompt when none is named (``""`` when the model has none)."""
+        defined = {name: text for name, text in (self.model.prompts or {}).items() if text is not None}
+        if prompt_name is None:
+            default = getattr(self.model, "default_prompt_name", None)
+            return defined.get(default, "") if default else ""
+        if prompt_name not in defined:
+            known = ", ".join(sorted(defined)) or "none"
+            raise ValueError(f"embedding model {self.info.get('spec')!r} has no prompt {prompt_name!r} (its prompts: {known})")
+        return defined[prompt_name]
+
     def embed(
-        self, texts: Sequence[str], *, token_budget: int = 16384, max_batch_size: int = 64
+        self,
+        texts: Sequence[str],
+        *,
+        token_budget: int = 16384,
+        max_batch_size: int = 64,
+        prompt_name: str | None = None,
     ) -> EmbeddingOutput:
-        """Embed ``texts`` (returned in input order); over-long texts are truncated by the model."""
+        """Embed ``texts`` (returned in input order); over-long texts are truncated by the model.
+        ``prompt_name`` picks one of the model's prompts (``query``, ``document``...); None uses
+        its default prompt, if it defines one."""
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ValueError(f"text {i} must be a string, got {text!r}")
+        prompt = self.prompt(prompt_name)
         if not texts:
             return EmbeddingOutput(np.zeros((0, self.dim), dtype=np.float32), [], [])
-        return on_compute_thread(self._embed, texts, token_budget, max_batch_size)
+        return on_compute_thread(self._embed, texts, token_budget, max_batch_size, prompt)
 
-    def _embed(self, texts: list[str], token_budget: int, max_batch_size: int) -> EmbeddingOutput:
+    def _embed(self, texts: list[str], token_budget: int, max_batch_size: int, prompt: str) -> EmbeddingOutput:
         with self._lock:
             # verbose=False: over-long inputs are expected; the model truncates them itself.
-            encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+            # The prompt is part of what the model reads, so it counts towards the limit.
+            encoded = self.model.tokenizer(
+                [prompt + text for text in texts], add_special_tokens=True, truncation=False, verbose=False
+            )
             n_tokens = [len(ids) for ids in encoded["input_ids"]]
             # What a row costs in a batch is its length after truncation.
             batches = plan_batches(
@@ -101,28 +130,32 @@ class EmbeddingEngine:
                 max_batch_size=max_batch_size,
             )
             vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-            backoff = BatchBackoff(self.device, what=f"embedding with {self.info.get('spec')!r}")
-            encode_rows = self._encode_rows(texts)
+            encode_rows = self._encode_rows(texts, prompt)
             for batch in batches:
                 check_cancelled()
-                rows = backoff.run(
+                rows = self.backoff.run(
                     batch,
                     encode_rows,
                     describe_row=lambda i: f"text {i}: {min(n_tokens[i], self.max_seq_length)} tokens",
                 )
                 vectors[batch] = np.stack(rows)
+        if self.normalize:
+            # The model normalised in its own dtype (bf16 norms are off by ~1e-3): again in float32.
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            np.divide(vectors, norms, out=vectors, where=norms > 0)
         return EmbeddingOutput(vectors, n_tokens, [n > self.max_seq_length for n in n_tokens])
 
     @property
     def device(self) -> torch.device:
         return torch.device(self.model.device)
 
-    def _encode_rows(self, texts: list[str]) -> Callable[[list[int]], list[np.ndarray]]:
-        """``rows -> one float32 vector per row``: one forward pass over ``texts[rows]``."""
+    def _encode_rows(self, texts: list[str], prompt: str) -> Callable[[list[int]], list[np.ndarray]]:
+        """``rows -> one float32 vector per row``: one forward pass over ``prompt`` + ``texts[rows]``."""
 
         def encode(rows: list[int]) -> list[np.ndarray]:
             out = self.model.encode(
                 [texts[i] for i in rows],
+                prompt=prompt,
                 batch_size=len(rows),
                 convert_to_numpy=True,
                 show_progress_bar=False,

@@ -67,3 +67,80 @@ def test_batching_does_not_change_vectors(embedding_engine):
     one_by_one = embedding_engine.embed(TEXTS[:6], max_batch_size=1).vectors
     together = embedding_engine.embed(TEXTS[:6], max_batch_size=64).vectors
     np.testing.assert_allclose(one_by_one, together, atol=1e-5)
+
+
+def test_bf16_embeddings_are_unit_length_in_float32():
+    """The model computes in bf16; the float32 vectors it returns are normalised again."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from gpu_runtime import resolve_model_spec
+    from gpu_runtime.embedding import EmbeddingEngine
+
+    path = resolve_model_spec("bundled:all-minilm-l6-v2").path
+    model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": torch.bfloat16})
+    engine = EmbeddingEngine(model, {"spec": "bf16 MiniLM"})
+    vectors = engine.embed(TEXTS, max_batch_size=8).vectors
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+
+
+PROMPTS = {"query": "query: ", "passage": "Represent this passage for retrieval: "}
+
+
+@pytest.fixture(scope="module")
+def prompted_minilm(tmp_path_factory) -> dict[str, str]:
+    """Saved copies of the bundled MiniLM whose config_sentence_transformers.json has prompts:
+    one without a default prompt, one whose default is "passage"."""
+    from sentence_transformers import SentenceTransformer
+
+    from gpu_runtime import resolve_model_spec
+
+    root = tmp_path_factory.mktemp("prompted-minilm")
+    copies = {}
+    for name, default in (("named", None), ("default", "passage")):
+        model = SentenceTransformer(resolve_model_spec("bundled:all-minilm-l6-v2").path, device="cpu",
+                                    prompts=dict(PROMPTS), default_prompt_name=default)
+        model.save(str(root / name))
+        copies[name] = str(root / name)
+    return copies
+
+
+def test_prompt_name_prepends_the_models_prompt(prompted_minilm, embedding_engine):
+    from gpu_runtime import load_embedding_engine
+
+    engine = load_embedding_engine(prompted_minilm["named"], device="cpu")
+    texts = TEXTS[:6]
+    query = engine.embed(texts, prompt_name="query", max_batch_size=4)
+    by_hand = embedding_engine.embed([PROMPTS["query"] + t for t in texts], max_batch_size=4)
+    np.testing.assert_allclose(query.vectors, by_hand.vectors, atol=1e-6)
+    assert query.n_tokens == by_hand.n_tokens  # the prompt's tokens are counted
+    plain = engine.embed(texts, max_batch_size=4)  # no default prompt: the text alone
+    np.testing.assert_allclose(plain.vectors, embedding_engine.embed(texts, max_batch_size=4).vectors, atol=1e-6)
+    with pytest.raises(ValueError, match=r"no prompt 'classification' \(its prompts: document, passage, query\)"):
+        engine.embed(texts, prompt_name="classification")
+
+
+def test_the_models_default_prompt_applies_when_none_is_named(prompted_minilm, embedding_engine):
+    from gpu_runtime import load_embedding_engine
+
+    engine = load_embedding_engine(prompted_minilm["default"], device="cpu")
+    got = engine.embed(TEXTS[:4], max_batch_size=4)
+    want = embedding_engine.embed([PROMPTS["passage"] + t for t in TEXTS[:4]], max_batch_size=4)
+    np.testing.assert_allclose(got.vectors, want.vectors, atol=1e-6)
+    assert got.n_tokens == want.n_tokens
+
+
+def test_truncation_counts_the_prompt(prompted_minilm):
+    from gpu_runtime import load_embedding_engine
+
+    engine = load_embedding_engine(prompted_minilm["named"], device="cpu")
+    tokenizer = engine.model.tokenizer
+    # A text that just fits on its own ([CLS] + words + [SEP] == max_seq_length) but not after the prompt.
+    words = ["hello"] * (engine.max_seq_length - 2)
+    text = " ".join(words)
+    assert len(tokenizer(text)["input_ids"]) == engine.max_seq_length
+    alone = engine.embed([text])
+    prompted = engine.embed([text], prompt_name="query")
+    assert alone.truncated == [False] and alone.n_tokens == [engine.max_seq_length]
+    assert prompted.truncated == [True] and prompted.n_tokens[0] > engine.max_seq_length
