@@ -5,6 +5,7 @@ Orchestration only; every step is a task in ``tasks/`` over a plain function.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from typing import Any
@@ -57,6 +58,15 @@ def shard_outcome(future: PrefectFuture, shard_by_name: dict[str, Any]) -> Shard
     reason = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value)
     return ShardResult(index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
                        status="failed", error=reason, finished_at=time.time())
+
+
+def chat_date_info(cfg: JobConfig) -> dict[str, str]:
+    """The date chat templates print in this run (the configured one, else today in UTC), fixed
+    once so every shard of the run renders the same prompt; recorded in the manifest and parts."""
+    if not cfg.runs_generation:
+        return {}
+    day = cfg.generate.chat_date or datetime.datetime.now(datetime.timezone.utc).date()
+    return {"chat_date": day.isoformat()}
 
 
 def part_lineage(cfg: JobConfig, run_info: dict[str, Any]) -> dict[str, str]:
@@ -126,7 +136,7 @@ def enrich(job: dict[str, Any]) -> dict[str, Any]:
     plan = plan_shards_task(cfg)
     prepare_output_task(cfg)
     run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
-    run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id()}
+    run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
     start_output_task(cfg, plan, run_info)
     done = find_committed_task(cfg, plan)
     results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))

@@ -6,6 +6,7 @@ and every other row is processed. One output row per input row, in input order.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -97,8 +98,12 @@ def enrich_table(
     cfg: JobConfig,
     generator: GenerationEngine | None,
     embedder: EmbeddingEngine | None,
+    chat_date: dt.date | str | None = None,
 ) -> tuple[pa.Table, EnrichStats]:
-    """Run the configured engines over ``table``; returns the output table and its counters."""
+    """Run the configured engines over ``table``; returns the output table and its counters.
+
+    ``chat_date`` is the run's date for chat templates that print one, used when the config does
+    not set ``generate.chat_date`` (which wins)."""
     from gpu_runtime import GenerationParams, render_prompt, template_fields
 
     table, stats_repaired = repair_utf8(table)
@@ -128,6 +133,8 @@ def enrich_table(
             max_batch_size=g.max_batch_size,
             cache=g.cache,
             compile=g.compile,
+            chat_template_kwargs=dict(g.chat_template_kwargs) or None,
+            chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
         )
         outputs = generator.generate(prompts, params) if prompts else []
         gen_cols: dict[str, list[Any]] = {f.name: [None] * n for f in GENERATION_FIELDS}
@@ -146,7 +153,8 @@ def enrich_table(
         assert embedder is not None
         dim = embedder.dim
         texts = [cleaned[i][0] for i in valid]
-        result = embedder.embed(texts, token_budget=cfg.embed.token_budget, max_batch_size=cfg.embed.max_batch_size)
+        result = embedder.embed(texts, token_budget=cfg.embed.token_budget, max_batch_size=cfg.embed.max_batch_size,
+                                prompt_name=cfg.embed.prompt_name)
         vectors: list[Any] = [None] * n
         for j, i in enumerate(valid):
             vectors[i] = result.vectors[j]

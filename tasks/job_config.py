@@ -7,6 +7,7 @@ is what goes to Prefect parameters, MLflow and the manifest.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 from pathlib import Path
@@ -39,10 +40,21 @@ class GenerateConfig(_Strict):
     seed: int | None = None
     max_input_tokens: int | None = Field(default=None, ge=8)
     ignore_eos: bool = Field(default=False, description="always generate max_new_tokens (benchmarks)")
-    token_budget: int = Field(default=16384, ge=64)
-    max_batch_size: int = Field(default=64, ge=1)
+    token_budget: int | None = Field(
+        default=None, ge=64, description="padded tokens per batch; null: sized from free GPU memory, 16384 on CPU"
+    )
+    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 256 on GPU, 64 on CPU")
     cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache: static preallocates")
     compile: bool = Field(default=False, description="torch.compile the decode step (needs cache: static; GPU)")
+    attn_implementation: str | None = Field(
+        default=None, min_length=1, description="sdpa, eager, flash_attention_2...; null: transformers' choice"
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra chat template variables, e.g. {enable_thinking: false}"
+    )
+    chat_date: dt.date | None = Field(
+        default=None, description="the date a chat template prints; null: the partition date, else the run's start"
+    )
 
     @model_validator(mode="after")
     def _compile_needs_static_cache(self) -> GenerateConfig:
@@ -50,11 +62,23 @@ class GenerateConfig(_Strict):
             raise ValueError("compile: true needs cache: static (torch.compile wants fixed cache shapes)")
         return self
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_are_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from gpu_runtime.prompts import RESERVED_TEMPLATE_KWARGS
+
+        if reserved := sorted(RESERVED_TEMPLATE_KWARGS & value.keys()):
+            raise ValueError(f"{', '.join(reserved)} cannot be set here (the engine sets it)")
+        return value
+
 
 class EmbedConfig(_Strict):
     """Embeddings of the text column."""
 
     model: str = DEFAULT_EMBED_MODEL
+    prompt_name: str | None = Field(
+        default=None, min_length=1, description="a prompt of the model's (e.g. query); null: its default prompt, if any"
+    )
     token_budget: int = Field(default=16384, ge=64)
     max_batch_size: int = Field(default=64, ge=1)
 

@@ -83,9 +83,14 @@ def _place_date(uri: str, date: str) -> str:
 
 
 def dated(cfg: JobConfig, date: str) -> JobConfig:
-    """``cfg`` narrowed to one date partition of its input and output."""
-    day = parse_date(date).isoformat()
-    return cfg.model_copy(update={"input": _place_date(cfg.input, day), "output": _place_date(cfg.output, day)})
+    """``cfg`` narrowed to one date partition of its input and output; a chat template that prints
+    a date prints the partition's (unless ``generate.chat_date`` is set), so reruns match."""
+    parsed = parse_date(date)
+    day = parsed.isoformat()
+    update: dict[str, Any] = {"input": _place_date(cfg.input, day), "output": _place_date(cfg.output, day)}
+    if cfg.generate.chat_date is None:
+        update["generate"] = cfg.generate.model_copy(update={"chat_date": parsed})
+    return cfg.model_copy(update=update)
 
 
 def partition_config(job: str | dict[str, Any], date: str) -> JobConfig:

@@ -33,7 +33,10 @@ def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
     """The configured engines, from this process's model cache."""
     from gpu_runtime import load_embedding_engine, load_generation_engine
 
-    generator = load_generation_engine(cfg.generate.model, device=cfg.device) if cfg.runs_generation else None
+    generator = (
+        load_generation_engine(cfg.generate.model, device=cfg.device, attn_implementation=cfg.generate.attn_implementation)
+        if cfg.runs_generation else None
+    )
     embedder = load_embedding_engine(cfg.embed.model, device=cfg.device) if cfg.runs_embedding else None
     return generator, embedder
 
@@ -68,7 +71,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     with device_lock(engine_device):  # another shard in flight reads or writes meanwhile
         compute_started = time.perf_counter()
         energy_before = gpu_energy_mj(engine_device)
-        enriched, stats = enrich_table(table, cfg, generator, embedder)
+        enriched, stats = enrich_table(table, cfg, generator, embedder, chat_date=lineage.get("chat_date"))
         compute_done = time.perf_counter()
         energy_after = gpu_energy_mj(engine_device)
     part_lineage = {

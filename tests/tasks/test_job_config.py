@@ -37,6 +37,10 @@ def test_set_values_are_parsed_as_yaml():
         ({"input": "a", "output": "b", "generate": {"cache": "paged"}}, "generate.cache"),
         ({"input": "a", "output": "b", "runner": "spark"}, "runner"),
         ({"input": "a", "output": "b", "workers": 0}, "workers"),
+        ({"input": "a", "output": "b", "generate": {"chat_template_kwargs": {"add_generation_prompt": False}}},
+         "generate.chat_template_kwargs: add_generation_prompt cannot be set here"),
+        ({"input": "a", "output": "b", "generate": {"chat_date": "yesterday"}}, "generate.chat_date"),
+        ({"input": "a", "output": "b", "embed": {"prompt_name": ""}}, "embed.prompt_name"),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path, data, message):
@@ -76,3 +80,28 @@ def test_output_fingerprint_tracks_values_not_batching():
 
 def test_default_template_is_the_text_column():
     assert JobConfig(input="a", output="b", text_column="body").template == "{body}"
+
+
+def test_fingerprint_tracks_template_variables_date_attention_and_prompt_not_sizes():
+    base = JobConfig(input="a", output="b")
+    for changed in (
+        {"generate": {"chat_template_kwargs": {"enable_thinking": False}}},
+        {"generate": {"chat_date": "2026-11-30"}},
+        {"generate": {"attn_implementation": "eager"}},
+        {"embed": {"prompt_name": "query"}},
+    ):
+        assert JobConfig(input="a", output="b", **changed).output_fingerprint() != base.output_fingerprint(), changed
+    sized = JobConfig(input="a", output="b", generate={"token_budget": 4096, "max_batch_size": 8})
+    assert sized.output_fingerprint() == base.output_fingerprint()
+    assert base.generate.token_budget is None and base.generate.max_batch_size is None  # sized by the engine
+
+
+def test_a_partition_prints_its_own_date_in_chat_templates():
+    import datetime as dt
+
+    from tasks.partitions import dated
+
+    cfg = dated(JobConfig(input="in", output="out"), "2026-11-30")
+    assert cfg.generate.chat_date == dt.date(2026, 11, 30)
+    pinned = dated(JobConfig(input="in", output="out", generate={"chat_date": "2025-01-01"}), "2026-11-30")
+    assert pinned.generate.chat_date == dt.date(2025, 1, 1)
