@@ -369,6 +369,11 @@ def dockerignore_excludes(patterns: list[str], path: str) -> bool:
     return excluded
 
 
+def test_worker_image_uses_expandable_cuda_segments():
+    text = re.sub(r"#.*", "", DOCKERFILE.read_text())
+    assert re.search(r"^ENV PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True$", text, re.M)
+
+
 def test_docker_build_context_keeps_only_what_the_image_needs():
     ignore = INFRA / "docker" / "Dockerfile.dockerignore"  # BuildKit's per-Dockerfile ignore file
     patterns = [line.strip() for line in ignore.read_text().splitlines()
