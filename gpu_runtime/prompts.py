@@ -7,6 +7,7 @@ over-long user text are the same whichever engine decodes.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import string
 from collections.abc import Mapping
@@ -78,12 +79,11 @@ def build_chat(
 
     The system message is included only when ``system_prompt`` is given (some templates, e.g.
     SmolLM2's, then insert their default one). ``template_kwargs`` become template variables
-    (e.g. ``enable_thinking=False`` for Qwen3). ``date`` is passed as ``date_string``, the
-    variable Llama-3.x templates print before falling back to the wall clock (``strftime_now``),
-    so such a template renders the same prompt on every day of a run. (transformers hands
-    templates plain data only, so ``strftime_now`` itself cannot be replaced: a template that
-    calls it directly still prints today's date.) A tokenizer without a chat template gets the
-    plain text, so base (non-instruct) models still work.
+    (e.g. ``enable_thinking=False`` for Qwen3). ``date`` replaces the wall clock: it is passed as
+    ``date_string`` (the variable Llama-3.x templates print) and is what the template's
+    ``strftime_now`` returns (midnight of that day; Mistral-style templates call it directly), so
+    such a template renders the same prompt on every day of a run. A tokenizer without a chat
+    template gets the plain text, so base (non-instruct) models still work.
     """
     if not getattr(tokenizer, "chat_template", None):
         return user_text
@@ -92,9 +92,15 @@ def build_chat(
         messages.append({"role": "system", "content": system_prompt})
     messages.append({"role": "user", "content": user_text})
     extra = dict(template_kwargs or {})
-    if date is not None:
-        extra["date_string"] = date.strftime(DATE_STRING_FORMAT)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    if date is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    extra["date_string"] = date.strftime(DATE_STRING_FORMAT)
+    _pin_template_clock()
+    token = _PINNED_DAY.set(date)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+    finally:
+        _PINNED_DAY.reset(token)
 
 
 def encode_chat(
@@ -134,3 +140,36 @@ def encode_chat(
         f"the chat template and system prompt alone take about {overhead} tokens, more than the "
         f"input limit of {limit}; raise max_input_tokens or shorten the system prompt"
     )
+
+
+# transformers hands templates plain data only (a callable passed as a variable arrives as an
+# inert placeholder), so its ``strftime_now`` cannot be overridden per call. It reads
+# ``datetime.now()`` from its module at call time: that name is pointed at a clock that returns
+# the pinned day while build_chat renders with a date (per thread/task: a ContextVar) and the
+# real time otherwise.
+_PINNED_DAY: contextvars.ContextVar[dt.date | None] = contextvars.ContextVar("shardwise_chat_date", default=None)
+
+
+class _PinnableClock(dt.datetime):
+    @classmethod
+    def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+        day = _PINNED_DAY.get()
+        if day is None:
+            return dt.datetime.now(tz)
+        return dt.datetime.combine(day, dt.time(), tzinfo=tz)
+
+
+def _pin_template_clock() -> bool:
+    """Route transformers' template clock through :class:`_PinnableClock`; False where its layout
+    is not the expected one (then only ``date_string`` carries the date)."""
+    try:
+        from transformers.utils import chat_template_utils
+    except ImportError:
+        return False
+    current = getattr(chat_template_utils, "datetime", None)
+    if current is _PinnableClock:
+        return True
+    if current is not dt.datetime:
+        return False
+    chat_template_utils.datetime = _PinnableClock
+    return True

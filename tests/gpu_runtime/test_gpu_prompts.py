@@ -124,3 +124,55 @@ def test_reserved_template_kwargs_are_refused():
         GenerationParams(chat_template_kwargs={"strftime_now": "x"})
     with pytest.raises(ValueError, match="add_generation_prompt"):
         GenerationParams(chat_template_kwargs={"add_generation_prompt": False})
+
+
+@pytest.mark.slow
+def test_the_job_configs_template_kwargs_and_run_date_reach_the_engine(generation_engine, dated_tokenizer, monkeypatch):
+    """Through enrich_table: the config's chat_template_kwargs and the run's chat date (from the
+    lineage) shape the prompt the engine decodes from; a configured chat_date wins."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from gpu_runtime.prompts import encode_chat
+    from tasks.enrichment import enrich_table
+    from tasks.job_config import JobConfig
+
+    monkeypatch.setattr(generation_engine.tokenizer, "chat_template", DATED_THINKING_TEMPLATE)
+    table = pa.table({"id": [1, 2], "text": ["Hi", "How are you?"]})
+
+    def prompt_tokens(cfg: JobConfig, run_date: str | None) -> list[int]:
+        out, _ = enrich_table(table, cfg, generation_engine, None, chat_date=run_date)
+        return out.column("n_prompt_tokens").to_pylist()
+
+    def expected(kwargs, date) -> list[int]:
+        return [len(encode_chat(dated_tokenizer, t, 10**6, template_kwargs=kwargs, date=date)[0])
+                for t in ("Hi", "How are you?")]
+
+    quiet = JobConfig(input="x", output="y", task="generate",
+                      generate={"max_new_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}})
+    assert prompt_tokens(quiet, "2024-07-26") == expected({"enable_thinking": False}, dt.date(2024, 7, 26))
+    loud = JobConfig(input="x", output="y", task="generate", generate={"max_new_tokens": 1})
+    assert prompt_tokens(loud, "2024-07-26") == expected(None, dt.date(2024, 7, 26))
+    assert prompt_tokens(quiet, "2024-07-26") != prompt_tokens(loud, "2024-07-26")
+    pinned = JobConfig(input="x", output="y", task="generate",
+                       generate={"max_new_tokens": 1, "chat_date": "2025-05-05"})
+    assert prompt_tokens(pinned, "2024-07-26") == expected(None, dt.date(2025, 5, 5))
+
+
+def test_a_template_that_calls_strftime_now_itself_prints_the_date_passed_in(dated_tokenizer):
+    """Mistral-style templates call strftime_now directly rather than reading date_string."""
+    import datetime as dt
+
+    from gpu_runtime.prompts import build_chat
+
+    class Direct:
+        chat_template = "Today is {{ strftime_now('%Y-%m-%d') }}. {{ messages[-1].content }}"
+
+        def apply_chat_template(self, *args, **kwargs):
+            return dated_tokenizer.apply_chat_template(*args, chat_template=self.chat_template, **kwargs)
+
+    today = dt.datetime.now().strftime("%Y-%m-%d")
+    assert build_chat(Direct(), "Hi", None) == f"Today is {today}. Hi"
+    assert build_chat(Direct(), "Hi", None, date=dt.date(2024, 7, 26)) == "Today is 2024-07-26. Hi"
+    assert build_chat(Direct(), "Hi", None) == f"Today is {today}. Hi"  # the wall clock again afterwards
