@@ -56,7 +56,7 @@ class GenerationParams:
 
     ``chat_template_kwargs`` become variables of the chat template (``{"enable_thinking": False}``
     for Qwen3); ``chat_date`` is the date a template that prints today's date (Llama-3.1's,
-    as Llama-3.1's does) shows instead of the wall clock's, passed as ``date_string``.
+    Mistral's) shows instead of the wall clock's (see :func:`gpu_runtime.prompts.build_chat`).
 
     ``ignore_eos=True`` (like vLLM's ``ignore_eos``) makes every row generate exactly
     ``max_new_tokens`` tokens, with ``finish_reason="length"``: the eos tokens are masked out until
