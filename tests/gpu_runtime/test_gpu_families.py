@@ -4,7 +4,7 @@ Tiny random-weight checkpoints of Llama, Qwen2, Qwen3, Mistral (sliding window),
 and Phi-3 (tests/gpu_runtime/families.py), each shipping a generation_config.json full of
 sampling, penalty and cache defaults that must not leak into decoding. Full-attention families
 take the engine's joined-cache path, sliding-window ones the plain ``generate`` path; both must
-give the reference's text and token counts on every row. One family also goes through the CLI.
+give the reference's text and token counts on every row. Gemma-3 also goes through the CLI.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def test_attention_implementation_is_transformers_choice_unless_configured(famil
     assert load_generation_engine(str(family_dirs["llama"]), device="cpu") is not eager
 
 
-@pytest.mark.parametrize("family", ["gemma3", "llama"])
+# One family through the CLI (a run costs ~1 min of Prefect and MLflow start-up); the rest in-process.
+@pytest.mark.parametrize("family", ["gemma3"])
 def test_cli_output_equals_per_row_greedy_reference(family, family_dirs, tmp_path):
     model_dir = family_dirs[family]
     data = tmp_path / "reviews"
