@@ -1,4 +1,4 @@
-"""The ``shardwise`` command line: ``run``, ``demo``, ``status`` and ``lineage``.
+"""The ``shardwise`` command line: ``run``, ``plan``, ``demo``, ``status`` and ``lineage``.
 
 Exit codes: 0 success; 1 the run failed (some shards failed, or an unexpected error); 2 bad input
 or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted.
@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace an output that was written with a different config")
     run.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. generate.temperature=0.7 (repeatable)")
+    run.add_argument("--max-cost", type=float, metavar="USD",
+                     help="refuse the run if its forecast can cost more; start no shard past it")
+
+    plan = sub.add_parser("plan", help="forecast rows, tokens, device time and cost of a run; runs nothing")
+    for action in run._actions[1:]:  # exactly run's job flags (all but -h), so a plan matches its run
+        plan._add_action(action)
+    plan.add_argument("--json", action="store_true", help="print one JSON document")
+    plan.add_argument("--sample-rows", type=int, default=None, metavar="N",
+                      help="tokenize every row up to N rows to compute, else a random sample of shards")
 
     demo = sub.add_parser("demo", help="generate a synthetic review dataset and enrich it")
     demo.add_argument("--rows", type=int, default=48, help="total rows (spread over 3 files)")
@@ -85,6 +94,7 @@ def config_from_args(args: argparse.Namespace):
         "runner": args.runner,
         "device": args.device,
         "overwrite": args.overwrite,
+        "max_cost": args.max_cost,
     }
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     generate = {
@@ -103,7 +113,7 @@ def config_from_args(args: argparse.Namespace):
     if args.config is None and ("input" not in overrides or "output" not in overrides):
         from tasks.errors import ConfigError
 
-        raise ConfigError("run needs --input and --output (or a --config that sets them)")
+        raise ConfigError(f"{args.command} needs --input and --output (or a --config that sets them)")
     cfg = build_config(args.config, overrides, args.set_options)
     if args.date:
         from tasks.partitions import dated
@@ -129,6 +139,36 @@ def preflight(cfg) -> Any:
     return plan
 
 
+def run_forecast(cfg, plan) -> Any:
+    """The run's forecast, printed on stderr; refuses (exit 2) a job whose high end exceeds
+    ``max_cost``. Without ``max_cost`` a forecast that cannot be made is only a warning."""
+    from tasks.errors import ConfigError
+    from tasks.forecast import make_forecast, over_budget
+
+    try:
+        forecast = make_forecast(cfg, plan)
+    except Exception as err:  # noqa: BLE001 - informative unless a budget depends on it
+        if cfg.max_cost is not None:
+            raise ConfigError(f"max_cost is set but the cost cannot be forecast: {err}") from None
+        print(f"shardwise: warning: no cost forecast: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return None
+    print(f"shardwise: forecast {format_forecast_line(forecast)}", file=sys.stderr, flush=True)
+    refusal = over_budget(cfg, forecast)
+    if refusal:
+        raise ConfigError(refusal)
+    return forecast
+
+
+def format_forecast_line(forecast: dict[str, Any] | Any) -> str:
+    data = forecast if isinstance(forecast, dict) else forecast.to_dict()
+    cost, seconds = data["cost"], data["device_seconds"]
+    tokens = data.get("generated_tokens") or data.get("embedded_tokens") or {}
+    return (f"{data['rows_to_compute']} rows to compute, "
+            f"{tokens.get('expected', 0):.0f} {'generated' if data.get('generated_tokens') else 'embedded'} tokens, "
+            f"{seconds['expected']:.1f}s device time ({seconds['low']:.1f}-{seconds['high']:.1f}), "
+            f"cost {cost['expected']:.6f} {data['currency']} ({cost['low']:.6f}-{cost['high']:.6f})")
+
+
 def execute(cfg) -> int:
     """Run the flow for ``cfg``, print the summary, return the exit code."""
     from flows.enrich import enrich_for
@@ -138,12 +178,16 @@ def execute(cfg) -> int:
     plan = preflight(cfg)
     print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
           file=sys.stderr, flush=True)
+    forecast = run_forecast(cfg, plan)
     set_runtime_storage_options(cfg.storage_options)
     with shared_prefect_api():
-        state = enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
+        state = enrich_for(cfg)(job=cfg.public_dict(), forecast=forecast.to_dict() if forecast else None,
+                                return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
         print(format_summary(result))
+        if not result.get("succeeded") and state.message:
+            _error(f"run failed: {state.message}")
         return 0 if result.get("succeeded") else 1
     reason = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else state.message
     _error(f"run failed: {reason}")
@@ -168,6 +212,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                            f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)"),
         ("MLflow run", f"{summary['mlflow_run_id']} ({tracking_uri()})"),
     ]
+    if summary.get("forecast"):
+        rows.insert(-1, ("forecast", format_forecast_line(summary["forecast"])))
     for label, use in summary.get("workers", {}).items():
         rows.append(("worker", f"{label}: {use['shards']} shards"))
     width = max(len(k) for k, _ in rows)
@@ -179,6 +225,30 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     return execute(config_from_args(args))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The forecast of ``run`` with the same flags; reads inputs, tokenizers and MLflow, writes nothing."""
+    import json
+
+    from gpu_runtime import resolve_model_spec
+    from tasks.forecast import SAMPLE_ROWS, format_forecast, make_forecast, over_budget
+    from tasks.planning import plan_shards
+
+    cfg = config_from_args(args)
+    plan = plan_shards(cfg)
+    for role, spec in (("generate", cfg.generate.model), ("embed", cfg.embed.model)):
+        if cfg.runs_generation if role == "generate" else cfg.runs_embedding:
+            resolve_model_spec(spec)
+    forecast = make_forecast(cfg, plan, sample_rows=args.sample_rows or SAMPLE_ROWS)
+    refusal = over_budget(cfg, forecast)
+    if args.json:
+        print(json.dumps({**forecast.to_dict(), "max_cost": cfg.max_cost, "refused": refusal}, indent=2))
+    else:
+        print(format_forecast(forecast))
+        if refusal:
+            print(f"\nrun would be refused: {refusal}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -278,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_runtime.errors import EngineError, ModelNotFoundError
     from tasks.errors import ShardwiseError
 
-    handlers = {"run": cmd_run, "demo": cmd_demo, "status": cmd_status, "lineage": cmd_lineage}
+    handlers = {"run": cmd_run, "plan": cmd_plan, "demo": cmd_demo, "status": cmd_status, "lineage": cmd_lineage}
     started = time.perf_counter()
     try:
         return handlers[args.command](args)

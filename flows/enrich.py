@@ -16,6 +16,8 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from tasks.budget import BudgetGuard, ProgressMeter, budgeted_completions, shard_capacity, unstarted
+from tasks.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
 from tasks.job_config import JobConfig, validate_config
 from tasks.manifest import commit_output_task, start_output_task
 from tasks.planning import ShardPlan, plan_shards_task
@@ -81,9 +83,12 @@ def part_lineage(cfg: JobConfig, run_info: dict[str, Any]) -> dict[str, str]:
 
 
 def process_shards(
-    cfg: JobConfig, plan: ShardPlan, done: list[ShardResult], run_id: str, lineage: dict[str, str]
+    cfg: JobConfig, plan: ShardPlan, done: list[ShardResult], run_id: str, lineage: dict[str, str],
+    forecast: Forecast | None = None, guard: BudgetGuard | None = None,
 ) -> list[ShardResult]:
-    """Submit one task per shard not already committed; log each to MLflow as it finishes."""
+    """Submit one task per shard not already committed; log each to MLflow as it finishes.
+
+    With a ``guard`` (``max_cost``), shards are submitted a few at a time within the budget."""
     logger = get_run_logger()
     committed = {r.index for r in done}
     pending = [s for s in plan.shards if s.index not in committed]
@@ -97,23 +102,35 @@ def process_shards(
     with shard_placement(cfg) as resources:
         if resources:
             logger.info("each shard asks Ray for %s", resources)
-        futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
-    by_task_run = {f.task_run_id: s for f, s in zip(futures, pending)}
-    results: list[ShardResult] = list(done)
-    progress = start_progress(len(plan.shards), len(done))
-    for future in as_completed(list(futures)):
-        result = shard_outcome(future, by_task_run)
-        results.append(result)
-        update_progress(progress, sum(r.status == "committed" for r in results), len(plan.shards))
-        log_shard(run_id, result, price_for(cfg, [result]))
-        if result.status == "committed":
-            logger.info(
-                "%s committed (%d/%d) by %s: %d rows in %.1fs, %.1f generated tok/s",
-                result.name, len(results), len(plan.shards), result.worker, result.rows, result.seconds,
-                result.generated_tokens / max(result.seconds_compute, 1e-9),
-            )
+        if guard is None:
+            futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
+            by_future = dict(zip(futures, pending))
+            finished = ((f, by_future[f]) for f in as_completed(list(futures)))
         else:
-            logger.error("%s failed (%d/%d): %s", result.name, len(results), len(plan.shards), result.error)
+            finished = budgeted_completions(lambda shard: shard_task.submit(shard, cfg, lineage), pending,
+                                            guard, capacity=shard_capacity(cfg))
+        results: list[ShardResult] = list(done)
+        progress = start_progress(len(plan.shards), len(done))
+        meter = ProgressMeter(sum(s.num_rows for s in pending), forecast.cost.expected if forecast and forecast.cost
+                              else None, forecast.currency if forecast else "USD")
+        for future, shard in finished:
+            result = shard_outcome(future, {future.task_run_id: shard})
+            results.append(result)
+            price = price_for(cfg, [result])
+            cost = price.cost(result.seconds)
+            meter.add(result, cost)
+            if guard is not None:
+                guard.finished(result, cost)
+            update_progress(progress, sum(r.status == "committed" for r in results), len(plan.shards), meter.line())
+            log_shard(run_id, result, price)
+            if result.status == "committed":
+                logger.info(
+                    "%s committed (%d/%d) by %s: %d rows in %.1fs, %.1f generated tok/s; %s",
+                    result.name, len(results), len(plan.shards), result.worker, result.rows, result.seconds,
+                    result.generated_tokens / max(result.seconds_compute, 1e-9), meter.line(),
+                )
+            else:
+                logger.error("%s failed (%d/%d): %s", result.name, len(results), len(plan.shards), result.error)
     return results
 
 
@@ -126,24 +143,37 @@ def failure_message(summary: dict[str, Any], plan: ShardPlan) -> str:
 
 
 @flow(name="enrich", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def enrich(job: dict[str, Any]) -> dict[str, Any]:
+def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[str, Any]:
     """Enrich a Parquet dataset with generated text and/or embeddings; returns the run summary.
 
-    Called directly it runs one shard at a time in this process; :func:`enrich_for` picks the
-    runner the job asks for (worker processes, Ray, a second shard in flight on a GPU)."""
+    ``forecast`` is what ``shardwise plan`` computes (the CLI passes the one it checked ``max_cost``
+    against); without it the flow makes its own. Called directly it runs one shard at a time in
+    this process; :func:`enrich_for` picks the runner the job asks for (worker processes, Ray, a
+    second shard in flight on a GPU)."""
     started = time.perf_counter()
     cfg = job_from_parameters(job)
     plan = plan_shards_task(cfg)
+    expected = Forecast.from_dict(forecast) if forecast else forecast_task(cfg, plan)
+    if cfg.max_cost is not None and over_budget(cfg, expected):
+        return Failed(message=over_budget(cfg, expected))
     prepare_output_task(cfg)
     run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
+    log_forecast(run_id, expected)
     run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
     start_output_task(cfg, plan, run_info)
     done = find_committed_task(cfg, plan)
-    results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
+    guard = (BudgetGuard(cfg.max_cost, expected.cost_per_row() if expected else 0.0)
+             if cfg.max_cost is not None else None)
+    results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
     outcome = commit_output_task(cfg, plan, results, run_info)
     summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
+    summary["forecast"] = expected.to_dict() if expected else None
+    log_computed(run_id, results)
     if not outcome.succeeded:
-        return Failed(message=failure_message(summary, plan), data=summary)
+        message = failure_message(summary, plan)
+        if guard is not None and guard.stopped:
+            message = guard.message(unstarted(list(plan.shards), results), summary["currency"])
+        return Failed(message=message, data=summary)
     return summary
 
 

@@ -120,6 +120,9 @@ class JobConfig(_Strict):
     overwrite: bool = Field(default=False, description="replace an output written with another config")
     device_type: str | None = Field(default=None, description="price-table key; default: detected")
     price_per_device_hour: float | None = Field(default=None, ge=0)
+    max_cost: float | None = Field(
+        default=None, gt=0, description="refuse a run forecast to cost more; stop starting shards at it"
+    )
     generate: GenerateConfig = GenerateConfig()
     embed: EmbedConfig = EmbedConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)

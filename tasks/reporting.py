@@ -29,8 +29,8 @@ def start_progress(total: int, done: int) -> Any:
     )
 
 
-def update_progress(artifact_id: Any, done: int, total: int) -> None:
-    update_progress_artifact(artifact_id, progress=100.0 * done / total if total else 100.0)
+def update_progress(artifact_id: Any, done: int, total: int, description: str | None = None) -> None:
+    update_progress_artifact(artifact_id, progress=100.0 * done / total if total else 100.0, description=description)
 
 
 def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:
