@@ -122,8 +122,11 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def preflight(cfg) -> Any:
-    """Everything that can fail fast does so here, before Prefect starts or a model loads."""
+def preflight(cfg, before_writing: Any = None) -> Any:
+    """Everything that can fail fast does so here, before Prefect starts or a model loads.
+
+    ``before_writing(cfg, plan)`` runs before the write probe, which creates the output location:
+    a check that refuses the run (the budget) then leaves nothing behind."""
     from gpu_runtime import resolve_model_spec
     from tasks.planning import plan_shards
     from tasks.resume import check_output_compatible
@@ -135,6 +138,8 @@ def preflight(cfg) -> Any:
         resolve_model_spec(cfg.generate.model)
     if cfg.runs_embedding:
         resolve_model_spec(cfg.embed.model)
+    if before_writing is not None:
+        before_writing(cfg, plan)
     check_writable(cfg.output, cfg.storage_options)
     return plan
 
@@ -175,10 +180,11 @@ def execute(cfg) -> int:
     from tasks.runners import shared_prefect_api
     from tasks.storage import set_runtime_storage_options
 
-    plan = preflight(cfg)
+    forecasts: list[Any] = []
+    plan = preflight(cfg, before_writing=lambda cfg, plan: forecasts.append(run_forecast(cfg, plan)))
+    forecast = forecasts[0]
     print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
           file=sys.stderr, flush=True)
-    forecast = run_forecast(cfg, plan)
     set_runtime_storage_options(cfg.storage_options)
     with shared_prefect_api():
         state = enrich_for(cfg)(job=cfg.public_dict(), forecast=forecast.to_dict() if forecast else None,
