@@ -1,19 +1,22 @@
 """Token counts without model weights, for forecasts made before a run (``shardwise plan``).
 
-Counts follow the engines exactly: a generation prompt is the user text wrapped by
-:func:`~gpu_runtime.prompts.build_chat` and tokenized as :class:`~gpu_runtime.generation.GenerationEngine`
-does (special tokens only for models without a chat template), capped at the same input limit; an
-embedding text is tokenized with special tokens, untruncated, as the embedding engine counts it.
-Only tokenizers and config files are read.
+Counts follow the engines exactly: a generation prompt goes through
+:func:`~gpu_runtime.prompts.encode_chat`, the generation engine's own encoder (chat template,
+template variables, run date, truncation to the same input limit); an embedding text is the model's
+prompt plus the text, tokenized with special tokens and untruncated, as the embedding engine counts
+it. Only tokenizers and config files are read.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from .prompts import build_chat
+from .prompts import encode_chat
 
 __all__ = ["PromptCounter", "load_tokenizer"]
 
@@ -74,26 +77,40 @@ class PromptCounter:
 
     def __init__(self, spec: str, max_new_tokens: int, max_input_tokens: int | None) -> None:
         self.tokenizer = load_tokenizer(spec)
-        self._has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         limit: float = max_input_tokens or math.inf
         context = _max_context(spec, self.tokenizer)
         if context is not None:
             limit = min(limit, context - max_new_tokens)
-        self.limit = limit
+        self.limit = int(limit) if limit != math.inf else 2**62
 
-    def count(self, user_texts: Sequence[str], system_prompt: str | None) -> list[int]:
-        """Prompt tokens per text; a text longer than the input limit counts as the limit (the engine
-        truncates it to at most that)."""
-        chats = [build_chat(self.tokenizer, text, system_prompt) for text in user_texts]
-        if not chats:
-            return []
-        ids = self.tokenizer(chats, add_special_tokens=not self._has_chat_template, verbose=False)["input_ids"]
-        return [int(min(len(row), self.limit)) for row in ids]
+    def count(self, user_texts: Sequence[str], system_prompt: str | None,
+              template_kwargs: Mapping[str, Any] | None = None, date: dt.date | None = None) -> list[int]:
+        """Prompt tokens per text, as the engine encodes (and, when too long, truncates) it."""
+        return [len(encode_chat(self.tokenizer, text, self.limit, system_prompt=system_prompt,
+                                template_kwargs=template_kwargs, date=date)[0]) for text in user_texts]
 
 
-def count_embedding_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    """Tokens per text as the embedding engine reports them (special tokens included, untruncated)."""
+def embedding_prompt(spec: str, prompt_name: str | None) -> str:
+    """The text the embedding engine puts before every input (see ``EmbeddingEngine.prompt``), read
+    from the model's ``config_sentence_transformers.json``; ``""`` when it defines none."""
+    source, _ = _tokenizer_source(spec)
+    config = Path(source) / "config_sentence_transformers.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    defined = {k: v for k, v in (data.get("prompts") or {}).items() if v is not None}
+    if prompt_name is None:
+        default = data.get("default_prompt_name")
+        return defined.get(default, "") if default else ""
+    if prompt_name not in defined:
+        raise ValueError(f"embedding model {spec!r} has no prompt {prompt_name!r} (its prompts: "
+                         f"{', '.join(sorted(defined)) or 'none'})")
+    return defined[prompt_name]
+
+
+def count_embedding_tokens(tokenizer: Any, texts: Sequence[str], prompt: str = "") -> list[int]:
+    """Tokens per text as the embedding engine reports them (its prompt and special tokens included,
+    untruncated)."""
     if not texts:
         return []
-    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    ids = tokenizer([prompt + text for text in texts], add_special_tokens=True, truncation=False,
+                    verbose=False)["input_ids"]
     return [len(row) for row in ids]

@@ -15,6 +15,7 @@ run logs it to MLflow next to the actuals, so later forecasts can learn from ear
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import random
 import time
@@ -132,7 +133,7 @@ class _Counts:
 
 def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
     from gpu_runtime import render_prompt, template_fields
-    from gpu_runtime.token_count import PromptCounter, count_embedding_tokens, load_tokenizer
+    from gpu_runtime.token_count import PromptCounter, count_embedding_tokens, embedding_prompt, load_tokenizer
     from tasks.enrichment import _prompt_row, clean_text
     from tasks.shard_io import read_shard
     from tasks.shard_work import input_columns
@@ -140,6 +141,9 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
     counter = (PromptCounter(cfg.generate.model, cfg.generate.max_new_tokens, cfg.generate.max_input_tokens)
                if cfg.runs_generation else None)
     embed_tokenizer = load_tokenizer(cfg.embed.model) if cfg.runs_embedding else None
+    embed_prompt = embedding_prompt(cfg.embed.model, cfg.embed.prompt_name) if cfg.runs_embedding else ""
+    # The date a run's chat template prints: the configured one, else today (as the flow fixes it).
+    chat_date = cfg.generate.chat_date or dt.datetime.now(dt.timezone.utc).date()
     valid: list[bool] = []
     prompt: list[int] = []
     embedded: list[int] = []
@@ -152,10 +156,12 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
         if counter is not None:
             rows = table.select(template_fields(cfg.template)).to_pylist()
             texts = [render_prompt(cfg.template, _prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in ok]
-            for i, n in zip(ok, counter.count(texts, cfg.generate.system_prompt)):
+            counts = counter.count(texts, cfg.generate.system_prompt,
+                                   dict(cfg.generate.chat_template_kwargs) or None, chat_date)
+            for i, n in zip(ok, counts):
                 row_prompt[i] = n
         if embed_tokenizer is not None:
-            for i, n in zip(ok, count_embedding_tokens(embed_tokenizer, [cleaned[i][0] for i in ok])):
+            for i, n in zip(ok, count_embedding_tokens(embed_tokenizer, [cleaned[i][0] for i in ok], embed_prompt)):
                 row_embed[i] = n
         valid += [err is None for _, err in cleaned]
         prompt += row_prompt
