@@ -154,3 +154,16 @@ def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(tmp_
     assert parts[0].read_bytes() == kept  # resumed, not recomputed
     assert (out / "_SUCCESS").exists()
     assert pl.read_parquet(out / "part-*.parquet").height == len(TEXTS)
+
+
+def test_a_deployment_run_over_budget_is_refused_before_writing(prefect_server, reviews_dir, tmp_path):
+    """Deployments call the flow without a forecast: it makes its own and refuses the same way."""
+    from flows.enrich import enrich
+    from tasks.job_config import build_config
+
+    cfg = build_config(None, {"input": str(reviews_dir), "output": str(tmp_path / "out"), "id_column": "review_id",
+                              "task": "generate", "max_cost": 1e-12, "name": "forecast-deployment"})
+    state = enrich(job=cfg.public_dict(), return_state=True)
+    assert state.is_failed()
+    assert "exceeds max_cost" in state.message
+    assert not (tmp_path / "out").exists()
