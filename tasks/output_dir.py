@@ -97,6 +97,22 @@ class LeaseHolder:
     token: str
     renewed_at: float
 
+    def is_dead_here(self) -> bool:
+        """True when the holder ran on this host and its process is gone (killed, crashed): its
+        lease is stale now, whatever its age."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def is_live(self, timeout_s: float) -> bool:
+        return time.time() - self.renewed_at <= timeout_s and not self.is_dead_here()
+
     def describe(self) -> str:
         age = time.time() - self.renewed_at
         return (f"host {self.host}, pid {self.pid}, flow run {self.flow_run_id or '-'}, "
@@ -156,13 +172,17 @@ class OutputDir:
             return False
 
     def foreign_files(self) -> list[str]:
-        """Files here that shardwise did not write (by its naming and, for parts, its footer)."""
+        """Files here that shardwise did not write: by its naming and, for a part, an entry in the
+        manifest or (when the manifest does not list it) a footer naming that very shard."""
         own_fixed = {MANIFEST_NAME, SUCCESS_NAME, LEASE_NAME}
+        names = self.names()
+        manifest = self.read_manifest() if MANIFEST_NAME in names else None
+        listed = {part_name(str(s.get("shard_id"))) for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
         foreign = []
-        for name in self.names():
+        for name in names:
             if name in own_fixed or name.startswith((TEMP_PREFIX, PROBE_PREFIX)):
                 continue
-            if not self.owns_part(name):
+            if not ((part_shard_id(name) and name in listed) or self.owns_part(name)):
                 foreign.append(name)
         return foreign
 
@@ -281,7 +301,7 @@ class OutputDir:
     def check_lease_free(self, timeout_s: float) -> None:
         """Raise :class:`ConfigError` naming the holder when a live run holds the lease."""
         holder = self.read_lease()
-        if holder is not None and time.time() - holder.renewed_at <= timeout_s:
+        if holder is not None and holder.is_live(timeout_s):
             raise ConfigError(f"output {self.uri} is in use by another run ({holder.describe()}); "
                               f"wait for it, or for its lease to expire {timeout_s:.0f}s after its last renewal")
 
@@ -320,7 +340,8 @@ class OutputDir:
         return True
 
     def acquire_lease(self, timeout_s: float, flow_run_id: str | None) -> Lease:
-        """Take the lease, or take over one not renewed for ``timeout_s`` (with a warning).
+        """Take the lease, or take over (with a warning) one not renewed for ``timeout_s`` or whose
+        holder's process on this host is gone.
 
         Raises :class:`ConfigError` naming the holder when a live run has it."""
         me = LeaseHolder(socket.gethostname(), os.getpid(), flow_run_id, uuid.uuid4().hex, time.time())
@@ -330,10 +351,10 @@ class OutputDir:
             holder = self.read_lease()
             if holder is None:
                 continue  # released between our create and our read
-            if time.time() - holder.renewed_at <= timeout_s:
+            if holder.is_live(timeout_s):
                 self.check_lease_free(timeout_s)
-            logger.warning("taking over the lease on %s from a run that stopped renewing it (%s)",
-                           self.uri, holder.describe())
+            reason = "whose process is gone" if holder.is_dead_here() else "that stopped renewing it"
+            logger.warning("taking over the lease on %s from a run %s (%s)", self.uri, reason, holder.describe())
             current = self.read_lease()
             if current is not None and current.token == holder.token:
                 self._remove(LEASE_NAME)

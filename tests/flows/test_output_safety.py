@@ -305,3 +305,21 @@ def test_verify_part_fails_loudly_on_a_storage_outage_instead_of_recomputing(s3,
     finally:
         s3_server.restore()
     assert verify_part(cfg, shard).rows == shard.num_rows
+
+
+def test_a_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_completes(prefect_server, tmp_path):
+    store = Storage(str(tmp_path))
+    write_input(store, "in")
+    job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED, "--workers", "2",
+           "--set", "shard_retries=0"]
+    killed = shardwise(*job, env={"SHARDWISE_CRASH_AT": "part-write"})  # each worker dies in its first part
+    assert killed.returncode == 1, (killed.returncode, killed.stderr[-3000:])
+    files = store.listdir("out")
+    assert "_SUCCESS" not in files and "_shardwise.lease" not in files, files  # the parent released it
+    rerun = shardwise(*job)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    files = store.listdir("out")
+    assert "_SUCCESS" in files and not [n for n in files if n.startswith(".")], files
+    ids = sorted(i for n in files if n.startswith("part-")
+                 for i in pq.read_table(store.path(f"out/{n}")).column("review_id").to_pylist())
+    assert ids == [f"r-{i:06d}" for i in range(12)]

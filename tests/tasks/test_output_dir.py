@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -91,8 +93,19 @@ def test_the_lease_is_exclusive_renewed_taken_over_when_stale_and_released(outpu
     with caplog.at_level(logging.WARNING, logger="shardwise.output"):
         with output.acquire_lease(timeout_s=60, flow_run_id="run-3"):
             assert output.read_lease().flow_run_id == "run-3"
-    assert "taking over the lease" in caplog.text
+    assert "taking over the lease" in caplog.text and "stopped renewing" in caplog.text
     assert output.read_lease() is None
+
+    # A fresh lease of a process of this host that is gone is taken over at once.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = output.acquire_lease(timeout_s=60, flow_run_id="killed")
+    orphan._stop.set()
+    data = json.loads(output.fs.cat_file(output._path(LEASE_NAME)))
+    output.fs.pipe_file(output._path(LEASE_NAME), json.dumps({**data, "pid": gone.pid}).encode())
+    with output.acquire_lease(timeout_s=60, flow_run_id="run-4"):
+        assert output.read_lease().flow_run_id == "run-4"
+    assert "whose process is gone" in caplog.text
 
 
 def test_an_interrupted_s3_upload_publishes_nothing(s3):
