@@ -130,10 +130,10 @@ def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardRe
         if result.status == "committed":
             name = result.part_uri.rsplit("/", 1)[-1] if result.part_uri else ""
             try:
-                found = output.part_lineage(name).get("part_write_id")
+                found: str | None = output.part_lineage(name).get("part_write_id")
             except FileNotFoundError:
-                found = None
-            if result.part_write_id is None or found != result.part_write_id:
+                found = "missing"
+            if found != result.part_write_id:  # both None: a part of an older version, unchanged
                 result = replace(result, status="failed",
                                  error=f"{name} was replaced by another writer after this run wrote or "
                                        "verified it (a late worker of an earlier run?); rerun to verify it")

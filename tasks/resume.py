@@ -89,7 +89,6 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
                     parquet.metadata.num_rows != shard.num_rows
                     or lineage.get(f"{LINEAGE_PREFIX}shard_id") != shard.shard_id
                     or lineage.get(f"{LINEAGE_PREFIX}config_fingerprint") != cfg.output_fingerprint()
-                    or not lineage.get(f"{LINEAGE_PREFIX}part_write_id")
                 ):
                     return None
                 table = parquet.read(columns=[cfg.id_column, "error"])
@@ -112,7 +111,7 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
     return ShardResult(
         index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
         status="committed", rows=shard.num_rows, error_rows=error_rows, part_uri=uri, part_bytes=size,
-        resumed=True, ids=ids, part_write_id=lineage[f"{LINEAGE_PREFIX}part_write_id"],
+        resumed=True, ids=ids, part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
     )
 
 
