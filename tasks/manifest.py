@@ -134,9 +134,10 @@ def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardRe
             except FileNotFoundError:
                 found = "missing"
             if found != result.part_write_id:  # both None: a part of an older version, unchanged
+                what = "disappeared" if found == "missing" else "was replaced by another writer"
                 result = replace(result, status="failed",
-                                 error=f"{name} was replaced by another writer after this run wrote or "
-                                       "verified it (a late worker of an earlier run?); rerun to verify it")
+                                 error=f"{name} {what} after this run wrote or verified it "
+                                       "(a late worker of an earlier run?); rerun to verify it")
         confirmed.append(result)
     return confirmed
 
