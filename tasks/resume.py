@@ -20,7 +20,7 @@ from tasks.output_dir import LINEAGE_PREFIX, OutputDir, check_separate
 from tasks.planning import Shard, ShardPlan
 from tasks.results import ShardResult
 from tasks.retry_policy import retry_unless_bad_input
-from tasks.storage import is_transient, with_storage_retries
+from tasks.storage import is_storage_failure, is_transient, with_storage_retries
 
 _FINGERPRINT_KEYS = ("task", "text_column", "id_column", "keep_columns", "generate", "embed")
 
@@ -98,7 +98,7 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
         except Exception as err:  # noqa: BLE001 - sorted: storage trouble is retried, bad bytes redone
             if is_transient(err):
                 raise
-            if isinstance(err, OSError) and not isinstance(err, pa.ArrowException):
+            if is_storage_failure(err):
                 raise StorageError(f"cannot read {uri}: {type(err).__name__}: {err}") from None
             return None  # damaged part (bad footer, bad pages): redo it
 

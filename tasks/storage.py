@@ -132,6 +132,19 @@ def check_writable(uri: str, storage_options: dict[str, Any] | None = None) -> N
         raise StorageError(f"output location {uri} is not writable: {type(err).__name__}: {err}") from None
 
 
+_CLIENT_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "google", "azure", "gcsfs", "adlfs")
+
+
+def is_storage_failure(err: BaseException) -> bool:
+    """An error of the storage itself (an OS error or one from a storage client library), as
+    opposed to one about the bytes read (pyarrow raising on a damaged file)."""
+    import pyarrow as pa
+
+    if isinstance(err, pa.ArrowException):
+        return False
+    return isinstance(err, OSError) or type(err).__module__.split(".")[0] in _CLIENT_LIBRARIES
+
+
 def is_transient(err: BaseException) -> bool:
     """A storage error worth retrying: throttling, timeouts, dropped connections, 5xx.
 
@@ -140,10 +153,12 @@ def is_transient(err: BaseException) -> bool:
         return False
     if isinstance(err, (TimeoutError, ConnectionError)):
         return True
+    if not is_storage_failure(err):
+        return False
     text = f"{type(err).__name__} {err}".lower()
-    markers = ("slowdown", "slow down", "throttl", "timeout", "timed out", "connection", "serviceunavailable",
+    markers = ("slowdown", "slow down", "throttl", "timeout", "timed out", "connect", "serviceunavailable",
                "service unavailable", "internalerror", "503", "500 ", "reduce your request rate")
-    return isinstance(err, OSError) and any(m in text for m in markers)
+    return any(m in text for m in markers)
 
 
 def with_storage_retries(action, what: str, attempts: int = 4, first_delay_s: float = 0.5):

@@ -199,7 +199,7 @@ def test_s3_parts_and_manifest_are_published_whole_or_not_at_all(prefect_server,
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, proc.communicate()
+        assert proc.poll() is None, proc.returncode
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.1)
 
@@ -236,14 +236,16 @@ def test_a_late_worker_of_a_killed_run_never_lands_under_a_new_success(prefect_s
 
     # Run 1 with two worker processes: a worker hangs half-way through its first part; then the
     # parent is SIGKILLed, leaving its workers behind (and its lease unrenewed).
-    first = subprocess.Popen([SHARDWISE, *job, "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "SHARDWISE_HANG_AT": "part-write",
-                                             "SHARDWISE_HANG_UNTIL": str(late)})
+    # Its output goes to a file: the orphaned workers keep inherited pipes open after the kill.
+    with open(tmp_path / "first.log", "w") as first_log:
+        first = subprocess.Popen([SHARDWISE, *job, "--workers", "2"], stdout=first_log, stderr=first_log,
+                                 env={**os.environ, "SHARDWISE_HANG_AT": "part-write",
+                                      "SHARDWISE_HANG_UNTIL": str(late)})
     try:
         wait_for(Path(f"{late}.reached"), first)
         worker_pid = int(Path(f"{late}.reached").read_text())
         first.kill()
-        first.communicate(timeout=60)
+        first.wait(timeout=60)
         assert "_shardwise.lease" in store.listdir("out")
 
         # Run 2 takes the stale lease over, computes every shard, and pauses before its commit,
