@@ -134,6 +134,7 @@ def enrich(job: dict[str, Any]) -> dict[str, Any]:
         done = find_committed_task(cfg, plan)
         results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
         outcome = commit_output_task(cfg, plan, results, run_info)
+    results = outcome.results  # a part replaced since it was written counts as failed
     summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
     if not outcome.succeeded:
         return Failed(message=failure_message(summary, plan), data=summary)

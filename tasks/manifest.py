@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prefect import task
@@ -67,19 +67,13 @@ class CommitOutcome:
     manifest_uri: str
     duplicate_ids: int
     totals: RunTotals
+    results: list[ShardResult] = field(default_factory=list)  # as confirmed at commit
 
 
-def commit_output(
+def final_manifest(
     cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any]
-) -> CommitOutcome:
-    """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed.
-
-    Raises :class:`StorageError` when this run no longer holds the output's lease (another run
-    took it over): then nothing is written. A part that is no longer the one this run wrote or
-    verified (a late worker of a killed run replaced it) counts as failed."""
-    output = OutputDir(cfg.output, cfg.storage_options)
-    output.check_lease_holder(run_info.get("prefect_flow_run_id"))
-    results = confirm_parts(output, results)
+) -> tuple[dict[str, Any], RunTotals, int]:
+    """The manifest of a finished run, its totals and its duplicate-id count."""
     by_index = {r.index: r for r in results}
     shards = []
     for planned in plan.to_dict()["shards"]:
@@ -111,15 +105,40 @@ def commit_output(
         "totals": {**totals.__dict__, "duplicate_ids": duplicates},
         "shards": shards,
     }
+    return manifest, totals, duplicates
+
+
+def commit_output(
+    cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any]
+) -> CommitOutcome:
+    """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed.
+
+    Raises :class:`StorageError` when this run no longer holds the output's lease (another run
+    took it over): then nothing is written. A part that is no longer the one this run wrote or
+    verified (a late worker of a killed run replaced it) counts as failed; parts are checked
+    before the manifest is written and again right before ``_SUCCESS``."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    flow_run_id = run_info.get("prefect_flow_run_id")
+    output.check_lease_holder(flow_run_id)
     crash_point("before-manifest")
+    results = confirm_parts(output, results)
+    manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
     output.write_json(MANIFEST_NAME, manifest)
+    succeeded = manifest["status"] == "succeeded"
     if succeeded:
         remove_stray_parts(cfg, plan)
         crash_point("before-success")
-        output.check_lease_holder(run_info.get("prefect_flow_run_id"))
-        success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
-        output.write_success(success)
-    return CommitOutcome(succeeded, output.uri_of(MANIFEST_NAME), duplicates, totals)
+        output.check_lease_holder(flow_run_id)
+        rechecked = confirm_parts(output, results)
+        if rechecked != results:  # replaced while the manifest was written
+            results = rechecked
+            manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
+            output.write_json(MANIFEST_NAME, manifest)
+            succeeded = False
+        else:
+            success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
+            output.write_success(success)
+    return CommitOutcome(succeeded, output.uri_of(MANIFEST_NAME), duplicates, totals, results)
 
 
 def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardResult]:

@@ -229,55 +229,60 @@ def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, tmp
 
 def test_a_late_worker_of_a_killed_run_never_lands_under_a_new_success(prefect_server, tmp_path):
     store = Storage(str(tmp_path))
-    write_input(store, "in")
+    write_input(store, "in", files=1)  # two shards: one for each worker of run 1
     job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED,
            "--set", "lease_timeout_s=3"]
-    late, hold = tmp_path / "release-late-worker", tmp_path / "release-second-run"
+    late, hold = tmp_path / "release-late-workers", tmp_path / "release-second-run"
 
-    # Run 1 with two worker processes: a worker hangs half-way through its first part; then the
-    # parent is SIGKILLed, leaving its workers behind (and its lease unrenewed).
+    # Run 1 with two worker processes: each hangs half-way through its part; then the parent is
+    # SIGKILLed, leaving its workers behind (its own session, so the test can clean them up).
     # Its output goes to a file: the orphaned workers keep inherited pipes open after the kill.
     with open(tmp_path / "first.log", "w") as first_log:
         first = subprocess.Popen([SHARDWISE, *job, "--workers", "2"], stdout=first_log, stderr=first_log,
-                                 env={**os.environ, "SHARDWISE_HANG_AT": "part-write",
-                                      "SHARDWISE_HANG_UNTIL": str(late)})
+                                 start_new_session=True, env={**os.environ, "SHARDWISE_HANG_AT": "part-write",
+                                                              "SHARDWISE_HANG_UNTIL": str(late)})
+    second = None
     try:
         wait_for(Path(f"{late}.reached"), first)
-        worker_pid = int(Path(f"{late}.reached").read_text())
         first.kill()
         first.wait(timeout=60)
-        assert "_shardwise.lease" in store.listdir("out")
+        killed_run = json.loads(get(store, "out/_shardwise.lease"))["flow_run_id"]
 
-        # Run 2 takes the stale lease over, computes every shard, and pauses before its commit,
-        # while the late worker of run 1 publishes its part over run 2's.
+        # Run 2 takes the lease over (its holder is gone), computes every shard and pauses before
+        # its commit, while the late workers of run 1 publish their parts over run 2's.
         second = subprocess.Popen([SHARDWISE, *job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "SHARDWISE_HANG_AT": "before-manifest",
                                        "SHARDWISE_HANG_UNTIL": str(hold)})
         wait_for(Path(f"{hold}.reached"), second)
         late.touch()
-        deadline = time.monotonic() + 120
-        while Path(f"/proc/{worker_pid}").exists() and "State:\tZ" not in Path(f"/proc/{worker_pid}/status").read_text():
-            assert time.monotonic() < deadline, "the late worker never finished"
-            time.sleep(0.1)
+        deadline = time.monotonic() + 300
+        while sum(pq.read_schema(store.path(f"out/{n}")).metadata.get(b"shardwise.prefect_flow_run_id")
+                  == killed_run.encode() for n in store.listdir("out") if n.startswith("part-")) < 2:
+            assert time.monotonic() < deadline, "the late workers never wrote"
+            time.sleep(0.2)
         hold.touch()
         stdout, stderr = second.communicate(timeout=300)
     finally:
-        for proc in (first, locals().get("second")):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
         late.touch()
+        hold.touch()
+        if second is not None and second.poll() is None:
+            second.kill()
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # the orphaned workers of run 1
+        except ProcessLookupError:
+            pass
     assert "taking over the lease" in stderr, stderr[-3000:]
     assert second.returncode == 1, (second.returncode, stderr[-3000:])
     assert "replaced by another writer" in stdout, stdout
     assert "_SUCCESS" not in store.listdir("out")
 
-    # The next run verifies what is there (the late part is a whole, valid part of this config).
+    # The next run verifies what is there (the late parts are whole, valid parts of this config).
     third = shardwise(*job)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "_SUCCESS" in store.listdir("out")
     ids = sorted(i for n in store.listdir("out") if n.startswith("part-")
                  for i in pq.read_table(store.path(f"out/{n}")).column("review_id").to_pylist())
-    assert ids == [f"r-{i:06d}" for i in range(12)]
+    assert ids == [f"r-{i:06d}" for i in range(6)]
 
 
 # ---- 14. verify_part and storage trouble ----------------------------------------------------
