@@ -142,8 +142,8 @@ class OutputDir:
         try:
             self.fs.invalidate_cache(self.root)
             entries = self.fs.ls(self.root, detail=True)
-        except FileNotFoundError:
-            return []
+        except (FileNotFoundError, NotADirectoryError):
+            return []  # nothing here yet (or a file in the way, which the write check reports)
         except OSError as err:
             raise StorageError(f"cannot list {self.uri}: {err}") from None
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") != "directory")
@@ -204,7 +204,7 @@ class OutputDir:
         depends on it alone, since each part is verified from its own footer."""
         try:
             raw = self.fs.cat_file(self._path(MANIFEST_NAME))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
             raise StorageError(f"cannot read {self.uri_of(MANIFEST_NAME)}: {err}") from None
@@ -288,8 +288,10 @@ class OutputDir:
     def read_lease(self) -> LeaseHolder | None:
         try:
             raw = self.fs.cat_file(self._path(LEASE_NAME))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except OSError as err:
+            raise StorageError(f"cannot read {self.uri_of(LEASE_NAME)}: {err}") from None
         try:
             data = json.loads(raw)
             return LeaseHolder(data["host"], int(data["pid"]), data.get("flow_run_id"), data["token"],
