@@ -103,7 +103,7 @@ def write_part(
     data = buffer.getvalue()
     uri = join(output, shard.part_name)
     try:
-        atomic_write_bytes(uri, data, storage_options)
+        atomic_write_bytes(uri, data, storage_options, fault_point="part-write")
     except OSError as err:
         raise StorageError(f"cannot write {uri}: {err}") from None
     return WrittenPart(uri=uri, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),

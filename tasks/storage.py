@@ -62,13 +62,16 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` so that readers see either the old file/no file, or the whole new file."""
+def atomic_write_bytes(
+    uri: str, data: bytes, storage_options: dict[str, Any] | None = None, fault_point: str | None = None
+) -> None:
+    """Write ``data`` so that readers see either the old file/no file, or the whole new file.
+
+    ``fault_point`` names the crash point (``tasks.faults``) reached half-way through the bytes."""
     from tasks.faults import crash_point
 
     fs, path = filesystem(uri, storage_options)
     half = len(data) // 2
-    is_part = path.rsplit("/", 1)[-1].startswith("part-")
     if isinstance(fs, LocalFileSystem):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -76,8 +79,8 @@ def atomic_write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | 
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data[:half])
-                if is_part:
-                    crash_point("part-write")
+                if fault_point:
+                    crash_point(fault_point)
                 handle.write(data[half:])
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -94,8 +97,8 @@ def atomic_write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | 
     handle = fs.open(path, "wb", autocommit=False)
     try:
         handle.write(data[:half])
-        if is_part:
-            crash_point("part-write")
+        if fault_point:
+            crash_point(fault_point)
         handle.write(data[half:])
         handle.close()
         handle.commit()

@@ -117,7 +117,8 @@ def test_an_interrupted_s3_upload_publishes_nothing(s3):
     os.environ["SHARDWISE_RAISE_AT"] = "part-write"
     try:
         with pytest.raises(InjectedFault):
-            atomic_write_bytes(f"s3://{bucket}/out/part-x.parquet", os.urandom(11 * 2**20), options)
+            atomic_write_bytes(f"s3://{bucket}/out/part-x.parquet", os.urandom(11 * 2**20), options,
+                               fault_point="part-write")
     finally:
         del os.environ["SHARDWISE_RAISE_AT"]
     fs.invalidate_cache()
