@@ -124,3 +124,13 @@ def test_an_interrupted_s3_upload_publishes_nothing(s3):
     fs.invalidate_cache()
     assert not fs.exists(f"{bucket}/out/part-x.parquet")
     assert not fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")
+
+
+def test_an_input_named_like_a_glob_is_that_directory_and_a_real_glob_still_works(tmp_path):
+    from tasks.planning import list_input_files
+
+    for name in ["in[1]", "in1"]:
+        (tmp_path / name).mkdir()
+        pq.write_table(pa.table({"x": [1]}), tmp_path / name / f"{name}.parquet")
+    assert [p.rsplit("/", 1)[-1] for p in list_input_files(str(tmp_path / "in[1]"))] == ["in[1].parquet"]
+    assert [p.rsplit("/", 1)[-1] for p in list_input_files(str(tmp_path / "in?/*.parquet"))] == ["in1.parquet"]
