@@ -115,10 +115,13 @@ def config_from_args(args: argparse.Namespace):
 def preflight(cfg) -> Any:
     """Everything that can fail fast does so here, before Prefect starts or a model loads."""
     from gpu_runtime import resolve_model_spec
+    from tasks.output_dir import OutputDir
     from tasks.planning import plan_shards
-    from tasks.resume import check_output_compatible
+    from tasks.resume import check_output_compatible, check_output_location
     from tasks.storage import check_writable
 
+    check_output_location(cfg)
+    OutputDir(cfg.output, cfg.storage_options).check_lease_free(cfg.lease_timeout_s)
     plan = plan_shards(cfg)
     check_output_compatible(cfg)
     if cfg.runs_generation:

@@ -18,6 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.job_config import JobConfig, validate_config
 from tasks.manifest import commit_output_task, start_output_task
+from tasks.output_dir import OutputDir
 from tasks.planning import ShardPlan, plan_shards_task
 from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
@@ -134,13 +135,16 @@ def enrich(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = job_from_parameters(job)
     plan = plan_shards_task(cfg)
-    prepare_output_task(cfg)
-    run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
-    run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
-    start_output_task(cfg, plan, run_info)
-    done = find_committed_task(cfg, plan)
-    results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
-    outcome = commit_output_task(cfg, plan, results, run_info)
+    output = OutputDir(cfg.output, cfg.storage_options)
+    with output.acquire_lease(cfg.lease_timeout_s, flow_run.get_id()):  # one run per output at a time
+        prepare_output_task(cfg)
+        run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
+        run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
+        start_output_task(cfg, plan, run_info)
+        done = find_committed_task(cfg, plan)
+        results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
+        outcome = commit_output_task(cfg, plan, results, run_info)
+    results = outcome.results  # a part replaced since it was written counts as failed
     summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
     if not outcome.succeeded:
         return Failed(message=failure_message(summary, plan), data=summary)

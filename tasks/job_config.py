@@ -118,6 +118,9 @@ class JobConfig(_Strict):
         default=3600, gt=0, description="a shard attempt running longer fails and is retried; null: no limit"
     )
     overwrite: bool = Field(default=False, description="replace an output written with another config")
+    lease_timeout_s: float = Field(
+        default=300, gt=0, description="a run's lease on its output, not renewed for this long, may be taken over"
+    )
     device_type: str | None = Field(default=None, description="price-table key; default: detected")
     price_per_device_hour: float | None = Field(default=None, ge=0)
     generate: GenerateConfig = GenerateConfig()

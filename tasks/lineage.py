@@ -111,11 +111,12 @@ def part_lineage(uri: str, storage_options: dict[str, Any] | None = None) -> dic
 
 
 def list_parts(target: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    from tasks.output_dir import OutputDir
+
     fs, path = filesystem(target, storage_options)
     if fs.isdir(path):
-        parts = sorted(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
-        prefix = target.rstrip("/")
-        return [f"{prefix}/{p.rsplit('/', 1)[-1]}" for p in parts]
+        output = OutputDir(target, storage_options)
+        return [output.uri_of(name) for name in output.part_names()]
     if fs.exists(path):
         return [target]
     raise InputError(f"no such output or part: {target}")

@@ -57,7 +57,9 @@ class Shard:
 
     @property
     def part_name(self) -> str:
-        return f"part-{self.shard_id}.parquet"
+        from tasks.output_dir import part_name
+
+        return part_name(self.shard_id)
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,18 @@ class ShardPlan:
         }
 
 
+def is_input_pattern(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when ``uri`` is meant as a glob: it has ``*``, ``?`` or ``[`` and no file or directory
+    has that literal name (so an input directory called ``in[1]`` is that directory)."""
+    fs, path = filesystem(uri, storage_options)
+    return any(ch in path for ch in "*?[") and not fs.exists(path)
+
+
 def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """A file, a directory (recursively, ``*.parquet``) or a glob -> sorted file URIs."""
     fs, path = filesystem(uri, storage_options)
     try:
-        if any(ch in path for ch in "*?["):
+        if is_input_pattern(uri, storage_options):
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
         elif fs.isdir(path):
             # Skip hidden and underscore entries *below* the input root (_SUCCESS, .tmp-*, _temp/),

@@ -28,6 +28,7 @@ class ShardResult:
     part_uri: str | None = None
     part_bytes: int = 0
     part_sha256: str | None = None
+    part_write_id: str | None = None  # the part footer's unique write id, checked again at commit
     device: str | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None

@@ -114,6 +114,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         part_uri=part.uri,
         part_bytes=part.bytes,
         part_sha256=part.sha256,
+        part_write_id=part.write_id,
         device=str(device) if device else None,
         models=models,
         energy_j=(energy_after - energy_before) / 1000 if energy_before is not None and energy_after is not None
