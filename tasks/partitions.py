@@ -104,6 +104,6 @@ def partition_done(cfg: JobConfig) -> bool:
 def idempotency_key(deployment: str, cfg: JobConfig, date: str, attempt: int = 1) -> str:
     """One key per (deployment, output partition, config) and attempt: asking twice for the same
     partition returns the run already made, so concurrent or repeated backfills never duplicate it."""
-    digest = hashlib.sha256(f"{deployment}|{cfg.output}|{cfg.output_fingerprint()}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{deployment}|{cfg.output}|{cfg.settings_fingerprint()}".encode()).hexdigest()[:16]
     key = f"shardwise:{deployment}:dt={parse_date(date).isoformat()}:{digest}"
     return key if attempt == 1 else f"{key}:attempt-{attempt}"

@@ -14,6 +14,7 @@ from prefect import task
 
 from tasks.cost import gpu_energy_mj
 from tasks.enrichment import enrich_table
+from tasks.errors import ConfigError
 from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import Shard
@@ -38,6 +39,21 @@ def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
     return generator, embedder
 
 
+def check_engine_weights(cfg: JobConfig, engines: dict[str, Any]) -> None:
+    """Refuse to compute with weights other than those in the run's fingerprint: a long-lived
+    worker (Ray) keeps a model loaded across runs, and files can change during a run."""
+    expected = cfg.model_identities()
+    for role, engine in engines.items():
+        if engine is None:
+            continue
+        loaded = f"{engine.info.get('source')}:{engine.info.get('revision')}"
+        if loaded != expected[role]:
+            raise ConfigError(
+                f"{role} model {engine.info.get('spec')}: this worker holds weights {loaded[:30]}…, but the run "
+                f"resolved {expected[role][:30]}… (its files changed); restart the workers and rerun"
+            )
+
+
 def loads_of_this_worker() -> dict[str, int]:
     """How many times this process has loaded each model (1 each when the cache works)."""
     from gpu_runtime import model_load_counts
@@ -60,6 +76,7 @@ def input_columns(cfg: JobConfig) -> list[str] | None:
 def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
     """Process one shard and publish its part; raises on failure."""
     generator, embedder = load_engines(cfg)
+    check_engine_weights(cfg, {"generate": generator, "embed": embedder})
     started = time.perf_counter()
     table = read_shard(shard, input_columns(cfg), cfg.storage_options)
     read_done = time.perf_counter()
