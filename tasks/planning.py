@@ -136,25 +136,27 @@ def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) ->
     return [full_uri(fs, p) for p in sorted(paths)]
 
 
-# Object metadata that changes whenever the object's bytes do: versions and content hashes
-# (S3 VersionId and ETag, GCS generation, md5 and crc32c, Azure/HTTP etags).
-_VERSION_KEYS = ("versionid", "version_id", "generation", "etag", "md5hash", "content_md5", "crc32c")
-# Only where no such key exists: a modification time, which an identical re-upload changes too.
+# Object metadata that changes whenever the object's bytes do, best first: the ETag (S3: a hash of
+# the content; GCS, Azure, HTTP: new on every write), else a version (GCS generation, S3 VersionId),
+# else a content hash. One key only, and one that a listing reports as well as a HEAD does, so the
+# same object gets the same fingerprint however it was looked up.
+_VERSION_KEYS = ("etag", "generation", "versionid", "version_id", "md5hash", "content_md5", "crc32c")
+# Only where none of those exists: a modification time, which an identical re-upload changes too.
 _TIME_KEYS = ("mtime", "last_modified", "lastmodified", "updated", "modified")
 
 
 def storage_identity(fs: Any, path: str, info: dict[str, Any]) -> str:
     """What storage tells about a file's version for free (no data read): for a local file its
-    inode, size and mtime in nanoseconds; for an object its version id / ETag / generation.
+    inode, size and mtime in nanoseconds; for an object its ETag (or generation, version id).
     Empty when the backend reports none of these (then size + footer are all there is)."""
     if isinstance(fs, LocalFileSystem):
         stat = os.stat(path)
         return f"local:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
     lowered = {str(k).lower(): v for k, v in info.items()}
-    found = [f"{k}={lowered[k]}" for k in _VERSION_KEYS if lowered.get(k) not in (None, "", "null")]
-    if not found:
-        found = [f"{k}={lowered[k]}" for k in _TIME_KEYS if lowered.get(k) not in (None, "")]
-    return ";".join(found)
+    for key in _VERSION_KEYS + _TIME_KEYS:
+        if lowered.get(key) not in (None, "", "null"):
+            return f"{key}={lowered[key]}"
+    return ""
 
 
 def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int, bytes, pq.FileMetaData, str]:

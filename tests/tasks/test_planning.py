@@ -192,3 +192,5 @@ def test_a_same_size_edit_changes_the_s3_fingerprint(tmp_path, s3):
     assert after.files[0].fingerprint != before.files[0].fingerprint
     fs.pipe_file(f"{bucket}/in/a.parquet", data)  # the very same bytes again: the same ETag
     assert plan_shards(job(f"s3://{bucket}/in")).files[0].fingerprint == before.files[0].fingerprint
+    # Named directly (a HEAD) rather than found by listing the directory: the same fingerprint.
+    assert plan_shards(job(f"s3://{bucket}/in/a.parquet")).files[0].fingerprint == before.files[0].fingerprint
