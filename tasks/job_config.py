@@ -176,9 +176,10 @@ class JobConfig(_Strict):
         changes = []
         for role, now in self.models_section().items():
             before = (recorded or {}).get(role) or {}
-            if before.get("spec") == now["spec"] and before.get("identity") not in (None, now["identity"]):
-                changes.append(f"{role}.model weights of {now['spec']} "
-                               f"({before['identity'][:22]}… -> {now['identity'][:22]}…)")
+            if before.get("spec", now["spec"]) == now["spec"] and before.get("identity") != now["identity"]:
+                # no identity: an output written before they were recorded, which nothing can vouch for
+                was = f"{before['identity'][:22]}…" if before.get("identity") else "not recorded"
+                changes.append(f"{role}.model weights of {now['spec']} ({was} -> {now['identity'][:22]}…)")
         return changes
 
     def settings_fingerprint(self) -> str:

@@ -99,6 +99,9 @@ def test_output_fingerprint_follows_the_weights_a_local_model_directory_holds(tm
     (change,) = second.model_changes(first.models_section())
     assert change.startswith(f"embed.model weights of {model} (local:")
     assert first.output_fingerprint() == fingerprint  # one config object resolves once
+    (older,) = second.model_changes({"embed": {"spec": str(model)}})  # a manifest from before identities
+    assert "(not recorded -> local:" in older
+    assert second.model_changes(second.models_section()) == []
 
 
 def test_dummy_and_bundled_specs_have_an_identity():
