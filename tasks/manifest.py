@@ -47,6 +47,7 @@ def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> N
         "config": cfg.public_dict(),
         "config_fingerprint": cfg.output_fingerprint(),
         **run_info,
+        "models": cfg.models_section(),
         "input": plan.to_dict()["files"],
         "shards": [
             {**shard, "status": "pending"} for shard in plan.to_dict()["shards"]
@@ -89,9 +90,10 @@ def final_manifest(
     totals = RunTotals.of(results, planned=len(plan.shards))
     succeeded = totals.committed == len(plan.shards) and not plan.unreadable
     duplicates = count_duplicate_ids(results)
-    models: dict[str, Any] = {}
+    models: dict[str, Any] = cfg.models_section()
     for r in results:
-        models.update(r.models)
+        for role, info in r.models.items():
+            models[role] = {**info, **models.get(role, {})}
     manifest = {
         "format": MANIFEST_FORMAT,
         "status": "succeeded" if succeeded else "failed",

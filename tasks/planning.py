@@ -2,12 +2,17 @@
 
 A shard is a contiguous row range of one input file, expressed as row groups plus an optional slice
 (large row groups are split). Shard ids are derived from the file, its row range and a fingerprint
-of the file (size + footer bytes), so a rerun over the same input plans the same shards.
+of the file, so a rerun over the same input plans the same shards and an edited file new ones.
+
+The fingerprint combines the size, the footer bytes and what the storage says about the object
+without reading its data (:func:`storage_identity`): an edit that keeps the size and the footer
+(one letter of an uncompressed text) still changes the fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
 from tasks.errors import InputError, StorageError
@@ -31,7 +37,7 @@ class InputFile:
 
     uri: str
     size: int
-    fingerprint: str  # sha256 of size + footer bytes: changes whenever the file's content does
+    fingerprint: str  # sha256 of size, footer bytes and storage identity: changes when the file does
     num_rows: int
     row_group_rows: tuple[int, ...]
     schema: pa.Schema = field(compare=False, repr=False)
@@ -110,6 +116,9 @@ def is_input_pattern(uri: str, storage_options: dict[str, Any] | None = None) ->
 def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """A file, a directory (recursively, ``*.parquet``) or a glob -> sorted file URIs."""
     fs, path = filesystem(uri, storage_options)
+    # A long-lived process (a worker, a test session) must not plan from an older listing: the
+    # sizes and ETags it holds are what the fingerprints are made of.
+    fs.invalidate_cache()
     try:
         if is_input_pattern(uri, storage_options):
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
@@ -136,10 +145,35 @@ def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) ->
     return [full_uri(fs, p) for p in sorted(paths)]
 
 
-def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int, bytes, pq.FileMetaData]:
+# Object metadata that changes whenever the object's bytes do, best first: the ETag (S3: a hash of
+# the content; GCS, Azure, HTTP: new on every write), else a version (GCS generation, S3 VersionId),
+# else a content hash. One key only, and one that a listing reports as well as a HEAD does, so the
+# same object gets the same fingerprint however it was looked up.
+_VERSION_KEYS = ("etag", "generation", "versionid", "version_id", "md5hash", "content_md5", "crc32c")
+# Only where none of those exists: a modification time, which an identical re-upload changes too.
+_TIME_KEYS = ("mtime", "last_modified", "lastmodified", "updated", "modified")
+
+
+def storage_identity(fs: Any, path: str, info: dict[str, Any]) -> str:
+    """What storage tells about a file's version for free (no data read): for a local file its
+    inode, size and mtime in nanoseconds; for an object its ETag (or generation, version id).
+    Empty when the backend reports none of these (then size + footer are all there is)."""
+    if isinstance(fs, LocalFileSystem):
+        stat = os.stat(path)
+        return f"local:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+    lowered = {str(k).lower(): v for k, v in info.items()}
+    for key in _VERSION_KEYS + _TIME_KEYS:
+        if lowered.get(key) not in (None, "", "null"):
+            return f"{key}={lowered[key]}"
+    return ""
+
+
+def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int, bytes, pq.FileMetaData, str]:
     fs, path = filesystem(uri, storage_options)
     try:
-        size = fs.size(path)
+        info = fs.info(path)
+        size = int(info["size"])
+        identity = storage_identity(fs, path, info)
         with fs.open(path, "rb") as handle:
             if size < 12:
                 raise InputError(f"{uri}: not a Parquet file ({size} bytes)")
@@ -162,12 +196,12 @@ def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int,
         raise InputError(f"input not found: {uri}") from None
     except OSError as err:
         raise StorageError(f"cannot read {uri}: {err}") from None
-    return size, footer, metadata
+    return size, footer, metadata, identity
 
 
 def inspect_file(uri: str, storage_options: dict[str, Any] | None = None) -> InputFile:
-    size, footer, metadata = _read_footer(uri, storage_options)
-    fingerprint = hashlib.sha256(str(size).encode() + b"\0" + footer).hexdigest()
+    size, footer, metadata, identity = _read_footer(uri, storage_options)
+    fingerprint = hashlib.sha256(f"{size}\0{identity}\0".encode() + footer).hexdigest()
     rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     return InputFile(uri, size, fingerprint, metadata.num_rows, rows, metadata.schema.to_arrow_schema())
 

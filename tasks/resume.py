@@ -45,9 +45,9 @@ def check_output_compatible(cfg: JobConfig) -> bool:
         return False
     if cfg.overwrite:
         return True
-    changed = _differences(manifest.get("config", {}), cfg.public_dict()) or ["settings"]
+    changed = _differences(manifest.get("config", {}), cfg.public_dict()) + cfg.model_changes(manifest.get("models"))
     raise ConfigError(
-        f"output {cfg.output} was written with a different config ({', '.join(changed)} changed); "
+        f"output {cfg.output} was written with a different config ({', '.join(changed or ['settings'])} changed); "
         "use another output or --overwrite to replace it"
     )
 
