@@ -20,6 +20,7 @@ from tasks.errors import StorageError
 from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import ShardPlan
+from tasks.redaction import redact_values
 from tasks.results import RunTotals, ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.storage import atomic_write_bytes, exists, filesystem, join, read_bytes
@@ -34,6 +35,7 @@ def _now() -> str:
 
 
 def _write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any]) -> None:
+    data = redact_values(data)  # input URIs and error texts may hold credentials
     try:
         atomic_write_bytes(uri, json.dumps(data, indent=2, sort_keys=False, default=str).encode(), storage_options)
     except StorageError:
@@ -97,7 +99,9 @@ def commit_output(
         if result is not None and result.status == "committed":
             entry.update(part=result.part_uri.rsplit("/", 1)[-1] if result.part_uri else None,
                          rows=result.rows, error_rows=result.error_rows,
-                         bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker)
+                         bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker,
+                         prompt_tokens=result.prompt_tokens, generated_tokens=result.generated_tokens,
+                         reused=result.resumed)
         elif result is not None:
             entry["error"] = result.error
         shards.append(entry)

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from tasks.errors import InputError, StorageError
 from tasks.planning import Shard
+from tasks.redaction import redact_text
 from tasks.storage import atomic_write_bytes, filesystem, join
 
 METADATA_PREFIX = "shardwise."
@@ -88,7 +89,8 @@ def write_part(
 ) -> WrittenPart:
     """Serialise in memory, then publish with one atomic write: a part is whole or absent."""
     metadata = dict(table.schema.metadata or {})
-    metadata.update({f"{METADATA_PREFIX}{k}".encode(): str(v).encode() for k, v in lineage.items()})
+    # the source URI may hold credentials; the footer travels with the data, so never those
+    metadata.update({f"{METADATA_PREFIX}{k}".encode(): redact_text(str(v)).encode() for k, v in lineage.items()})
     table = table.replace_schema_metadata(metadata)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
