@@ -94,6 +94,8 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
     return ShardResult(
         index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
         status="committed", rows=shard.num_rows, error_rows=error_rows, part_uri=uri, part_bytes=size, resumed=True, ids=ids,
+        prompt_tokens=int(lineage.get(f"{METADATA_PREFIX}prompt_tokens", 0)),
+        generated_tokens=int(lineage.get(f"{METADATA_PREFIX}generated_tokens", 0)),
     )
 
 
