@@ -18,12 +18,12 @@ from tasks.job_config import JobConfig
 from tasks.job_handoff import job_from_parameters
 from tasks.manifest import commit_output_task, start_output_task
 from tasks.planning import ShardPlan, plan_shards_task
+from tasks.redaction import install_log_redaction, redact_text
 from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
 from tasks.runners import ShardThreadPool, finished_in_turn, shard_placement, shard_tags, shard_task_runner
 from tasks.shard_work import process_shard
-from tasks.redaction import install_log_redaction, redact_text
 from tasks.tracking import ended_on_error, log_shard, prompt_hash, start_tracking_task
 
 

@@ -31,6 +31,10 @@ _PARAM_LIMIT = 6000
 def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
+    # Against a tracking server MLflow writes the run's URL, built from the tracking URI with any
+    # user:password@ in it, straight to stdout; the run summary gives a redacted link instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
 
