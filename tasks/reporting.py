@@ -103,7 +103,10 @@ def mlflow_run_url(run_id: str) -> str | None:
     return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+# Inline markdown that could change what a value shows: code spans, emphasis, links, tables. Values
+# never start a line here (each follows "- label: "), so line-start markers (#, -, 1.) cannot act,
+# and "_" inside a word is no emphasis: paths and file names stay readable as they are.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
 _HTML_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
 
 
