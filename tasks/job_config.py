@@ -2,7 +2,7 @@
 
 Precedence, lowest first: model defaults < YAML file < explicit CLI flags < ``--set key=value``.
 ``storage_options`` may carry credentials: it is excluded from :meth:`JobConfig.public_dict`, which
-is what goes to Prefect parameters, MLflow and the manifest.
+is what goes to Prefect parameters, MLflow and the manifest, with credentials in URIs redacted.
 """
 
 from __future__ import annotations
@@ -164,8 +164,11 @@ class JobConfig(_Strict):
         return self.generate.prompt_template or "{" + self.text_column + "}"
 
     def public_dict(self) -> dict[str, Any]:
-        """The config without ``storage_options``: safe for Prefect parameters, MLflow and manifests."""
-        return self.model_dump(mode="json", exclude={"storage_options"})
+        """The config without ``storage_options`` and with URIs redacted (``user:password@``,
+        signed query strings): safe for Prefect parameters, MLflow and manifests."""
+        from tasks.redaction import redact_values
+
+        return redact_values(self.model_dump(mode="json", exclude={"storage_options"}))
 
     def output_fingerprint(self) -> str:
         """Hash of every setting that changes output values and of the weights each model spec

@@ -83,7 +83,9 @@ def final_manifest(
         if result is not None and result.status == "committed":
             entry.update(part=result.part_uri.rsplit("/", 1)[-1] if result.part_uri else None,
                          rows=result.rows, error_rows=result.error_rows,
-                         bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker)
+                         bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker,
+                         prompt_tokens=result.prompt_tokens, generated_tokens=result.generated_tokens,
+                         reused=result.resumed)
         elif result is not None:
             entry["error"] = result.error
         shards.append(entry)

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import ConfigError, StorageError
+from tasks.redaction import redact_values
 from tasks.storage import PROBE_PREFIX, TEMP_PREFIX, atomic_write_bytes, filesystem, join
 
 MANIFEST_NAME = "_manifest.json"
@@ -189,6 +190,7 @@ class OutputDir:
     # ---- manifest and markers ----------------------------------------------------------
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
+        data = redact_values(data)  # input URIs and error texts may hold credentials
         payload = json.dumps(data, indent=2, sort_keys=False, default=str).encode()
         try:
             atomic_write_bytes(self.uri_of(name), payload, self.storage_options)

@@ -17,6 +17,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -138,8 +139,8 @@ def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) ->
             raise InputError(f"input not found: {uri}")
     except InputError:
         raise
-    except (PermissionError, OSError) as err:
-        raise StorageError(f"cannot list input {uri}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any backend failure (e.g. HTTP 401) is a storage failure
+        raise StorageError(f"cannot list input {uri}: {type(err).__name__}: {err}") from None
     if not paths and not fs.isdir(path):
         raise InputError(f"input not found: {uri} (no file matches)")
     return [full_uri(fs, p) for p in sorted(paths)]
@@ -251,7 +252,10 @@ def _shard_id(file: InputFile, row_groups: tuple[int, ...], slice_start: int, ro
     """``<file stem>-<first row>-<hash>``: stable across reruns and independent of other files, so
     fixing or adding one file never renames another file's parts. The stem is reduced to safe
     characters so a file name can never place a part outside the output root."""
-    stem = file.uri.rsplit("/", 1)[-1].removesuffix(".parquet")
+    name = file.uri.rsplit("/", 1)[-1]
+    if "://" in file.uri:  # the path's last name, never a query string (which may hold a signature)
+        name = urlsplit(file.uri).path.rsplit("/", 1)[-1]
+    stem = name.removesuffix(".parquet")
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:48] or "input"
     key = f"{file.uri}|{file.fingerprint}|{row_groups}|{slice_start}|{rows}".encode()
     return f"{stem}-{first_row:010d}-{hashlib.sha256(key).hexdigest()[:10]}"

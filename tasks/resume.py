@@ -112,6 +112,8 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
         index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
         status="committed", rows=shard.num_rows, error_rows=error_rows, part_uri=uri, part_bytes=size,
         resumed=True, ids=ids, part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
+        prompt_tokens=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
+        generated_tokens=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
     )
 
 

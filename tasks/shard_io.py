@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from tasks.errors import InputError, StorageError
 from tasks.output_dir import LINEAGE_PREFIX
 from tasks.planning import Shard
+from tasks.redaction import redact_text
 from tasks.storage import atomic_write_bytes, filesystem, join
 
 METADATA_PREFIX = LINEAGE_PREFIX
@@ -95,7 +96,8 @@ def write_part(
     someone else (a worker of a killed run) is told apart from this one."""
     write_id = uuid.uuid4().hex
     metadata = dict(table.schema.metadata or {})
-    metadata.update({f"{METADATA_PREFIX}{k}".encode(): str(v).encode()
+    # the source URI may hold credentials; the footer travels with the data, so never those
+    metadata.update({f"{METADATA_PREFIX}{k}".encode(): redact_text(str(v)).encode()
                      for k, v in {**lineage, "part_write_id": write_id}.items()})
     table = table.replace_schema_metadata(metadata)
     buffer = io.BytesIO()

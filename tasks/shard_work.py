@@ -18,6 +18,7 @@ from tasks.errors import ConfigError, InputError
 from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import Shard
+from tasks.redaction import install_log_redaction
 from tasks.results import ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.runners import worker_label
@@ -91,6 +92,7 @@ def input_columns(cfg: JobConfig) -> list[str] | None:
 
 def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
     """Process one shard and publish its part; raises on failure."""
+    install_log_redaction()  # this may be a worker process, with logging handlers of its own
     generator, embedder = load_engines(cfg)
     check_engine_weights(cfg, {"generate": generator, "embed": embedder})
     started = time.perf_counter()
@@ -113,6 +115,9 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         "source_rows": f"{shard.first_row}:{shard.first_row + shard.num_rows}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "id_column": cfg.id_column,
+        # so that a run reusing this part can still count the tokens it holds
+        "prompt_tokens": str(stats.prompt_tokens),
+        "generated_tokens": str(stats.generated_tokens),
     }
     for role, engine in (("generate", generator), ("embed", embedder)):
         if engine is not None:
