@@ -165,7 +165,10 @@ class GenerationEngine:
             if device.type != "cuda":
                 model.to(device)
         model.eval()
-        info = {**resolved.engine_info(dtype, device), "loaded_from": path}
+        import transformers
+
+        info = {**resolved.engine_info(dtype, device), "loaded_from": path,
+                "engine": "hf", "engine_version": f"transformers {transformers.__version__}"}
         return cls(model, tokenizer, info)
 
     @property

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from .embedding import EmbeddingEngine
     from .generation import GenerationEngine
+    from .vllm_engine import VllmOptions
 
 __all__ = [
     "ResolvedModel",
@@ -399,8 +400,20 @@ def model_load_counts() -> dict[str, int]:
         return dict(_load_counts)
 
 
-def load_generation_engine(spec: str, device: str | None = "auto") -> GenerationEngine:
-    """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use."""
+def load_generation_engine(
+    spec: str, device: str | None = "auto", engine: str = "hf", vllm_options: VllmOptions | None = None
+) -> GenerationEngine:
+    """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use.
+
+    ``engine``: ``hf`` (transformers), ``vllm`` (:mod:`gpu_runtime.vllm_engine`, with
+    ``vllm_options``) or ``auto`` (see :func:`~gpu_runtime.vllm_engine.choose_engine`).
+    """
+    from .vllm_engine import VllmGenerationEngine, VllmOptions, choose_engine
+
+    if choose_engine(engine, device) == "vllm":
+        options = vllm_options or VllmOptions()
+        return _cached_engine(f"generation-vllm-{options.cache_key()}", spec, device,
+                              VllmGenerationEngine.loader(options))
     from .generation import GenerationEngine
 
     return _cached_engine("generation", spec, device, GenerationEngine.from_resolved)
