@@ -187,6 +187,12 @@ class VllmGenerationEngine(GenerationEngine):
             info["gpu_memory_utilization"] = options.gpu_memory_utilization
         return cls(llm, tokenizer, eos_ids, max_context, info)
 
+    def close(self) -> None:
+        """Stop vLLM's engine process now, giving its device memory back (another engine may follow)."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     @property
     def device(self) -> Any:
         import torch
