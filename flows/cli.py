@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system-prompt")
     run.add_argument("--max-new-tokens", type=int)
     run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
+    run.add_argument("--engine", choices=["auto", "hf", "vllm"],
+                     help="generation engine (default auto: vllm when CUDA and a CUDA vLLM are there, else hf)")
     run.add_argument("--embed-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--rows-per-shard", type=int)
     run.add_argument("--date", help="run one dt=YYYY-MM-DD partition of a partitioned job")
@@ -94,6 +96,7 @@ def config_from_args(args: argparse.Namespace):
         "system_prompt": args.system_prompt,
         "max_new_tokens": args.max_new_tokens,
         "model": args.gen_model,
+        "engine": args.engine,
     }
     if any(v is not None for v in generate.values()):
         overrides["generate"] = {k: v for k, v in generate.items() if v is not None}
@@ -120,8 +123,10 @@ def preflight(cfg) -> Any:
     from tasks.output_dir import OutputDir
     from tasks.planning import plan_shards
     from tasks.resume import check_output_compatible, check_output_location
+    from tasks.runners import check_engine_settings
     from tasks.storage import check_writable
 
+    check_engine_settings(cfg)
     check_output_location(cfg)
     OutputDir(cfg.output, cfg.storage_options).check_lease_free(cfg.lease_timeout_s)
     plan = plan_shards(cfg)
@@ -274,7 +279,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def _print_lineage(lineage: dict[str, str], indent: str) -> None:
-    order = ["mlflow_run_id", "prefect_flow_run_id", "generate_model", "generate_model_revision",
+    order = ["mlflow_run_id", "prefect_flow_run_id", "generate_model", "generate_model_revision", "generate_engine",
              "embed_model", "embed_model_revision", "prompt_hash", "config_fingerprint", "source",
              "source_rows", "source_fingerprint", "shard_id", "created_at"]
     keys = [k for k in order if k in lineage] + sorted(k for k in lineage if k not in order)

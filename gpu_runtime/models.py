@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from .embedding import EmbeddingEngine
     from .generation import GenerationEngine
+    from .vllm_engine import VllmOptions
 
 __all__ = [
     "ResolvedModel",
@@ -403,10 +404,24 @@ def model_load_counts() -> dict[str, int]:
 
 
 def load_generation_engine(
-    spec: str, device: str | None = "auto", attn_implementation: str | None = None
+    spec: str,
+    device: str | None = "auto",
+    attn_implementation: str | None = None,
+    engine: str = "hf",
+    vllm_options: VllmOptions | None = None,
 ) -> GenerationEngine:
     """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use.
-    ``attn_implementation`` None lets transformers choose the attention kernel for the architecture."""
+
+    ``attn_implementation`` None lets transformers choose the attention kernel for the architecture.
+    ``engine``: ``hf`` (transformers), ``vllm`` (:mod:`gpu_runtime.vllm_engine`, with
+    ``vllm_options``) or ``auto`` (see :func:`~gpu_runtime.vllm_engine.choose_engine`).
+    """
+    from .vllm_engine import VllmGenerationEngine, VllmOptions, choose_engine
+
+    if choose_engine(engine, device) == "vllm":
+        options = vllm_options or VllmOptions()
+        return _cached_engine(f"generation-vllm-{options.cache_key()}", spec, device,
+                              VllmGenerationEngine.loader(options))
     from .generation import GenerationEngine
 
     build = functools.partial(GenerationEngine.from_resolved, attn_implementation=attn_implementation)

@@ -55,6 +55,12 @@ class GenerateConfig(_Strict):
     chat_date: dt.date | None = Field(
         default=None, description="the date a chat template prints; null: the partition date, else the run's start"
     )
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        default="auto", description="hf (transformers) or vllm; auto: vllm when CUDA and a CUDA vLLM are there"
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per model (and per worker)")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory it takes")
+    max_model_len: int | None = Field(default=None, ge=16, description="vllm: context length (prompt + answer)")
 
     @model_validator(mode="after")
     def _compile_needs_static_cache(self) -> GenerateConfig:
@@ -158,6 +164,20 @@ class JobConfig(_Strict):
     def runs_embedding(self) -> bool:
         return self.task in ("embed", "both")
 
+    def generation_engine(self) -> str:
+        """The engine generation runs on: ``generate.engine``, with ``auto`` decided for this machine."""
+        if self.generate.engine != "auto":
+            return self.generate.engine  # whether it is installed is the preflight's question
+        from gpu_runtime import choose_engine
+
+        return choose_engine("auto", self.device)
+
+    def vllm_options(self) -> Any:
+        from gpu_runtime import VllmOptions
+
+        g = self.generate
+        return VllmOptions(g.tensor_parallel_size, g.gpu_memory_utilization, g.max_model_len)
+
     @property
     def template(self) -> str:
         """The effective prompt template (the text column alone when none is configured)."""
@@ -225,9 +245,18 @@ class JobConfig(_Strict):
             relevant.pop("embed")
         for section in ("generate", "embed"):
             if section in relevant:
-                # execution knobs: batching and the KV cache's form do not change values
-                for knob in ("token_budget", "max_batch_size", "cache", "compile"):
+                # execution knobs: batching, the KV cache's form and GPU placement do not change values
+                for knob in ("token_budget", "max_batch_size", "cache", "compile", "tensor_parallel_size",
+                             "gpu_memory_utilization"):
                     relevant[section].pop(knob, None)
+        if "generate" in relevant:
+            # The engine that runs, not the request: `auto` on another machine may be another engine.
+            # hf outputs keep the fingerprint they had before engines could be chosen.
+            if self.generation_engine() == "hf":
+                relevant["generate"].pop("engine")
+                relevant["generate"].pop("max_model_len")
+            else:
+                relevant["generate"]["engine"] = "vllm"
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -95,7 +95,7 @@ def model_params(models: dict[str, dict[str, Any]]) -> dict[str, str]:
     """``model.generate.revision`` etc. for MLflow params."""
     params = {}
     for role, info in models.items():
-        for key in ("spec", "source", "revision", "dtype", "device", "path"):
+        for key in ("spec", "source", "revision", "dtype", "device", "path", "engine", "engine_version"):
             if info.get(key) is not None:
                 params[f"model.{role}.{key}"] = str(info[key])[:500]
     return params

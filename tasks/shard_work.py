@@ -35,10 +35,12 @@ def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
     """The configured engines, from this process's model cache."""
     from gpu_runtime import load_embedding_engine, load_generation_engine
 
-    generator = (
-        load_generation_engine(cfg.generate.model, device=cfg.device, attn_implementation=cfg.generate.attn_implementation)
-        if cfg.runs_generation else None
-    )
+    generator = None
+    if cfg.runs_generation:
+        generator = load_generation_engine(
+            cfg.generate.model, device=cfg.device, attn_implementation=cfg.generate.attn_implementation,
+            engine=cfg.generation_engine(), vllm_options=cfg.vllm_options(),
+        )
     embedder = load_embedding_engine(cfg.embed.model, device=cfg.device) if cfg.runs_embedding else None
     return generator, embedder
 
@@ -123,6 +125,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         if engine is not None:
             part_lineage[f"{role}_model_revision"] = str(engine.info.get("revision"))
             part_lineage[f"{role}_model_dtype"] = str(engine.info.get("dtype"))
+            if engine.info.get("engine"):
+                part_lineage[f"{role}_engine"] = f"{engine.info['engine']} ({engine.info.get('engine_version')})"
     part = write_part(enriched, cfg.output, shard, part_lineage, cfg.storage_options)
     write_done = time.perf_counter()
     models = {}

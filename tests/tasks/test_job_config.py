@@ -115,6 +115,24 @@ def test_dummy_and_bundled_specs_have_an_identity():
     assert identities["embed"].startswith("bundled:") and len(identities["embed"]) == len("bundled:") + 64
 
 
+def test_output_fingerprint_names_the_engine_that_runs():
+    base = JobConfig(input="a", output="b", device="cpu")
+    # On a CPU, auto is the hf engine: same fingerprint as hf, and as outputs written before engines.
+    assert JobConfig(input="a", output="b", device="cpu", generate={"engine": "hf"}).output_fingerprint() \
+        == base.output_fingerprint()
+    vllm = JobConfig(input="a", output="b", device="cpu", generate={"engine": "vllm"})
+    assert vllm.output_fingerprint() != base.output_fingerprint()
+    # GPU placement does not change values; the context length does (it bounds truncation).
+    placed = JobConfig(input="a", output="b", device="cpu",
+                       generate={"engine": "vllm", "tensor_parallel_size": 4, "gpu_memory_utilization": 0.5})
+    assert placed.output_fingerprint() == vllm.output_fingerprint()
+    shorter = JobConfig(input="a", output="b", device="cpu", generate={"engine": "vllm", "max_model_len": 512})
+    assert shorter.output_fingerprint() != vllm.output_fingerprint()
+    # Embedding-only jobs do not depend on the generation engine.
+    embed = {"input": "a", "output": "b", "task": "embed"}
+    assert JobConfig(**embed, generate={"engine": "vllm"}).output_fingerprint() == JobConfig(**embed).output_fingerprint()
+
+
 def test_default_template_is_the_text_column():
     assert JobConfig(input="a", output="b", text_column="body").template == "{body}"
 
