@@ -182,19 +182,12 @@ def with_storage_retries(action, what: str, attempts: int = 4, first_delay_s: fl
             delay *= 2
 
 
-# Storage options can hold credentials, so they never travel as Prefect flow parameters. The CLI
-# registers the config file's options for its own process; deployments use the environment.
-_runtime_options: dict[str, Any] = {}
-
-
-def set_runtime_storage_options(options: dict[str, Any]) -> None:
-    """Make ``options`` the storage options of flow runs started from this process."""
-    _runtime_options.clear()
-    _runtime_options.update(options)
+# Storage options can hold credentials, so they never travel as Prefect flow parameters: a flow
+# gets them from its starting process (tasks/job_handoff.py) or from the environment.
 
 
 def runtime_storage_options() -> dict[str, Any]:
-    """Options registered by this process, over ``$SHARDWISE_STORAGE_OPTIONS`` (a JSON object)."""
+    """Storage options from ``$SHARDWISE_STORAGE_OPTIONS`` (a JSON object); empty when unset."""
     import json
 
     options: dict[str, Any] = {}
@@ -204,5 +197,4 @@ def runtime_storage_options() -> dict[str, Any]:
             options.update(json.loads(raw))
         except ValueError:
             raise StorageError("SHARDWISE_STORAGE_OPTIONS is not a JSON object") from None
-    options.update(_runtime_options)
     return options
