@@ -10,7 +10,14 @@ the tokenizers exported by ``bench/gpu_check.sh --prepare``. Prints one table an
    bandwidth sets (every decode step reads all weights once: batch x bandwidth / weight bytes),
    the smallest shape again with a static KV cache + ``torch.compile`` (the engine option to
    choose by measurement), and embedding rows/s;
-4. the enrich flow end to end on the device (``shardwise run`` with dummy models) when Prefect,
+4. the vLLM engine, when vllm (a CUDA build) is importable: generated tok/s of ``dummy:llama-1b`` and
+   ``dummy:llama-8b`` (``load_format="dummy"``: vLLM's own random weights of those shapes) next to
+   the HF engine and the bandwidth floor, and the agreement of vLLM on the device with HF fp32 on
+   the CPU on the same saved dummy:llama-135m weights (top-1 of the next token; cosine of the
+   top-20 log-probabilities), with a tolerance, not text equality. Each vLLM load costs tens of
+   seconds (CUDA graphs, torch.compile); shapes that would overrun the time budget are skipped
+   and reported as such. Without vllm it says so;
+5. the enrich flow end to end on the device (``shardwise run`` with dummy models) when Prefect,
    MLflow and the rest are importable; otherwise it says so and why.
 
     bash bench/gpu_check.sh                       # on the GPU machine, from the repository root
@@ -30,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+STARTED = time.monotonic()
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -140,6 +148,91 @@ def embedding_throughput(shape: str, device: torch.device, rows: int) -> dict:
     return {"shape": shape, "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
 
 
+VLLM_BUDGET_S = 240  # of gpu_check.sh's 470 s; a vLLM load that would start later is skipped
+
+
+def vllm_section(device: torch.device, shapes: list[str], hf_rows: list[dict], batch: int, new_tokens: int,
+                 bandwidth: float, deadline: float) -> dict:
+    """The vLLM engine next to the HF engine: agreement with HF fp32 on the CPU, then throughput."""
+    from gpu_runtime.vllm_engine import vllm_build
+
+    build = vllm_build()
+    if build is None:
+        return {"ran": False, "why": "vllm is not importable here (pip install vllm==0.32.0; see README)"}
+    if build[2] != device.type:
+        return {"ran": False, "why": f"the installed vLLM ({build[0]} {build[1]}) runs on {build[2]}, not {device.type}"}
+    report: dict = {"ran": True, "version": f"{build[0]} {build[1]}", "generation": [], "skipped": []}
+    report["agreement"] = vllm_agreement(device)
+    for shape in shapes:
+        if time.monotonic() > deadline:
+            report["skipped"].append(f"dummy:{shape} (time budget)")
+            continue
+        hf = next((g for g in hf_rows if g["shape"] == shape and g["decode"] == "dynamic"), None)
+        report["generation"].append(vllm_throughput(shape, device, batch, new_tokens, bandwidth, hf))
+    return report
+
+
+def vllm_agreement(device: torch.device) -> dict:
+    """dummy:llama-135m's seeded weights, saved, loaded by vLLM on the device (its default dtype)
+    and by HF in fp32 on the CPU: the next token after each prompt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from gpu_runtime import VllmOptions
+    from gpu_runtime.vllm_engine import VllmGenerationEngine
+
+    cpu = GenerationEngine.from_resolved(resolve_model_spec("dummy:llama-135m"), torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as saved:
+        cpu.model.save_pretrained(saved)
+        cpu.tokenizer.save_pretrained(saved)
+        engine = VllmGenerationEngine.from_resolved(resolve_model_spec(saved), device,
+                                                    VllmOptions(gpu_memory_utilization=0.3))
+        limit = engine._input_limit(GenerationParams(max_new_tokens=1))
+        ids = [engine._encode(p, None, limit)[0] for p in PROMPTS]
+        out = engine.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids],
+                                  SamplingParams(temperature=0.0, max_tokens=1, logprobs=20), use_tqdm=False)
+        engine.close()
+    top1, cosines = [], []
+    for prompt_ids, o in zip(ids, out):
+        with torch.inference_mode():
+            ref = torch.log_softmax(cpu.model(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
+        got = o.outputs[0].logprobs[0]  # token id -> Logprob, the top 20 (and the chosen one)
+        tokens = sorted(got)
+        top1.append(o.outputs[0].token_ids[0] == int(ref.argmax()))
+        a = torch.tensor([got[t].logprob for t in tokens])
+        b = ref[tokens]
+        cosines.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
+    result = {"dtype": engine.info["dtype"], "top1_agreement": sum(top1) / len(top1),
+              "logprob_cosine_min": min(cosines)}
+    # bf16 on the device vs fp32: a near-tie may flip the top token; the distribution must agree.
+    result["ok"] = result["top1_agreement"] >= 0.75 and result["logprob_cosine_min"] > 0.99
+    return result
+
+
+def vllm_throughput(shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float,
+                    hf: dict | None) -> dict:
+    from gpu_runtime.vllm_engine import VllmGenerationEngine
+
+    started = time.perf_counter()
+    engine = VllmGenerationEngine.from_resolved(resolve_model_spec(f"dummy:{shape}"), device)
+    load_s = time.perf_counter() - started
+    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
+    engine.generate(prompts[:2], GenerationParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    started = time.perf_counter()
+    out = engine.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    engine.close()
+    tokens = sum(g.n_generated_tokens for g in out)
+    result = {"shape": shape, "batch": batch, "new_tokens": new_tokens, "load_s": load_s,
+              "generated_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+    if hf is not None:  # the same shape's weight bytes, as measured for the HF engine
+        floor = batch * bandwidth * 1e9 / (hf["weights_gb"] * 1e9)
+        result.update(hf_tok_per_s=hf["tok_per_s"], vs_hf=result["tok_per_s"] / hf["tok_per_s"],
+                      bandwidth_bound_tok_per_s=floor, fraction_of_bound=result["tok_per_s"] / floor)
+    return result
+
+
 def flow_end_to_end(device: torch.device, rows: int, new_tokens: int) -> dict:
     missing = [m for m in ("prefect", "mlflow", "pydantic", "polars", "fsspec") if importlib.util.find_spec(m) is None]
     if missing:
@@ -167,6 +260,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU dry run of the code paths)")
     parser.add_argument("--shapes", nargs="*", help="llama shapes (default: llama-135m llama-1b llama-8b)")
+    parser.add_argument("--vllm-shapes", nargs="*", help="llama shapes for vLLM (default: llama-1b llama-8b)")
     parser.add_argument("--export-tokenizers", metavar="DIR", help="write the dummy shapes' tokenizers and exit")
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args()
@@ -191,6 +285,10 @@ def main() -> int:
     report["generation"].append(generation_throughput(shapes[0], device, batch, new_tokens, bandwidth,
                                                       decode="static+compile"))
     report["embedding"] = [embedding_throughput(s, device, 256 if args.quick else 8192) for s in ("minilm",)]
+    vllm_shapes = args.vllm_shapes if args.vllm_shapes is not None else (
+        ["llama-135m"] if args.quick else ["llama-1b", "llama-8b"])
+    report["vllm"] = vllm_section(device, vllm_shapes, report["generation"], batch, new_tokens, bandwidth,
+                                  deadline=STARTED + VLLM_BUDGET_S)
     report["flow"] = flow_end_to_end(device, 16 if args.quick else 256, 8 if args.quick else 64)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
@@ -207,6 +305,22 @@ def main() -> int:
               f"| {g['tok_per_s']:.0f} | {g['bandwidth_bound_tok_per_s']:.0f} | {g['fraction_of_bound']:.0%} |")
     for e in report["embedding"]:
         print(f"| dummy:{e['shape']} (embedding) | | | | {e['rows']} rows | {e['rows_per_s']:.0f} rows/s | | |")
+    v = report["vllm"]
+    if v["ran"]:
+        va = v["agreement"]
+        print(f"\nvLLM engine ({v['version']}): {va['dtype']} on device vs HF fp32 CPU: top-1 "
+              f"{va['top1_agreement']:.0%}, top-20 log-prob cosine >= {va['logprob_cosine_min']:.4f} "
+              f"-> {'ok' if va['ok'] else 'MISMATCH'}")
+        print("| shape | batch x new tokens | load s | vLLM tok/s | HF tok/s | vLLM / HF | of bound |")
+        print("|---|---|---|---|---|---|---|")
+        for g in v["generation"]:
+            print(f"| dummy:{g['shape']} | {g['batch']} x {g['new_tokens']} | {g['load_s']:.0f} | {g['tok_per_s']:.0f} "
+                  f"| {g.get('hf_tok_per_s', float('nan')):.0f} | {g.get('vs_hf', float('nan')):.2f} "
+                  f"| {g.get('fraction_of_bound', float('nan')):.0%} |")
+        for skipped in v["skipped"]:
+            print(f"| {skipped}: not run |")
+    else:
+        print(f"\nvLLM engine: not run: {v['why']}")
     f = report["flow"]
     if f["ran"]:
         print(f"\nflow end to end: exit {f['exit_code']}, manifest {f['status']}, {f['rows']} rows in {f['seconds']:.1f}s "
@@ -216,7 +330,8 @@ def main() -> int:
     else:
         print(f"\nflow end to end: not run: {f['why']}")
     print(f"\nwritten to {args.out}")
-    return 0 if a["ok"] and (not f["ran"] or f["exit_code"] == 0) else 1
+    vllm_ok = not v["ran"] or v["agreement"]["ok"]
+    return 0 if a["ok"] and vllm_ok and (not f["ran"] or f["exit_code"] == 0) else 1
 
 
 if __name__ == "__main__":

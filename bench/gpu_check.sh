@@ -2,6 +2,8 @@
 # The GPU check (issue #6): engines on a CUDA device with dummy weights, bf16-vs-fp32 agreement, a
 # throughput table next to the memory-bandwidth floor, and the flow end to end when Prefect & co.
 # are importable. Needs only PyTorch + transformers + sentence-transformers there, and no network.
+# Where vllm (a CUDA build) is importable it also times the vLLM engine on the 1B/8B shapes and
+# checks it against HF fp32 on the CPU; where it is not, the report says so.
 #
 #   here (with the venv):   bash bench/gpu_check.sh --prepare      # writes .gpucheck/tokenizers
 #   on the GPU machine:     bash bench/gpu_check.sh [--shapes llama-135m llama-1b] [--out FILE]

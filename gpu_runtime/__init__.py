@@ -33,6 +33,8 @@ __all__ = [
     "pin_worker",
     "visible_gpu_count",
     "on_compute_thread",
+    "choose_engine",
+    "VllmOptions",
     "ModelNotFoundError",
     "EngineError",
 ]
@@ -59,6 +61,8 @@ _LOCATION = {
     "pin_worker": "device",
     "visible_gpu_count": "device",
     "on_compute_thread": "compute_thread",
+    "choose_engine": "vllm_engine",
+    "VllmOptions": "vllm_engine",
     "ModelNotFoundError": "errors",
     "EngineError": "errors",
 }
@@ -79,6 +83,7 @@ if TYPE_CHECKING:
         resolve_model_spec,
     )
     from .prompts import render_prompt, template_fields
+    from .vllm_engine import VllmOptions, choose_engine
 
 
 def __getattr__(name: str) -> Any:

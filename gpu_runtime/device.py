@@ -71,21 +71,25 @@ def visible_gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def pin_worker(slot: int, workers: int, gpus: int, cpus: int | None = None) -> str:
-    """Give worker process ``slot`` of ``workers`` its own GPU, or its share of the CPU cores.
+def pin_worker(slot: int, workers: int, gpus: int, cpus: int | None = None, gpus_per_worker: int = 1) -> str:
+    """Give worker process ``slot`` of ``workers`` its own GPU(s), or its share of the CPU cores.
 
     Runs in the worker before it touches CUDA: with GPUs, ``CUDA_VISIBLE_DEVICES`` is narrowed to
-    one of the parent's visible devices (workers beyond the GPU count share round-robin), so the
-    engine's ``auto``/``cuda`` device is that GPU. On CPU, torch's intra-op threads are split
-    between the workers so they do not oversubscribe the cores. Returns a label for logs.
+    ``gpus_per_worker`` of the parent's visible devices (a tensor-parallel engine's GPUs; workers
+    beyond the GPU count share round-robin), so the engine's ``auto``/``cuda`` device is that GPU.
+    On CPU, torch's intra-op threads are split between the workers so they do not oversubscribe
+    the cores. Returns a label for logs.
     """
     cpus = cpus or os.cpu_count() or 1
     threads = max(1, cpus // max(1, workers))
     if gpus > 0:
         parent = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
         ids = parent if parent else [str(i) for i in range(gpus)]
-        os.environ["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
-        label = f"gpu {ids[slot % len(ids)]}"
+        per = max(1, min(gpus_per_worker, len(ids)))
+        first = (slot * per) % len(ids)
+        mine = (ids[first:] + ids[:first])[:per]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+        label = f"gpu {','.join(mine)}"
     else:
         label = f"cpu x{threads}"
     os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -198,10 +198,14 @@ class GenerationEngine:
             if device.type != "cuda":
                 model.to(device)
         model.eval()
+        import transformers
+
         info = {
             **resolved.engine_info(dtype, device),
             "loaded_from": path,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "engine": "hf",
+            "engine_version": f"transformers {transformers.__version__}",
         }
         return cls(model, tokenizer, info)
 
@@ -227,11 +231,7 @@ class GenerationEngine:
     def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         limit = self._input_limit(params)
         with self._lock:
-            encoded = [
-                encode_chat(self.tokenizer, prompt, limit, system_prompt=params.system_prompt,
-                            template_kwargs=params.chat_template_kwargs, date=params.chat_date)
-                for prompt in prompts
-            ]
+            encoded = [self._encode_prompt(prompt, params, limit) for prompt in prompts]
             config = self._generation_config(params)
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -289,6 +289,11 @@ class GenerationEngine:
     def _encode(self, user_text: str, system_prompt: str | None, limit: int) -> tuple[list[int], bool]:
         """Token ids of the chat prompt, shortening the user text (not the template) to fit ``limit``."""
         return encode_chat(self.tokenizer, user_text, limit, system_prompt=system_prompt)
+
+    def _encode_prompt(self, user_text: str, params: GenerationParams, limit: int) -> tuple[list[int], bool]:
+        """The prompt as every engine feeds it: system prompt, template variables and the run's date."""
+        return encode_chat(self.tokenizer, user_text, limit, system_prompt=params.system_prompt,
+                           template_kwargs=params.chat_template_kwargs, date=params.chat_date)
 
     def _generation_config(self, params: GenerationParams) -> Any:
         from transformers import GenerationConfig

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from .embedding import EmbeddingEngine
     from .generation import GenerationEngine
+    from .vllm_engine import VllmOptions
 
 __all__ = [
     "ResolvedModel",
@@ -233,9 +234,11 @@ def _weights_revision(directory: Path) -> str:
 
 
 def _file_sha256(path: Path) -> str:
-    """sha256 of a (large) file, remembered in the cache dir by (path, size, mtime)."""
+    """sha256 of a (large) file, remembered in the cache dir by (path, size, mtime, ctime, inode):
+    replaced weights with a preserved mtime (``cp -p``, ``tar``) still get a new ctime or inode."""
     stat = path.stat()
-    identity = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    identity = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
     record = model_cache_dir() / "sha256" / (hashlib.sha256(identity["path"].encode()).hexdigest()[:32] + ".json")
     with contextlib.suppress(OSError, ValueError):
         saved = json.loads(record.read_text())
@@ -401,10 +404,24 @@ def model_load_counts() -> dict[str, int]:
 
 
 def load_generation_engine(
-    spec: str, device: str | None = "auto", attn_implementation: str | None = None
+    spec: str,
+    device: str | None = "auto",
+    attn_implementation: str | None = None,
+    engine: str = "hf",
+    vllm_options: VllmOptions | None = None,
 ) -> GenerationEngine:
     """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use.
-    ``attn_implementation`` None lets transformers choose the attention kernel for the architecture."""
+
+    ``attn_implementation`` None lets transformers choose the attention kernel for the architecture.
+    ``engine``: ``hf`` (transformers), ``vllm`` (:mod:`gpu_runtime.vllm_engine`, with
+    ``vllm_options``) or ``auto`` (see :func:`~gpu_runtime.vllm_engine.choose_engine`).
+    """
+    from .vllm_engine import VllmGenerationEngine, VllmOptions, choose_engine
+
+    if choose_engine(engine, device) == "vllm":
+        options = vllm_options or VllmOptions()
+        return _cached_engine(f"generation-vllm-{options.cache_key()}", spec, device,
+                              VllmGenerationEngine.loader(options))
     from .generation import GenerationEngine
 
     build = functools.partial(GenerationEngine.from_resolved, attn_implementation=attn_implementation)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 
 from tasks.planning import Shard
 from tasks.results import ShardResult
@@ -75,9 +75,11 @@ def budgeted_completions(
             shard = queue.pop(0)
             running[submit(shard)] = shard
 
+    from tasks.runners import finished_in_turn
+
     fill()
     while running:
-        finished = as_completed(list(running))
+        finished = finished_in_turn(list(running))
         future = next(finished)
         finished.close()
         yield future, running.pop(future)

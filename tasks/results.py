@@ -28,6 +28,7 @@ class ShardResult:
     part_uri: str | None = None
     part_bytes: int = 0
     part_sha256: str | None = None
+    part_write_id: str | None = None  # the part footer's unique write id, checked again at commit
     device: str | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
@@ -53,11 +54,15 @@ class RunTotals:
     shards: int = 0
     committed: int = 0
     failed: int = 0
-    rows: int = 0
+    rows: int = 0  # every committed row, computed by this run or reused from an earlier one
+    rows_computed: int = 0
+    rows_reused: int = 0
     error_rows: int = 0
     truncated_rows: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens of all committed rows (reused parts carry theirs in the footer)
     generated_tokens: int = 0
+    prompt_tokens_computed: int = 0  # tokens this run processed: what throughput and cost are over
+    generated_tokens_computed: int = 0
     device_seconds: float = 0.0
     seconds_read: float = 0.0
     seconds_compute: float = 0.0
@@ -75,6 +80,12 @@ class RunTotals:
                 totals.truncated_rows += r.truncated_rows
                 totals.prompt_tokens += r.prompt_tokens
                 totals.generated_tokens += r.generated_tokens
+                if r.resumed:
+                    totals.rows_reused += r.rows
+                else:
+                    totals.rows_computed += r.rows
+                    totals.prompt_tokens_computed += r.prompt_tokens
+                    totals.generated_tokens_computed += r.generated_tokens
             else:
                 totals.failed += 1
             totals.device_seconds += r.seconds

@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import contextvars
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -72,11 +73,57 @@ def shard_tags(cfg: JobConfig) -> list[str]:
     return [cfg.concurrency_tag]
 
 
+def gpus_per_worker(cfg: JobConfig) -> int:
+    """GPUs one worker owns: the vLLM engine's tensor-parallel size, else 1."""
+    if cfg.runs_generation and cfg.generation_engine() == "vllm":
+        return cfg.generate.tensor_parallel_size
+    return 1
+
+
 def worker_count(cfg: JobConfig) -> int:
-    """``workers`` from the job, else one per visible GPU, else 1."""
+    """``workers`` from the job, else one per ``gpus_per_worker`` visible GPUs, else 1."""
     if cfg.workers:
         return cfg.workers
-    return max(1, visible_gpus(cfg)) if _pins_gpus(cfg) else 1
+    return max(1, visible_gpus(cfg) // gpus_per_worker(cfg)) if _pins_gpus(cfg) else 1
+
+
+def check_engine_settings(cfg: JobConfig) -> None:
+    """Settings the generation engine cannot honour on this machine, as a ConfigError (exit 2),
+    before any model loads: vllm not installed or built for the other device, a tensor-parallel
+    size larger than the visible GPUs (or than a worker's share of them)."""
+    if not cfg.runs_generation:
+        return
+    g = cfg.generate
+    from gpu_runtime import EngineError, choose_engine
+    from gpu_runtime.vllm_engine import vllm_build
+
+    try:
+        engine = choose_engine(g.engine, cfg.device)
+    except EngineError as err:
+        raise ConfigError(str(err)) from None
+    tp = g.tensor_parallel_size
+    if engine == "hf":
+        if tp > 1:
+            chosen = "" if g.engine == "hf" else " (engine auto chose hf: no CUDA build of vLLM or no GPU here)"
+            raise ConfigError(f"generate.tensor_parallel_size={tp} needs generate.engine: vllm{chosen}")
+        return
+    dist, version, platform = vllm_build() or ("vllm", "?", "cuda")
+    if cfg.device.startswith("cuda:"):
+        raise ConfigError(f"device {cfg.device}: the vllm engine takes its GPUs from CUDA_VISIBLE_DEVICES "
+                          "(and workers); use device: auto or cuda")
+    wanted = "cpu" if cfg.device == "cpu" else ("cuda" if cfg.device == "cuda" else platform)
+    if wanted != platform:
+        raise ConfigError(f"device {cfg.device}: the installed vLLM ({dist} {version}) runs on {platform} only")
+    if platform == "cpu":
+        if tp > 1:
+            raise ConfigError(f"generate.tensor_parallel_size={tp}: the CPU build of vLLM runs one model per worker")
+        return
+    gpus = visible_gpus(cfg)
+    if tp > gpus:
+        raise ConfigError(f"generate.tensor_parallel_size={tp} but {gpus} GPU(s) are visible")
+    if cfg.runner == "local" and worker_count(cfg) * tp > gpus:
+        raise ConfigError(f"workers={worker_count(cfg)} x generate.tensor_parallel_size={tp} needs "
+                          f"{worker_count(cfg) * tp} GPUs, {gpus} are visible")
 
 
 def claim_slot(slot_dir: str, workers: int) -> int:
@@ -90,13 +137,14 @@ def claim_slot(slot_dir: str, workers: int) -> int:
     return os.getpid() % workers  # a replacement process after a crash: share round-robin
 
 
-def start_worker(slot_dir: str, workers: int, gpus: int) -> None:
-    """Process-pool initializer: claim a slot, then pin this process to its device."""
+def start_worker(slot_dir: str, workers: int, gpus: int, per_worker: int = 1) -> None:
+    """Process-pool initializer: claim a slot, then pin this process to its device(s)."""
     global WORKER_LABEL
     slot = claim_slot(slot_dir, workers)
     from gpu_runtime import pin_worker
 
-    WORKER_LABEL = f"worker {slot} (pid {os.getpid()}, {pin_worker(slot, workers, gpus)})"
+    label = pin_worker(slot, workers, gpus, gpus_per_worker=per_worker)
+    WORKER_LABEL = f"worker {slot} (pid {os.getpid()}, {label})"
 
 
 class WorkerProcessPool(ProcessPoolTaskRunner):
@@ -115,6 +163,36 @@ class WorkerProcessPool(ProcessPoolTaskRunner):
         context = getattr(self, "_flow_context", None)
         forward = super()._forward_subprocess_messages
         return context.run(forward) if context is not None else forward()
+
+
+class ShardThreadPool(ThreadPoolTaskRunner):
+    """Prefect's thread pool, except that an interrupt (Ctrl-C, SIGTERM) does not wait for the
+    shards in flight: they are abandoned (a part is published whole or not at all, so the rerun
+    redoes them) and the command ends at once instead of when the longest shard finishes."""
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception) and self._executor is not None:
+            for event in self._cancel_events.values():
+                event.set()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        super().__exit__(exc_type, exc_value, traceback)
+
+
+def finished_in_turn(futures: list[Any], poll_seconds: float = 0.5) -> Iterator[Any]:
+    """The futures, each as it finishes. Unlike Prefect's ``as_completed``, the flow's thread never
+    blocks for good: a Ctrl-C or SIGTERM that the kernel hands to another thread is acted on only
+    when the main thread next runs Python, which otherwise waits for the next shard to finish."""
+    finished: queue.Queue[Any] = queue.Queue()
+    for future in futures:
+        future.add_done_callback(finished.put)
+    for _ in range(len(futures)):
+        while True:
+            try:
+                yield finished.get(timeout=poll_seconds)
+                break
+            except queue.Empty:
+                continue
 
 
 def worker_label() -> str:
@@ -140,13 +218,14 @@ def shard_task_runner(cfg: JobConfig) -> TaskRunner:
     workers = worker_count(cfg)
     if workers == 1:
         # On a GPU one shard computes (under the device lock) while another reads or writes.
-        return ThreadPoolTaskRunner(max_workers=shards_in_flight(cfg))
+        return ShardThreadPool(max_workers=shards_in_flight(cfg))
     gpus = visible_gpus(cfg) if _pins_gpus(cfg) else 0
     # Slots are claimed through files: the runner is pickled with each task, and a
     # multiprocessing queue or lock refuses that.
     slot_dir = tempfile.mkdtemp(prefix="shardwise-workers-")
     atexit.register(shutil.rmtree, slot_dir, True)
-    return WorkerProcessPool(max_workers=workers, initializer=start_worker, initargs=(slot_dir, workers, gpus))
+    return WorkerProcessPool(max_workers=workers, initializer=start_worker,
+                             initargs=(slot_dir, workers, gpus, gpus_per_worker(cfg)))
 
 
 def ray_resources(cfg: JobConfig) -> dict[str, float]:
@@ -155,7 +234,7 @@ def ray_resources(cfg: JobConfig) -> dict[str, float]:
 
     wanted = {k: v for k, v in (("num_gpus", cfg.ray.num_gpus), ("num_cpus", cfg.ray.num_cpus)) if v is not None}
     if "num_gpus" not in wanted and cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0:
-        wanted["num_gpus"] = 1
+        wanted["num_gpus"] = gpus_per_worker(cfg)
     if not wanted.get("num_gpus"):
         wanted.setdefault("num_cpus", 1)
     return wanted

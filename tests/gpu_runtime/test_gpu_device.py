@@ -10,17 +10,20 @@ import sys
 PROBE = """
 import json, os, sys, torch
 from gpu_runtime import pin_worker
-label = pin_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), cpus=int(sys.argv[4]))
+label = pin_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), cpus=int(sys.argv[4]),
+                   gpus_per_worker=int(sys.argv[5]))
 print(json.dumps({"label": label, "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
                   "omp": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads()}))
 """
 
 
-def pin_in_fresh_process(slot: int, workers: int, gpus: int, cpus: int, visible: str | None = None) -> dict:
+def pin_in_fresh_process(slot: int, workers: int, gpus: int, cpus: int, visible: str | None = None,
+                         per_worker: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    out = subprocess.run([sys.executable, "-c", PROBE, str(slot), str(workers), str(gpus), str(cpus)],
+    out = subprocess.run([sys.executable, "-c", PROBE, str(slot), str(workers), str(gpus), str(cpus),
+                          str(per_worker)],
                          env=env, capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -41,3 +44,9 @@ def test_gpu_workers_each_narrow_to_one_of_the_parents_devices():
     assert pin_in_fresh_process(1, 2, 2, cpus=8)["cuda_visible"] == "1"
     third = pin_in_fresh_process(2, 3, 2, cpus=8)
     assert third["cuda_visible"] == "0" and third["label"] == "gpu 0"
+
+
+def test_tensor_parallel_workers_each_own_their_own_gpus():
+    assert pin_in_fresh_process(0, 2, 4, cpus=8, per_worker=2)["cuda_visible"] == "0,1"
+    second = pin_in_fresh_process(1, 2, 4, cpus=8, per_worker=2, visible="2,3,5,7")
+    assert second["cuda_visible"] == "5,7" and second["label"] == "gpu 5,7"

