@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-template")
     run.add_argument("--system-prompt")
     run.add_argument("--max-new-tokens", type=int)
+    run.add_argument("--output-schema", metavar="FILE_OR_JSON",
+                     help="JSON Schema every answer follows (a .json file or inline JSON); adds the column generated")
     run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--embed-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--rows-per-shard", type=int)
@@ -92,6 +94,7 @@ def config_from_args(args: argparse.Namespace):
         "system_prompt": args.system_prompt,
         "max_new_tokens": args.max_new_tokens,
         "model": args.gen_model,
+        "output_schema": args.output_schema,
     }
     if any(v is not None for v in generate.values()):
         overrides["generate"] = {k: v for k, v in generate.items() if v is not None}
@@ -160,6 +163,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("rows", f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
                  f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
         ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"),
+        *([("schema valid", f"{summary['schema_valid_rows']:.0f}/{summary['rows']:.0f} rows "
+                            f"({summary['schema_valid_rate']:.1%})")] if "schema_valid_rows" in summary else []),
         ("seconds", f"{summary['seconds']:.1f}"),
         ("rows/s", f"{summary['rows_per_s']:.2f}"),
         ("prompt tok/s", f"{summary['prompt_tok_per_s']:.1f}"),

@@ -108,6 +108,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"- rows: {summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
         f"{summary['duplicate_ids']:.0f} duplicate ids)",
         f"- shards: {summary['shards_committed']}/{summary['shards_total']} committed",
+        *([f"- valid structured output: {summary['schema_valid_rows']:.0f} rows "
+           f"({summary['schema_valid_rate']:.1%})"] if "schema_valid_rows" in summary else []),
         f"- throughput: {summary['rows_per_s']:.1f} rows/s, {summary['generated_tok_per_s']:.1f} generated tok/s",
         f"- estimated cost: {summary['cost']:.6f} {summary['currency']} ({summary['device_type']})",
         f"- MLflow run: `{summary['mlflow_run_id']}`"
@@ -141,6 +143,8 @@ def report(
             "cost": round(m["shard_cost"], 6), "status": r.status, "worker": r.worker or "",
             "error": r.error or "",
         })
+        if r.schema_valid_rows is not None:
+            rows[-1]["schema_valid_rate"] = round(r.schema_valid_rows / r.rows, 4) if r.rows else 0.0
     create_table_artifact(rows, key="shard-results", description="One row per shard")
     create_markdown_artifact(_markdown(summary), key="run-summary", description="shardwise run summary")
     return summary

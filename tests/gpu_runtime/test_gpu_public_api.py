@@ -10,7 +10,10 @@ from pathlib import Path
 import gpu_runtime
 
 PACKAGE_DIR = Path(gpu_runtime.__file__).parent
-ALLOWED_THIRD_PARTY = {"torch", "transformers", "accelerate", "sentence_transformers", "numpy", "pyarrow"}
+ALLOWED_THIRD_PARTY = {
+    "torch", "transformers", "accelerate", "sentence_transformers", "numpy", "pyarrow",
+    "xgrammar",  # optional: imported by gpu_runtime/structured.py only when an output schema is set
+}
 
 
 def test_exported_names_are_exactly_the_intended_ones():
