@@ -143,8 +143,10 @@ def report(
             "cost": round(m["shard_cost"], 6), "status": r.status, "worker": r.worker or "",
             "error": r.error or "",
         })
-        if r.schema_valid_rows is not None:
-            rows[-1]["schema_valid_rate"] = round(r.schema_valid_rows / r.rows, 4) if r.rows else 0.0
+        if cfg.output_schema_hash is not None:  # every row has the column; unknown for failed or resumed shards
+            rows[-1]["schema_valid_rate"] = (
+                round(r.schema_valid_rows / r.rows, 4) if r.schema_valid_rows is not None and r.rows else None
+            )
     create_table_artifact(rows, key="shard-results", description="One row per shard")
     create_markdown_artifact(_markdown(summary), key="run-summary", description="shardwise run summary")
     return summary
