@@ -48,9 +48,10 @@ EMBED_MODEL = "bundled:all-minilm-l6-v2"
 
 def run_flow(cfg) -> tuple[float, dict]:
     from flows.enrich import enrich_for
+    from tasks.job_handoff import flow_parameters
 
     started = time.perf_counter()
-    state = enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
+    state = enrich_for(cfg)(job=flow_parameters(cfg), return_state=True)
     seconds = time.perf_counter() - started
     summary = state.result(raise_on_failure=False)
     if not state.is_completed():

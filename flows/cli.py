@@ -1,7 +1,8 @@
 """The ``shardwise`` command line: ``run``, ``demo``, ``status`` and ``lineage``.
 
 Exit codes: 0 success; 1 the run failed (some shards failed, or an unexpected error); 2 bad input
-or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted.
+or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted
+(Ctrl-C, SIGINT); 143 terminated (SIGTERM).
 Errors are one line on stderr; set ``SHARDWISE_DEBUG=1`` for a traceback.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "conf" / "jobs" / "demo.yaml"
@@ -118,10 +120,13 @@ def config_from_args(args: argparse.Namespace):
 def preflight(cfg) -> Any:
     """Everything that can fail fast does so here, before Prefect starts or a model loads."""
     from gpu_runtime import resolve_model_spec
+    from tasks.output_dir import OutputDir
     from tasks.planning import plan_shards
-    from tasks.resume import check_output_compatible
+    from tasks.resume import check_output_compatible, check_output_location
     from tasks.storage import check_writable
 
+    check_output_location(cfg)
+    OutputDir(cfg.output, cfg.storage_options).check_lease_free(cfg.lease_timeout_s)
     plan = plan_shards(cfg)
     check_output_compatible(cfg)
     if cfg.runs_generation:
@@ -135,18 +140,18 @@ def preflight(cfg) -> Any:
 def execute(cfg) -> int:
     """Run the flow for ``cfg``, print the summary, return the exit code."""
     from flows.enrich import enrich_for
+    from tasks.job_handoff import flow_parameters
+    from tasks.redaction import redact_text
     from tasks.runners import shared_prefect_api
-    from tasks.storage import set_runtime_storage_options
 
     plan = preflight(cfg)
     print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
           file=sys.stderr, flush=True)
-    set_runtime_storage_options(cfg.storage_options)
     with shared_prefect_api():
-        state = enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
+        state = enrich_for(cfg)(job=flow_parameters(cfg), return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
-        print(format_summary(result))
+        print(redact_text(format_summary(result)))
         return 0 if result.get("succeeded") else 1
     reason = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else state.message
     _error(f"run failed: {reason}")
@@ -154,6 +159,7 @@ def execute(cfg) -> int:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from tasks.redaction import redact_uri
     from tasks.state import tracking_uri
 
     ok = summary["succeeded"]
@@ -162,6 +168,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("output", summary["output"]),
         ("rows", f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
                  f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
+        ("computed", f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs)"),
         ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"),
         *([("schema valid", f"{summary['schema_valid_rows']:.0f}/{summary['rows']:.0f} rows "
                             f"({summary['schema_valid_rate']:.1%})")] if "schema_valid_rows" in summary else []),
@@ -171,7 +178,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("generated tok/s", f"{summary['generated_tok_per_s']:.1f}"),
         ("estimated cost", f"{summary['cost']:.6f} {summary['currency']} "
                            f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)"),
-        ("MLflow run", f"{summary['mlflow_run_id']} ({tracking_uri()})"),
+        ("MLflow run", f"{summary['mlflow_run_id']} ({redact_uri(tracking_uri())})"),
     ]
     for label, use in summary.get("workers", {}).items():
         rows.append(("worker", f"{label}: {use['shards']} shards"))
@@ -193,26 +200,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import shutil
 
+    if args.rows < 1:
+        from tasks.errors import ConfigError
+
+        raise ConfigError(f"demo --rows must be at least 1, got {args.rows}")
     root = state_dir() / "demo"
     shutil.rmtree(root / "output", ignore_errors=True)  # the demo always computes from scratch
-    files = 3
-    per_file = max(1, args.rows // files)
     input_dir = root / "input"
-    write_reviews_dataset(str(input_dir), files=files, rows_per_file=per_file, rows_per_group=4)
+    shutil.rmtree(input_dir, ignore_errors=True)  # a smaller demo must not keep a bigger one's files
+    files = write_reviews_dataset(str(input_dir), rows=args.rows, rows_per_group=4)
     overrides: dict[str, Any] = {"input": str(input_dir), "output": str(root / "output")}
     if args.max_new_tokens:
         overrides["generate"] = {"max_new_tokens": args.max_new_tokens}
     cfg = build_config(DEMO_CONFIG, overrides, args.set_options)
-    print(f"shardwise demo: {files * per_file} synthetic reviews in {input_dir}", file=sys.stderr)
+    print(f"shardwise demo: {args.rows} synthetic reviews in {len(files)} files in {input_dir}", file=sys.stderr)
     code = execute(cfg)
     if code == 0:
+        from tasks.redaction import redact_uri
         from tasks.state import tracking_uri
 
         print(
             "\nWhere to look:\n"
             f"  output Parquet : {cfg.output}/part-*.parquet  (manifest: {cfg.output}/_manifest.json)\n"
             f"    python -c \"import polars as pl; print(pl.read_parquet('{cfg.output}/part-*.parquet'))\"\n"
-            f"  MLflow         : mlflow ui --backend-store-uri {tracking_uri()}\n"
+            f"  MLflow         : mlflow ui --backend-store-uri {redact_uri(tracking_uri())}\n"
             "  Prefect        : runs went to a temporary server; `prefect server start` and\n"
             "                   PREFECT_API_URL=http://127.0.0.1:4200/api keep them for the UI\n"
             f"  status         : shardwise status {cfg.output}"
@@ -229,11 +240,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         _error(f"no such output: {args.output}")
         return 2
     status = read_status(args.output, options)
-    print(f"output   {status.output}")
-    print(f"state    {status.state}")
-    print(f"shards   {status.shards_done}/{status.shards_total} done")
-    print(f"rows     {status.rows}")
-    print(f"_SUCCESS {'yes' if status.success else 'no'}")
+    if status.state == "no manifest":
+        _error(f"no shardwise output at {args.output}: it has no _manifest.json")
+        return 2
+    _out(f"output   {status.output}")
+    _out(f"state    {status.state}")
+    _out(f"shards   {status.shards_done}/{status.shards_total} done")
+    _out(f"rows     {status.rows}")
+    _out(f"_SUCCESS {'yes' if status.success else 'no'}")
     return 0 if status.success else 1
 
 
@@ -245,21 +259,21 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.row_id is not None:
         part, row = find_row(args.target, args.row_id, options)
         lineage = part_lineage(part, options)
-        print(f"row {args.row_id!r}")
-        print(f"  from        {lineage.get('source')} row {row.pop('_source_row')}")
-        print(f"  written to  {part}")
+        _out(f"row {args.row_id!r}")
+        _out(f"  from        {lineage.get('source')} row {row.pop('_source_row')}")
+        _out(f"  written to  {part}")
         _print_lineage(lineage, indent="  ")
-        print("  values")
+        _out("  values")
         for key, value in row.items():
             text = str(value)
-            print(f"    {key:<20} {text if len(text) <= 200 else text[:197] + '...'}")
+            _out(f"    {key:<20} {text if len(text) <= 200 else text[:197] + '...'}")
         return 0
     parts = list_parts(args.target, options)
     if not parts:
         _error(f"no part-*.parquet under {args.target}")
         return 2
     for part in parts:
-        print(part)
+        _out(part)
         _print_lineage(part_lineage(part, options), indent="  ")
     return 0
 
@@ -270,18 +284,49 @@ def _print_lineage(lineage: dict[str, str], indent: str) -> None:
              "source_rows", "source_fingerprint", "shard_id", "created_at"]
     keys = [k for k in order if k in lineage] + sorted(k for k in lineage if k not in order)
     for key in keys:
-        print(f"{indent}{key:<24} {lineage[key]}")
+        _out(f"{indent}{key:<24} {lineage[key]}")
+
+
+def _out(line: str) -> None:
+    """A line of command output; URIs in it may come from the user, so with credentials redacted."""
+    from tasks.redaction import redact_text
+
+    print(redact_text(line))
 
 
 def _error(message: str) -> None:
-    print(f"shardwise: error: {message}", file=sys.stderr, flush=True)
+    from tasks.redaction import redact_text
+
+    print(f"shardwise: error: {redact_text(message)}", file=sys.stderr, flush=True)
+
+
+def _exit_abandoning_threads(code: int) -> NoReturn:
+    """End the process now. A shard thread abandoned by an interrupt may still be computing, and a
+    normal exit joins every such thread first; the run's MLflow and Prefect states are already
+    recorded, and logs still queued for Prefect get a few seconds to go out."""
+    handlers = sys.modules.get("prefect.logging.handlers")
+    if handlers is not None:
+        handlers.APILogWorker.drain_all(timeout=5, at_exit=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    from tasks.errors import Terminated
+
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     _environment_defaults()
     args = build_parser().parse_args(argv)
     from gpu_runtime.errors import EngineError, ModelNotFoundError
-    from tasks.errors import ShardwiseError
+    from tasks.errors import ShardwiseError, Terminated
+
+    # SIGTERM unwinds like Ctrl-C, so the run is closed properly (while a flow runs, Prefect's own
+    # handler raises TerminationSignal instead).
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
     handlers = {"run": cmd_run, "demo": cmd_demo, "status": cmd_status, "lineage": cmd_lineage}
     started = time.perf_counter()
@@ -298,12 +343,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         _error(f"interrupted after {time.perf_counter() - started:.0f}s; rerun the same command to redo it")
-        return 130
+        _exit_abandoning_threads(130)
     except Exception as err:  # noqa: BLE001 - last resort: one line, traceback on request
         if os.environ.get("SHARDWISE_DEBUG"):
             raise
         _error(f"unexpected {type(err).__name__}: {err} (SHARDWISE_DEBUG=1 shows the traceback)")
         return 1
+    except BaseException as err:
+        prefect_exceptions = sys.modules.get("prefect.exceptions")  # Prefect's SIGTERM bridge, if loaded
+        if not isinstance(err, Terminated) and not (
+            prefect_exceptions and isinstance(err, prefect_exceptions.TerminationSignal)
+        ):
+            raise
+        _error(f"terminated after {time.perf_counter() - started:.0f}s; rerun the same command to redo it")
+        _exit_abandoning_threads(143)
 
 
 if __name__ == "__main__":

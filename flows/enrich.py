@@ -11,21 +11,22 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.job_config import JobConfig, validate_config
+from tasks.job_config import JobConfig
+from tasks.job_handoff import job_from_parameters
 from tasks.manifest import commit_output_task, start_output_task
+from tasks.output_dir import OutputDir
 from tasks.planning import ShardPlan, plan_shards_task
+from tasks.redaction import install_log_redaction, redact_text
 from tasks.reporting import price_for, report_task, start_progress, update_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
-from tasks.runners import shard_placement, shard_tags, shard_task_runner
+from tasks.runners import ShardThreadPool, finished_in_turn, shard_placement, shard_tags, shard_task_runner
 from tasks.shard_work import process_shard
-from tasks.storage import runtime_storage_options
-from tasks.tracking import log_shard, prompt_hash, start_tracking_task
+from tasks.tracking import ended_on_error, log_shard, prompt_hash, start_tracking_task
 
 
 class _ThreadTimeoutWarningOnce(logging.Filter):
@@ -44,18 +45,13 @@ class _ThreadTimeoutWarningOnce(logging.Filter):
 logging.getLogger("prefect.task_runs").addFilter(_ThreadTimeoutWarningOnce())
 
 
-def job_from_parameters(job: dict[str, Any]) -> JobConfig:
-    """Flow parameters hold the public config; storage options come from this process/environment."""
-    return validate_config({**job, "storage_options": runtime_storage_options()})
-
-
 def shard_outcome(future: PrefectFuture, shard_by_name: dict[str, Any]) -> ShardResult:
     """A finished shard future as a ShardResult, failed ones included (with their reason)."""
     value = future.result(raise_on_failure=False)
     if isinstance(value, ShardResult):
         return value
     shard = shard_by_name[future.task_run_id]
-    reason = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value)
+    reason = redact_text(f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value))
     return ShardResult(index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
                        status="failed", error=reason, finished_at=time.time())
 
@@ -101,7 +97,7 @@ def process_shards(
     by_task_run = {f.task_run_id: s for f, s in zip(futures, pending)}
     results: list[ShardResult] = list(done)
     progress = start_progress(len(plan.shards), len(done))
-    for future in as_completed(list(futures)):
+    for future in finished_in_turn(list(futures)):
         result = shard_outcome(future, by_task_run)
         results.append(result)
         update_progress(progress, sum(r.status == "committed" for r in results), len(plan.shards))
@@ -125,23 +121,30 @@ def failure_message(summary: dict[str, Any], plan: ShardPlan) -> str:
     return ", ".join(parts)
 
 
-@flow(name="enrich", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="enrich", task_runner=ShardThreadPool(max_workers=1))
 def enrich(job: dict[str, Any]) -> dict[str, Any]:
     """Enrich a Parquet dataset with generated text and/or embeddings; returns the run summary.
 
     Called directly it runs one shard at a time in this process; :func:`enrich_for` picks the
-    runner the job asks for (worker processes, Ray, a second shard in flight on a GPU)."""
+    runner the job asks for (worker processes, Ray, a second shard in flight on a GPU). ``job`` is
+    the public config; pass ``tasks.job_handoff.flow_parameters(cfg)`` to keep credentials out of
+    it (see that module)."""
     started = time.perf_counter()
+    install_log_redaction()
     cfg = job_from_parameters(job)
     plan = plan_shards_task(cfg)
-    prepare_output_task(cfg)
-    run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
-    run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
-    start_output_task(cfg, plan, run_info)
-    done = find_committed_task(cfg, plan)
-    results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
-    outcome = commit_output_task(cfg, plan, results, run_info)
-    summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
+    output = OutputDir(cfg.output, cfg.storage_options)
+    with output.acquire_lease(cfg.lease_timeout_s, flow_run.get_id()):  # one run per output at a time
+        prepare_output_task(cfg)
+        run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
+        run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
+        with ended_on_error(run_id):
+            start_output_task(cfg, plan, run_info)
+            done = find_committed_task(cfg, plan)
+            results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info))
+            outcome = commit_output_task(cfg, plan, results, run_info)
+            results = outcome.results  # a part replaced since it was written counts as failed
+            summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
     if not outcome.succeeded:
         return Failed(message=failure_message(summary, plan), data=summary)
     return summary

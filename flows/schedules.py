@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.enrich import enrich_for
 from tasks.backfill import run_partition_task
+from tasks.job_handoff import flow_parameters
 from tasks.partitions import nightly_date, partition_config, partition_dates, partition_done
 
 PARTITION_DEPLOYMENT = "enrich-partition/enrich-partition"
@@ -29,7 +30,8 @@ def enrich_partition(job: str | dict[str, Any], date: str):
     if partition_done(cfg):
         get_run_logger().info("%s is already complete with this config: nothing to do", cfg.output)
         return Completed(message=f"dt={date} already complete", data={"output": cfg.output, "skipped": True})
-    return enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
+    # The full config (the job file's storage_options too) reaches the subflow in this process.
+    return enrich_for(cfg)(job=flow_parameters(cfg), return_state=True)
 
 
 @flow(name="nightly-enrich")

@@ -109,14 +109,23 @@ def write_reviews_dataset(
     rows_per_group: int = 4,
     seed: int = 7,
     storage_options: dict[str, Any] | None = None,
+    rows: int | None = None,
 ) -> list[str]:
-    """Write ``files`` Parquet files of reviews under ``directory``; returns their URIs."""
+    """Write ``files`` Parquet files of reviews under ``directory``; returns their URIs.
+
+    ``rows`` (instead of ``rows_per_file``) is a total spread as evenly as it goes over at most
+    ``files`` files: 8 rows in 3 files are 3 + 3 + 2."""
     import io
 
+    if rows is None:
+        counts = [rows_per_file] * files
+    else:
+        used = max(1, min(files, rows))
+        counts = [rows // used + (1 if f < rows % used else 0) for f in range(used)]
     uris = []
-    for f in range(files):
-        rows = review_rows(rows_per_file, seed=seed + f, start_id=f * rows_per_file)
-        table = pa.Table.from_pylist(rows, schema=REVIEW_SCHEMA)
+    for f, count in enumerate(counts):
+        records = review_rows(count, seed=seed + f, start_id=sum(counts[:f]))
+        table = pa.Table.from_pylist(records, schema=REVIEW_SCHEMA)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, row_group_size=rows_per_group)
         uri = join(directory, f"reviews-{f:03d}.parquet")

@@ -44,11 +44,35 @@ def clean_text(value: Any) -> tuple[str | None, str | None]:
     return cleaned, None
 
 
-def repair_utf8(table: pa.Table) -> tuple[pa.Table, int]:
+def invalid_utf8_rows(column: pa.Array | pa.ChunkedArray) -> list[int]:
+    """Positions of the values of a string column that are not valid UTF-8 (empty for valid or
+    non-string columns). Validation is one vectorised pass; rows are searched only on failure."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return []
+    try:
+        column.validate(full=True)
+        return []
+    except pa.ArrowInvalid:
+        pass
+    binary = pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+    bad = []
+    for position, value in enumerate(column.cast(binary).to_pylist()):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(position)
+    return bad
+
+
+def repair_utf8(table: pa.Table, keep: list[str] | tuple[str, ...] = ()) -> tuple[pa.Table, int]:
     """Replace invalid UTF-8 in string columns with U+FFFD, so neither Python nor the analysts'
-    readers (polars refuses such files) choke on it; returns the table and the rows repaired."""
+    readers (polars refuses such files) choke on it; returns the table and the rows repaired.
+    Columns in ``keep`` (the id) are never altered: two ids "repaired" alike would become one."""
     repaired_rows = 0
     for index, field in enumerate(table.schema):
+        if field.name in keep:
+            continue
         if not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
             continue
         column = table.column(index)
@@ -110,7 +134,7 @@ def enrich_table(
     not set ``generate.chat_date`` (which wins)."""
     from gpu_runtime import GenerationParams, render_prompt, template_fields
 
-    table, stats_repaired = repair_utf8(table)
+    table, stats_repaired = repair_utf8(table, keep=[cfg.id_column])
     n = table.num_rows
     stats = EnrichStats(rows=n, repaired_utf8_rows=stats_repaired)
     cleaned = [clean_text(v) for v in table.column(cfg.text_column).to_pylist()]

@@ -6,6 +6,8 @@
     ├── StorageError          storage cannot be read or written                       (exit 3)
     └── RunFailed             the run finished but some shards failed                 (exit 1)
 
+    Terminated (a BaseException, like KeyboardInterrupt): SIGTERM arrived            (exit 143)
+
 Engine failures (model loading, generation) come from ``gpu_runtime.errors`` and are not
 subclasses here: ``gpu_runtime`` must not import orchestration code.
 """
@@ -14,9 +16,15 @@ from __future__ import annotations
 
 
 class ShardwiseError(Exception):
-    """Base class: ``str(err)`` is a complete, user-facing one-line reason."""
+    """Base class: ``str(err)`` is a complete, user-facing one-line reason, with any credential in
+    a URI it names already redacted (these messages reach logs, Prefect states and MLflow)."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *args: object) -> None:
+        from tasks.redaction import redact_text
+
+        super().__init__(redact_text(str(message)), *args)
 
 
 class ConfigError(ShardwiseError):
@@ -33,3 +41,9 @@ class StorageError(ShardwiseError):
 
 class RunFailed(ShardwiseError):
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM: the run stops as on Ctrl-C (not an error of the run itself, so not an Exception)."""
+
+    exit_code = 143

@@ -4,7 +4,12 @@
 it reaches ``<point>``. Unset (always, outside tests) it costs one dictionary lookup.
 
 ``SHARDWISE_HANG_AT=<point>[:<n>]`` makes the n-th arrival sleep (interruptibly, in Python) for an
-hour instead: a hung worker, for the per-shard timeout to catch.
+hour instead: a hung worker, for the per-shard timeout to catch. With ``SHARDWISE_HANG_UNTIL=<file>``
+the sleep writes ``<file>.reached`` on arrival and ends as soon as ``<file>`` exists, so a test can
+release a late worker at the moment it chooses.
+
+``SHARDWISE_RAISE_AT=<point>[:<n>]`` raises :class:`InjectedFault` there instead: an exception
+leaving the code mid-way, as a timeout raised into a worker thread or a Ctrl-C would.
 
 Points: ``shard-compute`` (rows read, engines running), ``part-write`` (half of a part's bytes
 written), ``before-manifest`` (every part published, final manifest not yet written),
@@ -36,10 +41,20 @@ def _arrived(variable: str, name: str) -> bool:
         return _reached[(variable, name)] == int(nth or 1)
 
 
+class InjectedFault(RuntimeError):
+    """Raised at a crash point named by ``SHARDWISE_RAISE_AT``."""
+
+
 def crash_point(name: str) -> None:
     if _arrived("SHARDWISE_CRASH_AT", name):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _arrived("SHARDWISE_RAISE_AT", name):
+        raise InjectedFault(f"injected fault at {name}")
     if _arrived("SHARDWISE_HANG_AT", name):
+        release = os.environ.get("SHARDWISE_HANG_UNTIL")
+        if release:
+            with open(f"{release}.reached", "w") as marker:
+                marker.write(str(os.getpid()))
         deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (release and os.path.exists(release)):
             time.sleep(0.05)

@@ -2,7 +2,7 @@
 
 Precedence, lowest first: model defaults < YAML file < explicit CLI flags < ``--set key=value``.
 ``storage_options`` may carry credentials: it is excluded from :meth:`JobConfig.public_dict`, which
-is what goes to Prefect parameters, MLflow and the manifest.
+is what goes to Prefect parameters, MLflow and the manifest, with credentials in URIs redacted.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
 
@@ -131,11 +131,16 @@ class JobConfig(_Strict):
         default=3600, gt=0, description="a shard attempt running longer fails and is retried; null: no limit"
     )
     overwrite: bool = Field(default=False, description="replace an output written with another config")
+    lease_timeout_s: float = Field(
+        default=300, gt=0, description="a run's lease on its output, not renewed for this long, may be taken over"
+    )
     device_type: str | None = Field(default=None, description="price-table key; default: detected")
     price_per_device_hour: float | None = Field(default=None, ge=0)
     generate: GenerateConfig = GenerateConfig()
     embed: EmbedConfig = EmbedConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    # spec -> identity of its weights, resolved once per config object (see model_identities)
+    _identities: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("device")
     @classmethod
@@ -180,11 +185,57 @@ class JobConfig(_Strict):
         return None if schema is None else schema_hash(schema)
 
     def public_dict(self) -> dict[str, Any]:
-        """The config without ``storage_options``: safe for Prefect parameters, MLflow and manifests."""
-        return self.model_dump(mode="json", exclude={"storage_options"})
+        """The config without ``storage_options`` and with URIs redacted (``user:password@``,
+        signed query strings): safe for Prefect parameters, MLflow and manifests."""
+        from tasks.redaction import redact_values
+
+        return redact_values(self.model_dump(mode="json", exclude={"storage_options"}))
 
     def output_fingerprint(self) -> str:
-        """Hash of every setting that changes output values; a resume must match it."""
+        """Hash of every setting that changes output values and of the weights each model spec
+        resolves to (:meth:`model_identities`); a resume must match it."""
+        blob = json.dumps({"settings": self.settings_fingerprint(), "models": self.model_identities()},
+                          sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def model_identities(self) -> dict[str, str]:
+        """``{"generate": ..., "embed": ...}``: the identity of the weights each configured model
+        spec names now (a Hub commit, a hash of local weights; see ``gpu_runtime.model_identity``).
+
+        Resolved once per config object and spec, so checking thousands of parts costs one
+        resolution; a run builds its config once, so a later run sees replaced weights.
+        Raises ``ModelNotFoundError`` when a spec resolves to nothing."""
+        from gpu_runtime.model_identity import model_identity
+
+        identities = {}
+        for role, section, used in (("generate", self.generate, self.runs_generation),
+                                    ("embed", self.embed, self.runs_embedding)):
+            if used:
+                if section.model not in self._identities:
+                    self._identities[section.model] = model_identity(section.model)
+                identities[role] = self._identities[section.model]
+        return identities
+
+    def models_section(self) -> dict[str, dict[str, str]]:
+        """The manifest's ``models``: each role's spec and the identity of its weights."""
+        specs = {"generate": self.generate.model, "embed": self.embed.model}
+        return {role: {"spec": specs[role], "identity": identity} for role, identity in self.model_identities().items()}
+
+    def model_changes(self, recorded: dict[str, Any] | None) -> list[str]:
+        """What differs between a manifest's ``models`` and the weights this config's specs name
+        now, for specs that stayed the same (a changed spec shows as a changed setting)."""
+        changes = []
+        for role, now in self.models_section().items():
+            before = (recorded or {}).get(role) or {}
+            if before.get("spec", now["spec"]) == now["spec"] and before.get("identity") != now["identity"]:
+                # no identity: an output written before they were recorded, which nothing can vouch for
+                was = f"{before['identity'][:22]}…" if before.get("identity") else "not recorded"
+                changes.append(f"{role}.model weights of {now['spec']} ({was} -> {now['identity'][:22]}…)")
+        return changes
+
+    def settings_fingerprint(self) -> str:
+        """Hash of every setting that changes output values, without resolving any model: the
+        same config text gives the same value on any machine (idempotency keys use it)."""
         relevant = self.model_dump(
             mode="json",
             include={"task", "text_column", "id_column", "keep_columns", "generate", "embed"},

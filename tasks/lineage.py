@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from tasks.errors import InputError
 from tasks.planning import InputFile, ShardPlan
+from tasks.redaction import redact_text, redact_uri
 from tasks.shard_io import read_part_lineage
 from tasks.storage import filesystem
 
@@ -60,10 +61,12 @@ def _mlflow_schema(schema: pa.Schema):
 
 
 def _dataset_input(uri: str, name: str, digest: str, context: str, schema: pa.Schema | None = None):
+    """An MLflow dataset input for ``uri``; its source and name are the URI with credentials redacted."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
+    uri, name = redact_uri(uri), redact_text(name)
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the same class
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(uri)
@@ -73,7 +76,8 @@ def _dataset_input(uri: str, name: str, digest: str, context: str, schema: pa.Sc
 
 
 def input_datasets(files: tuple[InputFile, ...]) -> list[Any]:
-    return [_dataset_input(f.uri, f.uri.rsplit("/", 1)[-1], f.fingerprint[:32], "input", f.schema) for f in files]
+    return [_dataset_input(f.uri, redact_uri(f.uri).rsplit("/", 1)[-1], f.fingerprint[:32], "input", f.schema)
+            for f in files]
 
 
 def output_dataset(output: str, manifest: dict[str, Any]) -> Any:
@@ -111,11 +115,12 @@ def part_lineage(uri: str, storage_options: dict[str, Any] | None = None) -> dic
 
 
 def list_parts(target: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    from tasks.output_dir import OutputDir
+
     fs, path = filesystem(target, storage_options)
     if fs.isdir(path):
-        parts = sorted(fs.glob(f"{path.rstrip('/')}/part-*.parquet"))
-        prefix = target.rstrip("/")
-        return [f"{prefix}/{p.rsplit('/', 1)[-1]}" for p in parts]
+        output = OutputDir(target, storage_options)
+        return [output.uri_of(name) for name in output.part_names()]
     if fs.exists(path):
         return [target]
     raise InputError(f"no such output or part: {target}")

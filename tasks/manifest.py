@@ -1,17 +1,16 @@
-"""The output directory's commit protocol: ``part-*.parquet``, ``_manifest.json``, then ``_SUCCESS``.
+"""The commit protocol over an :class:`~tasks.output_dir.OutputDir`: parts, the manifest, then ``_SUCCESS``.
 
 Readers should trust an output directory only when ``_SUCCESS`` exists: it is written last, after
-every planned shard's part is published and the manifest lists them all. While a run is in
-progress the manifest says ``running`` and lists the planned shards, so ``shardwise status`` can
-report progress.
+every planned shard's part is published, confirmed to be the very part this run wrote or verified
+(its footer's write id), and listed in the manifest. While a run is in progress the manifest says
+``running`` and lists the planned shards, so ``shardwise status`` can report progress.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prefect import task
@@ -22,10 +21,8 @@ from tasks.job_config import JobConfig
 from tasks.planning import ShardPlan
 from tasks.results import RunTotals, ShardResult
 from tasks.retry_policy import retry_unless_bad_input
-from tasks.storage import atomic_write_bytes, exists, filesystem, join, read_bytes
+from tasks.output_dir import MANIFEST_NAME, SUCCESS_NAME, OutputDir, part_name
 
-MANIFEST_NAME = "_manifest.json"
-SUCCESS_NAME = "_SUCCESS"
 MANIFEST_FORMAT = "shardwise-manifest/1"
 
 
@@ -33,28 +30,15 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _write_json(uri: str, data: dict[str, Any], storage_options: dict[str, Any]) -> None:
-    try:
-        atomic_write_bytes(uri, json.dumps(data, indent=2, sort_keys=False, default=str).encode(), storage_options)
-    except StorageError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any backend failure is a storage failure here
-        raise StorageError(f"cannot write {uri}: {type(err).__name__}: {err}") from None
-
-
 def read_manifest(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    uri = join(output, MANIFEST_NAME)
-    if not exists(uri, storage_options):
-        return None
-    return json.loads(read_bytes(uri, storage_options))
+    """The output's manifest; None when absent or unparseable (see :meth:`OutputDir.read_manifest`)."""
+    return OutputDir(output, storage_options).read_manifest()
 
 
 def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> None:
     """Withdraw any old ``_SUCCESS`` and record the planned shards before any part is written."""
-    success = join(cfg.output, SUCCESS_NAME)
-    if exists(success, cfg.storage_options):
-        fs, path = filesystem(success, cfg.storage_options)
-        fs.rm_file(path)
+    output = OutputDir(cfg.output, cfg.storage_options)
+    output.remove_success()
     manifest = {
         "format": MANIFEST_FORMAT,
         "status": "running",
@@ -63,12 +47,13 @@ def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> N
         "config": cfg.public_dict(),
         "config_fingerprint": cfg.output_fingerprint(),
         **run_info,
+        "models": cfg.models_section(),
         "input": plan.to_dict()["files"],
         "shards": [
             {**shard, "status": "pending"} for shard in plan.to_dict()["shards"]
         ],
     }
-    _write_json(join(cfg.output, MANIFEST_NAME), manifest, cfg.storage_options)
+    output.write_json(MANIFEST_NAME, manifest)
 
 
 def count_duplicate_ids(results: list[ShardResult]) -> int:
@@ -83,12 +68,13 @@ class CommitOutcome:
     manifest_uri: str
     duplicate_ids: int
     totals: RunTotals
+    results: list[ShardResult] = field(default_factory=list)  # as confirmed at commit
 
 
-def commit_output(
+def final_manifest(
     cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any]
-) -> CommitOutcome:
-    """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed."""
+) -> tuple[dict[str, Any], RunTotals, int]:
+    """The manifest of a finished run, its totals and its duplicate-id count."""
     by_index = {r.index: r for r in results}
     shards = []
     for planned in plan.to_dict()["shards"]:
@@ -97,16 +83,19 @@ def commit_output(
         if result is not None and result.status == "committed":
             entry.update(part=result.part_uri.rsplit("/", 1)[-1] if result.part_uri else None,
                          rows=result.rows, error_rows=result.error_rows,
-                         bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker)
+                         bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker,
+                         prompt_tokens=result.prompt_tokens, generated_tokens=result.generated_tokens,
+                         reused=result.resumed)
         elif result is not None:
             entry["error"] = result.error
         shards.append(entry)
     totals = RunTotals.of(results, planned=len(plan.shards))
     succeeded = totals.committed == len(plan.shards) and not plan.unreadable
     duplicates = count_duplicate_ids(results)
-    models: dict[str, Any] = {}
+    models: dict[str, Any] = cfg.models_section()
     for r in results:
-        models.update(r.models)
+        for role, info in r.models.items():
+            models[role] = {**info, **models.get(role, {})}
     manifest = {
         "format": MANIFEST_FORMAT,
         "status": "succeeded" if succeeded else "failed",
@@ -120,26 +109,68 @@ def commit_output(
         "totals": {**totals.__dict__, "duplicate_ids": duplicates},
         "shards": shards,
     }
-    manifest_uri = join(cfg.output, MANIFEST_NAME)
+    return manifest, totals, duplicates
+
+
+def commit_output(
+    cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any]
+) -> CommitOutcome:
+    """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed.
+
+    Raises :class:`StorageError` when this run no longer holds the output's lease (another run
+    took it over): then nothing is written. A part that is no longer the one this run wrote or
+    verified (a late worker of a killed run replaced it) counts as failed; parts are checked
+    before the manifest is written and again right before ``_SUCCESS``."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    flow_run_id = run_info.get("prefect_flow_run_id")
+    output.check_lease_holder(flow_run_id)
     crash_point("before-manifest")
-    _write_json(manifest_uri, manifest, cfg.storage_options)
+    results = confirm_parts(output, results)
+    manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
+    output.write_json(MANIFEST_NAME, manifest)
+    succeeded = manifest["status"] == "succeeded"
     if succeeded:
         remove_stray_parts(cfg, plan)
         crash_point("before-success")
-        success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
-        _write_json(join(cfg.output, SUCCESS_NAME), success, cfg.storage_options)
-    return CommitOutcome(succeeded, manifest_uri, duplicates, totals)
+        output.check_lease_holder(flow_run_id)
+        rechecked = confirm_parts(output, results)
+        if rechecked != results:  # replaced while the manifest was written
+            results = rechecked
+            manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
+            output.write_json(MANIFEST_NAME, manifest)
+            succeeded = False
+        else:
+            success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
+            output.write_success(success)
+    return CommitOutcome(succeeded, output.uri_of(MANIFEST_NAME), duplicates, totals, results)
+
+
+def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardResult]:
+    """Each committed result, failed instead when its part's footer no longer carries the write id
+    this run recorded: a late zombie part never sits under this run's ``_SUCCESS``."""
+    confirmed = []
+    for result in results:
+        if result.status == "committed":
+            name = result.part_uri.rsplit("/", 1)[-1] if result.part_uri else ""
+            try:
+                found: str | None = output.part_lineage(name).get("part_write_id")
+            except FileNotFoundError:
+                found = "missing"
+            if found != result.part_write_id:  # both None: a part of an older version, unchanged
+                what = "disappeared" if found == "missing" else "was replaced by another writer"
+                result = replace(result, status="failed",
+                                 error=f"{name} {what} after this run wrote or verified it "
+                                       "(a late worker of an earlier run?); rerun to verify it")
+        confirmed.append(result)
+    return confirmed
 
 
 def remove_stray_parts(cfg: JobConfig, plan: ShardPlan) -> list[str]:
-    """Delete parts that belong to no planned shard (an earlier plan of changed input), so that
-    ``part-*.parquet`` under a ``_SUCCESS`` holds each input row exactly once."""
-    fs, root = filesystem(cfg.output, cfg.storage_options)
-    planned = {s.part_name for s in plan.shards}
-    stray = [p for p in fs.glob(f"{root.rstrip('/')}/part-*.parquet") if p.rsplit("/", 1)[-1] not in planned]
-    for path in stray:
-        fs.rm_file(path)
-    return stray
+    """Delete shardwise's own parts that belong to no planned shard (an earlier plan of changed
+    input), so that the parts under a ``_SUCCESS`` hold each input row exactly once. Files that
+    shardwise did not write are never touched."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    return output.remove_own_parts(keep={s.part_name for s in plan.shards})
 
 
 @task(name="start-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
@@ -166,16 +197,16 @@ class OutputStatus:
 
 def read_status(output: str, storage_options: dict[str, Any] | None = None) -> OutputStatus:
     """Progress of an output directory, from its manifest and the parts present."""
+    directory = OutputDir(output, storage_options)
     try:
-        manifest = read_manifest(output, storage_options)
-        success = exists(join(output, SUCCESS_NAME), storage_options)
-        fs, path = filesystem(output, storage_options)
-        parts = {p.rsplit("/", 1)[-1] for p in fs.glob(f"{path.rstrip('/')}/part-*.parquet")}
+        manifest = directory.read_manifest()
+        success = directory.has_success()
+        parts = set(directory.part_names())
     except OSError as err:
         raise StorageError(f"cannot read {output}: {err}") from None
     if manifest is None:
         return OutputStatus(output, "no manifest", 0, len(parts), 0, success)
     shards = manifest.get("shards", [])
-    done = [s for s in shards if f"part-{s['shard_id']}.parquet" in parts]
+    done = [s for s in shards if part_name(s["shard_id"]) in parts]
     rows = sum(s.get("num_rows", 0) for s in done)
     return OutputStatus(output, manifest.get("status", "unknown"), len(shards), len(done), rows, success)

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from tasks.errors import ConfigError
+from gpu_runtime.errors import ModelNotFoundError
+from tasks.errors import ConfigError, InputError
 from tasks.job_config import JobConfig, build_config, read_config_file
 from tasks.manifest import SUCCESS_NAME, read_manifest
+from tasks.planning import inspect_file, list_input_files
 from tasks.storage import exists, join
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -99,16 +101,33 @@ def partition_config(job: str | dict[str, Any], date: str) -> JobConfig:
 
 
 def partition_done(cfg: JobConfig) -> bool:
-    """True when the partition's output is complete and was written with this very config."""
+    """True when the partition's output is complete, was written with this very config (model
+    weights included), and from the input files the partition holds now: the same names with the
+    same fingerprints. A partition that was empty or half-landed when it ran, or whose files were
+    rewritten or withdrawn since, is not done (its rerun resumes what still matches).
+
+    Costs a listing and one footer read per input file. A model this process cannot resolve, or an
+    input it cannot list, counts as not done: the partition's own run then says why."""
     if not exists(join(cfg.output, SUCCESS_NAME), cfg.storage_options):
         return False
     manifest = read_manifest(cfg.output, cfg.storage_options) or {}
-    return manifest.get("config_fingerprint") == cfg.output_fingerprint()
+    try:
+        if manifest.get("config_fingerprint") != cfg.output_fingerprint():
+            return False
+    except ModelNotFoundError:
+        return False
+    recorded = {f.get("uri"): f.get("fingerprint") for f in manifest.get("input") or []}
+    try:
+        uris = list_input_files(cfg.input, cfg.storage_options)
+        current = {uri: inspect_file(uri, cfg.storage_options).fingerprint for uri in uris}
+    except InputError:
+        return False
+    return current == recorded
 
 
 def idempotency_key(deployment: str, cfg: JobConfig, date: str, attempt: int = 1) -> str:
     """One key per (deployment, output partition, config) and attempt: asking twice for the same
     partition returns the run already made, so concurrent or repeated backfills never duplicate it."""
-    digest = hashlib.sha256(f"{deployment}|{cfg.output}|{cfg.output_fingerprint()}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{deployment}|{cfg.output}|{cfg.settings_fingerprint()}".encode()).hexdigest()[:16]
     key = f"shardwise:{deployment}:dt={parse_date(date).isoformat()}:{digest}"
     return key if attempt == 1 else f"{key}:attempt-{attempt}"

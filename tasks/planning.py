@@ -2,19 +2,26 @@
 
 A shard is a contiguous row range of one input file, expressed as row groups plus an optional slice
 (large row groups are split). Shard ids are derived from the file, its row range and a fingerprint
-of the file (size + footer bytes), so a rerun over the same input plans the same shards.
+of the file, so a rerun over the same input plans the same shards and an edited file new ones.
+
+The fingerprint combines the size, the footer bytes and what the storage says about the object
+without reading its data (:func:`storage_identity`): an edit that keeps the size and the footer
+(one letter of an uncompressed text) still changes the fingerprint.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
 from tasks.errors import InputError, StorageError
@@ -31,7 +38,7 @@ class InputFile:
 
     uri: str
     size: int
-    fingerprint: str  # sha256 of size + footer bytes: changes whenever the file's content does
+    fingerprint: str  # sha256 of size, footer bytes and storage identity: changes when the file does
     num_rows: int
     row_group_rows: tuple[int, ...]
     schema: pa.Schema = field(compare=False, repr=False)
@@ -57,7 +64,9 @@ class Shard:
 
     @property
     def part_name(self) -> str:
-        return f"part-{self.shard_id}.parquet"
+        from tasks.output_dir import part_name
+
+        return part_name(self.shard_id)
 
 
 @dataclass(frozen=True)
@@ -98,11 +107,21 @@ class ShardPlan:
         }
 
 
+def is_input_pattern(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when ``uri`` is meant as a glob: it has ``*``, ``?`` or ``[`` and no file or directory
+    has that literal name (so an input directory called ``in[1]`` is that directory)."""
+    fs, path = filesystem(uri, storage_options)
+    return any(ch in path for ch in "*?[") and not fs.exists(path)
+
+
 def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """A file, a directory (recursively, ``*.parquet``) or a glob -> sorted file URIs."""
     fs, path = filesystem(uri, storage_options)
+    # A long-lived process (a worker, a test session) must not plan from an older listing: the
+    # sizes and ETags it holds are what the fingerprints are made of.
+    fs.invalidate_cache()
     try:
-        if any(ch in path for ch in "*?["):
+        if is_input_pattern(uri, storage_options):
             paths = [p for p in fs.glob(path) if fs.isfile(p)]
         elif fs.isdir(path):
             # Skip hidden and underscore entries *below* the input root (_SUCCESS, .tmp-*, _temp/),
@@ -120,17 +139,42 @@ def list_input_files(uri: str, storage_options: dict[str, Any] | None = None) ->
             raise InputError(f"input not found: {uri}")
     except InputError:
         raise
-    except (PermissionError, OSError) as err:
-        raise StorageError(f"cannot list input {uri}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - any backend failure (e.g. HTTP 401) is a storage failure
+        raise StorageError(f"cannot list input {uri}: {type(err).__name__}: {err}") from None
     if not paths and not fs.isdir(path):
         raise InputError(f"input not found: {uri} (no file matches)")
     return [full_uri(fs, p) for p in sorted(paths)]
 
 
-def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int, bytes, pq.FileMetaData]:
+# Object metadata that changes whenever the object's bytes do, best first: the ETag (S3: a hash of
+# the content; GCS, Azure, HTTP: new on every write), else a version (GCS generation, S3 VersionId),
+# else a content hash. One key only, and one that a listing reports as well as a HEAD does, so the
+# same object gets the same fingerprint however it was looked up.
+_VERSION_KEYS = ("etag", "generation", "versionid", "version_id", "md5hash", "content_md5", "crc32c")
+# Only where none of those exists: a modification time, which an identical re-upload changes too.
+_TIME_KEYS = ("mtime", "last_modified", "lastmodified", "updated", "modified")
+
+
+def storage_identity(fs: Any, path: str, info: dict[str, Any]) -> str:
+    """What storage tells about a file's version for free (no data read): for a local file its
+    inode, size and mtime in nanoseconds; for an object its ETag (or generation, version id).
+    Empty when the backend reports none of these (then size + footer are all there is)."""
+    if isinstance(fs, LocalFileSystem):
+        stat = os.stat(path)
+        return f"local:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+    lowered = {str(k).lower(): v for k, v in info.items()}
+    for key in _VERSION_KEYS + _TIME_KEYS:
+        if lowered.get(key) not in (None, "", "null"):
+            return f"{key}={lowered[key]}"
+    return ""
+
+
+def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int, bytes, pq.FileMetaData, str]:
     fs, path = filesystem(uri, storage_options)
     try:
-        size = fs.size(path)
+        info = fs.info(path)
+        size = int(info["size"])
+        identity = storage_identity(fs, path, info)
         with fs.open(path, "rb") as handle:
             if size < 12:
                 raise InputError(f"{uri}: not a Parquet file ({size} bytes)")
@@ -153,12 +197,12 @@ def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int,
         raise InputError(f"input not found: {uri}") from None
     except OSError as err:
         raise StorageError(f"cannot read {uri}: {err}") from None
-    return size, footer, metadata
+    return size, footer, metadata, identity
 
 
 def inspect_file(uri: str, storage_options: dict[str, Any] | None = None) -> InputFile:
-    size, footer, metadata = _read_footer(uri, storage_options)
-    fingerprint = hashlib.sha256(str(size).encode() + b"\0" + footer).hexdigest()
+    size, footer, metadata, identity = _read_footer(uri, storage_options)
+    fingerprint = hashlib.sha256(f"{size}\0{identity}\0".encode() + footer).hexdigest()
     rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     return InputFile(uri, size, fingerprint, metadata.num_rows, rows, metadata.schema.to_arrow_schema())
 
@@ -208,7 +252,10 @@ def _shard_id(file: InputFile, row_groups: tuple[int, ...], slice_start: int, ro
     """``<file stem>-<first row>-<hash>``: stable across reruns and independent of other files, so
     fixing or adding one file never renames another file's parts. The stem is reduced to safe
     characters so a file name can never place a part outside the output root."""
-    stem = file.uri.rsplit("/", 1)[-1].removesuffix(".parquet")
+    name = file.uri.rsplit("/", 1)[-1]
+    if "://" in file.uri:  # the path's last name, never a query string (which may hold a signature)
+        name = urlsplit(file.uri).path.rsplit("/", 1)[-1]
+    stem = name.removesuffix(".parquet")
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:48] or "input"
     key = f"{file.uri}|{file.fingerprint}|{row_groups}|{slice_start}|{rows}".encode()
     return f"{stem}-{first_row:010d}-{hashlib.sha256(key).hexdigest()[:10]}"

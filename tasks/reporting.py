@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect import task
@@ -16,6 +17,7 @@ from tasks.cost import Price, detect_device_type, lookup_price
 from tasks.job_config import JobConfig
 from tasks.manifest import CommitOutcome, read_manifest
 from tasks.planning import UnreadableFile
+from tasks.redaction import redact_text, redact_uri
 from tasks.results import ShardResult
 from tasks.tracking import finish_run, run_metrics, shard_metrics
 
@@ -63,16 +65,17 @@ def build_summary(
     unreadable: tuple[UnreadableFile, ...] = (),
 ) -> dict[str, Any]:
     metrics = run_metrics(outcome.totals, wall_seconds, price, outcome.duplicate_ids)
-    failures = [{"shard": "(unplanned)", "source": u.uri, "error": u.reason} for u in unreadable]
+    failures = [{"shard": "(unplanned)", "source": redact_uri(u.uri), "error": redact_text(u.reason)}
+                for u in unreadable]
     failures += [
-        {"shard": r.name, "source": r.source, "error": r.error}
+        {"shard": r.name, "source": redact_uri(r.source), "error": redact_text(r.error or "")}
         for r in sorted(results, key=lambda r: r.index)
         if r.status != "committed"
     ]
     workers = worker_usage(results)
     return {
         "succeeded": outcome.succeeded,
-        "output": cfg.output,
+        "output": redact_uri(cfg.output),
         "workers": workers,
         "worker_processes": len(workers),
         "manifest": outcome.manifest_uri,
@@ -97,27 +100,44 @@ def mlflow_run_url(run_id: str) -> str | None:
     from mlflow.tracking import MlflowClient
 
     experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+# Inline markdown that could change what a value shows: code spans, emphasis, links, tables. Values
+# never start a line here (each follows "- label: "), so line-start markers (#, -, 1.) cannot act,
+# and "_" inside a word is no emphasis: paths and file names stay readable as they are.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
+_HTML_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+
+
+def markdown_text(value: Any) -> str:
+    """``value`` as literal text inside markdown: file names and error messages come from users and
+    from storage, and must not add links, HTML, tables or lines to an artifact."""
+    text = _MARKDOWN_SPECIAL.sub(r"\\\1", str(value))
+    text = "".join(_HTML_SPECIAL.get(ch, ch) for ch in text)
+    return re.sub(r"\r\n|\r|\n", r"\\n", text)
 
 
 def _markdown(summary: dict[str, Any]) -> str:
+    md = markdown_text
+    url = summary.get("mlflow_run_url")
     lines = [
         f"# shardwise run {'succeeded' if summary['succeeded'] else 'FAILED'}",
         "",
-        f"- output: `{summary['output']}`",
-        f"- rows: {summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
-        f"{summary['duplicate_ids']:.0f} duplicate ids)",
+        f"- output: {md(summary['output'])}",
+        f"- rows: {summary['rows']:.0f} ({summary['rows_computed']:.0f} computed, {summary['rows_reused']:.0f} "
+        f"reused; {summary['error_rows']:.0f} with errors, {summary['duplicate_ids']:.0f} duplicate ids)",
         f"- shards: {summary['shards_committed']}/{summary['shards_total']} committed",
         *([f"- valid structured output: {summary['schema_valid_rows']:.0f} rows "
            f"({summary['schema_valid_rate']:.1%})"] if "schema_valid_rows" in summary else []),
-        f"- throughput: {summary['rows_per_s']:.1f} rows/s, {summary['generated_tok_per_s']:.1f} generated tok/s",
-        f"- estimated cost: {summary['cost']:.6f} {summary['currency']} ({summary['device_type']})",
-        f"- MLflow run: `{summary['mlflow_run_id']}`"
-        + (f" ([open]({summary['mlflow_run_url']}))" if summary.get("mlflow_run_url") else ""),
+        f"- throughput of computed rows: {summary['rows_per_s']:.1f} rows/s, "
+        f"{summary['generated_tok_per_s']:.1f} generated tok/s",
+        f"- estimated cost: {summary['cost']:.6f} {md(summary['currency'])} ({md(summary['device_type'])})",
+        f"- MLflow run: {md(summary['mlflow_run_id'])}" + (f" ([open](<{md(url)}>))" if url else ""),
     ]
     if summary["failures"]:
         lines += ["", "## Failed shards", ""]
-        lines += [f"- {f['shard']} ({f['source']}): {f['error']}" for f in summary["failures"]]
+        lines += [f"- {md(f['shard'])} ({md(f['source'])}): {md(f['error'])}" for f in summary["failures"]]
     return "\n".join(lines)
 
 
@@ -140,8 +160,9 @@ def report(
         rows.append({
             "shard": r.name, "rows": r.rows, "generated_tok_per_s": round(m["shard_generated_tok_per_s"], 2),
             "rows_per_s": round(m["shard_rows_per_s"], 2), "seconds": round(r.seconds, 3),
-            "cost": round(m["shard_cost"], 6), "status": r.status, "worker": r.worker or "",
-            "error": r.error or "",
+            "cost": round(m["shard_cost"], 6), "status": "reused" if r.resumed else r.status,
+            "worker": r.worker or "",
+            "error": redact_text(r.error or ""),
         })
         if cfg.output_schema_hash is not None:  # every row has the column; unknown for failed or resumed shards
             rows[-1]["schema_valid_rate"] = (

@@ -29,6 +29,7 @@ class ShardResult:
     part_uri: str | None = None
     part_bytes: int = 0
     part_sha256: str | None = None
+    part_write_id: str | None = None  # the part footer's unique write id, checked again at commit
     device: str | None = None
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
@@ -54,13 +55,17 @@ class RunTotals:
     shards: int = 0
     committed: int = 0
     failed: int = 0
-    rows: int = 0
+    rows: int = 0  # every committed row, computed by this run or reused from an earlier one
+    rows_computed: int = 0
+    rows_reused: int = 0
     error_rows: int = 0
     truncated_rows: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens of all committed rows (reused parts carry theirs in the footer)
     generated_tokens: int = 0
     schema_valid_rows: int | None = None
     schema_rows: int = 0  # rows of the shards that counted schema_valid_rows
+    prompt_tokens_computed: int = 0  # tokens this run processed: what throughput and cost are over
+    generated_tokens_computed: int = 0
     device_seconds: float = 0.0
     seconds_read: float = 0.0
     seconds_compute: float = 0.0
@@ -81,6 +86,12 @@ class RunTotals:
                 if r.schema_valid_rows is not None:
                     totals.schema_valid_rows = (totals.schema_valid_rows or 0) + r.schema_valid_rows
                     totals.schema_rows += r.rows
+                if r.resumed:
+                    totals.rows_reused += r.rows
+                else:
+                    totals.rows_computed += r.rows
+                    totals.prompt_tokens_computed += r.prompt_tokens
+                    totals.generated_tokens_computed += r.generated_tokens
             else:
                 totals.failed += 1
             totals.device_seconds += r.seconds

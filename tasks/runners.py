@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import contextvars
 import os
+import queue
 import shutil
 import sys
 import tempfile
@@ -117,6 +118,36 @@ class WorkerProcessPool(ProcessPoolTaskRunner):
         return context.run(forward) if context is not None else forward()
 
 
+class ShardThreadPool(ThreadPoolTaskRunner):
+    """Prefect's thread pool, except that an interrupt (Ctrl-C, SIGTERM) does not wait for the
+    shards in flight: they are abandoned (a part is published whole or not at all, so the rerun
+    redoes them) and the command ends at once instead of when the longest shard finishes."""
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        if exc_type is not None and not issubclass(exc_type, Exception) and self._executor is not None:
+            for event in self._cancel_events.values():
+                event.set()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        super().__exit__(exc_type, exc_value, traceback)
+
+
+def finished_in_turn(futures: list[Any], poll_seconds: float = 0.5) -> Iterator[Any]:
+    """The futures, each as it finishes. Unlike Prefect's ``as_completed``, the flow's thread never
+    blocks for good: a Ctrl-C or SIGTERM that the kernel hands to another thread is acted on only
+    when the main thread next runs Python, which otherwise waits for the next shard to finish."""
+    finished: queue.Queue[Any] = queue.Queue()
+    for future in futures:
+        future.add_done_callback(finished.put)
+    for _ in range(len(futures)):
+        while True:
+            try:
+                yield finished.get(timeout=poll_seconds)
+                break
+            except queue.Empty:
+                continue
+
+
 def worker_label() -> str:
     """Which process ran a shard: a pool worker, a Ray worker, or the flow's own process."""
     if WORKER_LABEL:
@@ -140,7 +171,7 @@ def shard_task_runner(cfg: JobConfig) -> TaskRunner:
     workers = worker_count(cfg)
     if workers == 1:
         # On a GPU one shard computes (under the device lock) while another reads or writes.
-        return ThreadPoolTaskRunner(max_workers=shards_in_flight(cfg))
+        return ShardThreadPool(max_workers=shards_in_flight(cfg))
     gpus = visible_gpus(cfg) if _pins_gpus(cfg) else 0
     # Slots are claimed through files: the runner is pickled with each task, and a
     # multiprocessing queue or lock refuses that.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,10 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.errors import InputError, StorageError
+from tasks.output_dir import LINEAGE_PREFIX
 from tasks.planning import Shard
+from tasks.redaction import redact_text
 from tasks.storage import atomic_write_bytes, filesystem, join
 
-METADATA_PREFIX = "shardwise."
+METADATA_PREFIX = LINEAGE_PREFIX
 
 
 class _StorageReads:
@@ -77,6 +80,7 @@ class WrittenPart:
     rows: int
     bytes: int
     sha256: str
+    write_id: str
 
 
 def write_part(
@@ -86,19 +90,26 @@ def write_part(
     lineage: dict[str, str],
     storage_options: dict[str, Any] | None = None,
 ) -> WrittenPart:
-    """Serialise in memory, then publish with one atomic write: a part is whole or absent."""
+    """Serialise in memory, then publish with one atomic write: a part is whole or absent.
+
+    The footer gets a fresh ``part_write_id``: the commit checks it, so a part written later by
+    someone else (a worker of a killed run) is told apart from this one."""
+    write_id = uuid.uuid4().hex
     metadata = dict(table.schema.metadata or {})
-    metadata.update({f"{METADATA_PREFIX}{k}".encode(): str(v).encode() for k, v in lineage.items()})
+    # the source URI may hold credentials; the footer travels with the data, so never those
+    metadata.update({f"{METADATA_PREFIX}{k}".encode(): redact_text(str(v)).encode()
+                     for k, v in {**lineage, "part_write_id": write_id}.items()})
     table = table.replace_schema_metadata(metadata)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()
     uri = join(output, shard.part_name)
     try:
-        atomic_write_bytes(uri, data, storage_options)
+        atomic_write_bytes(uri, data, storage_options, fault_point="part-write")
     except OSError as err:
         raise StorageError(f"cannot write {uri}: {err}") from None
-    return WrittenPart(uri=uri, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return WrittenPart(uri=uri, rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                       write_id=write_id)
 
 
 def read_part_lineage(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:

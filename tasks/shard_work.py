@@ -13,10 +13,12 @@ from typing import Any
 from prefect import task
 
 from tasks.cost import gpu_energy_mj
-from tasks.enrichment import enrich_table
+from tasks.enrichment import enrich_table, invalid_utf8_rows
+from tasks.errors import ConfigError, InputError
 from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import Shard
+from tasks.redaction import install_log_redaction
 from tasks.results import ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.runners import worker_label
@@ -41,6 +43,34 @@ def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
     return generator, embedder
 
 
+def check_engine_weights(cfg: JobConfig, engines: dict[str, Any]) -> None:
+    """Refuse to compute with weights other than those in the run's fingerprint: a long-lived
+    worker (Ray) keeps a model loaded across runs, and files can change during a run."""
+    expected = cfg.model_identities()
+    for role, engine in engines.items():
+        if engine is None:
+            continue
+        loaded = f"{engine.info.get('source')}:{engine.info.get('revision')}"
+        if loaded != expected[role]:
+            raise ConfigError(
+                f"{role} model {engine.info.get('spec')}: this worker holds weights {loaded[:30]}…, but the run "
+                f"resolved {expected[role][:30]}… (its files changed); restart the workers and rerun"
+            )
+
+
+def check_ids(table: Any, id_column: str, shard: Shard) -> None:
+    """Ids are written exactly as read or not at all: a shard whose id column holds invalid UTF-8
+    fails (not retried: it is bad input) naming file, column and row, before any model work. Checked
+    here, on rows the shard reads anyway, rather than at planning, which reads only footers."""
+    bad = invalid_utf8_rows(table.column(id_column))
+    if bad:
+        more = f" (and {len(bad) - 1} more up to row {shard.first_row + bad[-1]})" if len(bad) > 1 else ""
+        raise InputError(
+            f"{shard.source}: id column {id_column!r} holds invalid UTF-8 at row {shard.first_row + bad[0]}{more}; "
+            "ids are never rewritten, so these rows are not written: fix the file and rerun"
+        )
+
+
 def loads_of_this_worker() -> dict[str, int]:
     """How many times this process has loaded each model (1 each when the cache works)."""
     from gpu_runtime import model_load_counts
@@ -62,9 +92,12 @@ def input_columns(cfg: JobConfig) -> list[str] | None:
 
 def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
     """Process one shard and publish its part; raises on failure."""
+    install_log_redaction()  # this may be a worker process, with logging handlers of its own
     generator, embedder = load_engines(cfg)
+    check_engine_weights(cfg, {"generate": generator, "embed": embedder})
     started = time.perf_counter()
     table = read_shard(shard, input_columns(cfg), cfg.storage_options)
+    check_ids(table, cfg.id_column, shard)
     read_done = time.perf_counter()
     crash_point("shard-compute")
     engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
@@ -82,6 +115,9 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         "source_rows": f"{shard.first_row}:{shard.first_row + shard.num_rows}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "id_column": cfg.id_column,
+        # so that a run reusing this part can still count the tokens it holds
+        "prompt_tokens": str(stats.prompt_tokens),
+        "generated_tokens": str(stats.generated_tokens),
     }
     if cfg.output_schema_hash is not None:
         part_lineage["output_schema_hash"] = cfg.output_schema_hash
@@ -117,6 +153,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         part_uri=part.uri,
         part_bytes=part.bytes,
         part_sha256=part.sha256,
+        part_write_id=part.write_id,
         device=str(device) if device else None,
         models=models,
         energy_j=(energy_after - energy_before) / 1000 if energy_before is not None and energy_after is not None

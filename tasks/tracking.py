@@ -2,14 +2,18 @@
 
 MLflow's active run is thread-local and sqlite dislikes many writers, so shard tasks never log:
 they return a :class:`~tasks.results.ShardResult` and the flow logs it here, step = shard index.
-Nothing in ``storage_options`` reaches MLflow (see ``JobConfig.public_dict``).
+Nothing in ``storage_options`` reaches MLflow (see ``JobConfig.public_dict``), and every param and
+tag passes :func:`tasks.redaction.redact_text` on its way out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import task
@@ -17,6 +21,7 @@ from prefect import task
 from tasks.cost import Price
 from tasks.job_config import JobConfig
 from tasks.planning import ShardPlan
+from tasks.redaction import redact_text, redact_uri, redact_values
 from tasks.results import RunTotals, ShardResult
 from tasks.state import state_dir, tracking_uri
 
@@ -25,6 +30,10 @@ _PARAM_LIMIT = 6000
 
 def _client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
+
+    # Against a tracking server MLflow writes the run's URL, built from the tracking URI with any
+    # user:password@ in it, straight to stdout; the run summary gives a redacted link instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
     return MlflowClient(tracking_uri=uri or tracking_uri())
 
@@ -65,8 +74,8 @@ def start_run(
         experiment_id = experiment.experiment_id
     tags = {
         "mlflow.runName": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        "shardwise.input": cfg.input,
-        "shardwise.output": cfg.output,
+        "shardwise.input": redact_uri(cfg.input),
+        "shardwise.output": redact_uri(cfg.output),
         "shardwise.task": cfg.task,
     }
     if flow_run_id:
@@ -87,8 +96,8 @@ def start_run(
             params["generate.output_schema_hash"] = cfg.output_schema_hash
     client.log_batch(
         run.info.run_id,
-        params=[Param(k, v) for k, v in params.items()],
-        tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"],
+        params=[Param(k, redact_text(v)) for k, v in params.items()],
+        tags=[RunTag(k, redact_text(v)) for k, v in tags.items() if k != "mlflow.runName"],
     )
     client.log_dict(run.info.run_id, cfg.public_dict(), "job_config.json")
     log_inputs(run.info.run_id, plan, client)
@@ -119,8 +128,9 @@ def _stop_system_metrics(run_id: str) -> None:
 
 
 def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
-    seconds = max(result.seconds, 1e-9)
-    compute = max(result.seconds_compute, 1e-9)
+    """A shard's figures; a shard reused from an earlier run computed nothing now: its rates are 0."""
+    seconds = max(result.seconds, 1e-9) if not result.resumed else float("inf")
+    compute = max(result.seconds_compute, 1e-9) if not result.resumed else float("inf")
     metrics = {
         "shard_rows": result.rows,
         "shard_error_rows": result.error_rows,
@@ -132,7 +142,7 @@ def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
         "shard_rows_per_s": result.rows / seconds,
         "shard_prompt_tok_per_s": result.prompt_tokens / compute,
         "shard_generated_tok_per_s": result.generated_tokens / compute,
-        "shard_cost": price.cost(result.seconds),
+        "shard_cost": 0.0 if result.resumed else price.cost(result.seconds),
         "shard_failed": 0.0 if result.status == "committed" else 1.0,
     }
     cost = metrics["shard_cost"]
@@ -153,6 +163,8 @@ def log_shard(run_id: str, result: ShardResult, price: Price, uri: str | None = 
 
 
 def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int) -> dict[str, float]:
+    """Run figures; rates and cost per row or token are over what this run computed, not over rows
+    or tokens reused from parts an earlier run committed."""
     wall = max(wall_seconds, 1e-9)
     cost = price.cost(totals.device_seconds)
     energy = {} if totals.energy_j is None else {"energy_j": totals.energy_j}
@@ -161,8 +173,11 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
             "schema_valid_rows": totals.schema_valid_rows,
             "schema_valid_rate": totals.schema_valid_rows / totals.schema_rows if totals.schema_rows else 0.0,
         }
+    computed_tokens = totals.generated_tokens_computed
     return energy | {
         "rows": totals.rows,
+        "rows_computed": totals.rows_computed,
+        "rows_reused": totals.rows_reused,
         "error_rows": totals.error_rows,
         "truncated_rows": totals.truncated_rows,
         "duplicate_ids": duplicate_ids,
@@ -170,18 +185,20 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
         "shards_failed": totals.failed,
         "prompt_tokens": totals.prompt_tokens,
         "generated_tokens": totals.generated_tokens,
+        "prompt_tokens_computed": totals.prompt_tokens_computed,
+        "generated_tokens_computed": computed_tokens,
         "seconds": wall_seconds,
         "device_seconds": totals.device_seconds,
         "seconds_read": totals.seconds_read,
         "seconds_compute": totals.seconds_compute,
         "seconds_write": totals.seconds_write,
-        "rows_per_s": totals.rows / wall,
-        "prompt_tok_per_s": totals.prompt_tokens / wall,
-        "generated_tok_per_s": totals.generated_tokens / wall,
+        "rows_per_s": totals.rows_computed / wall,
+        "prompt_tok_per_s": totals.prompt_tokens_computed / wall,
+        "generated_tok_per_s": computed_tokens / wall,
         "cost": cost,
         "price_per_device_hour": price.per_hour,
-        "cost_per_1k_rows": cost / totals.rows * 1000 if totals.rows else 0.0,
-        "cost_per_1m_generated_tokens": cost / totals.generated_tokens * 1e6 if totals.generated_tokens else 0.0,
+        "cost_per_1k_rows": cost / totals.rows_computed * 1000 if totals.rows_computed else 0.0,
+        "cost_per_1m_generated_tokens": cost / computed_tokens * 1e6 if computed_tokens else 0.0,
     }
 
 
@@ -210,11 +227,11 @@ def finish_run(
     client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
-        params=[Param(k, v) for k, v in model_params(models).items() if k not in logged],
+        params=[Param(k, redact_text(v)) for k, v in model_params(models).items() if k not in logged],
         tags=[RunTag("shardwise.device_type", price.device_type), RunTag("shardwise.currency", price.currency)],
     )
     if manifest is not None:
-        client.log_dict(run_id, manifest, "manifest.json")
+        client.log_dict(run_id, redact_values(manifest), "manifest.json")
         client.log_inputs(run_id, datasets=[output_dataset(output, manifest)])
     computed = [r for r in results if not r.resumed and r.status == "committed"]
     if computed:
@@ -225,6 +242,33 @@ def finish_run(
         plt.close(figure)
     _stop_system_metrics(run_id)
     client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+
+
+def interrupted(err: BaseException) -> bool:
+    """Ctrl-C, SIGTERM (ours, or Prefect's own bridge while a flow runs) or a cancellation."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.errors import Terminated
+
+    return isinstance(err, (KeyboardInterrupt, Terminated, TerminationSignal, asyncio.CancelledError))
+
+
+@contextlib.contextmanager
+def ended_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
+    """Whatever stops the run before it reports ends its MLflow run: KILLED when interrupted,
+    FAILED otherwise, so no run is left RUNNING forever."""
+    try:
+        yield
+    except BaseException as err:
+        status = "KILLED" if interrupted(err) else "FAILED"
+        try:
+            _stop_system_metrics(run_id)
+            _client(uri).set_terminated(run_id, status=status)
+        except Exception as close_err:  # noqa: BLE001 - the original error is the one to report
+            logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, close_err)
+        raise
 
 
 @task(name="start-tracking", retries=2, retry_delay_seconds=2)

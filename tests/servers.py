@@ -3,6 +3,9 @@ proxy in front of it that can be cut to simulate storage becoming unreachable mi
 
 from __future__ import annotations
 
+import base64
+import http.client
+import http.server
 import os
 import socket
 import subprocess
@@ -112,3 +115,134 @@ class TcpProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+
+class _BasicAuthHandler(http.server.BaseHTTPRequestHandler):
+    """Answers 401 unless the request carries the server's one user and password (HTTP basic auth)."""
+
+    expected_auth = ""
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet: tests read their own output
+        pass
+
+    def authorised(self) -> bool:
+        if self.headers.get("Authorization") == self.expected_auth:
+            return True
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="test"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return False
+
+
+class _FileHandler(_BasicAuthHandler):
+    """Static files with HEAD and byte ranges, which fsspec's HTTPFileSystem needs for Parquet."""
+
+    root = Path(".")
+
+    def _file(self) -> Path | None:
+        path = (self.root / self.path.split("?", 1)[0].lstrip("/")).resolve()
+        if not path.is_file() or self.root.resolve() not in path.parents:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return None
+        return path
+
+    def do_HEAD(self) -> None:
+        if self.authorised() and (path := self._file()) is not None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(path.stat().st_size))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+
+    def do_GET(self) -> None:
+        if not self.authorised() or (path := self._file()) is None:
+            return
+        data = path.read_bytes()
+        wanted = self.headers.get("Range")
+        if wanted and wanted.startswith("bytes="):
+            first, _, last = wanted[6:].partition("-")
+            start = int(first) if first else max(0, len(data) - int(last))
+            end = min(int(last), len(data) - 1) if first and last else len(data) - 1
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            data = data[start : end + 1]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _ProxyHandler(_BasicAuthHandler):
+    """Forwards every authorised request to ``upstream`` (an HTTP server without auth of its own)."""
+
+    upstream = ("127.0.0.1", 0)
+
+    def _forward(self) -> None:
+        if not self.authorised():
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("authorization", "host", "connection")}
+        connection = http.client.HTTPConnection(*self.upstream, timeout=120)
+        try:
+            connection.request(self.command, self.path, body=body or None, headers=headers)
+            response = connection.getresponse()
+            payload = response.read()
+            self.send_response(response.status)
+            for key, value in response.getheaders():
+                if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(key, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        finally:
+            connection.close()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
+
+
+def _basic_auth_server(handler: type, user: str, password: str, **attributes: object):
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    handler_class = type("Handler", (handler,), {"expected_auth": f"Basic {token}", **attributes})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler_class)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def serve_files_with_basic_auth(root: Path, user: str, password: str):
+    """A loopback HTTP server for the files under ``root``, behind basic auth; ``.server_port``."""
+    return _basic_auth_server(_FileHandler, user, password, root=Path(root))
+
+
+def basic_auth_proxy(upstream: tuple[str, int], user: str, password: str):
+    """A loopback HTTP server in front of ``upstream`` that lets through only ``user:password``."""
+    return _basic_auth_server(_ProxyHandler, user, password, upstream=upstream)
+
+
+def start_mlflow_server(directory: Path, timeout: float = 300) -> tuple[subprocess.Popen, tuple[str, int]]:
+    """``mlflow server`` on loopback over a sqlite database and artifact folder in ``directory``."""
+    port = free_port()
+    directory.mkdir(parents=True, exist_ok=True)
+    log = open(directory / "server.log", "wb")
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    proc = subprocess.Popen(
+        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+         "--artifacts-destination", str(directory / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(directory / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc, ("127.0.0.1", port)
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("mlflow server did not become healthy in time")

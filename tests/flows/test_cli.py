@@ -78,6 +78,28 @@ def test_status_of_missing_output(tmp_path):
     assert_one_line_error(proc, 2, "no such output")
 
 
+def test_status_of_a_directory_shardwise_did_not_write(tmp_path):
+    """An empty directory, or another tool's parts, is not a run in progress: say so, exit 2."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = shardwise("status", str(empty))
+    assert_one_line_error(proc, 2, "no shardwise output", "_manifest.json", str(empty))
+    assert proc.stdout == ""
+
+    spark = tmp_path / "spark"
+    spark.mkdir()
+    for i in range(3):
+        pq.write_table(pa.table({"id": [i]}), spark / f"part-0000{i}-1b2c-c000.snappy.parquet")
+    proc = shardwise("status", str(spark))
+    assert_one_line_error(proc, 2, "no shardwise output", str(spark))
+    assert "done" not in proc.stdout
+
+
+def test_demo_rows_must_be_positive(tmp_path):
+    proc = shardwise("demo", "--rows", "0", env_extra={"SHARDWISE_HOME": str(tmp_path / "home")})
+    assert_one_line_error(proc, 2, "--rows")
+
+
 @pytest.mark.slow
 def test_run_then_status(tmp_path):
     """A complete run through the console script: progress on stderr, summary table on stdout."""
@@ -113,15 +135,18 @@ def test_demo_from_a_fresh_directory(tmp_path):
     import polars as pl
 
     env = {k: v for k, v in os.environ.items() if k != "SHARDWISE_HOME"}
-    proc = subprocess.run([SHARDWISE, "demo", "--rows", "6", "--max-new-tokens", "2"], capture_output=True,
+    # 8 rows over 3 files: 3 + 3 + 2, exactly what was asked for.
+    proc = subprocess.run([SHARDWISE, "demo", "--rows", "8", "--max-new-tokens", "2"], capture_output=True,
                           text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "6 (0 with errors" in proc.stdout and "status           succeeded" in proc.stdout
+    assert "8 synthetic reviews" in proc.stderr
+    assert "8 (0 with errors" in proc.stdout and "status           succeeded" in proc.stdout
     output = tmp_path / ".shardwise" / "demo" / "output"
     assert (output / "_SUCCESS").exists()
     df = pl.read_parquet(output / "part-*.parquet")
-    assert df.height == 6 and df["generated_text"].str.len_chars().min() > 0
+    assert df.height == 8 and df["generated_text"].str.len_chars().min() > 0
+    assert df["review_id"].n_unique() == 8
     count = duckdb.connect().execute(
         f"select count(*), count(generated_text) from read_parquet('{output}/part-*.parquet')").fetchall()
-    assert count == [(6, 6)]
+    assert count == [(8, 8)]
     assert (tmp_path / ".shardwise" / "mlflow.db").exists()

@@ -157,3 +157,44 @@ def test_late_nightly_run_processes_its_own_night(worker, tmp_path):
     out = tmp_path / "enriched" / "dt=2026-11-02"
     assert (out / "_SUCCESS").is_file()
     assert sorted(p.name for p in (tmp_path / "enriched").iterdir()) == ["dt=2026-11-02"]
+
+
+def test_partition_run_uses_the_job_files_storage_options(worker, s3_server, tmp_path):
+    """A private endpoint (and credentials) only in the job file's storage_options, none in the
+    worker's environment: the partition's run reads and writes there, and the secret stays out of
+    every flow run's parameters."""
+    import uuid
+
+    import s3fs
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    assert "AWS_ENDPOINT_URL_S3" not in os.environ  # the endpoint can only come from the job file
+    secret = f"CANARY-{uuid.uuid4().hex}"
+    options = {"key": "deploy-key", "secret": secret, "client_kwargs": {"endpoint_url": s3_server.url},
+               "config_kwargs": {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}}
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(**options)
+    bucket = f"deploy-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    date = "2026-11-05"
+    write_reviews_dataset(f"s3://{bucket}/raw/dt={date}", files=1, rows_per_file=4, rows_per_group=2,
+                          storage_options=options)
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"name": "private-endpoint", "input": f"s3://{bucket}/raw",
+                               "output": f"s3://{bucket}/enriched", "task": "embed", "id_column": "review_id",
+                               "device": "cpu", "storage_options": options}))
+
+    run = run_deployment("enrich-partition/enrich-partition", parameters={"job": str(job), "date": date},
+                         timeout=600, poll_interval=1, as_subflow=False)
+    assert run.state.is_completed(), run.state
+    fs.invalidate_cache()
+    assert fs.exists(f"{bucket}/enriched/dt={date}/_SUCCESS")
+    assert len(fs.glob(f"{bucket}/enriched/dt={date}/part-*.parquet")) == 1
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    subflows = [r for r in runs if r.parent_task_run_id and r.parameters.get("job", {}) != {}
+                and isinstance(r.parameters["job"], dict) and r.parameters["job"].get("name") == "private-endpoint"]
+    assert subflows, "the enrich subflow ran"
+    assert all(secret not in repr(r.parameters) for r in runs)

@@ -61,3 +61,17 @@ def test_enrich_table_with_real_engines(tmp_path):
     out, stats = enrich_table(invalid, cfg, generator, embedder)
     assert stats.repaired_utf8_rows == 1 and out.column("error").to_pylist() == [None, None]
     assert out.column("text").to_pylist()[1].startswith("\ufffd")
+
+
+def test_ids_are_never_repaired_and_bad_ones_are_found():
+    from tasks.enrichment import invalid_utf8_rows
+
+    ids = pa.array([b"ok", b"id-\xff", b"id-\xfe", None, b"fine"], pa.binary()).view(pa.string())
+    table = pa.table({"id": ids, "text": invalid_utf8_column().take([0, 1, 0, 1, 0])})
+    assert invalid_utf8_rows(table.column("id")) == [1, 2]
+    assert invalid_utf8_rows(table.column("text")) == [1, 3]
+    assert invalid_utf8_rows(pa.chunked_array([pa.array(["a"]), ids])) == [2, 3]
+    assert invalid_utf8_rows(pa.array([b"\xff"], pa.binary())) == []  # bytes ids are bytes, not text
+    fixed, rows = repair_utf8(table, keep=["id"])
+    assert rows == 2 and fixed.column("text").to_pylist()[1].startswith("\ufffd")
+    assert fixed.column("id").cast(pa.binary()).to_pylist() == [b"ok", b"id-\xff", b"id-\xfe", None, b"fine"]

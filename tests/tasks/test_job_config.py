@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -67,15 +68,51 @@ def test_public_dict_never_contains_storage_options():
     assert "hunter2" not in repr(cfg)
 
 
-def test_output_fingerprint_tracks_values_not_batching():
+def test_settings_fingerprint_tracks_values_not_batching():
     base = JobConfig(input="a", output="b")
-    assert base.output_fingerprint() == JobConfig(input="other", output="b").output_fingerprint()
+    assert base.settings_fingerprint() == JobConfig(input="other", output="b").settings_fingerprint()
     batching = JobConfig(input="a", output="b", generate={"token_budget": 999, "max_batch_size": 3})
-    assert batching.output_fingerprint() == base.output_fingerprint()
+    assert batching.settings_fingerprint() == base.settings_fingerprint()
     prompt = JobConfig(input="a", output="b", generate={"prompt_template": "Summarise: {text}"})
-    assert prompt.output_fingerprint() != base.output_fingerprint()
+    assert prompt.settings_fingerprint() != base.settings_fingerprint()
     model = JobConfig(input="a", output="b", embed={"model": "some/other-model"})
-    assert model.output_fingerprint() != base.output_fingerprint()
+    assert model.settings_fingerprint() != base.settings_fingerprint()
+    assert batching.output_fingerprint() == base.output_fingerprint()
+    assert prompt.output_fingerprint() != base.output_fingerprint()
+
+
+def fake_checkpoint(directory, weights: bytes):
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    (directory / "model.safetensors").write_bytes(weights)
+    return directory
+
+
+def test_output_fingerprint_follows_the_weights_a_local_model_directory_holds(tmp_path):
+    model = fake_checkpoint(tmp_path / "model", b"weights one")
+    cfg = {"input": "a", "output": "b", "task": "embed", "embed": {"model": str(model)}}
+    first = JobConfig(**cfg)
+    fingerprint, identity = first.output_fingerprint(), first.model_identities()["embed"]
+    assert identity.startswith("local:")
+    assert JobConfig(**cfg).output_fingerprint() == fingerprint  # same weights, same fingerprint
+    time.sleep(0.05)  # past the file system's timestamp granularity, as any real replacement is
+    fake_checkpoint(model, b"weights two")  # same size, other bytes
+    second = JobConfig(**cfg)
+    assert second.output_fingerprint() != fingerprint
+    assert second.settings_fingerprint() == first.settings_fingerprint()
+    (change,) = second.model_changes(first.models_section())
+    assert change.startswith(f"embed.model weights of {model} (local:")
+    assert first.output_fingerprint() == fingerprint  # one config object resolves once
+    (older,) = second.model_changes({"embed": {"spec": str(model)}})  # a manifest from before identities
+    assert "(not recorded -> local:" in older
+    assert second.model_changes(second.models_section()) == []
+
+
+def test_dummy_and_bundled_specs_have_an_identity():
+    cfg = JobConfig(input="a", output="b", generate={"model": "dummy:llama-135m"})
+    identities = cfg.model_identities()
+    assert identities["generate"].startswith("dummy:dummy-llama-135m")
+    assert identities["embed"].startswith("bundled:") and len(identities["embed"]) == len("bundled:") + 64
 
 
 def test_default_template_is_the_text_column():

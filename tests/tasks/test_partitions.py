@@ -74,11 +74,47 @@ def test_idempotency_keys_name_one_partition_config_and_attempt():
 def test_partition_done_needs_success_and_the_same_config(tmp_path):
     cfg = partition_config({"input": str(tmp_path / "raw"), "output": str(tmp_path / "out"), "task": "embed"},
                            "2026-11-01")
+    (tmp_path / "raw" / "dt=2026-11-01").mkdir(parents=True)  # an empty partition, processed as such
     out = tmp_path / "out" / "dt=2026-11-01"
     out.mkdir(parents=True)
-    (out / "_manifest.json").write_text(json.dumps({"config_fingerprint": cfg.output_fingerprint()}))
+    (out / "_manifest.json").write_text(json.dumps({"config_fingerprint": cfg.output_fingerprint(), "input": []}))
     assert not partition_done(cfg)  # no _SUCCESS yet
     (out / "_SUCCESS").write_text("{}")
     assert partition_done(cfg)
     other = cfg.model_copy(update={"task": "both"})
     assert not partition_done(other)  # complete, but with another config: must be recomputed
+
+
+def test_partition_done_needs_the_input_files_it_was_made_from(tmp_path):
+    from tasks.demo_data import write_reviews_dataset
+    from tasks.planning import plan_shards
+
+    cfg = partition_config({"input": str(tmp_path / "raw"), "output": str(tmp_path / "out"), "task": "embed",
+                            "id_column": "review_id"}, "2026-11-01")
+    raw = tmp_path / "raw" / "dt=2026-11-01"
+    write_reviews_dataset(str(raw), files=2, rows_per_file=4, rows_per_group=2)
+    out = tmp_path / "out" / "dt=2026-11-01"
+    out.mkdir(parents=True)
+
+    def record_run() -> None:  # what a successful run leaves: the manifest's input list, then _SUCCESS
+        files = plan_shards(cfg).to_dict()["files"]
+        (out / "_manifest.json").write_text(json.dumps({"config_fingerprint": cfg.output_fingerprint(),
+                                                        "input": files}))
+        (out / "_SUCCESS").write_text("{}")
+
+    (raw / "reviews-001.parquet").rename(tmp_path / "late.parquet")  # half landed when it ran
+    record_run()
+    assert partition_done(cfg)
+    (tmp_path / "late.parquet").rename(raw / "reviews-001.parquet")  # the rest lands
+    assert not partition_done(cfg)
+    record_run()
+    assert partition_done(cfg)
+    write_reviews_dataset(str(raw), files=1, rows_per_file=5, rows_per_group=2)  # reviews-000 rewritten
+    assert not partition_done(cfg)
+    record_run()
+    (raw / "reviews-001.parquet").unlink()  # a file withdrawn
+    assert not partition_done(cfg)
+    for path in raw.iterdir():
+        path.unlink()
+    raw.rmdir()  # the whole partition gone: nothing proves the output matches it
+    assert not partition_done(cfg)

@@ -1,4 +1,5 @@
 import re
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -147,3 +148,49 @@ def test_an_input_root_under_a_hidden_directory_is_still_read(tmp_path):
     write(root / "a.parquet", rows=2, row_group=2)
     write(root / "_partial.parquet", rows=2, row_group=2)
     assert [Path(u).name for u in list_input_files(str(root))] == ["a.parquet"]
+
+
+def write_uncompressed(path: Path, texts: list[str]) -> bytes:
+    """No compression, no dictionary, no statistics: a one-letter edit leaves size and footer alike."""
+    table = pa.table({"review_id": [f"r{i}" for i in range(len(texts))], "text": texts})
+    pq.write_table(table, path, compression="none", use_dictionary=False, write_statistics=False)
+    return path.read_bytes()
+
+
+def edit_one_letter(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert len(old) == len(new) and data.count(old) == 1
+    edited = data.replace(old, new)
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    assert edited[-8 - footer_len:] == data[-8 - footer_len:]  # the footer alone cannot tell
+    return edited
+
+
+def test_a_same_size_edit_changes_the_local_fingerprint_and_shard_ids(tmp_path):
+    path = tmp_path / "a.parquet"
+    data = write_uncompressed(path, ["the cat sat", "on the mat"])
+    before = plan_shards(job(tmp_path))
+    stat = path.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity, as any real edit is
+    with open(path, "r+b") as handle:  # edited in place: same inode, same size, new mtime
+        handle.write(edit_one_letter(data, b"cat", b"cot"))
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) != (stat.st_ino, stat.st_mtime_ns)
+    after = plan_shards(job(tmp_path))
+    assert after.files[0].size == before.files[0].size
+    assert after.files[0].fingerprint != before.files[0].fingerprint
+    assert {s.shard_id for s in after.shards}.isdisjoint(s.shard_id for s in before.shards)
+    assert plan_shards(job(tmp_path)).files[0].fingerprint == after.files[0].fingerprint  # stable when untouched
+
+
+def test_a_same_size_edit_changes_the_s3_fingerprint(tmp_path, s3):
+    fs, bucket = s3
+    data = write_uncompressed(tmp_path / "a.parquet", ["the cat sat", "on the mat"])
+    fs.pipe_file(f"{bucket}/in/a.parquet", data)
+    before = plan_shards(job(f"s3://{bucket}/in"))
+    fs.pipe_file(f"{bucket}/in/a.parquet", edit_one_letter(data, b"cat", b"cot"))
+    after = plan_shards(job(f"s3://{bucket}/in"))
+    assert after.files[0].size == before.files[0].size
+    assert after.files[0].fingerprint != before.files[0].fingerprint
+    fs.pipe_file(f"{bucket}/in/a.parquet", data)  # the very same bytes again: the same ETag
+    assert plan_shards(job(f"s3://{bucket}/in")).files[0].fingerprint == before.files[0].fingerprint
+    # Named directly (a HEAD) rather than found by listing the directory: the same fingerprint.
+    assert plan_shards(job(f"s3://{bucket}/in/a.parquet")).files[0].fingerprint == before.files[0].fingerprint

@@ -29,7 +29,9 @@ def test_write_part_is_atomic_and_carries_lineage(reviews_dir, tmp_path):
     part = write_part(table, str(out), shard, {"mlflow_run_id": "abc", "source": shard.source})
     assert os.listdir(out) == [shard.part_name]  # no temporary file left behind
     assert pq.read_table(part.uri).num_rows == shard.num_rows == part.rows
-    assert read_part_lineage(part.uri) == {"mlflow_run_id": "abc", "source": shard.source}
+    lineage = read_part_lineage(part.uri)
+    assert lineage.pop("part_write_id") == part.write_id and len(part.write_id) == 32
+    assert lineage == {"mlflow_run_id": "abc", "source": shard.source}
 
 
 def test_join_refuses_names_that_escape_the_root():

@@ -1,0 +1,48 @@
+"""How a flow run gets its job's private parts without them becoming flow parameters.
+
+Prefect stores flow parameters and shows them in its UI, so the ``job`` parameter of the ``enrich``
+flow is the public config (:meth:`JobConfig.public_dict`: no ``storage_options``, URIs redacted).
+The full config stays in the process that starts the flow: :func:`flow_parameters` remembers it
+under its public form and :func:`job_from_parameters`, in the flow, gets it back. That process is
+the one the flow runs in: ``shardwise run``, or a deployment's ``enrich-partition`` run, which read
+the job file (storage options included) itself. Shard tasks receive the full config as a task
+argument, pickled to worker processes and Ray workers; Prefect does not store task arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tasks.errors import ConfigError
+from tasks.job_config import JobConfig, validate_config
+from tasks.redaction import REDACTED
+from tasks.storage import runtime_storage_options
+
+_full_configs: dict[str, JobConfig] = {}
+
+
+def _key(public: dict[str, Any]) -> str:
+    return json.dumps(public, sort_keys=True, default=str)
+
+
+def flow_parameters(cfg: JobConfig) -> dict[str, Any]:
+    """The ``job`` parameter for ``cfg``'s flow run; the full ``cfg`` stays in this process."""
+    public = cfg.public_dict()
+    _full_configs[_key(public)] = cfg
+    return public
+
+
+def job_from_parameters(job: dict[str, Any]) -> JobConfig:
+    """The full config of a flow run started here, else ``job`` itself (a dict given to a
+    deployment or the flow directly) with storage options from the environment."""
+    full = _full_configs.get(_key(job))
+    if full is not None:
+        return full
+    hidden = [name for name in ("input", "output") if REDACTED in str(job.get(name, ""))]
+    if hidden:
+        raise ConfigError(
+            f"the job's {' and '.join(hidden)} had credentials, and flow parameters never carry them: "
+            "run it with `shardwise run`, or from a job file (see the deployments in prefect.yaml)"
+        )
+    return validate_config({**job, "storage_options": runtime_storage_options()})
