@@ -92,5 +92,5 @@ def test_too_few_new_tokens_give_row_errors_not_a_crash(tmp_path):
     assert len(rows) == 24
     assert all(r["generated"] is None and r["error"].startswith("output does not match schema: not JSON")
                for r in rows)
-    assert all(r["generated_text"].startswith('{"sentiment": ') for r in rows)
+    assert all(r["generated_text"].startswith('{"') for r in rows), [r["generated_text"] for r in rows]
     assert re.search(r"schema valid\s+0/24 rows \(0\.0%\)", stdout), stdout
