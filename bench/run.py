@@ -21,6 +21,10 @@ which slows both sides (see gpu_runtime/compute_thread.py).
 4. memory     - peak RSS of a whole ``shardwise run`` (a child process) at 100k vs 1M input rows,
                 with the tiny ``dummy:bert-tiny`` embedder so compute is cheap.  Goal <= 1.2.
 
+5. structured - the cost of constrained decoding: the flow over the same reviews with and without
+                a four-field ``generate.output_schema``, in the same run (generated tok/s of each
+                and the share of answers that follow the schema).
+
     .venv/bin/python bench/run.py                 # the full sizes (tens of minutes on 2 CPU cores)
     .venv/bin/python bench/run.py --smoke         # a few minutes: checks the harness, not the goals
 """
@@ -193,6 +197,44 @@ def bench_vllm(root: Path, hf_cfg, prompts: list[str], max_new_tokens: int, naiv
             "flow_identical_to_naive": out["generated_text"].to_list() == naive_texts}
 
 
+REVIEW_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": ["positive", "negative", "mixed"]},
+        "topic": {"type": "string"},
+        "would_recommend": {"type": "boolean"},
+        "stars": {"type": "integer"},
+    },
+    "required": ["sentiment", "topic", "would_recommend", "stars"],
+}
+JSON_TEMPLATE = ("Read the product review and answer with JSON only: sentiment (positive, negative or mixed), "
+                 "topic, would_recommend (true or false), stars (1 to 5).\n\nReview: {text}")
+
+
+def bench_structured(root: Path, rows: int, max_new_tokens: int) -> dict:
+    """Generated tok/s with and without the schema, same prompts, same run (free, constrained, free)."""
+    from tasks.demo_data import write_reviews_dataset
+    from tasks.job_config import JobConfig
+    from tasks.output_schema import parse_generated
+
+    import polars as pl
+
+    write_reviews_dataset(str(root / "json-in"), files=1, rows_per_file=rows, rows_per_group=16)
+    runs = {}
+    for name, schema in (("free", None), ("constrained", REVIEW_SCHEMA), ("free_again", None)):
+        cfg = JobConfig(input=str(root / "json-in"), output=str(root / f"json-{name}"), task="generate",
+                        id_column="review_id", keep_columns="id", rows_per_shard=rows, device="cpu",
+                        generate={"prompt_template": JSON_TEMPLATE, "max_new_tokens": max_new_tokens,
+                                  "output_schema": schema})
+        _, summary = run_flow(cfg)
+        texts = pl.read_parquet(root / f"json-{name}" / "part-*.parquet")["generated_text"].to_list()
+        runs[name] = {"compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
+                      "valid_rows": sum(parse_generated(t, REVIEW_SCHEMA)[0] is not None for t in texts)}
+    free = (runs["free"]["compute_tok_per_s"] + runs["free_again"]["compute_tok_per_s"]) / 2
+    return {"rows": rows, "max_new_tokens": max_new_tokens, **runs,
+            "ratio": runs["constrained"]["compute_tok_per_s"] / free}
+
+
 def bench_overhead(root: Path, shards: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -278,14 +320,15 @@ def main() -> None:
     parser.add_argument("--gen-rows", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--memory-rows", type=int, nargs=2, metavar=("SMALL", "LARGE"))
-    parser.add_argument("--only", choices=["overhead", "embedding", "generation", "memory"], action="append",
+    parser.add_argument("--only", choices=["overhead", "embedding", "generation", "memory", "structured"],
+                        action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
     embed_rows = args.embed_rows or (2000 if args.smoke else 40000)
     gen_rows = args.gen_rows or (32 if args.smoke else 256)
     memory_rows = args.memory_rows or ((10_000, 100_000) if args.smoke else (100_000, 1_000_000))
-    parts = set(args.only or ["overhead", "embedding", "generation", "memory"])
+    parts = set(args.only or ["overhead", "embedding", "generation", "memory", "structured"])
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -309,6 +352,8 @@ def main() -> None:
                 results["generation"] = bench_generation(root, gen_rows, args.max_new_tokens)
             if "memory" in parts:
                 results["memory"] = bench_memory(root, *memory_rows)
+            if "structured" in parts:
+                results["structured"] = bench_structured(root, 16 if args.smoke else 64, 60)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nshardwise benchmark ({results['machine']}, {results['date']}{', SMOKE sizes' if args.smoke else ''})")
     print(f"{'measure':<34}{'baseline':>14}{'shardwise':>14}{'ratio':>9}  goal")
@@ -331,6 +376,10 @@ def main() -> None:
     if m := results.get("memory"):
         print(f"{'peak RSS MiB (%dk vs %dk rows)' % (m['small_rows'] // 1000, m['large_rows'] // 1000):<34}"
               f"{m['small_peak_rss_mb']:>14.0f}{m['large_peak_rss_mb']:>14.0f}{m['ratio']:>9.2f}  {m['goal']}")
+    if j := results.get("structured"):
+        print(f"{'JSON tok/s, schema vs none (%d rows)' % j['rows']:<34}{j['free']['compute_tok_per_s']:>14.1f}"
+              f"{j['constrained']['compute_tok_per_s']:>14.1f}{j['ratio']:>9.2f}  "
+              f"valid {j['constrained']['valid_rows']} vs {j['free']['valid_rows']}/{j['rows']}")
     if o := results.get("overhead"):
         print(f"{'fixed cost per run (s)':<34}{'':>14}{o['run_fixed_s']:>14.2f}")
         print(f"{'cost per shard (s)':<34}{'':>14}{o['per_shard_s']:>14.2f}")

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-template")
     run.add_argument("--system-prompt")
     run.add_argument("--max-new-tokens", type=int)
+    run.add_argument("--output-schema", metavar="FILE_OR_JSON",
+                     help="JSON Schema every answer follows (a .json file or inline JSON); adds the column generated")
     run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--engine", choices=["auto", "hf", "vllm"],
                      help="generation engine (default auto: vllm when CUDA and a CUDA vLLM are there, else hf)")
@@ -107,6 +109,7 @@ def config_from_args(args: argparse.Namespace):
         "max_new_tokens": args.max_new_tokens,
         "model": args.gen_model,
         "engine": args.engine,
+        "output_schema": args.output_schema,
     }
     if any(v is not None for v in generate.values()):
         overrides["generate"] = {k: v for k, v in generate.items() if v is not None}
@@ -222,6 +225,8 @@ def format_summary(summary: dict[str, Any]) -> str:
                  f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
         ("computed", f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs)"),
         ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"),
+        *([("schema valid", f"{summary['schema_valid_rows']:.0f}/{summary['rows']:.0f} rows "
+                            f"({summary['schema_valid_rate']:.1%})")] if "schema_valid_rows" in summary else []),
         ("seconds", f"{summary['seconds']:.1f}"),
         ("rows/s", f"{summary['rows_per_s']:.2f}"),
         ("prompt tok/s", f"{summary['prompt_tok_per_s']:.1f}"),

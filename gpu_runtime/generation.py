@@ -68,6 +68,11 @@ class GenerationParams:
     ``torch.compile`` the decode step for it (GPU only; every new batch shape compiles again).
     Both are off by default, to be switched on where a measurement shows a gain.
 
+    ``output_schema`` (a JSON Schema as JSON text) constrains every row's answer to JSON that
+    follows it: the schema is compiled once per engine into an xgrammar grammar that masks the
+    tokens it does not allow at each step (:mod:`gpu_runtime.structured`). It cannot be combined
+    with ``ignore_eos``, which would forbid the end the grammar asks for.
+
     If a batch runs out of device memory it is split in half and retried (later batches of the
     call are capped at the size that worked). Greedy outputs do not depend on the split; sampled
     outputs of a call that had to split may differ from an un-split run's.
@@ -86,6 +91,7 @@ class GenerationParams:
     compile: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     chat_date: dt.date | None = None
+    output_schema: str | None = None
 
     def __post_init__(self) -> None:
         _require_positive_int("max_new_tokens", self.max_new_tokens)
@@ -121,6 +127,11 @@ class GenerationParams:
             not isinstance(self.chat_date, dt.date) or isinstance(self.chat_date, dt.datetime)
         ):
             raise ValueError(f"chat_date must be a datetime.date, got {self.chat_date!r}")
+        if self.output_schema is not None:
+            if not isinstance(self.output_schema, str) or not self.output_schema.lstrip().startswith("{"):
+                raise ValueError(f"output_schema must be a JSON Schema as JSON text, got {self.output_schema!r}")
+            if self.ignore_eos:
+                raise ValueError("output_schema cannot be combined with ignore_eos (the grammar must end the answer)")
 
 
 def _require_positive_int(name: str, value: object) -> None:
@@ -171,6 +182,7 @@ class GenerationEngine:
         # The forward's name for a KV cache argument, or None where ours cannot be padded and
         # joined (then every batch runs the whole prompt through generate()).
         self._cache_arg = kv_cache.joinable_cache_argument(model)
+        self._grammars: Any = None  # compiled output schemas, made on the first call with one
 
     @classmethod
     def from_resolved(
@@ -244,12 +256,14 @@ class GenerationEngine:
                 extra_tokens_per_row=params.max_new_tokens,
             )
             prefix = self._shared_prefix([ids for ids, _ in encoded], params)
+            if params.output_schema is not None:
+                self._schema_grammars().compiled(params.output_schema)  # a bad schema fails before any batch
             for batch in batches:
                 check_cancelled()
                 outputs = self.backoff.run(
                     batch,
                     lambda rows: self._generate_batch(
-                        [encoded[i][0] for i in rows], config, params.ignore_eos, prefix
+                        [encoded[i][0] for i in rows], config, params.ignore_eos, prefix, params.output_schema
                     ),
                     describe_row=lambda i: (
                         f"prompt {i}: {len(encoded[i][0])} tokens + max_new_tokens={params.max_new_tokens}"
@@ -387,9 +401,25 @@ class GenerationEngine:
             del cache
         return joined.cache(self.model), joined_mask.to(self.device)
 
+    def _schema_grammars(self) -> Any:
+        if self._grammars is None:
+            from .structured import SchemaGrammars
+
+            vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            self._grammars = SchemaGrammars(self.tokenizer, vocab_size, self._eos_ids)
+        return self._grammars
+
     def _generate_batch(
-        self, batch_ids: list[list[int]], config: Any, ignore_eos: bool = False, prefix: _Prefix | None = None
+        self,
+        batch_ids: list[list[int]],
+        config: Any,
+        ignore_eos: bool = False,
+        prefix: _Prefix | None = None,
+        output_schema: str | None = None,
     ) -> list[tuple[str, int, Literal["stop", "length"]]]:
+        # One processor per generate() call: its per-row matchers follow this batch's rows only
+        # (both the joined-cache and the plain path below feed it the same per-row tokens).
+        processors = [self._schema_grammars().logits_processor(output_schema)] if output_schema else []
         with torch.inference_mode():
             # A one-token prompt with nothing cached before it has no KV cache to pad and join.
             if self._cache_arg is not None and config.cache_implementation is None and (
@@ -412,7 +442,8 @@ class GenerationEngine:
                 attention_mask = padded["attention_mask"].to(self.device)
                 kwargs = {}
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **kwargs
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                logits_processor=processors or None, **kwargs
             )
         rows = []
         for new_tokens in output[:, input_ids.shape[1] :].tolist():

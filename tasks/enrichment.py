@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tasks.job_config import JobConfig
+from tasks.output_schema import arrow_type, parse_generated, schema_text
 
 if TYPE_CHECKING:  # engines are loaded by the shard task; this module only needs their interface
     from gpu_runtime import EmbeddingEngine, GenerationEngine
@@ -94,6 +95,8 @@ def output_schema(input_schema: pa.Schema, cfg: JobConfig, embedding_dim: int | 
     fields = list(kept)
     if cfg.runs_generation:
         fields += GENERATION_FIELDS
+        if cfg.generate.output_schema is not None:
+            fields.append(pa.field("generated", arrow_type(cfg.generate.output_schema)))
     if cfg.runs_embedding:
         fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
     fields += [pa.field("truncated", pa.bool_()), pa.field("error", pa.string())]
@@ -109,6 +112,7 @@ class EnrichStats:
     generated_tokens: int = 0
     embedded_tokens: int = 0
     repaired_utf8_rows: int = 0
+    schema_valid_rows: int | None = None  # rows whose answer follows generate.output_schema; None without one
 
 
 def _prompt_row(row: dict[str, Any], text_column: str, text: str) -> dict[str, Any]:
@@ -159,6 +163,7 @@ def enrich_table(
             compile=g.compile,
             chat_template_kwargs=dict(g.chat_template_kwargs) or None,
             chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
+            output_schema=schema_text(g.output_schema) if g.output_schema is not None else None,
         )
         outputs = generator.generate(prompts, params) if prompts else []
         gen_cols: dict[str, list[Any]] = {f.name: [None] * n for f in GENERATION_FIELDS}
@@ -171,6 +176,14 @@ def enrich_table(
             stats.prompt_tokens += out.n_prompt_tokens
             stats.generated_tokens += out.n_generated_tokens
         columns.update(gen_cols)
+        if g.output_schema is not None:
+            # A row that does not parse (cut by max_new_tokens, say) keeps its raw text; the run goes on.
+            generated: list[Any] = [None] * n
+            for i in valid:
+                generated[i], mismatch = parse_generated(gen_cols["generated_text"][i], g.output_schema)
+                errors[i] = errors[i] or mismatch
+            columns["generated"] = generated
+            stats.schema_valid_rows = sum(generated[i] is not None for i in valid)
 
     dim = None
     if cfg.runs_embedding:

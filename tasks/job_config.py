@@ -61,6 +61,19 @@ class GenerateConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per model (and per worker)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory it takes")
     max_model_len: int | None = Field(default=None, ge=16, description="vllm: context length (prompt + answer)")
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON Schema every answer follows (inline, or a path to a .json file); adds the typed column generated",
+    )
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _load_output_schema(cls, value: Any) -> dict[str, Any] | None:
+        # A path or JSON text is replaced by the schema itself, so the fingerprint, the manifest
+        # and MLflow hold what constrained the run, not where it was read from.
+        from tasks.output_schema import load_output_schema
+
+        return None if value is None else load_output_schema(value)
 
     @model_validator(mode="after")
     def _compile_needs_static_cache(self) -> GenerateConfig:
@@ -185,6 +198,14 @@ class JobConfig(_Strict):
     def template(self) -> str:
         """The effective prompt template (the text column alone when none is configured)."""
         return self.generate.prompt_template or "{" + self.text_column + "}"
+
+    @property
+    def output_schema_hash(self) -> str | None:
+        """Short hash of the output schema (None without one), for lineage next to the fingerprint."""
+        from tasks.output_schema import schema_hash
+
+        schema = self.generate.output_schema if self.runs_generation else None
+        return None if schema is None else schema_hash(schema)
 
     def public_dict(self) -> dict[str, Any]:
         """The config without ``storage_options`` and with URIs redacted (``user:password@``,

@@ -128,6 +128,8 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"- rows: {summary['rows']:.0f} ({summary['rows_computed']:.0f} computed, {summary['rows_reused']:.0f} "
         f"reused; {summary['error_rows']:.0f} with errors, {summary['duplicate_ids']:.0f} duplicate ids)",
         f"- shards: {summary['shards_committed']}/{summary['shards_total']} committed",
+        *([f"- valid structured output: {summary['schema_valid_rows']:.0f} rows "
+           f"({summary['schema_valid_rate']:.1%})"] if "schema_valid_rows" in summary else []),
         f"- throughput of computed rows: {summary['rows_per_s']:.1f} rows/s, "
         f"{summary['generated_tok_per_s']:.1f} generated tok/s",
         f"- estimated cost: {summary['cost']:.6f} {md(summary['currency'])} ({md(summary['device_type'])})",
@@ -162,6 +164,10 @@ def report(
             "worker": r.worker or "",
             "error": redact_text(r.error or ""),
         })
+        if cfg.output_schema_hash is not None:  # every row has the column; unknown for failed or resumed shards
+            rows[-1]["schema_valid_rate"] = (
+                round(r.schema_valid_rows / r.rows, 4) if r.schema_valid_rows is not None and r.rows else None
+            )
     create_table_artifact(rows, key="shard-results", description="One row per shard")
     create_markdown_artifact(_markdown(summary), key="run-summary", description="shardwise run summary")
     return summary

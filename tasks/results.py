@@ -21,6 +21,7 @@ class ShardResult:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     embedded_tokens: int = 0
+    schema_valid_rows: int | None = None  # answers that follow the output schema; None without one
     seconds_read: float = 0.0
     seconds_wait: float = 0.0  # waiting for the device while another shard computed (not billed)
     seconds_compute: float = 0.0
@@ -61,6 +62,8 @@ class RunTotals:
     truncated_rows: int = 0
     prompt_tokens: int = 0  # tokens of all committed rows (reused parts carry theirs in the footer)
     generated_tokens: int = 0
+    schema_valid_rows: int | None = None
+    schema_rows: int = 0  # rows of the shards that counted schema_valid_rows
     prompt_tokens_computed: int = 0  # tokens this run processed: what throughput and cost are over
     generated_tokens_computed: int = 0
     device_seconds: float = 0.0
@@ -80,6 +83,9 @@ class RunTotals:
                 totals.truncated_rows += r.truncated_rows
                 totals.prompt_tokens += r.prompt_tokens
                 totals.generated_tokens += r.generated_tokens
+                if r.schema_valid_rows is not None:
+                    totals.schema_valid_rows = (totals.schema_valid_rows or 0) + r.schema_valid_rows
+                    totals.schema_rows += r.rows
                 if r.resumed:
                     totals.rows_reused += r.rows
                 else:

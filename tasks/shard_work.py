@@ -121,6 +121,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         "prompt_tokens": str(stats.prompt_tokens),
         "generated_tokens": str(stats.generated_tokens),
     }
+    if cfg.output_schema_hash is not None:
+        part_lineage["output_schema_hash"] = cfg.output_schema_hash
     for role, engine in (("generate", generator), ("embed", embedder)):
         if engine is not None:
             part_lineage[f"{role}_model_revision"] = str(engine.info.get("revision"))
@@ -147,6 +149,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         prompt_tokens=stats.prompt_tokens,
         generated_tokens=stats.generated_tokens,
         embedded_tokens=stats.embedded_tokens,
+        schema_valid_rows=stats.schema_valid_rows,
         seconds_read=read_done - started,
         seconds_wait=compute_started - read_done,
         seconds_compute=compute_done - compute_started,

@@ -92,6 +92,8 @@ def start_run(
     if cfg.runs_generation:
         params["generate.prompt_hash"] = prompt_hash(cfg)
         params["generate.effective_prompt_template"] = cfg.template[:_PARAM_LIMIT]
+        if cfg.output_schema_hash is not None:
+            params["generate.output_schema_hash"] = cfg.output_schema_hash
     client.log_batch(
         run.info.run_id,
         params=[Param(k, redact_text(v)) for k, v in params.items()],
@@ -166,6 +168,11 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
     wall = max(wall_seconds, 1e-9)
     cost = price.cost(totals.device_seconds)
     energy = {} if totals.energy_j is None else {"energy_j": totals.energy_j}
+    if totals.schema_valid_rows is not None:
+        energy |= {
+            "schema_valid_rows": totals.schema_valid_rows,
+            "schema_valid_rate": totals.schema_valid_rows / totals.schema_rows if totals.schema_rows else 0.0,
+        }
     computed_tokens = totals.generated_tokens_computed
     return energy | {
         "rows": totals.rows,

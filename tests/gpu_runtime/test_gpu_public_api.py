@@ -11,8 +11,8 @@ import gpu_runtime
 
 PACKAGE_DIR = Path(gpu_runtime.__file__).parent
 ALLOWED_THIRD_PARTY = {"torch", "transformers", "accelerate", "sentence_transformers", "numpy", "pyarrow"}
-# Optional engines, each confined to its own module and imported there only when chosen.
-OPTIONAL_ENGINE_IMPORTS = {"vllm_engine.py": {"vllm"}}
+# Optional packages, each confined to its own module and imported there only when chosen.
+OPTIONAL_ENGINE_IMPORTS = {"vllm_engine.py": {"vllm"}, "structured.py": {"xgrammar"}}
 
 
 def test_exported_names_are_exactly_the_intended_ones():
