@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import multiprocessing.util
 import os
 import threading
@@ -208,6 +209,7 @@ class VllmGenerationEngine(GenerationEngine):
     def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         limit = self._input_limit(params)
         with self._lock:
@@ -215,6 +217,12 @@ class VllmGenerationEngine(GenerationEngine):
             sampling: dict[str, Any] = {"temperature": 0.0}
             if params.temperature > 0:
                 sampling = {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": 0}
+            if params.output_schema is not None:
+                # vLLM's own structured outputs (xgrammar, as in the HF engine), with no free
+                # whitespace either, so both engines constrain answers to the same grammar.
+                sampling["structured_outputs"] = StructuredOutputsParams(
+                    json=json.loads(params.output_schema), disable_any_whitespace=True
+                )
             requests = [
                 SamplingParams(
                     max_tokens=params.max_new_tokens,

@@ -129,3 +129,21 @@ def test_two_vllm_worker_processes_match_hf(hf_and_vllm, demo_input, tmp_path):
     workers = [line for line in proc.stdout.splitlines() if line.startswith("worker ")]
     assert len(workers) == 2 and all("cpu x1" in w for w in workers), proc.stdout
     assert rows_by_id(tmp_path / "two") == rows_by_id(hf_out)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_structured_output_follows_the_schema(demo_input, tmp_path):
+    from tests.flows.test_structured_output import PROMPT, REVIEW_SCHEMA
+
+    out = tmp_path / "structured"
+    proc = shardwise("run", "--input", str(demo_input), "--output", str(out), "--task", "generate",
+                     "--device", "cpu", "--engine", "vllm", "--id-column", "review_id", "--keep-columns", "id",
+                     "--prompt-template", PROMPT, "--output-schema", json.dumps(REVIEW_SCHEMA),
+                     "--max-new-tokens", "60", timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pq.read_table(str(out)).to_pylist()
+    valid = [r for r in rows if r["generated"] is not None]
+    assert len(rows) == 24 and len(valid) >= 22, [r["error"] for r in rows]
+    assert {r["generated"]["sentiment"] for r in valid} <= {"positive", "negative", "mixed"}
+    assert all(json.loads(r["generated_text"]) == r["generated"] for r in valid)
