@@ -10,17 +10,8 @@ import pytest
 from tasks.errors import ConfigError
 from tasks.job_config import build_config
 from tasks.output_schema import SchemaError, arrow_type, load_output_schema, parse_generated, schema_hash
+from tests.flows.test_structured_output import REVIEW_SCHEMA
 
-REVIEW_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"enum": ["positive", "negative", "mixed"]},
-        "topic": {"type": "string"},
-        "would_recommend": {"type": "boolean"},
-        "stars": {"type": "integer"},
-    },
-    "required": ["sentiment", "topic", "would_recommend", "stars"],
-}
 
 
 def test_every_supported_type_has_its_arrow_type():
