@@ -115,7 +115,7 @@ class EnrichStats:
     schema_valid_rows: int | None = None  # rows whose answer follows generate.output_schema; None without one
 
 
-def _prompt_row(row: dict[str, Any], text_column: str, text: str) -> dict[str, Any]:
+def prompt_row(row: dict[str, Any], text_column: str, text: str) -> dict[str, Any]:
     values = {k: ("" if v is None else v) for k, v in row.items()}
     values[text_column] = text
     return values
@@ -147,7 +147,7 @@ def enrich_table(
         assert generator is not None
         fields = template_fields(cfg.template)
         rows = table.select(fields).to_pylist()
-        prompts = [render_prompt(cfg.template, _prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in valid]
+        prompts = [render_prompt(cfg.template, prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in valid]
         g = cfg.generate
         params = GenerationParams(
             max_new_tokens=g.max_new_tokens,

@@ -136,7 +136,7 @@ class _Counts:
 def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
     from gpu_runtime import render_prompt, template_fields
     from gpu_runtime.token_count import PromptCounter, count_embedding_tokens, embedding_prompt, load_tokenizer
-    from tasks.enrichment import _prompt_row, clean_text
+    from tasks.enrichment import prompt_row, clean_text
     from tasks.shard_io import read_shard
     from tasks.shard_work import input_columns
 
@@ -157,7 +157,7 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
         row_embed = [0] * table.num_rows
         if counter is not None:
             rows = table.select(template_fields(cfg.template)).to_pylist()
-            texts = [render_prompt(cfg.template, _prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in ok]
+            texts = [render_prompt(cfg.template, prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in ok]
             counts = counter.count(texts, cfg.generate.system_prompt,
                                    dict(cfg.generate.chat_template_kwargs) or None, chat_date)
             for i, n in zip(ok, counts):

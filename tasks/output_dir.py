@@ -135,7 +135,8 @@ class OutputDir:
     def uri_of(self, name: str) -> str:
         return join(self.uri, name)
 
-    def _path(self, name: str) -> str:
+    def path_of(self, name: str) -> str:
+        """The filesystem path of ``name`` inside the output (for this object's ``fs``)."""
         return f"{self.root}/{name}" if self.root != "/" else f"/{name}"
 
     def names(self) -> list[str]:
@@ -155,7 +156,7 @@ class OutputDir:
 
     def part_lineage(self, name: str) -> dict[str, str]:
         """The ``shardwise.*`` footer keys of a part, without the prefix."""
-        with self.fs.open(self._path(name), "rb") as handle:
+        with self.fs.open(self.path_of(name), "rb") as handle:
             metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
         return {k.decode()[len(LINEAGE_PREFIX):]: v.decode()
                 for k, v in metadata.items() if k.decode().startswith(LINEAGE_PREFIX)}
@@ -205,7 +206,7 @@ class OutputDir:
         An unparseable manifest is not trusted and is replaced by the next run; resume never
         depends on it alone, since each part is verified from its own footer."""
         try:
-            raw = self.fs.cat_file(self._path(MANIFEST_NAME))
+            raw = self.fs.cat_file(self.path_of(MANIFEST_NAME))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
@@ -221,7 +222,7 @@ class OutputDir:
         return manifest
 
     def has_success(self) -> bool:
-        return self.fs.exists(self._path(SUCCESS_NAME))
+        return self.fs.exists(self.path_of(SUCCESS_NAME))
 
     def write_success(self, data: dict[str, Any]) -> None:
         self.write_json(SUCCESS_NAME, data)
@@ -231,7 +232,7 @@ class OutputDir:
 
     def _remove(self, name: str) -> None:
         try:
-            self.fs.rm_file(self._path(name))
+            self.fs.rm_file(self.path_of(name))
         except FileNotFoundError:
             pass
 
@@ -289,7 +290,7 @@ class OutputDir:
 
     def read_lease(self) -> LeaseHolder | None:
         try:
-            raw = self.fs.cat_file(self._path(LEASE_NAME))
+            raw = self.fs.cat_file(self.path_of(LEASE_NAME))
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
@@ -325,7 +326,7 @@ class OutputDir:
     def _create_lease(self, holder: LeaseHolder) -> bool:
         """Create the lease file only if none exists (atomically); False when one does."""
         data = self._lease_bytes(holder)
-        path = self._path(LEASE_NAME)
+        path = self.path_of(LEASE_NAME)
         if self._is_local:
             os.makedirs(self.root, exist_ok=True)
             try:

@@ -77,7 +77,7 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
     look transient and otherwise raise :class:`StorageError`."""
     output = OutputDir(cfg.output, cfg.storage_options)
     uri = output.uri_of(shard.part_name)
-    path = output._path(shard.part_name)
+    path = output.path_of(shard.part_name)
 
     def read() -> tuple[dict[str, str], pa.Table, int] | None:
         try:

@@ -56,9 +56,9 @@ def test_overlap_is_refused_literally_and_per_protocol(tmp_path):
 
 
 def _age_lease(output: OutputDir, seconds: float) -> None:
-    data = json.loads(output.fs.cat_file(output._path(LEASE_NAME)))
+    data = json.loads(output.fs.cat_file(output.path_of(LEASE_NAME)))
     data["renewed_at"] -= seconds
-    output.fs.pipe_file(output._path(LEASE_NAME), json.dumps(data).encode())
+    output.fs.pipe_file(output.path_of(LEASE_NAME), json.dumps(data).encode())
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -101,8 +101,8 @@ def test_the_lease_is_exclusive_renewed_taken_over_when_stale_and_released(outpu
     gone.wait()
     orphan = output.acquire_lease(timeout_s=60, flow_run_id="killed")
     orphan._stop.set()
-    data = json.loads(output.fs.cat_file(output._path(LEASE_NAME)))
-    output.fs.pipe_file(output._path(LEASE_NAME), json.dumps({**data, "pid": gone.pid}).encode())
+    data = json.loads(output.fs.cat_file(output.path_of(LEASE_NAME)))
+    output.fs.pipe_file(output.path_of(LEASE_NAME), json.dumps({**data, "pid": gone.pid}).encode())
     with output.acquire_lease(timeout_s=60, flow_run_id="run-4"):
         assert output.read_lease().flow_run_id == "run-4"
     assert "whose process is gone" in caplog.text
