@@ -1,4 +1,4 @@
-"""The ``shardwise`` command line: ``run``, ``plan``, ``demo``, ``status`` and ``lineage``.
+"""The ``shardwise`` command line: ``run``, ``plan``, ``demo``, ``status``, ``lineage`` and ``cache``.
 
 Exit codes: 0 success; 1 the run failed (some shards failed, or an unexpected error); 2 bad input
 or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override any config key, e.g. generate.temperature=0.7 (repeatable)")
     run.add_argument("--max-cost", type=float, metavar="USD",
                      help="refuse the run if its forecast can cost more; start no shard past it")
+    run.add_argument("--cache", metavar="URI",
+                     help="row cache (any fsspec URI): reuse rows computed before from the same inputs")
 
     plan = sub.add_parser("plan", help="forecast rows, tokens, device time and cost of a run; runs nothing")
     for action in run._actions[1:]:  # exactly run's job flags (all but -h), so a plan matches its run
@@ -82,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     lineage = sub.add_parser("lineage", help="provenance of an output part, or of one output row")
     lineage.add_argument("target", help="an output directory or one part-*.parquet")
     lineage.add_argument("--id", dest="row_id", help="show the row with this id and where it came from")
+
+    cache = sub.add_parser("cache", help="inspect or prune a row cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    stats = cache_sub.add_parser("stats", help="entries, size and the hit rate of recent runs")
+    stats.add_argument("uri")
+    stats.add_argument("--json", action="store_true", help="print one JSON document")
+    prune = cache_sub.add_parser("prune", help="delete entries written more than DAYS days ago")
+    prune.add_argument("uri")
+    prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
     return parser
 
 
@@ -101,6 +112,7 @@ def config_from_args(args: argparse.Namespace):
         "device": args.device,
         "overwrite": args.overwrite,
         "max_cost": args.max_cost,
+        "cache": args.cache,
     }
     overrides: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     generate = {
@@ -223,7 +235,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("output", summary["output"]),
         ("rows", f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
                  f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
-        ("computed", f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs)"),
+        ("computed", f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs, "
+                     f"{summary.get('rows_cached', 0):.0f} from the row cache)"),
         ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"),
         *([("schema valid", f"{summary['schema_valid_rows']:.0f}/{summary['rows']:.0f} rows "
                             f"({summary['schema_valid_rate']:.1%})")] if "schema_valid_rows" in summary else []),
@@ -235,6 +248,9 @@ def format_summary(summary: dict[str, Any]) -> str:
                            f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)"),
         ("MLflow run", f"{summary['mlflow_run_id']} ({redact_uri(tracking_uri())})"),
     ]
+    if summary.get("rows_cached"):
+        rows.insert(-1, ("cost saved", f"{summary['cost_saved_estimate']:.6f} {summary['currency']} (estimated: "
+                                       f"cached rows at this run's cost per computed row)"))
     if summary.get("forecast"):
         rows.insert(-1, ("forecast", format_forecast_line(summary["forecast"])))
     for label, use in summary.get("workers", {}).items():
@@ -359,6 +375,46 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``cache stats`` and ``cache prune``; an unreachable cache is a storage error (exit 3)."""
+    import json
+
+    from tasks.errors import ConfigError, StorageError
+    from tasks.row_cache import RowCache
+    from tasks.storage import exists, runtime_storage_options
+
+    options = runtime_storage_options()
+    cache = RowCache(args.uri, options)
+    try:
+        if not exists(args.uri, options):
+            _error(f"no row cache at {args.uri}")
+            return 2
+        if args.cache_command == "prune":
+            if args.older_than < 0:
+                raise ConfigError(f"--older-than must be 0 or more days, got {args.older_than:g}")
+            removed = cache.prune(args.older_than)
+            _out(f"removed {removed['files']} files ({removed['entries']} entries, {removed['bytes']} bytes) "
+                 f"written more than {args.older_than:g} days ago from {args.uri}")
+            return 0
+        stats = cache.stats()
+    except (OSError, ValueError) as err:
+        raise StorageError(f"cannot read the row cache {args.uri}: {type(err).__name__}: {err}") from None
+    if args.json:
+        _out(json.dumps(stats, indent=2))
+        return 0
+    _out(f"cache    {args.uri}")
+    for kind, figures in stats["kinds"].items():
+        _out(f"{kind:<8} {figures['entries']} entries in {figures['files']} files, {figures['bytes']} bytes"
+             + (f" (written {figures['oldest']} .. {figures['newest']})" if figures["files"] else ""))
+    runs = stats["recent_runs"]
+    rate = "n/a" if stats["hit_rate"] is None else f"{stats['hit_rate']:.1%}"
+    _out(f"hit rate {rate} over the last {len(runs)} runs")
+    for run in runs:
+        _out(f"  {run.get('job', '')}: {run.get('rows_cached', 0)} cached, {run.get('rows_computed', 0)} computed "
+             f"(MLflow run {run.get('mlflow_run_id', '')})")
+    return 0
+
+
 def _print_lineage(lineage: dict[str, str], indent: str) -> None:
     order = ["mlflow_run_id", "prefect_flow_run_id", "generate_model", "generate_model_revision", "generate_engine",
              "embed_model", "embed_model_revision", "prompt_hash", "config_fingerprint", "source",
@@ -409,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     # handler raises TerminationSignal instead).
     signal.signal(signal.SIGTERM, _raise_terminated)
 
-    handlers = {"run": cmd_run, "plan": cmd_plan, "demo": cmd_demo, "status": cmd_status, "lineage": cmd_lineage}
+    handlers = {"run": cmd_run, "plan": cmd_plan, "demo": cmd_demo, "status": cmd_status, "lineage": cmd_lineage,
+                "cache": cmd_cache}
     started = time.perf_counter()
     try:
         return handlers[args.command](args)

@@ -18,6 +18,7 @@ from tasks.output_schema import arrow_type, parse_generated, schema_text
 
 if TYPE_CHECKING:  # engines are loaded by the shard task; this module only needs their interface
     from gpu_runtime import EmbeddingEngine, GenerationEngine
+    from tasks.row_cache import ShardCache
 
 # C0/C1 control characters except tab, newline and carriage return; lone surrogates from bad UTF-8.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -113,6 +114,10 @@ class EnrichStats:
     embedded_tokens: int = 0
     repaired_utf8_rows: int = 0
     schema_valid_rows: int | None = None  # rows whose answer follows generate.output_schema; None without one
+    rows_cached: int = 0  # rows whose every value came from the row cache (their tokens are in the totals above)
+    cached_prompt_tokens: int = 0
+    cached_generated_tokens: int = 0
+    cached_embedded_tokens: int = 0
 
 
 def prompt_row(row: dict[str, Any], text_column: str, text: str) -> dict[str, Any]:
@@ -127,11 +132,13 @@ def enrich_table(
     generator: GenerationEngine | None,
     embedder: EmbeddingEngine | None,
     chat_date: dt.date | str | None = None,
+    cache: ShardCache | None = None,
 ) -> tuple[pa.Table, EnrichStats]:
     """Run the configured engines over ``table``; returns the output table and its counters.
 
     ``chat_date`` is the run's date for chat templates that print one, used when the config does
-    not set ``generate.chat_date`` (which wins)."""
+    not set ``generate.chat_date`` (which wins). With a ``cache``, rows it holds are taken from it
+    and only the others reach the engines."""
     from gpu_runtime import GenerationParams, render_prompt, template_fields
 
     table, stats_repaired = repair_utf8(table, keep=[cfg.id_column])
@@ -165,7 +172,10 @@ def enrich_table(
             chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
             output_schema=schema_text(g.output_schema) if g.output_schema is not None else None,
         )
-        outputs = generator.generate(prompts, params) if prompts else []
+        if cache is not None:
+            outputs = cache.generate(generator, prompts, params)
+        else:
+            outputs = generator.generate(prompts, params) if prompts else []
         gen_cols: dict[str, list[Any]] = {f.name: [None] * n for f in GENERATION_FIELDS}
         for i, out in zip(valid, outputs):
             gen_cols["generated_text"][i] = out.text
@@ -190,8 +200,9 @@ def enrich_table(
         assert embedder is not None
         dim = embedder.dim
         texts = [cleaned[i][0] for i in valid]
-        result = embedder.embed(texts, token_budget=cfg.embed.token_budget, max_batch_size=cfg.embed.max_batch_size,
-                                prompt_name=cfg.embed.prompt_name)
+        embed = embedder.embed if cache is None else lambda batch, **kw: cache.embed(embedder, batch, **kw)
+        result = embed(texts, token_budget=cfg.embed.token_budget, max_batch_size=cfg.embed.max_batch_size,
+                       prompt_name=cfg.embed.prompt_name)
         vectors: list[Any] = [None] * n
         for j, i in enumerate(valid):
             vectors[i] = result.vectors[j]
@@ -213,6 +224,11 @@ def enrich_table(
             arrays.append(pa.array(columns[field.name], field.type))
     stats.error_rows = sum(e is not None for e in errors)
     stats.truncated_rows = sum(truncated)
+    if cache is not None:
+        stats.rows_cached = cache.rows_cached()
+        stats.cached_prompt_tokens = cache.cached_prompt_tokens
+        stats.cached_generated_tokens = cache.cached_generated_tokens
+        stats.cached_embedded_tokens = cache.cached_embedded_tokens
     return pa.Table.from_arrays(arrays, schema=schema), stats
 
 

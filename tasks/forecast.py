@@ -75,6 +75,7 @@ class Forecast:
     price_per_device_hour: float
     currency: str
     workers: int
+    rows_cached: int = 0  # pending rows the row cache holds: not computed, not counted below
     prompt_tokens: Estimate | None = None
     generated_tokens: Estimate | None = None
     embedded_tokens: Estimate | None = None
@@ -131,6 +132,7 @@ class _Counts:
     valid: list[bool]
     prompt: list[int]
     embedded: list[int]
+    rows_cached: int = 0  # rows read that the row cache holds whole: left out of the lists above
 
 
 def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
@@ -149,6 +151,9 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
     valid: list[bool] = []
     prompt: list[int] = []
     embedded: list[int] = []
+    rows_cached = 0
+    from tasks.row_cache import cached_rows
+
     for shard in shards:
         table = read_shard(shard, input_columns(cfg), cfg.storage_options)
         cleaned = [clean_text(v) for v in table.column(cfg.text_column).to_pylist()]
@@ -165,10 +170,13 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
         if embed_tokenizer is not None:
             for i, n in zip(ok, count_embedding_tokens(embed_tokenizer, [cleaned[i][0] for i in ok], embed_prompt)):
                 row_embed[i] = n
-        valid += [err is None for _, err in cleaned]
-        prompt += row_prompt
-        embedded += row_embed
-    return _Counts(len(valid), valid, prompt, embedded)
+        hit = cached_rows(cfg, table, cleaned, chat_date)
+        rows_cached += len(hit)
+        keep = [i for i in range(table.num_rows) if i not in hit]
+        valid += [cleaned[i][1] is None for i in keep]
+        prompt += [row_prompt[i] for i in keep]
+        embedded += [row_embed[i] for i in keep]
+    return _Counts(len(valid) + rows_cached, valid, prompt, embedded, rows_cached)
 
 
 def _extrapolate(values: list[int] | list[bool], total_rows: int, what: str) -> Estimate:
@@ -248,7 +256,8 @@ def _history(cfg: JobConfig, device_type: str) -> list[_PastRun]:
         m = run.data.metrics
         if m.get("computed_valid_rows", 0) <= 0 or m.get("device_seconds", 0) <= 0:
             continue
-        past.append(_PastRun(run.info.run_id, m["computed_valid_rows"], m.get("generated_tokens", 0.0),
+        past.append(_PastRun(run.info.run_id, m["computed_valid_rows"],
+                             m.get("generated_tokens_computed", m.get("generated_tokens", 0.0)),
                              m.get("computed_embedded_tokens", 0.0), m["device_seconds"]))
     return past
 
@@ -257,9 +266,9 @@ def history_metrics(results: list[Any]) -> dict[str, float]:
     """What later forecasts learn from, over the shards this run computed (resumed ones excluded)."""
     computed = [r for r in results if r.status == "committed" and not r.resumed]
     return {
-        "computed_rows": float(sum(r.rows for r in computed)),
-        "computed_valid_rows": float(sum(r.rows - r.error_rows for r in computed)),
-        "computed_embedded_tokens": float(sum(r.embedded_tokens for r in computed)),
+        "computed_rows": float(sum(r.rows_computed for r in computed)),
+        "computed_valid_rows": float(sum(r.rows - r.error_rows - r.rows_cached for r in computed)),
+        "computed_embedded_tokens": float(sum(r.embedded_tokens - r.cached_embedded_tokens for r in computed)),
     }
 
 
@@ -350,7 +359,11 @@ def make_forecast(cfg: JobConfig, plan: ShardPlan, sample_rows: int = SAMPLE_ROW
     forecast = Forecast(rows=plan.total_rows, rows_to_compute=rows_to_compute, shards=len(plan.shards),
                         shards_to_compute=len(pending), files=len(plan.files), device_type=device_type,
                         price_per_device_hour=price.per_hour, currency=price.currency, workers=workers)
-    counts = _count_rows(cfg, _sample_shards(pending, sample_rows))
+    # With a row cache every pending row is looked up, so the rows to compute are counted exactly.
+    counts = _count_rows(cfg, pending if cfg.cache else _sample_shards(pending, sample_rows))
+    if cfg.cache:
+        rows_to_compute -= counts.rows_cached
+        forecast.rows_to_compute, forecast.rows_cached = rows_to_compute, counts.rows_cached
     valid_rows = _extrapolate(counts.valid, rows_to_compute, "rows with text")
     past = _history(cfg, device_type)
     forecast.history_runs = [p.run_id for p in past]

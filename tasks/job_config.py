@@ -145,6 +145,10 @@ class JobConfig(_Strict):
     max_cost: float | None = Field(
         default=None, gt=0, description="refuse a run forecast to cost more; stop starting shards at it"
     )
+    cache: str | None = Field(
+        default=None, min_length=1,
+        description="row cache URI (any fsspec URI, shareable): rows computed before with the same inputs are reused",
+    )
     generate: GenerateConfig = GenerateConfig()
     embed: EmbedConfig = EmbedConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)

@@ -125,14 +125,17 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"# shardwise run {'succeeded' if summary['succeeded'] else 'FAILED'}",
         "",
         f"- output: {md(summary['output'])}",
-        f"- rows: {summary['rows']:.0f} ({summary['rows_computed']:.0f} computed, {summary['rows_reused']:.0f} "
-        f"reused; {summary['error_rows']:.0f} with errors, {summary['duplicate_ids']:.0f} duplicate ids)",
+        f"- rows: {summary['rows']:.0f} ({summary['rows_computed']:.0f} computed, {summary['rows_cached']:.0f} "
+        f"from the row cache, {summary['rows_reused']:.0f} reused; {summary['error_rows']:.0f} with errors, "
+        f"{summary['duplicate_ids']:.0f} duplicate ids)",
         f"- shards: {summary['shards_committed']}/{summary['shards_total']} committed",
         *([f"- valid structured output: {summary['schema_valid_rows']:.0f} rows "
            f"({summary['schema_valid_rate']:.1%})"] if "schema_valid_rows" in summary else []),
         f"- throughput of computed rows: {summary['rows_per_s']:.1f} rows/s, "
         f"{summary['generated_tok_per_s']:.1f} generated tok/s",
         f"- estimated cost: {summary['cost']:.6f} {md(summary['currency'])} ({md(summary['device_type'])})",
+        *([f"- estimated cost saved by the row cache: {summary['cost_saved_estimate']:.6f} {md(summary['currency'])}"]
+          if summary["rows_cached"] else []),
         f"- MLflow run: {md(summary['mlflow_run_id'])}" + (f" ([open](<{md(url)}>))" if url else ""),
     ]
     if summary["failures"]:
@@ -158,7 +161,8 @@ def report(
     for r in sorted(results, key=lambda r: r.index):
         m = shard_metrics(r, price)
         rows.append({
-            "shard": r.name, "rows": r.rows, "generated_tok_per_s": round(m["shard_generated_tok_per_s"], 2),
+            "shard": r.name, "rows": r.rows, "rows_computed": r.rows_computed, "rows_cached": r.rows_cached,
+            "generated_tok_per_s": round(m["shard_generated_tok_per_s"], 2),
             "rows_per_s": round(m["shard_rows_per_s"], 2), "seconds": round(r.seconds, 3),
             "cost": round(m["shard_cost"], 6), "status": "reused" if r.resumed else r.status,
             "worker": r.worker or "",
@@ -168,6 +172,12 @@ def report(
             rows[-1]["schema_valid_rate"] = (
                 round(r.schema_valid_rows / r.rows, 4) if r.schema_valid_rows is not None and r.rows else None
             )
+    if cfg.cache:
+        from tasks.row_cache import RowCache
+
+        RowCache(cfg.cache, cfg.storage_options).record_run({
+            "job": cfg.name, "mlflow_run_id": run_id, "rows_cached": outcome.totals.rows_cached,
+            "rows_computed": outcome.totals.rows_computed})
     create_table_artifact(rows, key="shard-results", description="One row per shard")
     create_markdown_artifact(_markdown(summary), key="run-summary", description="shardwise run summary")
     return summary

@@ -22,6 +22,10 @@ class ShardResult:
     generated_tokens: int = 0
     embedded_tokens: int = 0
     schema_valid_rows: int | None = None  # answers that follow the output schema; None without one
+    rows_cached: int = 0  # rows taken whole from the row cache (tokens above include theirs)
+    cached_prompt_tokens: int = 0
+    cached_generated_tokens: int = 0
+    cached_embedded_tokens: int = 0
     seconds_read: float = 0.0
     seconds_wait: float = 0.0  # waiting for the device while another shard computed (not billed)
     seconds_compute: float = 0.0
@@ -41,6 +45,11 @@ class ShardResult:
     ids: list[Any] = field(default_factory=list, repr=False)
 
     @property
+    def rows_computed(self) -> int:
+        """Rows this run computed for this shard: none when resumed, else those the cache lacked."""
+        return 0 if self.resumed or self.status != "committed" else self.rows - self.rows_cached
+
+    @property
     def seconds(self) -> float:
         return self.seconds_read + self.seconds_compute + self.seconds_write
 
@@ -57,7 +66,8 @@ class RunTotals:
     failed: int = 0
     rows: int = 0  # every committed row, computed by this run or reused from an earlier one
     rows_computed: int = 0
-    rows_reused: int = 0
+    rows_reused: int = 0  # rows of parts an earlier run committed (resume)
+    rows_cached: int = 0  # rows of parts this run wrote with values from the row cache
     error_rows: int = 0
     truncated_rows: int = 0
     prompt_tokens: int = 0  # tokens of all committed rows (reused parts carry theirs in the footer)
@@ -89,9 +99,10 @@ class RunTotals:
                 if r.resumed:
                     totals.rows_reused += r.rows
                 else:
-                    totals.rows_computed += r.rows
-                    totals.prompt_tokens_computed += r.prompt_tokens
-                    totals.generated_tokens_computed += r.generated_tokens
+                    totals.rows_computed += r.rows_computed
+                    totals.rows_cached += r.rows_cached
+                    totals.prompt_tokens_computed += r.prompt_tokens - r.cached_prompt_tokens
+                    totals.generated_tokens_computed += r.generated_tokens - r.cached_generated_tokens
             else:
                 totals.failed += 1
             totals.device_seconds += r.seconds

@@ -21,6 +21,7 @@ from tasks.planning import Shard
 from tasks.redaction import install_log_redaction
 from tasks.results import ShardResult
 from tasks.retry_policy import retry_unless_bad_input
+from tasks.row_cache import shard_cache
 from tasks.runners import worker_label
 from tasks.shard_io import read_shard, write_part
 
@@ -102,11 +103,13 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     check_ids(table, cfg.id_column, shard)
     read_done = time.perf_counter()
     crash_point("shard-compute")
+    cache = shard_cache(cfg, lineage.get("chat_date"))
     engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
     with device_lock(engine_device):  # another shard in flight reads or writes meanwhile
         compute_started = time.perf_counter()
         energy_before = gpu_energy_mj(engine_device)
-        enriched, stats = enrich_table(table, cfg, generator, embedder, chat_date=lineage.get("chat_date"))
+        enriched, stats = enrich_table(table, cfg, generator, embedder, chat_date=lineage.get("chat_date"),
+                                       cache=cache)
         compute_done = time.perf_counter()
         energy_after = gpu_energy_mj(engine_device)
     part_lineage = {
@@ -130,6 +133,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
             if engine.info.get("engine"):
                 part_lineage[f"{role}_engine"] = f"{engine.info['engine']} ({engine.info.get('engine_version')})"
     part = write_part(enriched, cfg.output, shard, part_lineage, cfg.storage_options)
+    if cache is not None:
+        cache.add_computed()  # after the part: an entry never describes an uncommitted value
     write_done = time.perf_counter()
     models = {}
     if generator is not None:
@@ -150,6 +155,10 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         generated_tokens=stats.generated_tokens,
         embedded_tokens=stats.embedded_tokens,
         schema_valid_rows=stats.schema_valid_rows,
+        rows_cached=stats.rows_cached,
+        cached_prompt_tokens=stats.cached_prompt_tokens,
+        cached_generated_tokens=stats.cached_generated_tokens,
+        cached_embedded_tokens=stats.cached_embedded_tokens,
         seconds_read=read_done - started,
         seconds_wait=compute_started - read_done,
         seconds_compute=compute_done - compute_started,

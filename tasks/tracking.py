@@ -139,9 +139,11 @@ def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
         "shard_seconds_wait": result.seconds_wait,
         "shard_seconds_compute": result.seconds_compute,
         "shard_seconds_write": result.seconds_write,
-        "shard_rows_per_s": result.rows / seconds,
-        "shard_prompt_tok_per_s": result.prompt_tokens / compute,
-        "shard_generated_tok_per_s": result.generated_tokens / compute,
+        "shard_rows_cached": result.rows_cached,
+        # rates over what the shard computed: rows from the row cache cost no device time
+        "shard_rows_per_s": (result.rows - result.rows_cached) / seconds,
+        "shard_prompt_tok_per_s": (result.prompt_tokens - result.cached_prompt_tokens) / compute,
+        "shard_generated_tok_per_s": (result.generated_tokens - result.cached_generated_tokens) / compute,
         "shard_cost": 0.0 if result.resumed else price.cost(result.seconds),
         "shard_failed": 0.0 if result.status == "committed" else 1.0,
     }
@@ -178,6 +180,7 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
         "rows": totals.rows,
         "rows_computed": totals.rows_computed,
         "rows_reused": totals.rows_reused,
+        "rows_cached": totals.rows_cached,
         "error_rows": totals.error_rows,
         "truncated_rows": totals.truncated_rows,
         "duplicate_ids": duplicate_ids,
@@ -199,6 +202,8 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
         "price_per_device_hour": price.per_hour,
         "cost_per_1k_rows": cost / totals.rows_computed * 1000 if totals.rows_computed else 0.0,
         "cost_per_1m_generated_tokens": cost / computed_tokens * 1e6 if computed_tokens else 0.0,
+        # what the cached rows would have cost at this run's cost per computed row
+        "cost_saved_estimate": cost / totals.rows_computed * totals.rows_cached if totals.rows_computed else 0.0,
     }
 
 
