@@ -21,6 +21,11 @@ which slows both sides (see gpu_runtime/compute_thread.py).
 4. memory     - peak RSS of a whole ``shardwise run`` (a child process) at 100k vs 1M input rows,
                 with the tiny ``dummy:bert-tiny`` embedder so compute is cheap.  Goal <= 1.2.
 
+6. incremental - the row cache (``cache:``): a nightly rerun over the same reviews with 10% of the
+                rows edited against the full run that filled the cache, in the same run (time and
+                cost ratio, rows computed); and the time of one shard's lookup (1,024 keys) in a
+                cache holding many entries, as shards write them.
+
 5. structured - the cost of constrained decoding: the flow over the same reviews with and without
                 a four-field ``generate.output_schema``, in the same run (generated tok/s of each
                 and the share of answers that follow the schema).
@@ -272,6 +277,61 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+def bench_incremental(root: Path, rows: int, max_new_tokens: int, lookup_entries: int) -> dict:
+    import hashlib
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.demo_data import write_reviews_dataset
+    from tasks.job_config import JobConfig
+    from tasks.row_cache import RowCache
+
+    source = root / "nightly-in"
+    write_reviews_dataset(str(source), files=4, rows_per_file=rows // 4, rows_per_group=64)
+    cfg = dict(input=str(source), task="generate", id_column="review_id", keep_columns="id",
+               rows_per_shard=max(16, rows // 8), device="cpu", cache=str(root / "row-cache"),
+               generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens})
+    full_s, full = run_flow(JobConfig(**cfg, output=str(root / "nightly-full")))
+    # the night's change: every tenth row of each file edited
+    edited = 0
+    for path in sorted(source.glob("*.parquet")):
+        table = pq.read_table(path)
+        texts = table.column("text").to_pylist()
+        for i in range(0, len(texts), 10):
+            texts[i] = f"{texts[i]} (edited)"
+            edited += 1
+        table = table.set_column(table.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+        pq.write_table(table, path, row_group_size=64)
+    rerun_s, rerun = run_flow(JobConfig(**cfg, output=str(root / "nightly-rerun")))
+
+    # one shard's lookup in a big cache: entries arrive 1,024 per shard, as runs write them
+    cache = RowCache(str(root / "lookup-cache"))
+    rng = random.Random(0)
+    value = {"generated_text": "x" * 80, "n_prompt_tokens": 60, "n_generated_tokens": 20,
+             "finish_reason": "stop", "truncated": False}
+    all_keys: list[str] = []
+    fill_started = time.perf_counter()
+    for start in range(0, lookup_entries, 1024):
+        keys = [hashlib.sha256(f"{start + i}".encode()).hexdigest() for i in range(min(1024, lookup_entries - start))]
+        cache.add("generate", {k: value for k in keys})
+        cache.compact("generate")  # as a shard does after its add
+        all_keys += keys
+    fill_s = time.perf_counter() - fill_started
+    wanted = rng.sample(all_keys, 921) + [hashlib.sha256(f"new {i}".encode()).hexdigest() for i in range(103)]
+    lookup_started = time.perf_counter()
+    found = cache.lookup("generate", wanted)
+    lookup_s = time.perf_counter() - lookup_started
+    return {"rows": full["rows"], "edited_rows": edited, "max_new_tokens": max_new_tokens,
+            "full_s": full_s, "rerun_s": rerun_s, "time_ratio": rerun_s / full_s,
+            "full_cost": full["cost"], "rerun_cost": rerun["cost"], "cost_ratio": rerun["cost"] / full["cost"],
+            "rerun_rows_computed": rerun["rows_computed"], "rerun_rows_cached": rerun["rows_cached"],
+            "rerun_cost_saved_estimate": rerun["cost_saved_estimate"],
+            "lookup_entries": lookup_entries, "lookup_files": cache.stats()["kinds"]["generate"]["files"],
+            "lookup_fill_s": fill_s, "lookup_1024_keys_s": lookup_s, "lookup_hits": len(found)}
+
+
 def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
     """Run ``shardwise`` with ``args`` in a child process; (seconds, its peak resident set in MiB)."""
     import subprocess
@@ -320,7 +380,9 @@ def main() -> None:
     parser.add_argument("--gen-rows", type=int)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--memory-rows", type=int, nargs=2, metavar=("SMALL", "LARGE"))
-    parser.add_argument("--only", choices=["overhead", "embedding", "generation", "memory", "structured"],
+    parser.add_argument("--lookup-entries", type=int, help="entries in the cache the lookup is timed in")
+    parser.add_argument("--only", choices=["overhead", "embedding", "generation", "memory", "structured",
+                                           "incremental"],
                         action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--out", default="bench/results.json")
@@ -328,7 +390,8 @@ def main() -> None:
     embed_rows = args.embed_rows or (2000 if args.smoke else 40000)
     gen_rows = args.gen_rows or (32 if args.smoke else 256)
     memory_rows = args.memory_rows or ((10_000, 100_000) if args.smoke else (100_000, 1_000_000))
-    parts = set(args.only or ["overhead", "embedding", "generation", "memory", "structured"])
+    lookup_entries = args.lookup_entries or (20_000 if args.smoke else 1_000_000)
+    parts = set(args.only or ["overhead", "embedding", "generation", "memory", "structured", "incremental"])
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -354,6 +417,8 @@ def main() -> None:
                 results["memory"] = bench_memory(root, *memory_rows)
             if "structured" in parts:
                 results["structured"] = bench_structured(root, 16 if args.smoke else 64, 60)
+            if "incremental" in parts:
+                results["incremental"] = bench_incremental(root, gen_rows, args.max_new_tokens, lookup_entries)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nshardwise benchmark ({results['machine']}, {results['date']}{', SMOKE sizes' if args.smoke else ''})")
     print(f"{'measure':<34}{'baseline':>14}{'shardwise':>14}{'ratio':>9}  goal")
@@ -380,6 +445,12 @@ def main() -> None:
         print(f"{'JSON tok/s, schema vs none (%d rows)' % j['rows']:<34}{j['free']['compute_tok_per_s']:>14.1f}"
               f"{j['constrained']['compute_tok_per_s']:>14.1f}{j['ratio']:>9.2f}  "
               f"valid {j['constrained']['valid_rows']} vs {j['free']['valid_rows']}/{j['rows']}")
+    if n := results.get("incremental"):
+        print(f"{'10%%-changed rerun vs full (%d rows)' % n['rows']:<34}{n['full_s']:>13.1f}s{n['rerun_s']:>13.1f}s"
+              f"{n['time_ratio']:>9.2f}  time; cost ratio {n['cost_ratio']:.2f}, "
+              f"{n['rerun_rows_computed']} computed / {n['rerun_rows_cached']} cached")
+        print(f"{'  lookup of 1,024 keys (%d entries)' % n['lookup_entries']:<34}{'':>14}"
+              f"{n['lookup_1024_keys_s']:>13.2f}s  ({n['lookup_files']} files, {n['lookup_hits']} hits)")
     if o := results.get("overhead"):
         print(f"{'fixed cost per run (s)':<34}{'':>14}{o['run_fixed_s']:>14.2f}")
         print(f"{'cost per shard (s)':<34}{'':>14}{o['per_shard_s']:>14.2f}")

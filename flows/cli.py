@@ -249,8 +249,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("MLflow run", f"{summary['mlflow_run_id']} ({redact_uri(tracking_uri())})"),
     ]
     if summary.get("rows_cached"):
-        rows.insert(-1, ("cost saved", f"{summary['cost_saved_estimate']:.6f} {summary['currency']} (estimated: "
-                                       f"cached rows at this run's cost per computed row)"))
+        saved = (f"{summary['cost_saved_estimate']:.6f} {summary['currency']} (estimated: cached rows at this "
+                 "run's cost per computed row)" if summary["rows_computed"] else
+                 "all rows came from the cache (no computed row to price the saving by)")
+        rows.insert(-1, ("cost saved", saved))
     if summary.get("forecast"):
         rows.insert(-1, ("forecast", format_forecast_line(summary["forecast"])))
     for label, use in summary.get("workers", {}).items():

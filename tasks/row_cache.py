@@ -48,6 +48,9 @@ logger = logging.getLogger("shardwise.cache")
 LAYOUT = "v1"
 KINDS = ("generate", "embed")
 PREFIX_DIGITS = 1  # 16 partitions: a shard's keys touch them all, so more only means more small files
+# A partition holding more files than this is merged into one after a shard's add: lookup time
+# follows the number of files read (bench/run.py, incremental), not the number of entries.
+COMPACT_AT = 24
 
 ENTRY_SCHEMAS = {
     "generate": pa.schema([
@@ -198,6 +201,7 @@ class RowCache:
 
     def _read_matches(self, fs: Any, path: str, kind: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
         try:
+
             with fs.open(path, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
                 if parquet.schema_arrow != ENTRY_SCHEMAS[kind]:
@@ -207,6 +211,8 @@ class RowCache:
                 if not pc.any(mask).as_py():
                     return {}
                 rows = parquet.read().filter(mask).to_pylist()
+        except FileNotFoundError:
+            return {}  # merged away by a compaction since it was listed
         except Exception as err:  # noqa: BLE001 - a corrupt file is skipped, never fatal
             self._warn(f"skipping unreadable cache file {path} ({type(err).__name__}: {err})")
             return {}
@@ -234,6 +240,47 @@ class RowCache:
         except Exception as err:  # noqa: BLE001 - the part is committed; only reuse is lost
             self._warn(f"cannot write to {self.uri} ({type(err).__name__}: {err}); these rows will be computed again")
         return written
+
+    def compact(self, kind: str, at: int = COMPACT_AT) -> int:
+        """Merge each partition holding more than ``at`` files into one file sorted by key, then
+        delete the merged files; returns the files merged. Concurrent compactions at worst write
+        the same entries twice; a lookup listing meanwhile at worst misses some rows (computed
+        again). Holds one partition in memory. Never raises."""
+        merged = 0
+        try:
+            fs, _ = filesystem(self.uri, self.storage_options)
+            for prefix in (f"{n:x}" for n in range(16 ** PREFIX_DIGITS)):
+                _, directory = filesystem(self._partition(kind, prefix), self.storage_options)
+                paths = self._entry_files(fs, directory)
+                if len(paths) <= at:
+                    continue
+                tables = []
+                for path in paths:
+                    try:
+                        with fs.open(path, "rb") as handle:
+                            table = pq.read_table(handle)
+                        if table.schema != ENTRY_SCHEMAS[kind]:
+                            raise ValueError("not a cache entry file of this layout")
+                        tables.append(table)
+                    except Exception as err:  # noqa: BLE001 - a corrupt file is dropped with the rest
+                        self._warn(f"dropping unreadable cache file {path} ({type(err).__name__}: {err})")
+                table = pa.concat_tables(tables).sort_by("key")
+                keys = table.column("key").to_pylist()
+                first = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+                table = table.take(pa.array(first, pa.int64()))
+                sink = pa.BufferOutputStream()
+                pq.write_table(table, sink, compression="zstd", row_group_size=8192)
+                atomic_write_bytes(join(self._partition(kind, prefix), f"{_stamp()}-{uuid.uuid4().hex}.parquet"),
+                                   sink.getvalue().to_pybytes(), self.storage_options)
+                for path in paths:
+                    try:
+                        fs.rm_file(path)
+                    except FileNotFoundError:  # another compaction took it
+                        pass
+                merged += len(paths)
+        except Exception as err:  # noqa: BLE001 - compaction only speeds lookups up
+            self._warn(f"cannot compact {self.uri} ({type(err).__name__}: {err})")
+        return merged
 
     def record_run(self, record: dict[str, Any]) -> None:
         """Note one run's rows cached/computed, for ``cache stats``' hit rate."""
@@ -415,7 +462,11 @@ class ShardCache:
         return sum(all(m[j] for m in masks) for j in range(len(masks[0])))
 
     def add_computed(self) -> int:
-        return sum(self.cache.add(kind, entries) for kind, entries in self.new.items())
+        added = 0
+        for kind, entries in self.new.items():
+            added += self.cache.add(kind, entries)
+            self.cache.compact(kind)
+        return added
 
 
 def shard_cache(cfg: JobConfig, chat_date: dt.date | str | None) -> ShardCache | None:

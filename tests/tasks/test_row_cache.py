@@ -107,3 +107,18 @@ def test_lookup_of_an_empty_cache_finds_nothing_quietly(tmp_path, kind):
     cache = RowCache(str(tmp_path / "never-written"))
     assert cache.lookup(kind, row_keys("ctx", ["a"])) == {}
     assert cache.warnings == []
+
+
+def test_compaction_merges_a_partitions_files_and_keeps_every_entry(tmp_path):
+    cache = RowCache(str(tmp_path / "cache"))
+    keys = row_keys("ctx", [f"text {i}" for i in range(300)])
+    for start in range(0, 300, 10):  # 30 shards' worth of small files
+        cache.add("generate", {k: _entry(k[:8]) for k in keys[start:start + 10]})
+    files_before = cache.stats()["kinds"]["generate"]["files"]
+    cache.add("generate", {keys[0]: _entry(keys[0][:8])})  # a duplicate entry: merged into one
+    assert cache.compact("generate", at=4) > 0
+    after = cache.stats()["kinds"]["generate"]
+    assert after["files"] == 16 < files_before and after["entries"] == 300
+    found = cache.lookup("generate", keys)
+    assert len(found) == 300 and found[keys[42]] == _entry(keys[42][:8])
+    assert not cache.warnings
