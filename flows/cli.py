@@ -235,8 +235,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("output", summary["output"]),
         ("rows", f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
                  f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
-        ("computed", f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs, "
-                     f"{summary.get('rows_cached', 0):.0f} from the row cache)"),
+        ("computed", f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs"
+                     + (f", {summary['rows_cached']:.0f} from the row cache)" if summary.get("rows_cached") else ")")),
         ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"),
         *([("schema valid", f"{summary['schema_valid_rows']:.0f}/{summary['rows']:.0f} rows "
                             f"({summary['schema_valid_rate']:.1%})")] if "schema_valid_rows" in summary else []),

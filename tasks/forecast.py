@@ -390,7 +390,8 @@ def format_forecast(forecast: Forecast) -> str:
 
     lines = ["", "shardwise plan (nothing was run)", "-" * 32,
              f"{'rows':<18}{forecast.rows} in {forecast.files} files, {forecast.shards} shards",
-             f"{'to compute':<18}{forecast.rows_to_compute} rows in {forecast.shards_to_compute} shards",
+             f"{'to compute':<18}{forecast.rows_to_compute} rows in {forecast.shards_to_compute} shards"
+             + (f" ({forecast.rows_cached} more rows from the row cache)" if forecast.rows_cached else ""),
              f"{'device':<18}{forecast.device_type} x {forecast.workers} worker(s), "
              f"{forecast.price_per_device_hour:g} {forecast.currency}/h",
              "", f"{'':<18}{'low':>14}{'expected':>14}{'high':>14}  basis"]

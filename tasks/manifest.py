@@ -85,7 +85,7 @@ def final_manifest(
                          rows=result.rows, error_rows=result.error_rows,
                          bytes=result.part_bytes, sha256=result.part_sha256, worker=result.worker,
                          prompt_tokens=result.prompt_tokens, generated_tokens=result.generated_tokens,
-                         reused=result.resumed)
+                         reused=result.resumed, rows_cached=result.rows_cached)
         elif result is not None:
             entry["error"] = result.error
         shards.append(entry)

@@ -125,9 +125,9 @@ def _markdown(summary: dict[str, Any]) -> str:
         f"# shardwise run {'succeeded' if summary['succeeded'] else 'FAILED'}",
         "",
         f"- output: {md(summary['output'])}",
-        f"- rows: {summary['rows']:.0f} ({summary['rows_computed']:.0f} computed, {summary['rows_cached']:.0f} "
-        f"from the row cache, {summary['rows_reused']:.0f} reused; {summary['error_rows']:.0f} with errors, "
-        f"{summary['duplicate_ids']:.0f} duplicate ids)",
+        f"- rows: {summary['rows']:.0f} ({summary['rows_computed']:.0f} computed, {summary['rows_reused']:.0f} reused"
+        + (f", {summary['rows_cached']:.0f} from the row cache" if summary["rows_cached"] else "")
+        + f"; {summary['error_rows']:.0f} with errors, {summary['duplicate_ids']:.0f} duplicate ids)",
         f"- shards: {summary['shards_committed']}/{summary['shards_total']} committed",
         *([f"- valid structured output: {summary['schema_valid_rows']:.0f} rows "
            f"({summary['schema_valid_rate']:.1%})"] if "schema_valid_rows" in summary else []),
