@@ -21,14 +21,14 @@ which slows both sides (see gpu_runtime/compute_thread.py).
 4. memory     - peak RSS of a whole ``shardwise run`` (a child process) at 100k vs 1M input rows,
                 with the tiny ``dummy:bert-tiny`` embedder so compute is cheap.  Goal <= 1.2.
 
+5. structured - the cost of constrained decoding: the flow over the same reviews with and without
+                a four-field ``generate.output_schema``, in the same run (generated tok/s of each
+                and the share of answers that follow the schema).
+
 6. incremental - the row cache (``cache:``): a nightly rerun over the same reviews with 10% of the
                 rows edited against the full run that filled the cache, in the same run (time and
                 cost ratio, rows computed); and the time of one shard's lookup (1,024 keys) in a
                 cache holding many entries, as shards write them.
-
-5. structured - the cost of constrained decoding: the flow over the same reviews with and without
-                a four-field ``generate.output_schema``, in the same run (generated tok/s of each
-                and the share of answers that follow the schema).
 
     .venv/bin/python bench/run.py                 # the full sizes (tens of minutes on 2 CPU cores)
     .venv/bin/python bench/run.py --smoke         # a few minutes: checks the harness, not the goals
