@@ -248,26 +248,29 @@ class RayClusters:
     """Local one-node Ray clusters (``ray start --head``, CPU only), as on a real head node; their
     workers inherit this process's environment plus what a test asks for.
 
-    One at a time, because ``ray stop`` stops every Ray process on the machine. A healthy cluster
-    is reused by the next test that asks for the same environment: a cluster start and stop costs
-    tens of seconds on two cores, and each ``shardwise run`` is its own Ray job with its own workers.
+    One at a time, because ``ray stop`` stops every Ray process on the machine. A running cluster is
+    reused by the next test whose environment for it is the same (S3 credentials a test sets, say,
+    start a new one): a cluster start and stop costs tens of seconds on two cores, and each
+    ``shardwise run`` is its own Ray job with its own workers.
     """
 
     def __init__(self) -> None:
         self.address: str | None = None
-        self._extra_env: dict[str, str] = {}
+        self._env: dict[str, str] = {}
 
     def get(self, **extra_env: str) -> str:
         """The address of a running cluster whose workers see ``extra_env``, started if needed."""
-        if self.address is not None and self._extra_env == extra_env:
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **extra_env}
+        env.pop("PYTEST_CURRENT_TEST", None)  # changes with every test; nothing in a run reads it
+        if self.address is not None and self._env == env:
             return self.address
         self.stop()
         port = free_port()
         ray = str(Path(sys.executable).with_name("ray"))
         start = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                  "--disable-usage-stats"]
-        proc = subprocess.run(start, env=self._env(extra_env), capture_output=True, text=True, timeout=300)
-        self.address, self._extra_env = f"127.0.0.1:{port}", dict(extra_env)
+        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+        self.address, self._env = f"127.0.0.1:{port}", env
         if proc.returncode != 0:
             self.stop()  # whatever part of it did start
             raise RuntimeError(f"ray start failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
@@ -277,9 +280,5 @@ class RayClusters:
         if self.address is None:
             return
         ray = str(Path(sys.executable).with_name("ray"))
-        subprocess.run([ray, "stop", "--force"], env=self._env(self._extra_env), capture_output=True, timeout=300)
-        self.address, self._extra_env = None, {}
-
-    @staticmethod
-    def _env(extra_env: dict[str, str]) -> dict[str, str]:
-        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **extra_env}
+        subprocess.run([ray, "stop", "--force"], env=self._env, capture_output=True, timeout=300)
+        self.address, self._env = None, {}
