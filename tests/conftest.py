@@ -60,6 +60,19 @@ def prefect_server(session_dir):
             proc.kill()
 
 
+@pytest.fixture(scope="session")
+def ray_clusters(prefect_server):
+    """Local Ray clusters, one at a time, reused across tests (tests/servers.py). Started after the
+    Prefect server so their workers inherit PREFECT_API_URL; stopped at the end of the session."""
+    from tests.servers import RayClusters
+
+    clusters = RayClusters()
+    try:
+        yield clusters
+    finally:
+        clusters.stop()
+
+
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                   "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -22,30 +22,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_until_healthy(name: str, command: list[str], env: dict[str, str], directory: Path,
+                        health_url: str, timeout: float) -> subprocess.Popen:
+    """Starts ``command`` with its output in ``directory/server.log`` and waits until ``health_url``
+    answers 200. Fails with the log's tail if the process exits, and kills it if ``timeout`` passes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "server.log"
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
+                if response.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{name} did not become healthy in {timeout:.0f} s: {log_path.read_text()[-2000:]}")
+
+
 def start_prefect_server(home: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     """``prefect server start`` in its own PREFECT_HOME; returns the process and its API URL."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    home.mkdir(parents=True, exist_ok=True)
-    log = open(home / "server.log", "wb")
     prefect = str(Path(sys.executable).with_name("prefect"))
-    proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited: {(home / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("prefect server did not become healthy in time")
+    proc = start_until_healthy("prefect server",
+                               [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                               env, home, f"{url}/health", timeout)
+    return proc, url
 
 
 class TcpProxy:
@@ -225,24 +235,50 @@ def basic_auth_proxy(upstream: tuple[str, int], user: str, password: str):
 def start_mlflow_server(directory: Path, timeout: float = 300) -> tuple[subprocess.Popen, tuple[str, int]]:
     """``mlflow server`` on loopback over a sqlite database and artifact folder in ``directory``."""
     port = free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    log = open(directory / "server.log", "wb")
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    proc = subprocess.Popen(
-        [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-         "--artifacts-destination", str(directory / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(directory / 'server.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, ("127.0.0.1", port)
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("mlflow server did not become healthy in time")
+    command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+               "--artifacts-destination", str(directory / "artifacts")]
+    proc = start_until_healthy("mlflow server", command, {**os.environ, "MLFLOW_TRACKING_URI": ""}, directory,
+                               f"http://127.0.0.1:{port}/health", timeout)
+    return proc, ("127.0.0.1", port)
+
+
+class RayClusters:
+    """Local one-node Ray clusters (``ray start --head``, CPU only), as on a real head node; their
+    workers inherit this process's environment plus what a test asks for.
+
+    One at a time, because ``ray stop`` stops every Ray process on the machine. A running cluster is
+    reused by the next test whose environment for it is the same (S3 credentials a test sets, say,
+    start a new one): a cluster start and stop costs tens of seconds on two cores, and each
+    ``shardwise run`` is its own Ray job with its own workers.
+    """
+
+    def __init__(self) -> None:
+        self.address: str | None = None
+        self._env: dict[str, str] = {}
+
+    def get(self, **extra_env: str) -> str:
+        """The address of a running cluster whose workers see ``extra_env``, started if needed."""
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **extra_env}
+        env.pop("PYTEST_CURRENT_TEST", None)  # changes with every test; nothing in a run reads it
+        if self.address is not None and self._env == env:
+            return self.address
+        self.stop()
+        port = free_port()
+        ray = str(Path(sys.executable).with_name("ray"))
+        start = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                 "--disable-usage-stats"]
+        proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+        self.address, self._env = f"127.0.0.1:{port}", env
+        if proc.returncode != 0:
+            self.stop()  # whatever part of it did start
+            raise RuntimeError(f"ray start failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        return self.address
+
+    def stop(self) -> None:
+        if self.address is None:
+            return
+        ray = str(Path(sys.executable).with_name("ray"))
+        subprocess.run([ray, "stop", "--force"], env=self._env, capture_output=True, timeout=300)
+        self.address, self._env = None, {}

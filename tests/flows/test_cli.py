@@ -101,8 +101,10 @@ def test_demo_rows_must_be_positive(tmp_path):
 
 
 @pytest.mark.slow
-def test_run_then_status(tmp_path):
-    """A complete run through the console script: progress on stderr, summary table on stdout."""
+def test_run_then_status(prefect_server, tmp_path):
+    """A complete run through the console script: progress on stderr, summary table on stdout. It
+    reports to the session's Prefect server (a temporary server per run costs ~12 s; the demo test
+    below runs as a fresh user does, with one)."""
     source = tmp_path / "in"
     source.mkdir()
     texts = ["The kettle boils fast and quietly.", None, "Shoes fell apart after a week of light walking."] * 2
@@ -134,7 +136,8 @@ def test_demo_from_a_fresh_directory(tmp_path):
     import duckdb
     import polars as pl
 
-    env = {k: v for k, v in os.environ.items() if k != "SHARDWISE_HOME"}
+    # As on a fresh machine: default state dir, and no Prefect server (the run starts a temporary one).
+    env = {k: v for k, v in os.environ.items() if k not in ("SHARDWISE_HOME", "PREFECT_API_URL")}
     # 8 rows over 3 files: 3 + 3 + 2, exactly what was asked for.
     proc = subprocess.run([SHARDWISE, "demo", "--rows", "8", "--max-new-tokens", "2"], capture_output=True,
                           text=True, timeout=600, env=env, cwd=tmp_path)

@@ -85,12 +85,21 @@ def run_job(store: Storage, output: str, env: dict[str, str] | None = None) -> s
 CRASH_POINTS = ["shard-compute:2", "part-write:3", "before-manifest", "before-success"]
 
 
-def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_output(storage):
-    reference = run_job(storage, "reference")
+@pytest.fixture(scope="module")
+def uninterrupted_output(prefect_server, tmp_path_factory) -> pl.DataFrame:
+    """One uninterrupted run on local disk: the rows every killed-then-rerun output must equal, on
+    either storage (the rows do not depend on where they are stored, so one reference serves both)."""
+    store = Storage(str(tmp_path_factory.mktemp("uninterrupted")))
+    write_reviews_dataset(store.path("in"), files=2, rows_per_file=6, rows_per_group=3)
+    reference = run_job(store, "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = storage.read_output("reference")
+    expected = store.read_output("reference")
     assert expected.height == 12 and expected["review_id"].n_unique() == 12
+    return expected
 
+
+def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_output(storage, uninterrupted_output):
+    expected = uninterrupted_output
     for point in CRASH_POINTS:
         output = f"out-{point.split(':')[0]}"
         killed = run_job(storage, output, env={"SHARDWISE_CRASH_AT": point})

@@ -1,9 +1,8 @@
-"""``--runner ray`` on a local Ray cluster started here (``ray start --head``, CPU only): same output
-as the local runner, every shard run by a Ray worker."""
+"""``--runner ray`` on a local Ray cluster (``ray start --head``, CPU only; the ``ray_clusters`` fixture):
+same output as the local runner, every shard run by a Ray worker."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -15,34 +14,38 @@ import polars as pl
 import pytest
 
 from tasks.job_config import JobConfig
-from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 
 
-@contextlib.contextmanager
-def started_ray_cluster(**extra_env: str):
-    """A one-node Ray cluster in its own processes, as ``ray start`` makes on a real head node; its
-    workers inherit this environment (plus ``extra_env``)."""
-    port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **extra_env}
-    start = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-             "--disable-usage-stats"]
-    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=300)
-
-
 @pytest.fixture
-def ray_cluster(prefect_server):
-    """Started after the Prefect server so its workers inherit PREFECT_API_URL."""
-    with started_ray_cluster() as address:
-        yield address
+def ray_cluster(ray_clusters):
+    """A healthy local Ray cluster (shared with other tests that need one)."""
+    return ray_clusters.get()
+
+
+def test_a_ray_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_completes(ray_clusters, reviews_dir, tmp_path):
+    """Every Ray worker SIGKILLs itself while writing its first part (Ray retries the task in a new
+    worker, which dies the same way): no partial part, no _SUCCESS, the lease released, and a rerun
+    on a healthy cluster completes the output."""
+    out = tmp_path / "out"
+    job = [str(BIN / "shardwise"), "run", "--input", str(reviews_dir), "--output", str(out), "--task", "embed",
+           "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--rows-per-shard", "10",
+           "--device", "cpu", "--runner", "ray", "--set", "shard_retries=0"]
+    address = ray_clusters.get(SHARDWISE_CRASH_AT="part-write")
+    killed = subprocess.run([*job, "--ray-address", address], capture_output=True, text=True, timeout=900)
+    assert killed.returncode == 1, (killed.returncode, killed.stderr[-3000:])
+    files = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not [n for n in files if n.startswith("part-") or n in ("_SUCCESS", "_shardwise.lease")], files
+
+    rerun = subprocess.run([*job, "--ray-address", ray_clusters.get()], capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert "_SUCCESS" in files and not [n for n in files if n.startswith(".")], files
+    ids = pl.read_parquet(str(out / "part-*.parquet"))["review_id"].sort().to_list()
+    assert ids == sorted(pl.read_parquet(str(reviews_dir / "*.parquet")).get_column("review_id").to_list())
 
 
 def test_ray_runner_matches_local_runner(ray_cluster, reviews_dir, tmp_path):
@@ -77,26 +80,3 @@ def test_ray_runner_matches_local_runner(ray_cluster, reviews_dir, tmp_path):
     assert a["review_id"].to_list() == b["review_id"].to_list()
     assert a["generated_text"].to_list() == b["generated_text"].to_list()
     np.testing.assert_allclose(np.array(a["embedding"].to_list()), np.array(b["embedding"].to_list()), atol=1e-5)
-
-
-def test_a_ray_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_completes(prefect_server, reviews_dir, tmp_path):
-    """Every Ray worker SIGKILLs itself while writing its first part (Ray retries the task in a new
-    worker, which dies the same way): no partial part, no _SUCCESS, the lease released, and a rerun
-    on a healthy cluster completes the output."""
-    out = tmp_path / "out"
-    job = [str(BIN / "shardwise"), "run", "--input", str(reviews_dir), "--output", str(out), "--task", "embed",
-           "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--rows-per-shard", "10",
-           "--device", "cpu", "--runner", "ray", "--set", "shard_retries=0"]
-    with started_ray_cluster(SHARDWISE_CRASH_AT="part-write") as address:
-        killed = subprocess.run([*job, "--ray-address", address], capture_output=True, text=True, timeout=900)
-    assert killed.returncode == 1, (killed.returncode, killed.stderr[-3000:])
-    files = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    assert not [n for n in files if n.startswith("part-") or n in ("_SUCCESS", "_shardwise.lease")], files
-
-    with started_ray_cluster() as address:
-        rerun = subprocess.run([*job, "--ray-address", address], capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    files = sorted(p.name for p in out.iterdir())
-    assert "_SUCCESS" in files and not [n for n in files if n.startswith(".")], files
-    ids = pl.read_parquet(str(out / "part-*.parquet"))["review_id"].sort().to_list()
-    assert ids == sorted(pl.read_parquet(str(reviews_dir / "*.parquet")).get_column("review_id").to_list())

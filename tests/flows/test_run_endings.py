@@ -40,18 +40,20 @@ def job(tmp_path: Path, experiment: str) -> list[str]:
 @pytest.mark.parametrize(("sig", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_run_ends_the_mlflow_run_killed(prefect_server, tmp_path, sig, exit_code):
     experiment = f"signal-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "SHARDWISE_HANG_AT": "shard-compute"}  # a shard that computes until stopped
+    # A shard that computes until stopped; it writes <never>.reached once it is in the shard.
+    never = tmp_path / "never-created"
+    env = {**os.environ, "SHARDWISE_HANG_AT": "shard-compute", "SHARDWISE_HANG_UNTIL": str(never)}
     # A shell's background jobs inherit SIGINT ignored; a terminal's Ctrl-C reaches a default handler.
     proc = subprocess.Popen(job(tmp_path, experiment), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         manifest = tmp_path / "out" / "_manifest.json"
+        in_the_shard = Path(f"{never}.reached")
         deadline = time.monotonic() + 300
-        while not (manifest.exists() and mlflow_runs(experiment)):
+        while not (in_the_shard.exists() and manifest.exists() and mlflow_runs(experiment)):
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the run never started"
-            time.sleep(0.5)
-        time.sleep(3)  # into the shard
+            assert time.monotonic() < deadline, "the run never reached its shard"
+            time.sleep(0.2)
         assert [r.info.status for r in mlflow_runs(experiment)] == ["RUNNING"]
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
