@@ -3,7 +3,8 @@
 Every figure is a ratio against a baseline measured in the same process on the same machine:
 
 1. embedding  - the whole flow (plan, read, embed, write, track) vs raw
-                ``SentenceTransformer.encode`` over the same texts held in memory.  Goal >= 0.95.
+                ``SentenceTransformer.encode`` over the same texts held in memory, run before and
+                after the flow (A-B-A).  Goal >= 0.95.
 2. generation - the whole flow vs a naive loop (HF ``generate`` in input order, batch 16, left
                 padding), same prompts, same max_new_tokens, greedy.  Goal >= 1.6x generated
                 tok/s, with identical outputs.  The naive loop runs before and after the flow.
@@ -12,6 +13,10 @@ Every figure is a ratio against a baseline measured in the same process on the s
                 with ``generate.engine: vllm``, as peer columns with their ratios to the naive loop.
 3. overhead   - fixed seconds per run (empty dataset) and per shard (1-row shards), Prefect + MLflow
                 + I/O; the Prefect server start-up is reported separately.
+   ceiling    - the whole flow with ``dummy:bert-nano``, whose compute is negligible: the rows/s
+                this pipeline can feed a device at best, and where each second went.
+   tokenize   - host-side preparation alone (tokenize + collate, as the engine's prefetch thread
+                does it): rows/s that must stay far above what a GPU consumes.
 
 Models are loaded before any timing (the flow's per-process cache is warmed), so both sides time
 the same work. The baselines run on gpu_runtime's compute thread, where the flow's model work
@@ -86,14 +91,72 @@ def bench_embedding(root: Path, rows: int) -> dict:
         model.encode(texts, batch_size=64, convert_to_numpy=True)
         return time.perf_counter() - started
 
-    raw = on_compute_thread(raw_encode)
+    # Raw encode runs before and after the flow (A-B-A), so a drift of a shared machine's speed
+    # hits both sides alike.
+    raw_before = on_compute_thread(raw_encode)
     cfg = JobConfig(input=str(root / "embed-in"), output=str(root / "embed-out"), task="embed",
                     id_column="review_id", keep_columns="id", rows_per_shard=max(256, len(texts) // 8),
                     device="cpu")
-    flow_seconds, _ = run_flow(cfg)
-    return {"rows": len(texts), "raw_encode_s": raw, "flow_s": flow_seconds,
+    flow_seconds, summary = run_flow(cfg)
+    raw_after = on_compute_thread(raw_encode)
+    raw = (raw_before + raw_after) / 2
+    return {"rows": len(texts), "raw_encode_s": [raw_before, raw_after], "flow_s": flow_seconds,
             "raw_rows_per_s": len(texts) / raw, "flow_rows_per_s": len(texts) / flow_seconds,
+            "flow_compute_s": summary["seconds_compute"], "flow_timings": summary.get("timings"),
             "ratio": raw / flow_seconds, "goal": ">= 0.95"}
+
+
+def bench_tokenize(rows: int) -> dict:
+    """Host-side preparation alone: tokenize + collate (what the engine's prefetch thread does for
+    each batch, ``SentenceTransformer.preprocess``) over length-planned batches of 64, no model."""
+    from gpu_runtime import load_embedding_engine, plan_batches
+    from tasks.demo_data import write_reviews_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_reviews_dataset(tmp, files=1, rows_per_file=rows, rows_per_group=1000)
+        import pyarrow.parquet as pq
+
+        texts = pq.read_table(tmp, columns=["text"]).column("text").to_pylist()
+    engine = load_embedding_engine(EMBED_MODEL, device="cpu")
+    tokenizer = engine.model.tokenizer
+    started = time.perf_counter()
+    lengths = [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]]
+    count_s = time.perf_counter() - started
+    batches = plan_batches([min(n, engine.max_seq_length) for n in lengths], token_budget=16384, max_batch_size=64)
+    started = time.perf_counter()
+    for batch in batches:
+        engine.model.preprocess([texts[i] for i in batch])
+    collate_s = time.perf_counter() - started
+    return {"rows": rows, "count_s": count_s, "collate_s": collate_s,
+            "count_rows_per_s": rows / count_s, "collate_rows_per_s": rows / collate_s,
+            "rows_per_s": rows / (count_s + collate_s)}
+
+
+CEILING_MODEL = "dummy:bert-nano"
+
+
+def bench_ceiling(root: Path, rows: int, shards: int = 8) -> dict:
+    """The whole flow with a model whose compute is negligible: how many rows/s this pipeline can
+    feed a device at best, and where each second went."""
+    from gpu_runtime import load_embedding_engine
+    from tasks.demo_data import write_reviews_dataset
+    from tasks.job_config import JobConfig
+
+    write_reviews_dataset(str(root / "ceiling-in"), files=2, rows_per_file=rows // 2, rows_per_group=1000)
+    load_embedding_engine(CEILING_MODEL, device="cpu")
+    cfg = JobConfig(input=str(root / "ceiling-in"), output=str(root / "ceiling-out"), task="embed",
+                    id_column="review_id", keep_columns="id", rows_per_shard=rows // shards, device="cpu",
+                    embed={"model": CEILING_MODEL})
+    flow_s, summary = run_flow(cfg)
+    timings = summary.get("timings") or {}
+    where = {"read": summary["seconds_read"], "compute": summary["seconds_compute"],
+             "write": summary["seconds_write"],
+             "shard overhead": timings.get("seconds_shard_overhead", 0.0) * shards,
+             **{name.removeprefix("seconds_"): seconds for name, seconds in timings.items()
+                if name not in ("seconds_shards", "seconds_fixed", "seconds_shard_overhead")}}
+    where["prefect flow-run start/end"] = flow_s - sum(timings.get(k, 0.0) for k in ("seconds_fixed", "seconds_shards"))
+    return {"model": CEILING_MODEL, "rows": rows, "shards": shards, "flow_s": flow_s, "rows_per_s": rows / flow_s,
+            "seconds": where, "timings": timings}
 
 
 def naive_generate(prompts: list[str], max_new_tokens: int, system_prompt: str | None) -> tuple[list[str], int, float]:
@@ -249,17 +312,18 @@ def bench_overhead(root: Path, shards: int) -> dict:
     (root / "empty-in").mkdir()
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
                    root / "empty-in" / "empty.parquet")
-    empty_s, _ = run_flow(JobConfig(input=str(root / "empty-in"), output=str(root / "empty-out"), task="embed"))
+    empty_s, empty = run_flow(JobConfig(input=str(root / "empty-in"), output=str(root / "empty-out"), task="embed"))
     tiny = root / "tiny-in"
     tiny.mkdir()
     pq.write_table(pa.table({"id": [str(i) for i in range(shards)], "text": ["short text"] * shards}),
                    tiny / "tiny.parquet", row_group_size=1)
     one_s, _ = run_flow(JobConfig(input=str(tiny), output=str(root / "one-out"), task="embed",
                                   rows_per_shard=shards))
-    many_s, _ = run_flow(JobConfig(input=str(tiny), output=str(root / "many-out"), task="embed",
-                                   rows_per_shard=1))
+    many_s, many = run_flow(JobConfig(input=str(tiny), output=str(root / "many-out"), task="embed",
+                                      rows_per_shard=1))
     return {"run_fixed_s": empty_s, "one_shard_s": one_s, f"{shards}_shards_s": many_s,
-            "per_shard_s": (many_s - one_s) / (shards - 1)}
+            "per_shard_s": (many_s - one_s) / (shards - 1), "empty_run_timings": empty.get("timings"),
+            f"{shards}_shards_timings": many.get("timings")}
 
 
 # Linux keeps a process's peak RSS across fork and exec, so a child forked straight from this
@@ -381,8 +445,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--memory-rows", type=int, nargs=2, metavar=("SMALL", "LARGE"))
     parser.add_argument("--lookup-entries", type=int, help="entries in the cache the lookup is timed in")
-    parser.add_argument("--only", choices=["overhead", "embedding", "generation", "memory", "structured",
-                                           "incremental"],
+    parser.add_argument("--ceiling-rows", type=int)
+    parser.add_argument("--only", choices=["overhead", "ceiling", "tokenize", "embedding", "generation", "memory",
+                                           "structured", "incremental"],
                         action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--out", default="bench/results.json")
@@ -391,7 +456,9 @@ def main() -> None:
     gen_rows = args.gen_rows or (32 if args.smoke else 256)
     memory_rows = args.memory_rows or ((10_000, 100_000) if args.smoke else (100_000, 1_000_000))
     lookup_entries = args.lookup_entries or (20_000 if args.smoke else 1_000_000)
-    parts = set(args.only or ["overhead", "embedding", "generation", "memory", "structured", "incremental"])
+    ceiling_rows = args.ceiling_rows or (4000 if args.smoke else 40000)
+    parts = set(args.only or ["overhead", "ceiling", "tokenize", "embedding", "generation", "memory", "structured",
+                              "incremental"])
 
     from prefect.testing.utilities import prefect_test_harness
 
@@ -403,12 +470,25 @@ def main() -> None:
         started = time.perf_counter()
         with prefect_test_harness(server_startup_timeout=180):
             results["prefect_server_start_s"] = time.perf_counter() - started
+            from mlflow.tracking import MlflowClient
+
             from gpu_runtime import load_embedding_engine, load_generation_engine
+            from tasks.state import tracking_uri
+
+            # A new MLflow sqlite store is created (migrated) on first use: once per state
+            # directory, not per run, so it is timed apart from the runs.
+            started = time.perf_counter()
+            MlflowClient(tracking_uri()).search_experiments()
+            results["mlflow_store_create_s"] = time.perf_counter() - started
 
             load_embedding_engine(EMBED_MODEL, device="cpu")  # model loading is timed by neither side
             load_generation_engine(GEN_MODEL, device="cpu")
             if "overhead" in parts:
                 results["overhead"] = bench_overhead(root, shards=8)
+            if "ceiling" in parts:
+                results["ceiling"] = bench_ceiling(root, ceiling_rows)
+            if "tokenize" in parts:
+                results["tokenize"] = bench_tokenize(embed_rows)
             if "embedding" in parts:
                 results["embedding"] = bench_embedding(root, embed_rows)
             if "generation" in parts:
@@ -425,6 +505,13 @@ def main() -> None:
     if e := results.get("embedding"):
         print(f"{'embedding rows/s (%d rows)' % e['rows']:<34}{e['raw_rows_per_s']:>14.1f}"
               f"{e['flow_rows_per_s']:>14.1f}{e['ratio']:>9.2f}  {e['goal']}")
+    if c := results.get("ceiling"):
+        print(f"{'pipeline ceiling rows/s (%d rows)' % c['rows']:<34}{'':>14}{c['rows_per_s']:>14.1f}"
+              f"{'':>9}  {c['model']}, {c['shards']} shards")
+        print("  where the seconds went: " + ", ".join(f"{k} {v:.2f}" for k, v in c["seconds"].items()))
+    if t := results.get("tokenize"):
+        print(f"{'tokenize + collate rows/s':<34}{'':>14}{t['rows_per_s']:>14.1f}"
+              f"{'':>9}  count {t['count_rows_per_s']:.0f}/s, collate {t['collate_rows_per_s']:.0f}/s")
     if g := results.get("generation"):
         print(f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}"
               f"{g['flow_tok_per_s']:>14.1f}{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})")
@@ -455,6 +542,7 @@ def main() -> None:
         print(f"{'fixed cost per run (s)':<34}{'':>14}{o['run_fixed_s']:>14.2f}")
         print(f"{'cost per shard (s)':<34}{'':>14}{o['per_shard_s']:>14.2f}")
     print(f"{'Prefect server start-up (s)':<34}{'':>14}{results['prefect_server_start_s']:>14.2f}")
+    print(f"{'MLflow store creation (s, once)':<34}{'':>14}{results['mlflow_store_create_s']:>14.2f}")
     print(f"\nwritten to {args.out}")
 
 

@@ -173,10 +173,10 @@ def run_forecast(cfg, plan) -> Any:
     """The run's forecast, printed on stderr; refuses (exit 2) a job whose high end exceeds
     ``max_cost``. Without ``max_cost`` a forecast that cannot be made is only a warning."""
     from tasks.errors import ConfigError
-    from tasks.forecast import make_forecast, over_budget
+    from tasks.forecast import make_forecast, over_budget, run_sample_rows
 
     try:
-        forecast = make_forecast(cfg, plan)
+        forecast = make_forecast(cfg, plan, run_sample_rows(cfg))
     except Exception as err:  # noqa: BLE001 - informative unless a budget depends on it
         if cfg.max_cost is not None:
             raise ConfigError(f"max_cost is set but the cost cannot be forecast: {err}") from None
@@ -211,11 +211,14 @@ def execute(cfg) -> int:
     forecast = forecasts[0]
     print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
           file=sys.stderr, flush=True)
+    server_started = time.perf_counter()
     with shared_prefect_api():
+        server_seconds = time.perf_counter() - server_started  # the temporary server's start-up, if any
         state = enrich_for(cfg)(job=flow_parameters(cfg), forecast=forecast.to_dict() if forecast else None,
                                 return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
+        log_server_start(result, server_seconds)
         print(redact_text(format_summary(result)))
         if not result.get("succeeded") and state.message:
             _error(redact_text(f"run failed: {state.message}"))
@@ -223,6 +226,16 @@ def execute(cfg) -> int:
     reason = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else state.message
     _error(f"run failed: {reason}")
     return getattr(result, "exit_code", 1)
+
+
+def log_server_start(summary: dict[str, Any], seconds: float) -> None:
+    """The Prefect server's start-up, next to the run's own timings (in the summary and MLflow)."""
+    from tasks.tracking import log_timings
+
+    timings = summary.setdefault("timings", {})
+    timings["seconds_prefect_server_start"] = seconds
+    if summary.get("mlflow_run_id"):
+        log_timings(summary["mlflow_run_id"], {"seconds_prefect_server_start": seconds})
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -255,6 +268,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.insert(-1, ("cost saved", saved))
     if summary.get("forecast"):
         rows.insert(-1, ("forecast", format_forecast_line(summary["forecast"])))
+    if timings := summary.get("timings"):
+        rows.insert(-1, ("overhead", format_timings(timings)))
     for label, use in summary.get("workers", {}).items():
         rows.append(("worker", f"{label}: {use['shards']} shards"))
     width = max(len(k) for k, _ in rows)
@@ -262,6 +277,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     for failure in summary.get("failures", []):
         lines.append(f"{'failed':<{width}}  {failure['shard']}: {failure['error']}")
     return "\n".join(lines)
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """Where the time outside the shards' read, compute and write went (see tasks/run_timings.py)."""
+    phases = ", ".join(f"{name.removeprefix('seconds_')} {seconds:.1f}" for name, seconds in timings.items()
+                       if name not in ("seconds_fixed", "seconds_shard_overhead", "seconds_prefect_server_start",
+                                       "seconds_shards"))
+    line = (f"{timings.get('seconds_fixed', 0.0):.1f}s per run ({phases}), "
+            f"{timings.get('seconds_shard_overhead', 0.0):.2f}s per shard")
+    if "seconds_prefect_server_start" in timings:
+        line += f"; Prefect server start-up {timings['seconds_prefect_server_start']:.1f}s"
+    return line
 
 
 def cmd_run(args: argparse.Namespace) -> int:

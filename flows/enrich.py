@@ -23,12 +23,14 @@ from tasks.manifest import commit_output_task, start_output_task
 from tasks.output_dir import OutputDir
 from tasks.planning import ShardPlan, plan_shards_task
 from tasks.redaction import install_log_redaction, redact_text
-from tasks.reporting import price_for, report_task, start_progress, update_progress
+from tasks.reporting import ProgressUpdates, price_for, report_task, start_progress
 from tasks.resume import find_committed_task, prepare_output_task
 from tasks.results import ShardResult
-from tasks.runners import ShardThreadPool, finished_in_turn, shard_placement, shard_tags, shard_task_runner
+from tasks.run_timings import SHARDS_PHASE, RunTimer, timing_figures
+from tasks.runners import (ShardThreadPool, finished_in_turn, shard_placement, shard_tags, shard_task_runner,
+                           worker_count)
 from tasks.shard_work import process_shard
-from tasks.tracking import ended_on_error, log_shard, prompt_hash, start_tracking_task
+from tasks.tracking import ended_on_error, log_shard, log_timings, prompt_hash, start_tracking_task
 
 
 class _ThreadTimeoutWarningOnce(logging.Filter):
@@ -106,7 +108,7 @@ def process_shards(
             finished = budgeted_completions(lambda shard: shard_task.submit(shard, cfg, lineage), pending,
                                             guard, capacity=shard_capacity(cfg))
         results: list[ShardResult] = list(done)
-        progress = start_progress(len(plan.shards), len(done))
+        progress = ProgressUpdates(start_progress(len(plan.shards), len(done)), len(plan.shards))
         meter = ProgressMeter(sum(s.num_rows for s in pending), forecast.cost.expected if forecast and forecast.cost
                               else None, forecast.currency if forecast else "USD")
         for future, shard in finished:
@@ -117,7 +119,7 @@ def process_shards(
             meter.add(result, cost)
             if guard is not None:
                 guard.finished(result, cost)
-            update_progress(progress, sum(r.status == "committed" for r in results), len(plan.shards), meter.line())
+            progress.update(sum(r.status == "committed" for r in results), meter.line())
             log_shard(run_id, result, price)
             if result.status == "committed":
                 logger.info(
@@ -127,6 +129,7 @@ def process_shards(
                 )
             else:
                 logger.error("%s failed (%d/%d): %s", result.name, len(results), len(plan.shards), result.error)
+        progress.finish()
     return results
 
 
@@ -147,30 +150,39 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
     the public config; pass ``tasks.job_handoff.flow_parameters(cfg)`` to keep credentials out of
     it (see that module). ``forecast`` is what ``shardwise plan`` computes (the CLI passes the one
     it checked ``max_cost`` against); without it the flow makes its own."""
-    started = time.perf_counter()
+    timer = RunTimer()
     install_log_redaction()
     cfg = job_from_parameters(job)
-    plan = plan_shards_task(cfg)
-    expected = Forecast.from_dict(forecast) if forecast else forecast_task(cfg, plan)
+    with timer.phase("plan"):
+        plan = plan_shards_task(cfg)
+    with timer.phase("forecast"):
+        expected = Forecast.from_dict(forecast) if forecast else forecast_task(cfg, plan)
     if cfg.max_cost is not None and over_budget(cfg, expected):
         return Failed(message=over_budget(cfg, expected))
     output = OutputDir(cfg.output, cfg.storage_options)
     with output.acquire_lease(cfg.lease_timeout_s, flow_run.get_id()):  # one run per output at a time
-        prepare_output_task(cfg)
-        run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
-        log_forecast(run_id, expected)
+        with timer.phase("start"):
+            prepare_output_task(cfg)
+            run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
+            log_forecast(run_id, expected)
         run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
         with ended_on_error(run_id):
-            start_output_task(cfg, plan, run_info)
-            done = find_committed_task(cfg, plan)
+            with timer.phase("start"):
+                start_output_task(cfg, plan, run_info)
+                done = find_committed_task(cfg, plan)
             guard = (BudgetGuard(cfg.max_cost, expected.cost_per_row() if expected else 0.0)
                      if cfg.max_cost is not None else None)
-            results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
-            outcome = commit_output_task(cfg, plan, results, run_info)
+            with timer.phase(SHARDS_PHASE):
+                results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
+            with timer.phase("commit"):
+                outcome = commit_output_task(cfg, plan, results, run_info)
             results = outcome.results  # a part replaced since it was written counts as failed
-            summary = report_task(cfg, outcome, results, run_id, time.perf_counter() - started, plan.unreadable)
-            summary["forecast"] = expected.to_dict() if expected else None
-            log_computed(run_id, results)
+            with timer.phase("report"):
+                summary = report_task(cfg, outcome, results, run_id, timer.elapsed(), plan.unreadable)
+                summary["forecast"] = expected.to_dict() if expected else None
+                log_computed(run_id, results)
+            summary["timings"] = timing_figures(timer, results, workers=worker_count(cfg))
+            log_timings(run_id, summary["timings"])
     if not outcome.succeeded:
         message = failure_message(summary, plan)
         if guard is not None and guard.stopped:

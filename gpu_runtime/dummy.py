@@ -13,11 +13,14 @@ spec                   shape of                       architecture
                        all-MiniLM-L6-v2               pooling + Normalize (a SentenceTransformer)
 ``dummy:bert-tiny``    google/bert_uncased_L-2_H-     BertModel, 2 layers, hidden 128, as above:
                        128_A-2                        for memory and overhead benchmarks
+``dummy:bert-nano``    (no real model)                BertModel, 1 layer, hidden 32, texts cut at
+                                                      16 tokens: compute is negligible, for the
+                                                      pipeline-ceiling benchmark
 =====================  =============================  =========================================
 
 Tokenizers are never downloaded: the llama shapes use the bundled SmolLM2 tokenizer (its ids are
 below 49152, valid for every llama vocabulary here; its chat template formats the prompts) and
-``dummy:minilm`` and ``dummy:bert-tiny`` the bundled MiniLM tokenizer.
+the BERT shapes the bundled MiniLM tokenizer.
 
 Weights follow the model's own ``_init_weights`` (normal, std 0.02; norms one, biases zero) from a
 fixed seed, so two loads on the same kind of device give the same weights and the same outputs.
@@ -160,6 +163,16 @@ DUMMY_SHAPES: dict[str, DummyShape] = {
         max_seq_length=128,
         config={**_BERT_UNCASED, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "intermediate_size": 512},
+    ),
+    # Compute next to nothing: a whole flow with it measures how fast the pipeline itself can feed
+    # a device (the pipeline-ceiling benchmark in bench/run.py).
+    "bert-nano": DummyShape(
+        kind="embedding",
+        mimics="(no real model: a pipeline-ceiling probe)",
+        tokenizer_spec="bundled:all-minilm-l6-v2",
+        max_seq_length=16,
+        config={**_BERT_UNCASED, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "intermediate_size": 64},
     ),
 }
 

@@ -24,6 +24,7 @@ from .backoff import BatchBackoff
 from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
 from .device import default_dtype
+from .prefetch import pin_for, prefetched, to_device
 
 if TYPE_CHECKING:
     from .models import ResolvedModel
@@ -130,12 +131,12 @@ class EmbeddingEngine:
                 max_batch_size=max_batch_size,
             )
             vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-            encode_rows = self._encode_rows(texts, prompt)
-            for batch in batches:
+            # The next batch is tokenized (and pinned, on CUDA) while this one computes.
+            for batch, features in prefetched(batches, lambda rows: self._features(texts, rows, prompt)):
                 check_cancelled()
                 rows = self.backoff.run(
                     batch,
-                    encode_rows,
+                    self._encode_rows(texts, prompt, batch, features),
                     describe_row=lambda i: f"text {i}: {min(n_tokens[i], self.max_seq_length)} tokens",
                 )
                 vectors[batch] = np.stack(rows)
@@ -149,17 +150,26 @@ class EmbeddingEngine:
     def device(self) -> torch.device:
         return torch.device(self.model.device)
 
-    def _encode_rows(self, texts: list[str], prompt: str) -> Callable[[list[int]], list[np.ndarray]]:
-        """``rows -> one float32 vector per row``: one forward pass over ``prompt`` + ``texts[rows]``."""
+    def _features(self, texts: list[str], rows: list[int], prompt: str) -> dict[str, Any]:
+        """The model's inputs for ``prompt`` + ``texts[rows]``, as ``SentenceTransformer.encode``
+        builds them (truncation, prompt length for pooling), in pinned memory when bound for CUDA.
+        Runs on the prefetch thread."""
+        features = self.model.preprocess([texts[i] for i in rows], prompt=prompt or None)
+        return pin_for(features, self.device)
+
+    def _encode_rows(
+        self, texts: list[str], prompt: str, batch: list[int], features: dict[str, Any]
+    ) -> Callable[[list[int]], list[np.ndarray]]:
+        """``rows -> one float32 vector per row``: ``features`` when the rows are the prepared
+        ``batch``, else (a batch split after running out of memory) the rows prepared now."""
 
         def encode(rows: list[int]) -> list[np.ndarray]:
-            out = self.model.encode(
-                [texts[i] for i in rows],
-                prompt=prompt,
-                batch_size=len(rows),
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-            return list(np.asarray(out, dtype=np.float32))
+            return self._encode_features(features if rows == batch else self._features(texts, rows, prompt))
 
         return encode
+
+    def _encode_features(self, features: dict[str, Any]) -> list[np.ndarray]:
+        """One forward pass: one float32 vector per row of ``features``, as ``encode`` returns them."""
+        with torch.inference_mode():
+            out = self.model(to_device(features, self.device))["sentence_embedding"]
+            return list(out.float().cpu().numpy())

@@ -31,6 +31,9 @@ from tasks.planning import Shard, ShardPlan
 
 # Rows at or below which every prompt is tokenized; above it, a random sample of shards.
 SAMPLE_ROWS = 20_000
+# A run's own forecast only informs unless max_cost is set: a smaller sample keeps its tokenizing
+# out of the run's fixed cost (``shardwise plan`` still samples SAMPLE_ROWS).
+IN_RUN_SAMPLE_ROWS = 2_000
 Z_95 = 1.96
 
 # Rough throughput of one device when no run of the job has been measured on it yet, as
@@ -419,12 +422,18 @@ def over_budget(cfg: JobConfig, forecast: Forecast | None) -> str | None:
     return None
 
 
+def run_sample_rows(cfg: JobConfig) -> int:
+    """Rows the forecast made at the start of a run tokenizes: all of SAMPLE_ROWS when max_cost
+    is checked against it, else IN_RUN_SAMPLE_ROWS."""
+    return SAMPLE_ROWS if cfg.max_cost is not None else IN_RUN_SAMPLE_ROWS
+
+
 @task(name="forecast")
 def forecast_task(cfg: JobConfig, plan: ShardPlan) -> Forecast | None:
     """The forecast for a run started without one (deployments); a run without ``max_cost`` goes
     ahead when it cannot be made (e.g. a tokenizer that cannot be fetched offline)."""
     try:
-        return make_forecast(cfg, plan)
+        return make_forecast(cfg, plan, run_sample_rows(cfg))
     except Exception as err:  # noqa: BLE001 - the forecast informs the run; it must not break it
         if cfg.max_cost is not None:
             raise

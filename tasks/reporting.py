@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from prefect import task
@@ -33,6 +34,31 @@ def start_progress(total: int, done: int) -> Any:
 
 def update_progress(artifact_id: Any, done: int, total: int, description: str | None = None) -> None:
     update_progress_artifact(artifact_id, progress=100.0 * done / total if total else 100.0, description=description)
+
+
+class ProgressUpdates:
+    """Updates of the progress artifact, at most one per ``min_interval_s``, and the latest one
+    always sent by :meth:`finish`: each is an API call, which with many small shards would cost
+    more than the shards themselves."""
+
+    def __init__(self, artifact_id: Any, total: int, min_interval_s: float = 2.0) -> None:
+        self.artifact_id, self.total, self.min_interval_s = artifact_id, total, min_interval_s
+        self._last_sent = time.monotonic()
+        self._unsent: tuple[int, str | None] | None = None
+
+    def update(self, done: int, description: str | None = None) -> bool:
+        """Send ``done`` of ``total`` if the last update is old enough; True when it was sent."""
+        self._unsent = (done, description)
+        if time.monotonic() - self._last_sent < self.min_interval_s:
+            return False
+        self.finish()
+        return True
+
+    def finish(self) -> None:
+        """Send the latest update if it was held back."""
+        if self._unsent is not None:
+            update_progress(self.artifact_id, self._unsent[0], self.total, self._unsent[1])
+            self._unsent, self._last_sent = None, time.monotonic()
 
 
 def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:

@@ -164,6 +164,14 @@ def log_shard(run_id: str, result: ShardResult, price: Price, uri: str | None = 
     _client(uri).log_batch(run_id, metrics=metrics)
 
 
+def log_timings(run_id: str, figures: dict[str, float], uri: str | None = None) -> None:
+    """Where the run's wall time went (see tasks/run_timings.py), logged once the report is done."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in figures.items()])
+
+
 def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int) -> dict[str, float]:
     """Run figures; rates and cost per row or token are over what this run computed, not over rows
     or tokens reused from parts an earlier run committed."""

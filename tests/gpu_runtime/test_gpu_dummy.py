@@ -31,7 +31,7 @@ PROMPTS = ["Hi", "What is the capital of France?", "Summarize: " + "the staff we
 # --- resolution ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", ["llama-135m", "llama-1b", "llama-8b", "minilm", "bert-tiny"])
+@pytest.mark.parametrize("shape", ["llama-135m", "llama-1b", "llama-8b", "minilm", "bert-tiny", "bert-nano"])
 def test_resolve_dummy_specs(shape):
     resolved = resolve_model_spec(f"  dummy:{shape} ")
     assert resolved.source == "dummy"
@@ -43,7 +43,7 @@ def test_resolve_dummy_specs(shape):
 def test_unknown_dummy_shape_lists_the_known_ones():
     with pytest.raises(ModelNotFoundError, match="unknown dummy model shape") as info:
         resolve_model_spec("dummy:gpt-17")
-    for known in ("dummy:llama-135m", "dummy:llama-1b", "dummy:llama-8b", "dummy:minilm", "dummy:bert-tiny"):
+    for known in ("dummy:llama-135m", "dummy:llama-1b", "dummy:llama-8b", "dummy:minilm", "dummy:bert-tiny", "dummy:bert-nano"):
         assert known in str(info.value)
     with pytest.raises(ModelNotFoundError):
         resolve_model_spec("dummy:")

@@ -1,0 +1,78 @@
+"""A run says where its time went outside the shards' read, compute and write (CLI, MLflow), and
+updates its progress artifact without one API call per shard."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.demo_data import write_reviews_dataset
+
+SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
+
+
+@pytest.mark.slow
+def test_run_reports_its_phases_and_per_shard_overhead(prefect_server, tmp_path):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from tasks.state import tracking_uri
+
+    write_reviews_dataset(str(tmp_path / "in"), files=2, rows_per_file=20, rows_per_group=10)
+    run = subprocess.run(
+        [SHARDWISE, "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--task", "embed",
+         "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--rows-per-shard", "10"],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = re.search(r"^overhead\s+(.*)$", run.stdout, re.M)
+    assert line, run.stdout
+    assert re.search(r"s per run \(plan [\d.]+, forecast [\d.]+, start [\d.]+, commit [\d.]+, report [\d.]+\), "
+                     r"[\d.]+s per shard; Prefect server start-up [\d.]+s", line.group(1)), line.group(1)
+
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    metrics = MlflowClient(tracking_uri()).get_run(manifest["mlflow_run_id"]).data.metrics
+    phases = ("seconds_plan", "seconds_forecast", "seconds_start", "seconds_shards", "seconds_commit",
+              "seconds_report")
+    assert all(metrics[p] >= 0 for p in phases)
+    # The phases cover the flow body; fixed is all of it but the shards phase.
+    assert metrics["seconds_fixed"] == pytest.approx(sum(metrics[p] for p in phases) - metrics["seconds_shards"],
+                                                     abs=0.5)
+    busy = sum(metrics[f"seconds_{part}"] for part in ("read", "compute", "write"))
+    assert metrics["seconds_shard_overhead"] == pytest.approx(max(0.0, metrics["seconds_shards"] - busy) / 4,
+                                                              abs=1e-6)
+    assert "seconds_prefect_server_start" in metrics  # ~0 here: the tests share one running server
+
+
+def test_progress_updates_are_held_back_then_the_latest_is_sent(prefect_server):
+    from prefect.client.orchestration import get_client
+
+    from tasks.reporting import ProgressUpdates, start_progress
+
+    artifact_id = start_progress(total=50, done=0)
+    progress = ProgressUpdates(artifact_id, 50, min_interval_s=3600)
+    sent = [progress.update(done) for done in range(1, 51)]
+    assert not any(sent)  # none due within the interval
+
+    def shown() -> float:
+        with get_client(sync_client=True) as client:
+            return _artifact_progress(client, artifact_id)
+
+    assert shown() == 0.0
+    progress.finish()
+    assert shown() == 100.0
+    assert ProgressUpdates(artifact_id, 50, min_interval_s=0).update(25) is True
+    assert shown() == 50.0
+
+
+def _artifact_progress(client, artifact_id) -> float:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
+    return float(artifact.data)
