@@ -431,12 +431,12 @@ def sum_forecasts(forecasts: list[Forecast]) -> Forecast:
     return total
 
 
-def format_forecast(forecast: Forecast) -> str:
+def format_forecast(forecast: Forecast, title: str = "shardwise plan (nothing was run)") -> str:
     """The human table ``shardwise plan`` prints."""
     def number(value: float, money: bool = False) -> str:
         return f"{value:.6f}" if money else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
-    lines = ["", "shardwise plan (nothing was run)", "-" * 32,
+    lines = ["", title, "-" * len(title),
              f"{'rows':<18}{forecast.rows} in {forecast.files} files, {forecast.shards} shards",
              f"{'to compute':<18}{forecast.rows_to_compute} rows in {forecast.shards_to_compute} shards",
              f"{'device':<18}{forecast.device_type} x {forecast.workers} worker(s), "
