@@ -175,6 +175,7 @@ def enrich_table(
     if cfg.runs_generation:
         assert generator is not None
         prompts = render_prompts(cfg, table, [text for text, _ in cleaned], valid)
+        g = cfg.generate
         params = generation_params(cfg, chat_date)
         outputs = generator.generate(prompts, params) if prompts else []
         gen_cols: dict[str, list[Any]] = {f.name: [None] * n for f in GENERATION_FIELDS}
