@@ -265,23 +265,13 @@ def bench_vllm(root: Path, hf_cfg, prompts: list[str], max_new_tokens: int, naiv
             "flow_identical_to_naive": out["generated_text"].to_list() == naive_texts}
 
 
-REVIEW_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"enum": ["positive", "negative", "mixed"]},
-        "topic": {"type": "string"},
-        "would_recommend": {"type": "boolean"},
-        "stars": {"type": "integer"},
-    },
-    "required": ["sentiment", "topic", "would_recommend", "stars"],
-}
 JSON_TEMPLATE = ("Read the product review and answer with JSON only: sentiment (positive, negative or mixed), "
                  "topic, would_recommend (true or false), stars (1 to 5).\n\nReview: {text}")
 
 
 def bench_structured(root: Path, rows: int, max_new_tokens: int) -> dict:
     """Generated tok/s with and without the schema, same prompts, same run (free, constrained, free)."""
-    from tasks.demo_data import write_reviews_dataset
+    from tasks.demo_data import REVIEW_OUTPUT_SCHEMA, write_reviews_dataset
     from tasks.job_config import JobConfig
     from tasks.output_schema import parse_generated
 
@@ -289,7 +279,7 @@ def bench_structured(root: Path, rows: int, max_new_tokens: int) -> dict:
 
     write_reviews_dataset(str(root / "json-in"), files=1, rows_per_file=rows, rows_per_group=16)
     runs = {}
-    for name, schema in (("free", None), ("constrained", REVIEW_SCHEMA), ("free_again", None)):
+    for name, schema in (("free", None), ("constrained", REVIEW_OUTPUT_SCHEMA), ("free_again", None)):
         cfg = JobConfig(input=str(root / "json-in"), output=str(root / f"json-{name}"), task="generate",
                         id_column="review_id", keep_columns="id", rows_per_shard=rows, device="cpu",
                         generate={"prompt_template": JSON_TEMPLATE, "max_new_tokens": max_new_tokens,
@@ -297,7 +287,7 @@ def bench_structured(root: Path, rows: int, max_new_tokens: int) -> dict:
         _, summary = run_flow(cfg)
         texts = pl.read_parquet(root / f"json-{name}" / "part-*.parquet")["generated_text"].to_list()
         runs[name] = {"compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
-                      "valid_rows": sum(parse_generated(t, REVIEW_SCHEMA)[0] is not None for t in texts)}
+                      "valid_rows": sum(parse_generated(t, REVIEW_OUTPUT_SCHEMA)[0] is not None for t in texts)}
     free = (runs["free"]["compute_tok_per_s"] + runs["free_again"]["compute_tok_per_s"]) / 2
     return {"rows": rows, "max_new_tokens": max_new_tokens, **runs,
             "ratio": runs["constrained"]["compute_tok_per_s"] / free}

@@ -1,4 +1,4 @@
-"""The ``shardwise`` command line: ``run``, ``plan``, ``demo``, ``status``, ``lineage`` and ``cache``.
+"""The ``shardwise`` command line: ``run``, ``plan``, ``backfill``, ``demo``, ``status``, ``lineage`` and ``cache``.
 
 Exit codes: 0 success; 1 the run failed (some shards failed, or an unexpected error); 2 bad input
 or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted
@@ -70,8 +70,24 @@ def build_parser() -> argparse.ArgumentParser:
     for action in run._actions[1:]:  # exactly run's job flags (all but -h), so a plan matches its run
         plan._add_action(action)
     plan.add_argument("--json", action="store_true", help="print one JSON document")
-    plan.add_argument("--sample-rows", type=int, default=None, metavar="N",
+    sample_rows = plan.add_argument("--sample-rows", type=int, default=None, metavar="N",
                       help="tokenize every row up to N rows to compute, else a random sample of shards")
+    calibrate = plan.add_argument("--calibrate", type=int, default=0, metavar="N",
+                                  help="without earlier runs of the job: load the model and answer N sampled rows "
+                                       "to measure answer length and speed (default 0: no model is loaded)")
+
+    backfill = sub.add_parser("backfill", help="run every dt=YYYY-MM-DD partition from --start to --end "
+                                               "(finished ones are skipped); --plan forecasts them")
+    for action in run._actions[1:]:
+        if action.dest != "date":  # the dates come from --start and --end
+            backfill._add_action(action)
+    backfill.set_defaults(date=None)
+    backfill.add_argument("--start", required=True, help="first date, YYYY-MM-DD")
+    backfill.add_argument("--end", required=True, help="last date, YYYY-MM-DD (included)")
+    backfill.add_argument("--plan", action="store_true", help="forecast the partitions, summed; runs nothing")
+    backfill.add_argument("--json", action="store_true", help="with --plan: print one JSON document")
+    backfill._add_action(calibrate)
+    backfill._add_action(sample_rows)
 
     demo = sub.add_parser("demo", help="generate a synthetic review dataset and enrich it")
     demo.add_argument("--rows", type=int, default=48, help="total rows (spread over 3 files)")
@@ -201,6 +217,12 @@ def format_forecast_line(forecast: dict[str, Any] | Any) -> str:
 
 def execute(cfg) -> int:
     """Run the flow for ``cfg``, print the summary, return the exit code."""
+    return execute_with_summary(cfg)[0]
+
+
+def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
+    """:func:`execute`, also returning the run summary (None when the flow produced none) and why
+    the run failed ("" when it did not)."""
     from flows.enrich import enrich_for
     from tasks.job_handoff import flow_parameters
     from tasks.redaction import redact_text
@@ -222,10 +244,11 @@ def execute(cfg) -> int:
         print(redact_text(format_summary(result)))
         if not result.get("succeeded") and state.message:
             _error(redact_text(f"run failed: {state.message}"))
-        return 0 if result.get("succeeded") else 1
+        ok = bool(result.get("succeeded"))
+        return (0 if ok else 1), result, "" if ok else redact_text(state.message or "some shards failed")
     reason = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else state.message
     _error(f"run failed: {reason}")
-    return getattr(result, "exit_code", 1)
+    return getattr(result, "exit_code", 1), None, redact_text(str(reason))
 
 
 def log_server_start(summary: dict[str, Any], seconds: float) -> None:
@@ -308,7 +331,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for role, spec in (("generate", cfg.generate.model), ("embed", cfg.embed.model)):
         if cfg.runs_generation if role == "generate" else cfg.runs_embedding:
             resolve_model_spec(spec)
-    forecast = make_forecast(cfg, plan, sample_rows=args.sample_rows or SAMPLE_ROWS)
+    forecast = make_forecast(cfg, plan, sample_rows=args.sample_rows or SAMPLE_ROWS, calibrate_rows=args.calibrate)
     refusal = over_budget(cfg, forecast)
     if args.json:
         print(json.dumps({**forecast.to_dict(), "max_cost": cfg.max_cost, "refused": refusal}, indent=2))
@@ -494,8 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     # handler raises TerminationSignal instead).
     signal.signal(signal.SIGTERM, _raise_terminated)
 
-    handlers = {"run": cmd_run, "plan": cmd_plan, "demo": cmd_demo, "status": cmd_status, "lineage": cmd_lineage,
-                "cache": cmd_cache}
+    from flows.backfill_cli import cmd_backfill
+
+    handlers = {"run": cmd_run, "plan": cmd_plan, "backfill": cmd_backfill, "demo": cmd_demo, "status": cmd_status,
+                "lineage": cmd_lineage, "cache": cmd_cache}
     started = time.perf_counter()
     try:
         return handlers[args.command](args)

@@ -16,7 +16,7 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.enrich import enrich_for
-from tasks.backfill import run_partition_task
+from tasks.backfill import backfill_summary, run_partition_task
 from tasks.job_handoff import flow_parameters
 from tasks.partitions import nightly_date, partition_config, partition_dates, partition_done
 
@@ -49,10 +49,8 @@ def backfill(job: str | dict[str, Any], start: str, end: str, deployment: str = 
     dates = partition_dates(start, end)
     outcomes = [f.result() for f in run_partition_task.map(unmapped(job), dates, unmapped(deployment))]
     create_table_artifact(outcomes, key="backfill-partitions", description=f"backfill {start} to {end}")
-    counts = {s: sum(o["status"] == s for o in outcomes) for s in ("ran", "skipped", "failed")}
-    summary = {"dates": len(dates), **counts, "partitions": outcomes}
-    message = f"{counts['ran']} ran, {counts['skipped']} skipped, {counts['failed']} failed of {len(dates)} dates"
+    summary, message = backfill_summary(outcomes)
     get_run_logger().info(message)
-    if counts["failed"]:
+    if summary["failed"]:
         return Failed(message=message, data=summary)
     return Completed(message=message, data=summary)

@@ -52,6 +52,14 @@ def run_partition(job: str | dict[str, Any], date: str, deployment: str) -> dict
     return {**outcome, "status": "failed", "reason": f"{MAX_ATTEMPTS} earlier attempts ended badly"}
 
 
+def backfill_summary(outcomes: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The report of a backfill (the deployment's or the CLI's) and its one-line message."""
+    statuses = ["ran", "skipped", "failed"] + sorted({o["status"] for o in outcomes} - {"ran", "skipped", "failed"})
+    counts = {s: sum(o["status"] == s for o in outcomes) for s in statuses}
+    message = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return {"dates": len(outcomes), **counts, "partitions": outcomes}, f"{message} of {len(outcomes)} dates"
+
+
 @task(name="partition", task_run_name="dt={date}")
 def run_partition_task(job: str | dict[str, Any], date: str, deployment: str) -> dict[str, Any]:
     return run_partition(job, date, deployment)

@@ -101,6 +101,19 @@ REVIEW_SCHEMA = pa.schema(
     ]
 )
 
+# The answer the structured-output example asks of each review (``generate.output_schema``): the
+# tests and the benchmark use this one schema.
+REVIEW_OUTPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"enum": ["positive", "negative", "mixed"]},
+        "topic": {"type": "string"},
+        "would_recommend": {"type": "boolean"},
+        "stars": {"type": "integer"},
+    },
+    "required": ["sentiment", "topic", "would_recommend", "stars"],
+}
+
 
 def write_reviews_dataset(
     directory: str,

@@ -17,7 +17,7 @@ from tasks.job_config import JobConfig
 from tasks.output_schema import arrow_type, parse_generated, schema_text
 
 if TYPE_CHECKING:  # engines are loaded by the shard task; this module only needs their interface
-    from gpu_runtime import EmbeddingEngine, GenerationEngine
+    from gpu_runtime import EmbeddingEngine, GenerationEngine, GenerationParams
     from tasks.row_cache import ShardCache
 
 # C0/C1 control characters except tab, newline and carriage return; lone surrogates from bad UTF-8.
@@ -120,10 +120,41 @@ class EnrichStats:
     cached_embedded_tokens: int = 0
 
 
-def prompt_row(row: dict[str, Any], text_column: str, text: str) -> dict[str, Any]:
-    values = {k: ("" if v is None else v) for k, v in row.items()}
-    values[text_column] = text
-    return values
+def render_prompts(cfg: JobConfig, table: pa.Table, texts: list[str | None], rows: list[int]) -> list[str]:
+    """The prompt template filled in for each row index in ``rows``, with that row's cleaned text
+    from ``texts``; the one place prompts are rendered, so what ``plan`` counts is what runs."""
+    from gpu_runtime import render_prompt, template_fields
+
+    values = table.select(template_fields(cfg.template)).to_pylist()
+    prompts = []
+    for i in rows:
+        fields = {k: ("" if v is None else v) for k, v in values[i].items()}
+        fields[cfg.text_column] = texts[i]
+        prompts.append(render_prompt(cfg.template, fields))
+    return prompts
+
+
+def generation_params(cfg: JobConfig, chat_date: dt.date | str | None = None) -> GenerationParams:
+    """The engine's decoding settings for ``cfg`` (``chat_date`` as in :func:`enrich_table`)."""
+    from gpu_runtime import GenerationParams
+
+    g = cfg.generate
+    return GenerationParams(
+        max_new_tokens=g.max_new_tokens,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        seed=g.seed,
+        system_prompt=g.system_prompt,
+        max_input_tokens=g.max_input_tokens,
+        ignore_eos=g.ignore_eos,
+        token_budget=g.token_budget,
+        max_batch_size=g.max_batch_size,
+        cache=g.cache,
+        compile=g.compile,
+        chat_template_kwargs=dict(g.chat_template_kwargs) or None,
+        chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
+        output_schema=schema_text(g.output_schema) if g.output_schema is not None else None,
+    )
 
 
 def enrich_table(
@@ -139,8 +170,6 @@ def enrich_table(
     ``chat_date`` is the run's date for chat templates that print one, used when the config does
     not set ``generate.chat_date`` (which wins). With a ``cache``, rows it holds are taken from it
     and only the others reach the engines."""
-    from gpu_runtime import GenerationParams, render_prompt, template_fields
-
     table, stats_repaired = repair_utf8(table, keep=[cfg.id_column])
     n = table.num_rows
     stats = EnrichStats(rows=n, repaired_utf8_rows=stats_repaired)
@@ -152,26 +181,9 @@ def enrich_table(
     columns: dict[str, list[Any]] = {}
     if cfg.runs_generation:
         assert generator is not None
-        fields = template_fields(cfg.template)
-        rows = table.select(fields).to_pylist()
-        prompts = [render_prompt(cfg.template, prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in valid]
+        prompts = render_prompts(cfg, table, [text for text, _ in cleaned], valid)
         g = cfg.generate
-        params = GenerationParams(
-            max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            seed=g.seed,
-            system_prompt=g.system_prompt,
-            max_input_tokens=g.max_input_tokens,
-            ignore_eos=g.ignore_eos,
-            token_budget=g.token_budget,
-            max_batch_size=g.max_batch_size,
-            cache=g.cache,
-            compile=g.compile,
-            chat_template_kwargs=dict(g.chat_template_kwargs) or None,
-            chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
-            output_schema=schema_text(g.output_schema) if g.output_schema is not None else None,
-        )
+        params = generation_params(cfg, chat_date)
         if cache is not None:
             outputs = cache.generate(generator, prompts, params)
         else:

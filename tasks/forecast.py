@@ -7,9 +7,12 @@ run logs it to MLflow next to the actuals, so later forecasts can learn from ear
   loaded); above ``sample_rows`` rows to compute, whole shards are drawn at random until that many
   rows are read and the total is extrapolated with a 95% confidence interval.
 - Generated tokens per row come from finished MLflow runs of the same job (experiment name) with
-  the same model, prompt and decoding settings; without any, the ``max_new_tokens`` upper bound.
-- Device-seconds per token come from those runs on the same device type; without any, from
-  :data:`DEFAULT_THROUGHPUT`, a rough figure per device type (stated as such).
+  the same model, prompt and decoding settings; without any, from a calibration run on a sample
+  when asked for (:mod:`tasks.calibration`, ``plan --calibrate N``); else the ``max_new_tokens``
+  upper bound.
+- Device-seconds per token come from those runs on the same device type, else from the calibration;
+  without either, from :data:`DEFAULT_THROUGHPUT`, an unmeasured guess per device type with a range
+  wide enough for a busy machine (stated as such).
 - Cost is device-seconds times the price per device-hour (``conf/prices.yaml``).
 """
 
@@ -25,6 +28,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from tasks.calibration import Calibration, calibrate
 from tasks.cost import Price, detect_device_type, lookup_price
 from tasks.job_config import JobConfig
 from tasks.planning import Shard, ShardPlan
@@ -38,10 +42,11 @@ Z_95 = 1.96
 
 # Rough throughput of one device when no run of the job has been measured on it yet, as
 # (expected, slow, fast) tokens per second. The CPU row is SmolLM2-135M and MiniLM on 2 free cores
-# (about 60 generated tok/s batched); the slow end allows for a busy machine. The GPU row is a
-# guess for small models on one GPU. These are not measurements of your model: trust history.
+# (about 60 generated tok/s batched); the slow end is what a 2-core VM shared by six sessions gave
+# (0.6 generated tok/s). The GPU row is a guess for small models on one GPU. These are not
+# measurements of your model: trust history or a calibration run.
 DEFAULT_THROUGHPUT: dict[str, dict[str, tuple[float, float, float]]] = {
-    "cpu": {"generated": (40.0, 5.0, 160.0), "prompt": (400.0, 50.0, 4000.0), "embedded": (2000.0, 300.0, 20000.0)},
+    "cpu": {"generated": (40.0, 0.5, 160.0), "prompt": (400.0, 5.0, 4000.0), "embedded": (2000.0, 30.0, 20000.0)},
     "gpu": {"generated": (1500.0, 100.0, 20000.0), "prompt": (20000.0, 2000.0, 500000.0),
             "embedded": (50000.0, 5000.0, 1000000.0)},
 }
@@ -86,6 +91,7 @@ class Forecast:
     wall_seconds: Estimate | None = None
     cost: Estimate | None = None
     history_runs: list[str] = field(default_factory=list)
+    calibration: Calibration | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -100,6 +106,10 @@ class Forecast:
         for key in ("prompt_tokens", "generated_tokens", "embedded_tokens", "device_seconds", "wall_seconds", "cost"):
             if values.get(key) is not None:
                 values[key] = Estimate(**values[key])
+        if values.get("calibration") is not None:
+            calibration = dict(values["calibration"])
+            calibration["generated_per_row"] = tuple(calibration["generated_per_row"])
+            values["calibration"] = Calibration(**calibration)
         return cls(**values)
 
     def cost_per_row(self) -> float:
@@ -139,9 +149,8 @@ class _Counts:
 
 
 def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
-    from gpu_runtime import render_prompt, template_fields
     from gpu_runtime.token_count import PromptCounter, count_embedding_tokens, embedding_prompt, load_tokenizer
-    from tasks.enrichment import prompt_row, clean_text
+    from tasks.enrichment import clean_text, render_prompts
     from tasks.shard_io import read_shard
     from tasks.shard_work import input_columns
 
@@ -164,9 +173,8 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
         row_prompt = [0] * table.num_rows
         row_embed = [0] * table.num_rows
         if counter is not None:
-            rows = table.select(template_fields(cfg.template)).to_pylist()
-            texts = [render_prompt(cfg.template, prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in ok]
-            counts = counter.count(texts, cfg.generate.system_prompt,
+            prompts = render_prompts(cfg, table, [text for text, _ in cleaned], ok)
+            counts = counter.count(prompts, cfg.generate.system_prompt,
                                    dict(cfg.generate.chat_template_kwargs) or None, chat_date)
             for i, n in zip(ok, counts):
                 row_prompt[i] = n
@@ -301,7 +309,8 @@ def _pending_shards(cfg: JobConfig, plan: ShardPlan) -> list[Shard]:
     return [s for s in plan.shards if s.index not in committed]
 
 
-def _generated(cfg: JobConfig, valid_rows: Estimate, past: list[_PastRun]) -> Estimate:
+def _generated(cfg: JobConfig, valid_rows: Estimate, past: list[_PastRun],
+               calibration: Calibration | None = None) -> Estimate:
     upper = cfg.generate.max_new_tokens
     if past:
         per_row = [p.generated_tokens / p.valid_rows for p in past]
@@ -312,13 +321,24 @@ def _generated(cfg: JobConfig, valid_rows: Estimate, past: list[_PastRun]) -> Es
             min(valid_rows.high * max(per_row) * TOKENS_SLACK, valid_rows.high * upper),
             f"history: {mean:.1f} generated tokens per row over {len(past)} earlier run(s) of this job",
         )
+    if calibration is not None and calibration.rows:
+        low, high = calibration.per_row_interval()
+        return Estimate(
+            valid_rows.low * low / TOKENS_SLACK,
+            valid_rows.expected * calibration.mean_per_row,
+            valid_rows.high * min(high * TOKENS_SLACK, upper),
+            f"calibration: {calibration.mean_per_row:.1f} generated tokens per row over {calibration.rows} "
+            f"sampled rows, 95% confidence interval ×/÷ {TOKENS_SLACK:g} for rows unlike the sample "
+            "(no earlier run of this job with these settings)",
+        )
     return Estimate(0.0, valid_rows.expected * upper, valid_rows.high * upper,
                     f"upper bound: max_new_tokens={upper} for each of the rows with text "
                     "(no earlier run of this job with these settings)")
 
 
 def _device_seconds(cfg: JobConfig, device_type: str, prompt: Estimate | None, generated: Estimate | None,
-                    embedded: Estimate | None, past: list[_PastRun]) -> Estimate:
+                    embedded: Estimate | None, past: list[_PastRun],
+                    calibration: Calibration | None = None) -> Estimate:
     work = generated if cfg.runs_generation else embedded
     assert work is not None
     if past:
@@ -332,6 +352,13 @@ def _device_seconds(cfg: JobConfig, device_type: str, prompt: Estimate | None, g
                         work.high * max(per) * TIME_SLACK,
                         f"history: {1 / mean:.1f} {unit} tok/s measured on {device_type} "
                         f"over {len(past)} earlier run(s) of this job")
+    if cfg.runs_generation and calibration is not None and calibration.rows:
+        assert generated is not None
+        per = calibration.seconds_per_generated_token
+        return Estimate(generated.low * per / TIME_SLACK, generated.expected * per, generated.high * per * TIME_SLACK,
+                        f"calibration: {1 / per:.1f} generated tok/s (prompts included) over {calibration.rows} "
+                        f"sampled rows on {calibration.device} just now, ×/÷ {TIME_SLACK:g} for machine load "
+                        "and batch size" + (", embedding not included" if cfg.runs_embedding else ""))
     rates = DEFAULT_THROUGHPUT["cpu" if device_type == "cpu" else "gpu"]
     parts = [("generated", generated), ("prompt", prompt)] if cfg.runs_generation else []
     if cfg.runs_embedding:
@@ -346,12 +373,16 @@ def _device_seconds(cfg: JobConfig, device_type: str, prompt: Estimate | None, g
         high += tokens.high / slow
     shown = ", ".join(f"{kind} {rates[kind][0]:.0f} tok/s" for kind, _ in parts)
     return Estimate(low, expected, high,
-                    f"rough default for {'cpu' if device_type == 'cpu' else 'a GPU'} ({shown}; "
-                    "not measured for this model: no earlier run of this job on this device type)")
+                    f"unmeasured guess for {'cpu' if device_type == 'cpu' else 'a GPU'} ({shown}; no earlier run "
+                    "of this job on this device type; it can be off 10x and more: `plan --calibrate N` measures)")
 
 
-def make_forecast(cfg: JobConfig, plan: ShardPlan, sample_rows: int = SAMPLE_ROWS) -> Forecast:
-    """The forecast of running ``cfg`` over ``plan``; reads inputs, tokenizers and MLflow, writes nothing."""
+def make_forecast(cfg: JobConfig, plan: ShardPlan, sample_rows: int = SAMPLE_ROWS, calibrate_rows: int = 0,
+                  calibration: Calibration | None = None) -> Forecast:
+    """The forecast of running ``cfg`` over ``plan``; reads inputs, tokenizers and MLflow, writes nothing.
+
+    Without history, a generation job with ``calibrate_rows`` answers that many sampled rows to
+    measure (loading the model), unless a ``calibration`` made earlier (another partition) is given."""
     from tasks.runners import worker_count
 
     pending = _pending_shards(cfg, plan)
@@ -370,13 +401,19 @@ def make_forecast(cfg: JobConfig, plan: ShardPlan, sample_rows: int = SAMPLE_ROW
     valid_rows = _extrapolate(counts.valid, rows_to_compute, "rows with text")
     past = _history(cfg, device_type)
     forecast.history_runs = [p.run_id for p in past]
+    if cfg.runs_generation and not past:
+        if calibration is None and calibrate_rows > 0 and pending:
+            order = list(pending)
+            random.Random(0).shuffle(order)  # rows from across the input, read until there are enough
+            calibration = calibrate(cfg, order, calibrate_rows)
+        forecast.calibration = calibration
     if cfg.runs_generation:
         forecast.prompt_tokens = _extrapolate(counts.prompt, rows_to_compute, "tokenized chat prompts")
-        forecast.generated_tokens = _generated(cfg, valid_rows, past)
+        forecast.generated_tokens = _generated(cfg, valid_rows, past, forecast.calibration)
     if cfg.runs_embedding:
         forecast.embedded_tokens = _extrapolate(counts.embedded, rows_to_compute, "tokenized texts")
     seconds = _device_seconds(cfg, device_type, forecast.prompt_tokens, forecast.generated_tokens,
-                              forecast.embedded_tokens, past)
+                              forecast.embedded_tokens, past, forecast.calibration)
     forecast.device_seconds = seconds
     forecast.wall_seconds = Estimate(seconds.low / workers, seconds.expected / workers, seconds.high / workers,
                                      f"device-seconds over {workers} worker(s), model loading not included")
@@ -386,12 +423,36 @@ def make_forecast(cfg: JobConfig, plan: ShardPlan, sample_rows: int = SAMPLE_ROW
     return forecast
 
 
-def format_forecast(forecast: Forecast) -> str:
+def sum_forecasts(forecasts: list[Forecast]) -> Forecast:
+    """The forecast of running several partitions one after another (a backfill): counts, ranges
+    and seconds add up; each basis is the partitions' own when they share it, else their kinds."""
+    first = forecasts[0]
+    total = Forecast(
+        rows=sum(f.rows for f in forecasts), rows_to_compute=sum(f.rows_to_compute for f in forecasts),
+        shards=sum(f.shards for f in forecasts), shards_to_compute=sum(f.shards_to_compute for f in forecasts),
+        files=sum(f.files for f in forecasts), device_type=first.device_type,
+        price_per_device_hour=first.price_per_device_hour, currency=first.currency, workers=first.workers,
+        history_runs=sorted({run for f in forecasts for run in f.history_runs}),
+        calibration=next((f.calibration for f in forecasts if f.calibration is not None), None),
+    )
+    for key in ("prompt_tokens", "generated_tokens", "embedded_tokens", "device_seconds", "wall_seconds", "cost"):
+        estimates: list[Estimate] = [getattr(f, key) for f in forecasts if getattr(f, key) is not None]
+        if not estimates:
+            continue
+        kinds = sorted({e.basis.split(":")[0] for e in estimates})
+        basis = (f"sum over {len(estimates)} partition(s); each {estimates[0].basis}" if len(kinds) == 1
+                 else f"sum over {len(estimates)} partitions; bases: {', '.join(kinds)}")
+        setattr(total, key, Estimate(sum(e.low for e in estimates), sum(e.expected for e in estimates),
+                                     sum(e.high for e in estimates), basis))
+    return total
+
+
+def format_forecast(forecast: Forecast, title: str = "shardwise plan (nothing was run)") -> str:
     """The human table ``shardwise plan`` prints."""
     def number(value: float, money: bool = False) -> str:
         return f"{value:.6f}" if money else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
-    lines = ["", "shardwise plan (nothing was run)", "-" * 32,
+    lines = ["", title, "-" * len(title),
              f"{'rows':<18}{forecast.rows} in {forecast.files} files, {forecast.shards} shards",
              f"{'to compute':<18}{forecast.rows_to_compute} rows in {forecast.shards_to_compute} shards"
              + (f" ({forecast.rows_cached} more rows from the row cache)" if forecast.rows_cached else ""),

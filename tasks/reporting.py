@@ -194,7 +194,7 @@ def report(
             "worker": r.worker or "",
             "error": redact_text(r.error or ""),
         })
-        if cfg.output_schema_hash is not None:  # every row has the column; unknown for failed or resumed shards
+        if cfg.output_schema_hash is not None:  # every row has the column; unknown for failed shards
             rows[-1]["schema_valid_rate"] = (
                 round(r.schema_valid_rows / r.rows, 4) if r.schema_valid_rows is not None and r.rows else None
             )

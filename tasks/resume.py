@@ -91,7 +91,9 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
                     or lineage.get(f"{LINEAGE_PREFIX}config_fingerprint") != cfg.output_fingerprint()
                 ):
                     return None
-                table = parquet.read(columns=[cfg.id_column, "error"])
+                # With an output schema, the typed column's nulls are the answers that did not match it.
+                schema_column = ["generated"] if cfg.output_schema_hash is not None else []
+                table = parquet.read(columns=[cfg.id_column, "error", *schema_column])
                 return lineage, table, output.fs.size(path)
         except FileNotFoundError:
             return None
@@ -108,12 +110,14 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
     lineage, table, size = found
     ids = table.column(0).to_pylist()
     error_rows = table.num_rows - table.column(1).null_count
+    schema_valid_rows = table.num_rows - table.column(2).null_count if table.num_columns > 2 else None
     return ShardResult(
         index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
         status="committed", rows=shard.num_rows, error_rows=error_rows, part_uri=uri, part_bytes=size,
         resumed=True, ids=ids, part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
         prompt_tokens=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
         generated_tokens=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
+        schema_valid_rows=schema_valid_rows,
     )
 
 

@@ -487,16 +487,13 @@ def cached_rows(cfg: JobConfig, table: pa.Table, cleaned: list[tuple[str | None,
     without a cache. The keys are those :func:`tasks.enrichment.enrich_table` uses."""
     if not cfg.cache:
         return set()
-    from gpu_runtime import render_prompt, template_fields
-
-    from tasks.enrichment import prompt_row
+    from tasks.enrichment import render_prompts
 
     cache = RowCache(cfg.cache, cfg.storage_options)
     valid = [i for i, (_, err) in enumerate(cleaned) if err is None]
     hit = set(valid)
     if cfg.runs_generation:
-        rows = table.select(template_fields(cfg.template)).to_pylist()
-        prompts = [render_prompt(cfg.template, prompt_row(rows[i], cfg.text_column, cleaned[i][0])) for i in valid]
+        prompts = render_prompts(cfg, table, [text for text, _ in cleaned], valid)
         keys = row_keys(generation_context(cfg, chat_date), prompts)
         found = cache.lookup("generate", keys)
         hit &= {i for i, k in zip(valid, keys) if k in found}

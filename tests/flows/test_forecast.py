@@ -64,7 +64,7 @@ def test_plan_matches_the_run_and_max_cost_refuses(tmp_path):
         assert set(plan[key]) >= {"low", "expected", "high", "basis"}, key
     assert plan["prompt_tokens"]["basis"].startswith("exact")
     assert plan["generated_tokens"]["basis"].startswith("upper bound")
-    assert plan["device_seconds"]["basis"].startswith("rough default")
+    assert plan["device_seconds"]["basis"].startswith("unmeasured guess")
     human = shardwise("plan", *job)
     assert human.returncode == 0 and "prompt tokens" in human.stdout and "upper bound" in human.stdout
 
@@ -167,3 +167,25 @@ def test_a_deployment_run_over_budget_is_refused_before_writing(prefect_server, 
     assert state.is_failed()
     assert "exceeds max_cost" in state.message
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_calibration_measures_a_sample_when_there_is_no_history(tmp_path):
+    source = _input(tmp_path)
+    out = tmp_path / "out"
+    job = _job(source, out, "forecast-calibration", "--max-new-tokens", "8")
+
+    plan = _plan(*job, "--calibrate", "4")
+    assert not out.exists()  # the calibration answers are thrown away
+    calibration = plan["calibration"]
+    assert len(calibration["generated_per_row"]) == 4 and calibration["seconds"] > 0
+    assert all(0 < n <= 8 for n in calibration["generated_per_row"])
+    assert plan["generated_tokens"]["basis"].startswith("calibration: ")
+    assert "over 4 sampled rows" in plan["generated_tokens"]["basis"]
+    assert plan["device_seconds"]["basis"].startswith("calibration: ")
+    assert _plan(*job)["calibration"] is None  # opt-in: without --calibrate no model is loaded
+
+    run = shardwise("run", *job)
+    assert run.returncode == 0, run.stderr[-3000:]
+    generated = pl.read_parquet(out / "part-*.parquet")["n_generated_tokens"].sum()
+    assert plan["generated_tokens"]["low"] <= generated <= plan["generated_tokens"]["high"], plan["generated_tokens"]

@@ -9,19 +9,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from tasks.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
 from tasks.demo_data import write_reviews_dataset
 from tests.flows.test_cli import assert_one_line_error, shardwise
 
-REVIEW_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"enum": ["positive", "negative", "mixed"]},
-        "topic": {"type": "string"},
-        "would_recommend": {"type": "boolean"},
-        "stars": {"type": "integer"},
-    },
-    "required": ["sentiment", "topic", "would_recommend", "stars"],
-}
 PROMPT = (
     "Read the product review and answer with JSON only, with the keys sentiment (positive, negative or mixed), "
     "topic (a few words), would_recommend (true or false) and stars (1 to 5).\n\nReview: {text}"
@@ -94,3 +85,35 @@ def test_too_few_new_tokens_give_row_errors_not_a_crash(tmp_path):
                for r in rows)
     assert all(r["generated_text"].startswith('{"') for r in rows), [r["generated_text"] for r in rows]
     assert re.search(r"schema valid\s+0/24 rows \(0\.0%\)", stdout), stdout
+
+
+@pytest.mark.slow
+def test_schema_valid_line_counts_reused_parts_too(tmp_path):
+    """A rerun that reuses committed parts counts their valid answers as well as its own."""
+    from gpu_runtime.dummy import llama_tokenizer_dir
+    from tests.gpu_runtime.families import save_family
+
+    # A tiny random Llama: the grammar alone makes its answers parse, and it answers in seconds.
+    model = save_family("llama", tmp_path / "tiny-llama", llama_tokenizer_dir("the schema resume test"))
+    input_dir = tmp_path / "reviews"
+    write_reviews_dataset(str(input_dir), files=1, rows_per_file=4, rows_per_group=2)
+    out = tmp_path / "out"
+    sentiment = {"type": "object", "properties": {"sentiment": REVIEW_SCHEMA["properties"]["sentiment"]},
+                 "required": ["sentiment"]}
+    job = ("run", "--input", str(input_dir), "--output", str(out), "--task", "generate", "--id-column", "review_id",
+           "--keep-columns", "id", "--prompt-template", PROMPT, "--rows-per-shard", "2", "--gen-model", str(model),
+           "--output-schema", json.dumps(sentiment), "--max-new-tokens", "16")
+    first = shardwise(*job, timeout=1500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    valid = sum(r["generated"] is not None for r in pq.read_table(str(out)).to_pylist())
+    assert valid > 0
+    assert re.search(rf"schema valid\s+{valid}/4 rows", first.stdout), first.stdout
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == 2
+    parts[0].unlink()  # one shard is recomputed, the other reused
+
+    rerun = shardwise(*job, timeout=1500)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert re.search(r"computed\s+2 rows \(2 reused", rerun.stdout), rerun.stdout
+    valid_now = sum(r["generated"] is not None for r in pq.read_table(str(out)).to_pylist())
+    assert re.search(rf"schema valid\s+{valid_now}/4 rows \({valid_now / 4:.1%}\)", rerun.stdout), rerun.stdout

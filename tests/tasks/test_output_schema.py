@@ -7,11 +7,10 @@ import json
 import pyarrow as pa
 import pytest
 
+from tasks.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
 from tasks.errors import ConfigError
 from tasks.job_config import build_config
 from tasks.output_schema import SchemaError, arrow_type, load_output_schema, parse_generated, schema_hash
-from tests.flows.test_structured_output import REVIEW_SCHEMA
-
 
 
 def test_every_supported_type_has_its_arrow_type():
