@@ -8,6 +8,7 @@ retried, and a persistent one fails the run (exit 3).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -114,7 +115,17 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
         resumed=True, ids=ids, part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
         prompt_tokens=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
         generated_tokens=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
+        quality=footer_quality(lineage.get(f"{LINEAGE_PREFIX}quality")),
     )
+
+
+def footer_quality(raw: str | None) -> dict[str, Any] | None:
+    """A part's partial quality figures from its footer; None for a part written without them."""
+    try:
+        quality = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return quality if isinstance(quality, dict) else None
 
 
 def find_committed(cfg: JobConfig, plan: ShardPlan) -> list[ShardResult]:
