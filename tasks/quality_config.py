@@ -56,6 +56,10 @@ class QualityConfig(BaseModel):
     max_refusal_rate: float | None = Field(
         default=None, ge=0, le=1, description="ceiling on the share of answers matching a refusal pattern; null: no ceiling"
     )
+    min_rows: int = Field(
+        default=100, ge=1,
+        description="compare rates, lengths and centroids with the baseline only when both have this many rows",
+    )
     max_length_rate_increase: float | None = Field(
         default=0.20, ge=0, le=1, description="rise of the finish_reason=length rate over the baseline (rate points)"
     )

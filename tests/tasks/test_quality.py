@@ -44,9 +44,9 @@ def test_profile_of_shards_equals_profile_of_all_rows():
 
 
 def test_checks_compare_with_the_baseline_and_can_be_switched_off():
-    base = {"length_rate": 0.1, "generated_tokens": {"mean": 20.0}, "embedding": {"centroid": [1.0, 0.0]},
+    base = {"rows": 100, "length_rate": 0.1, "generated_tokens": {"mean": 20.0}, "embedding": {"centroid": [1.0, 0.0]},
             "canaries": {"answers": {"c1": "Same.", "c2": "Before."}}}
-    now = {"error_rate": 0.2, "length_rate": 0.9, "generated_tokens": {"mean": 3.0},
+    now = {"rows": 100, "error_rate": 0.2, "length_rate": 0.9, "generated_tokens": {"mean": 3.0},
            "embedding": {"centroid": [0.0, 1.0]}, "canaries": {"answers": {"c1": "Same.", "c2": "After."}}}
     checks = {c.name: c for c in run_checks(QualityConfig(max_error_rate=0.1), now, base)}
     assert not checks["error_rate"].passed
@@ -60,6 +60,8 @@ def test_checks_compare_with_the_baseline_and_can_be_switched_off():
                         max_canary_changes=None)
     assert run_checks(off, now, base) == []  # ceilings are off by default, the rest switched off here
     assert {c.name for c in run_checks(QualityConfig(), now, None)} == set()  # no baseline: nothing to compare
+    few = {c.name for c in run_checks(QualityConfig(), now | {"rows": 99}, base)}
+    assert few == {"canaries_changed"}  # too few rows to compare figures; canaries compare row by row
 
 
 def test_baseline_is_the_latest_earlier_published_partition(tmp_path):
@@ -83,3 +85,29 @@ def test_the_gates_files_are_not_foreign(tmp_path):
     for name in ("_quality.json", "_QUALITY_HOLD", "notes.txt"):
         (tmp_path / name).write_text("{}")
     assert OutputDir(str(tmp_path)).foreign_files() == ["notes.txt"]
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("quality.gate=maybe", "quality.gate"),
+    ("quality.max_length_rate_increase=1.5", "quality.max_length_rate_increase"),
+    ("quality.max_centroid_drift=-0.1", "quality.max_centroid_drift"),
+    ("quality.max_canary_changes=some", "quality.max_canary_changes"),
+    ("quality.refusal_patterns=['I cannot', ' ']", "quality.refusal_patterns"),
+    ("quality.treshold=0.1", "quality.treshold"),
+])
+def test_bad_quality_settings_are_config_errors(setting, needle):
+    from tasks.errors import ConfigError
+    from tasks.job_config import build_config
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        build_config(None, {"input": "in", "output": "out"}, [setting])
+
+
+def test_a_baseline_without_a_profile_is_a_config_error(tmp_path):
+    from tasks.errors import ConfigError
+    from tasks.job_config import validate_config
+    from tasks.quality import check_quality_settings
+
+    cfg = validate_config({"input": "in", "output": "out", "quality": {"baseline": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="quality.baseline: .* has no _quality.json"):
+        check_quality_settings(cfg)
