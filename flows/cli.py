@@ -216,9 +216,12 @@ def execute(cfg) -> int:
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
         print(redact_text(format_summary(result)))
-        if (result.get("quality") or {}).get("status") == "held":
-            _error(redact_text(result["quality"]["message"]))
+        quality = result.get("quality") or {}
+        if quality.get("status") == "held":
+            _error(redact_text(quality["message"]))
             return 4
+        if quality.get("status") == "warned":
+            print(f"shardwise: warning: {redact_text(quality['message'])}", file=sys.stderr, flush=True)
         if not result.get("succeeded") and state.message:
             _error(redact_text(f"run failed: {state.message}"))
         return 0 if result.get("succeeded") else 1

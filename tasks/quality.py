@@ -409,7 +409,9 @@ class QualityVerdict:
         """One line naming the failed checks (empty when none failed)."""
         if not self.failed:
             return ""
-        against = f" (baseline {self.baseline_uri})" if self.baseline_uri else ""
+        from tasks.redaction import redact_uri
+
+        against = f" (baseline {redact_uri(self.baseline_uri)})" if self.baseline_uri else ""
         action = ("output held, no _SUCCESS: check it, then `shardwise release OUTPUT`" if self.held
                   else "published anyway (quality.gate: warn)")
         return f"quality checks failed: {'; '.join(c.describe() for c in self.failed)}{against}; {action}"
@@ -475,10 +477,11 @@ def comparison_rows(verdict: QualityVerdict) -> list[tuple[str, Any, Any]]:
 
 
 def markdown(verdict: QualityVerdict) -> str:
+    from tasks.redaction import redact_uri
     from tasks.reporting import markdown_text as md
 
     lines = [f"# Quality gate: {verdict.status}", "",
-             f"- baseline: {md(verdict.baseline_uri) if verdict.baseline_uri else 'none (nothing earlier to compare with)'}"]
+             f"- baseline: {md(redact_uri(verdict.baseline_uri)) if verdict.baseline_uri else 'none (nothing earlier to compare with)'}"]
     if verdict.failed:
         lines.append(f"- {md(verdict.message())}")
     lines += ["", "| figure | tonight | baseline |", "|---|---|---|"]
@@ -497,6 +500,7 @@ def log_verdict(run_id: str, verdict: QualityVerdict) -> None:
     from mlflow.entities import Metric, RunTag
     from prefect.artifacts import create_markdown_artifact
 
+    from tasks.redaction import redact_uri, redact_values
     from tasks.run_figure import generated_length_figure
 
     client = _mlflow()
@@ -507,17 +511,16 @@ def log_verdict(run_id: str, verdict: QualityVerdict) -> None:
     metrics["quality_failed_checks"] = len(verdict.failed)
     tags = [RunTag("shardwise.quality", verdict.status)]
     if verdict.baseline_uri:
-        from tasks.redaction import redact_uri
-
         tags.append(RunTag("shardwise.quality.baseline", redact_uri(verdict.baseline_uri)))
     client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()], tags=tags)
-    client.log_dict(run_id, {**verdict.profile, "checks": [c.to_dict() for c in verdict.checks]}, "quality.json")
+    client.log_dict(run_id, redact_values({**verdict.profile, "checks": [c.to_dict() for c in verdict.checks]}),
+                    "quality.json")
     tonight = (verdict.profile.get("generated_tokens") or {}).get("histogram")
     if tonight:
         import matplotlib.pyplot as plt
 
         figure = generated_length_figure(tonight, ((verdict.baseline or {}).get("generated_tokens") or {}).get(
-            "histogram"), verdict.baseline_uri)
+            "histogram"), redact_uri(verdict.baseline_uri) if verdict.baseline_uri else None)
         client.log_figure(run_id, figure, "generated_lengths.png")
         plt.close(figure)
     create_markdown_artifact(markdown(verdict), key="quality-gate", description="tonight vs baseline")
