@@ -418,7 +418,9 @@ class QualityVerdict:
 
     def summary(self) -> dict[str, Any]:
         """What the manifest and the run summary record of the verdict."""
-        return {"status": self.status, "baseline": self.baseline_uri,
+        from tasks.redaction import redact_uri
+
+        return {"status": self.status, "baseline": redact_uri(self.baseline_uri) if self.baseline_uri else None,
                 "failed_checks": [c.name for c in self.failed], "message": self.message(),
                 "checks": [c.to_dict() for c in self.checks]}
 
