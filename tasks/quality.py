@@ -424,9 +424,18 @@ class QualityVerdict:
                 "failed_checks": [c.name for c in self.failed], "message": self.message(),
                 "checks": [c.to_dict() for c in self.checks]}
 
+    def changed_since_baseline(self) -> list[str]:
+        """What produced tonight's output differently from the baseline's (settings, model
+        weights, prompt, engine): a change made on purpose shows here."""
+        now, before = self.profile.get("context") or {}, (self.baseline or {}).get("context") or {}
+        if not before:
+            return []
+        return [key for key in sorted(set(now) | set(before)) if now.get(key) != before.get(key)]
+
     def hold_document(self, output: str, run_info: dict[str, Any]) -> dict[str, Any]:
         return {"held_at": _now(), "output": output, "baseline": self.baseline_uri,
-                "failed_checks": [c.to_dict() for c in self.failed], "message": self.message(), **run_info}
+                "failed_checks": [c.to_dict() for c in self.failed],
+                "changed_since_baseline": self.changed_since_baseline(), "message": self.message(), **run_info}
 
 
 def assess(cfg: JobConfig, results: list[ShardResult], canaries: dict[str, Any] | None) -> QualityVerdict:

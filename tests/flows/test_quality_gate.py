@@ -111,6 +111,7 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     assert_one_line_error(edited, 4, "canaries_changed")
     hold = json.loads((night[dates[3]] / "_QUALITY_HOLD").read_text())
     assert [c["check"] for c in hold["failed_checks"]] == ["canaries_changed"]
+    assert "prompt_hash" in hold["changed_since_baseline"]  # the edit shows as what changed
     assert hold["baseline"] == str(night[dates[1]])
 
 

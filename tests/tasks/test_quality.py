@@ -81,6 +81,18 @@ def test_baseline_is_the_latest_earlier_published_partition(tmp_path):
     assert find_baseline(cfg) == (None, None)  # an ad-hoc run without --baseline
 
 
+def test_a_hold_names_what_changed_since_the_baseline():
+    from tasks.quality import CheckResult, QualityVerdict
+
+    before = {"context": {"settings_fingerprint": "a", "prompt_hash": "p1", "models": {"generate": "m"}}}
+    now = {"context": {"settings_fingerprint": "b", "prompt_hash": "p2", "models": {"generate": "m"}}}
+    verdict = QualityVerdict("held", now, [CheckResult("canaries_changed", 2.0, 0, 0.0, passed=False)], "base", before)
+    hold = verdict.hold_document("out", {"mlflow_run_id": "r"})
+    assert hold["changed_since_baseline"] == ["prompt_hash", "settings_fingerprint"]
+    assert hold["failed_checks"][0]["check"] == "canaries_changed" and hold["baseline"] == "base"
+    assert verdict.message().startswith("quality checks failed: canaries_changed 2 > 0 (baseline base)")
+
+
 def test_the_gates_files_are_not_foreign(tmp_path):
     for name in ("_quality.json", "_QUALITY_HOLD", "notes.txt"):
         (tmp_path / name).write_text("{}")
