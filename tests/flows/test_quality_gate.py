@@ -24,7 +24,7 @@ def nightly_job(tmp_path: Path, dates: list[str], **quality: object) -> Path:
         write_reviews_dataset(str(tmp_path / "raw" / f"dt={date}"), files=1, rows_per_file=4, rows_per_group=2,
                               seed=seed)
     job = {"name": "quality-nightly", "input": str(tmp_path / "raw"), "output": str(tmp_path / "enriched"),
-           "task": "generate", "id_column": "review_id", "keep_columns": "id", "rows_per_shard": 2, "device": "cpu",
+           "task": "generate", "id_column": "review_id", "keep_columns": "id", "rows_per_shard": 4, "device": "cpu",
            "generate": {"system_prompt": "You are a concise analyst of customer reviews.",
                         "prompt_template": PROMPT, "max_new_tokens": 24},
            "quality": quality}
@@ -61,14 +61,14 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     job = nightly_job(tmp_path, dates, canaries=canaries[0], min_rows=1)
     night = {d: tmp_path / "enriched" / f"dt={d}" for d in dates}
 
-    first = shardwise("run", "--config", str(job), "--date", dates[0])
+    first = shardwise("run", "--config", str(job), "--date", dates[0], timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
     profile = json.loads((night[dates[0]] / "_quality.json").read_text())
-    assert profile["baseline"] is None and profile["rows"] == 4 and profile["shards_profiled"] == 2
+    assert profile["baseline"] is None and profile["rows"] == 4 and profile["shards_profiled"] == 1
     assert len(profile["canaries"]["answers"]) == 2
 
     # A healthy second night over fresh rows of the same kind: compared with the first, no alarm.
-    second = shardwise("run", "--config", str(job), "--date", dates[1])
+    second = shardwise("run", "--config", str(job), "--date", dates[1], timeout=1500)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "quality          passed" in second.stdout, second.stdout
     manifest = json.loads((night[dates[1]] / "_manifest.json").read_text())
@@ -79,7 +79,7 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     assert mlflow_run(night[dates[1]]).data.tags["shardwise.quality"] == "passed"
 
     # Answers cut short: held, with everything written but _SUCCESS.
-    cut = shardwise("run", "--config", str(job), "--date", dates[2], "--max-new-tokens", "3")
+    cut = shardwise("run", "--config", str(job), "--date", dates[2], "--max-new-tokens", "3", timeout=1500)
     assert_one_line_error(cut, 4, "length_rate_increase", "generated_tokens_change", "shardwise release")
     held = night[dates[2]]
     assert not (held / "_SUCCESS").exists()
@@ -107,7 +107,7 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     edited = shardwise("run", "--config", str(job), "--date", dates[3], "--baseline", str(night[dates[1]]),
                        "--set", "generate.system_prompt=You answer every question like a pirate.",
                        "--set", "quality.max_length_rate_increase=null",
-                       "--set", "quality.max_generated_tokens_change=null")
+                       "--set", "quality.max_generated_tokens_change=null", timeout=1500)
     assert_one_line_error(edited, 4, "canaries_changed")
     hold = json.loads((night[dates[3]] / "_QUALITY_HOLD").read_text())
     assert [c["check"] for c in hold["failed_checks"]] == ["canaries_changed"]
