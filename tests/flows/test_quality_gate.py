@@ -128,6 +128,7 @@ def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path
     """Embeddings of another kind of text tonight: the nightly deployment run is held and ends
     Failed naming the check; the next backfill over that date reruns it instead of skipping it."""
     import pyarrow as pa
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     from tests.flows.test_deployments import partition_runs, read_deployment, trigger_backfill
@@ -151,6 +152,9 @@ def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path
     held = tmp_path / "enriched" / f"dt={tonight}"
     assert (held / "_QUALITY_HOLD").is_file() and not (held / "_SUCCESS").exists()
     assert "centroid_drift" in (nightly.state.message or ""), nightly.state.message
+    with get_client(sync_client=True) as client:  # the enrich run itself ends Failed with that line
+        enrich_run = client.read_flow_run(json.loads((held / "_manifest.json").read_text())["prefect_flow_run_id"])
+    assert enrich_run.state.is_failed() and "centroid_drift" in enrich_run.state.message
 
     partition = read_deployment("enrich-partition/enrich-partition")
     before = [r for r in partition_runs(partition.id) if r.name == f"dt={tonight}"]
