@@ -86,7 +86,7 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     assert pq.read_table(str(held)).num_rows == 4  # nothing is lost
     hold = json.loads((held / "_QUALITY_HOLD").read_text())
     failed = {c["check"]: c for c in hold["failed_checks"]}
-    assert {"length_rate_increase", "generated_tokens_change"} <= set(failed)
+    assert {"length_rate_increase", "generated_tokens_change", "canaries_changed"} <= set(failed)
     assert hold["baseline"] == str(night[dates[1]]) and failed["generated_tokens_change"]["threshold"] == 0.3
     assert json.loads((held / "_manifest.json").read_text())["status"] == "held"
     run = mlflow_run(held)
