@@ -1,7 +1,9 @@
-"""The ``shardwise`` command line: ``run``, ``plan``, ``backfill``, ``demo``, ``status``, ``lineage`` and ``cache``.
+"""The ``shardwise`` command line: ``run``, ``plan``, ``backfill``, ``demo``, ``status``, ``lineage``,
+``release`` and ``cache``.
 
 Exit codes: 0 success; 1 the run failed (some shards failed, or an unexpected error); 2 bad input
-or config (nothing was processed); 3 storage not reachable or not writable; 130 interrupted
+or config (nothing was processed); 3 storage not reachable or not writable; 4 the output is complete
+but held by the quality gate (no ``_SUCCESS``; see ``shardwise release``); 130 interrupted
 (Ctrl-C, SIGINT); 143 terminated (SIGTERM).
 Errors are one line on stderr; set ``SHARDWISE_DEBUG=1`` for a traceback.
 """
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="refuse the run if its forecast can cost more; start no shard past it")
     run.add_argument("--cache", metavar="URI",
                      help="row cache (any fsspec URI): reuse rows computed before from the same inputs")
+    run.add_argument("--baseline", metavar="OUTPUT_URI",
+                     help="an earlier output the quality gate compares this one with (quality.baseline)")
 
     plan = sub.add_parser("plan", help="forecast rows, tokens, device time and cost of a run; runs nothing")
     for action in run._actions[1:]:  # exactly run's job flags (all but -h), so a plan matches its run
@@ -109,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune = cache_sub.add_parser("prune", help="delete entries written more than DAYS days ago")
     prune.add_argument("uri")
     prune.add_argument("--older-than", type=float, required=True, metavar="DAYS")
+
+    release = sub.add_parser("release", help="publish an output the quality gate held (writes _SUCCESS)")
+    release.add_argument("output")
+    release.add_argument("--reason", help="why it is released (recorded in the manifest and MLflow)")
     return parser
 
 
@@ -143,6 +151,8 @@ def config_from_args(args: argparse.Namespace):
         overrides["generate"] = {k: v for k, v in generate.items() if v is not None}
     if args.embed_model:
         overrides["embed"] = {"model": args.embed_model}
+    if args.baseline:
+        overrides["quality"] = {"baseline": args.baseline}
     if args.ray_address:
         overrides["ray"] = {"address": args.ray_address}
         overrides.setdefault("runner", "ray")
@@ -166,6 +176,7 @@ def preflight(cfg, before_writing: Any = None) -> Any:
     from gpu_runtime import resolve_model_spec
     from tasks.output_dir import OutputDir
     from tasks.planning import plan_shards
+    from tasks.quality import check_quality_settings
     from tasks.resume import check_output_compatible, check_output_location
     from tasks.runners import check_engine_settings
     from tasks.storage import check_writable
@@ -179,6 +190,7 @@ def preflight(cfg, before_writing: Any = None) -> Any:
         resolve_model_spec(cfg.generate.model)
     if cfg.runs_embedding:
         resolve_model_spec(cfg.embed.model)
+    check_quality_settings(cfg)
     if before_writing is not None:
         before_writing(cfg, plan)
     check_writable(cfg.output, cfg.storage_options)
@@ -242,6 +254,12 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
     if isinstance(result, dict):
         log_server_start(result, server_seconds)
         print(redact_text(format_summary(result)))
+        quality = result.get("quality") or {}
+        if quality.get("status") == "held":
+            _error(redact_text(quality["message"]))
+            return 4
+        if quality.get("status") == "warned":
+            print(f"shardwise: warning: {redact_text(quality['message'])}", file=sys.stderr, flush=True)
         if not result.get("succeeded") and state.message:
             _error(redact_text(f"run failed: {state.message}"))
         ok = bool(result.get("succeeded"))
@@ -267,7 +285,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 
     ok = summary["succeeded"]
     rows = [
-        ("status", "succeeded" if ok else "FAILED"),
+        ("status", "succeeded" if ok else "HELD" if (summary.get("quality") or {}).get("status") == "held"
+         else "FAILED"),
         ("output", summary["output"]),
         ("rows", f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
                  f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
@@ -291,6 +310,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         rows.insert(-1, ("cost saved", saved))
     if summary.get("forecast"):
         rows.insert(-1, ("forecast", format_forecast_line(summary["forecast"])))
+    if summary.get("quality"):
+        quality = summary["quality"]
+        failed = ", ".join(quality["failed_checks"]) or "none failed"
+        rows.insert(1, ("quality", f"{quality['status']} ({failed}; baseline {quality['baseline'] or 'none'})"))
     if timings := summary.get("timings"):
         rows.insert(-1, ("overhead", format_timings(timings)))
     for label, use in summary.get("workers", {}).items():
@@ -382,6 +405,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from tasks.manifest import read_status
+    from tasks.quality import read_hold
     from tasks.storage import exists, runtime_storage_options
 
     options = runtime_storage_options()
@@ -397,7 +421,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     _out(f"shards   {status.shards_done}/{status.shards_total} done")
     _out(f"rows     {status.rows}")
     _out(f"_SUCCESS {'yes' if status.success else 'no'}")
+    hold = read_hold(args.output, options)
+    if hold is not None:
+        _out(f"held     by the quality gate since {hold.get('held_at', '?')}: {hold.get('message', '')}")
+        for check in hold.get("failed_checks") or []:
+            _out(f"  {check.get('check')}: {check.get('value')} (threshold {check.get('threshold')}, "
+                 f"baseline {check.get('baseline_value')})")
+        _out(f"  release it with: shardwise release {args.output} --reason '...'")
+        return 4
     return 0 if status.success else 1
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from tasks.quality import release_output
+    from tasks.storage import runtime_storage_options
+
+    release = release_output(args.output, args.reason, runtime_storage_options())
+    _out(f"released {args.output} (held for: {', '.join(release['failed_checks'])}) by {release['released_by']} "
+         f"at {release['released_at']}; _SUCCESS written")
+    return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -471,7 +513,8 @@ def _print_lineage(lineage: dict[str, str], indent: str) -> None:
     order = ["mlflow_run_id", "prefect_flow_run_id", "generate_model", "generate_model_revision", "generate_engine",
              "embed_model", "embed_model_revision", "prompt_hash", "config_fingerprint", "source",
              "source_rows", "source_fingerprint", "shard_id", "created_at"]
-    keys = [k for k in order if k in lineage] + sorted(k for k in lineage if k not in order)
+    # "quality" holds the part's partial quality figures: numbers for the gate, not provenance
+    keys = [k for k in order if k in lineage] + sorted(k for k in lineage if k not in order and k != "quality")
     for key in keys:
         _out(f"{indent}{key:<24} {lineage[key]}")
 
@@ -520,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.backfill_cli import cmd_backfill
 
     handlers = {"run": cmd_run, "plan": cmd_plan, "backfill": cmd_backfill, "demo": cmd_demo, "status": cmd_status,
-                "lineage": cmd_lineage, "cache": cmd_cache}
+                "lineage": cmd_lineage, "cache": cmd_cache, "release": cmd_release}
     started = time.perf_counter()
     try:
         return handlers[args.command](args)

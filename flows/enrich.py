@@ -22,6 +22,7 @@ from tasks.job_handoff import job_from_parameters
 from tasks.manifest import commit_output_task, start_output_task
 from tasks.output_dir import OutputDir
 from tasks.planning import ShardPlan, plan_shards_task
+from tasks.quality import QualityVerdict, assess_task, log_verdict_task, run_canaries_task
 from tasks.redaction import install_log_redaction, redact_text
 from tasks.reporting import ProgressUpdates, price_for, report_task, start_progress
 from tasks.resume import find_committed_task, prepare_output_task
@@ -133,6 +134,15 @@ def process_shards(
     return results
 
 
+def quality_verdict(cfg: JobConfig, plan: ShardPlan, results: list[ShardResult]) -> QualityVerdict | None:
+    """The quality gate's verdict on a complete output (canaries run on the shards' runner);
+    None when shards failed, since such an output is not published anyway."""
+    if plan.unreadable or sum(r.status == "committed" for r in results) < len(plan.shards):
+        return None
+    canaries = run_canaries_task.submit(cfg).result() if cfg.quality.canaries else None
+    return assess_task(cfg, results, canaries)
+
+
 def failure_message(summary: dict[str, Any], plan: ShardPlan) -> str:
     failed = len(plan.shards) - summary["shards_committed"]
     parts = [f"{failed} of {len(plan.shards)} shards failed"]
@@ -175,14 +185,21 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
             with timer.phase(SHARDS_PHASE):
                 results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
             with timer.phase("commit"):
-                outcome = commit_output_task(cfg, plan, results, run_info)
+                verdict = quality_verdict(cfg, plan, results)
+                outcome = commit_output_task(cfg, plan, results, run_info, verdict)
             results = outcome.results  # a part replaced since it was written counts as failed
             with timer.phase("report"):
+                if verdict is not None:
+                    log_verdict_task(run_id, verdict)
                 summary = report_task(cfg, outcome, results, run_id, timer.elapsed(), plan.unreadable)
+                if verdict is not None:
+                    summary["quality"] = verdict.summary()
                 summary["forecast"] = expected.to_dict() if expected else None
                 log_computed(run_id, results)
             summary["timings"] = timing_figures(timer, results, workers=worker_count(cfg))
             log_timings(run_id, summary["timings"])
+    if outcome.held:
+        return Failed(message=verdict.message(), data=summary)
     if not outcome.succeeded:
         message = failure_message(summary, plan)
         if guard is not None and guard.stopped:

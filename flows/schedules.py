@@ -31,7 +31,13 @@ def enrich_partition(job: str | dict[str, Any], date: str):
         get_run_logger().info("%s is already complete with this config: nothing to do", cfg.output)
         return Completed(message=f"dt={date} already complete", data={"output": cfg.output, "skipped": True})
     # The full config (the job file's storage_options too) reaches the subflow in this process.
-    return enrich_for(cfg)(job=flow_parameters(cfg), return_state=True)
+    return with_own_message(enrich_for(cfg)(job=flow_parameters(cfg), return_state=True))
+
+
+def with_own_message(state: Any) -> Any:
+    """A failed subflow's state as this flow's own, so its message (a quality hold names the failed
+    checks) reaches this run instead of Prefect's generic "1/1 states failed"."""
+    return Failed(message=state.message) if state.is_failed() else state
 
 
 @flow(name="nightly-enrich")
@@ -39,7 +45,7 @@ def nightly_enrich(job: str | dict[str, Any], timezone: str = "UTC", days_back: 
     """The partition this scheduled run owns (scheduled start in ``timezone`` minus ``days_back``)."""
     day = date or nightly_date(flow_run.scheduled_start_time, timezone, days_back)
     get_run_logger().info("scheduled for %s (%s): processing dt=%s", flow_run.scheduled_start_time, timezone, day)
-    return enrich_partition(job=job, date=day, return_state=True)
+    return with_own_message(enrich_partition(job=job, date=day, return_state=True))
 
 
 @flow(name="backfill", flow_run_name="backfill-{start}-to-{end}", task_runner=ThreadPoolTaskRunner(max_workers=32))

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
+from tasks.quality_config import QualityConfig
 
 DEFAULT_GEN_MODEL = "bundled:smollm2-135m-instruct"
 DEFAULT_EMBED_MODEL = "bundled:all-minilm-l6-v2"
@@ -151,6 +152,7 @@ class JobConfig(_Strict):
     )
     generate: GenerateConfig = GenerateConfig()
     embed: EmbedConfig = EmbedConfig()
+    quality: QualityConfig = QualityConfig()
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     # spec -> identity of its weights, resolved once per config object (see model_identities)
     _identities: dict[str, str] = PrivateAttr(default_factory=dict)

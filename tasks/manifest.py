@@ -19,6 +19,7 @@ from tasks.errors import StorageError
 from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import ShardPlan
+from tasks.quality import QualityVerdict, write_verdict
 from tasks.results import RunTotals, ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.output_dir import MANIFEST_NAME, SUCCESS_NAME, OutputDir, part_name
@@ -39,6 +40,7 @@ def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> N
     """Withdraw any old ``_SUCCESS`` and record the planned shards before any part is written."""
     output = OutputDir(cfg.output, cfg.storage_options)
     output.remove_success()
+    output.remove_quality()  # this run's verdict replaces any earlier one
     manifest = {
         "format": MANIFEST_FORMAT,
         "status": "running",
@@ -69,6 +71,7 @@ class CommitOutcome:
     duplicate_ids: int
     totals: RunTotals
     results: list[ShardResult] = field(default_factory=list)  # as confirmed at commit
+    held: bool = False  # complete, but the quality gate withheld _SUCCESS (see tasks.quality)
 
 
 def final_manifest(
@@ -113,9 +116,11 @@ def final_manifest(
 
 
 def commit_output(
-    cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any]
+    cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any],
+    verdict: QualityVerdict | None = None,
 ) -> CommitOutcome:
-    """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed.
+    """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed and the
+    quality ``verdict`` (when given) does not hold the output: then ``_QUALITY_HOLD`` instead.
 
     Raises :class:`StorageError` when this run no longer holds the output's lease (another run
     took it over): then nothing is written. A part that is no longer the one this run wrote or
@@ -127,8 +132,11 @@ def commit_output(
     crash_point("before-manifest")
     results = confirm_parts(output, results)
     manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
-    output.write_json(MANIFEST_NAME, manifest)
     succeeded = manifest["status"] == "succeeded"
+    held = succeeded and verdict is not None and verdict.held
+    if succeeded and verdict is not None:
+        manifest.update(status="held" if held else "succeeded", quality=verdict.summary())
+    output.write_json(MANIFEST_NAME, manifest)
     if succeeded:
         remove_stray_parts(cfg, plan)
         crash_point("before-success")
@@ -138,11 +146,14 @@ def commit_output(
             results = rechecked
             manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
             output.write_json(MANIFEST_NAME, manifest)
-            succeeded = False
+            succeeded = held = False
         else:
-            success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
-            output.write_success(success)
-    return CommitOutcome(succeeded, output.uri_of(MANIFEST_NAME), duplicates, totals, results)
+            if verdict is not None:
+                write_verdict(output, verdict, run_info)
+            if not held:
+                success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
+                output.write_success(success)
+    return CommitOutcome(succeeded and not held, output.uri_of(MANIFEST_NAME), duplicates, totals, results, held)
 
 
 def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardResult]:
@@ -180,9 +191,10 @@ def start_output_task(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any])
 
 @task(name="commit-output", retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_unless_bad_input)
 def commit_output_task(
-    cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any]
+    cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any],
+    verdict: QualityVerdict | None = None,
 ) -> CommitOutcome:
-    return commit_output(cfg, plan, results, run_info)
+    return commit_output(cfg, plan, results, run_info, verdict)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ Layout, all under one root::
     part-<shard id>.parquet   one per shard, published whole (never a partial object)
     _manifest.json            the plan while running; the per-shard outcome at commit
     _SUCCESS                  written last: only then is the directory complete
+    _quality.json             the output's quality profile (see tasks.quality)
+    _QUALITY_HOLD             instead of _SUCCESS when the quality gate holds the output
     _shardwise.lease          who is writing here now (host, pid, flow run), renewed while it lives
     .tmp-*, .shardwise-write-probe-*   in-flight local writes and write checks (debris if killed)
 
@@ -38,6 +40,8 @@ from tasks.storage import PROBE_PREFIX, TEMP_PREFIX, atomic_write_bytes, filesys
 
 MANIFEST_NAME = "_manifest.json"
 SUCCESS_NAME = "_SUCCESS"
+QUALITY_NAME = "_quality.json"
+HOLD_NAME = "_QUALITY_HOLD"
 LEASE_NAME = "_shardwise.lease"
 LINEAGE_PREFIX = "shardwise."  # footer keys of every part shardwise writes
 _PART = re.compile(r"part-(?P<shard_id>[A-Za-z0-9_-]{1,48}-\d{10}-[0-9a-f]{10})\.parquet")
@@ -176,7 +180,7 @@ class OutputDir:
     def foreign_files(self) -> list[str]:
         """Files here that shardwise did not write: by its naming and, for a part, an entry in the
         manifest or (when the manifest does not list it) a footer naming that very shard."""
-        own_fixed = {MANIFEST_NAME, SUCCESS_NAME, LEASE_NAME}
+        own_fixed = {MANIFEST_NAME, SUCCESS_NAME, LEASE_NAME, QUALITY_NAME, HOLD_NAME}
         names = self.names()
         manifest = self.read_manifest() if MANIFEST_NAME in names else None
         listed = {part_name(str(s.get("shard_id"))) for s in (manifest or {}).get("shards", []) if isinstance(s, dict)}
@@ -230,6 +234,14 @@ class OutputDir:
     def remove_success(self) -> None:
         self._remove(SUCCESS_NAME)
 
+    def remove_hold(self) -> None:
+        self._remove(HOLD_NAME)
+
+    def remove_quality(self) -> None:
+        """Withdraw the quality verdict of an earlier run (its profile and any hold)."""
+        self._remove(HOLD_NAME)
+        self._remove(QUALITY_NAME)
+
     def _remove(self, name: str) -> None:
         try:
             self.fs.rm_file(self.path_of(name))
@@ -250,6 +262,7 @@ class OutputDir:
     def clear(self) -> None:
         """Remove what shardwise wrote here: ``_SUCCESS`` first, then its parts, then the manifest."""
         self.remove_success()
+        self.remove_quality()
         self.remove_own_parts()
         self._remove(MANIFEST_NAME)
         self.remove_debris()
@@ -276,7 +289,7 @@ class OutputDir:
             raise StorageError(f"cannot list unfinished uploads under {self.uri}: {err}") from None
         for upload in listing.get("Uploads") or []:
             name = upload["Key"][len(prefix):]
-            if "/" in name or not (part_shard_id(name) or name in (MANIFEST_NAME, SUCCESS_NAME)
+            if "/" in name or not (part_shard_id(name) or name in (MANIFEST_NAME, SUCCESS_NAME, QUALITY_NAME, HOLD_NAME)
                                    or name.startswith(PROBE_PREFIX)):
                 continue  # not shardwise's: leave it to whoever started it
             self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"],
@@ -410,5 +423,5 @@ class Lease:
         self.release()
 
 
-__all__ = ["LEASE_NAME", "MANIFEST_NAME", "SUCCESS_NAME", "Lease", "LeaseHolder", "OutputDir",
+__all__ = ["HOLD_NAME", "LEASE_NAME", "MANIFEST_NAME", "QUALITY_NAME", "SUCCESS_NAME", "Lease", "LeaseHolder", "OutputDir",
            "check_separate", "part_name", "part_shard_id"]

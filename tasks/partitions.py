@@ -18,6 +18,7 @@ from tasks.errors import ConfigError, InputError
 from tasks.job_config import JobConfig, build_config, read_config_file
 from tasks.manifest import SUCCESS_NAME, read_manifest
 from tasks.planning import inspect_file, list_input_files
+from tasks.quality_config import PartitionRef
 from tasks.storage import exists, join
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,8 @@ def dated(cfg: JobConfig, date: str) -> JobConfig:
     update: dict[str, Any] = {"input": _place_date(cfg.input, day), "output": _place_date(cfg.output, day)}
     if cfg.generate.chat_date is None:
         update["generate"] = cfg.generate.model_copy(update={"chat_date": parsed})
+    # where the quality gate finds earlier partitions of this job to compare with
+    update["quality"] = cfg.quality.model_copy(update={"partition": PartitionRef(date=parsed, output=cfg.output)})
     return cfg.model_copy(update=update)
 
 

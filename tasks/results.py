@@ -42,6 +42,7 @@ class ShardResult:
     resumed: bool = False  # committed by an earlier run and verified, not recomputed
     worker: str | None = None  # which worker process ran it (see tasks.runners)
     model_loads: dict[str, int] = field(default_factory=dict)  # loads so far in that worker, by model
+    quality: dict[str, Any] | None = None  # partial quality figures of its rows (tasks.quality.shard_profile)
     ids: list[Any] = field(default_factory=list, repr=False)
 
     @property

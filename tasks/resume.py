@@ -8,6 +8,7 @@ retried, and a persistent one fails the run (exit 3).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -118,7 +119,17 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
         prompt_tokens=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
         generated_tokens=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
         schema_valid_rows=schema_valid_rows,
+        quality=footer_quality(lineage.get(f"{LINEAGE_PREFIX}quality")),
     )
+
+
+def footer_quality(raw: str | None) -> dict[str, Any] | None:
+    """A part's partial quality figures from its footer; None for a part written without them."""
+    try:
+        quality = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return quality if isinstance(quality, dict) else None
 
 
 def find_committed(cfg: JobConfig, plan: ShardPlan) -> list[ShardResult]:

@@ -1,4 +1,5 @@
-"""The per-run picture logged to MLflow: throughput per shard over time, and cumulative cost."""
+"""The per-run pictures logged to MLflow: throughput per shard over time and cumulative cost; generated
+lengths tonight vs the quality baseline."""
 
 from __future__ import annotations
 
@@ -38,5 +39,32 @@ def throughput_figure(results: list[ShardResult], price: Price) -> Any:
     bottom.set_xlabel("seconds since the first shard started")
     bottom.set_title(f"Cost at {price.per_hour:.2f} {price.currency}/h ({price.device_type})")
     bottom.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def generated_length_figure(tonight: dict[str, int], baseline: dict[str, int] | None,
+                            baseline_label: str | None = None) -> Any:
+    """Distribution of generated lengths (tokens per answer) tonight next to the baseline's, as
+    shares of answers so that outputs of different sizes compare."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4))
+    for histogram, label, colour, offset in ((baseline, f"baseline ({baseline_label})", "tab:gray", -0.2),
+                                             (tonight, "tonight", "tab:blue", 0.2)):
+        if not histogram:
+            continue
+        total = sum(histogram.values())
+        lengths = sorted(histogram, key=int)
+        axes.bar([int(n) + offset for n in lengths], [histogram[n] / total for n in lengths], width=0.4,
+                 color=colour, label=label)
+    axes.set_xlabel("generated tokens per answer")
+    axes.set_ylabel("share of answers")
+    axes.set_title("Generated lengths: tonight vs baseline" if baseline else "Generated lengths (no baseline)")
+    axes.legend()
+    axes.grid(alpha=0.3)
     figure.tight_layout()
     return figure

@@ -7,6 +7,7 @@ storage hiccup, an engine crash) is retried by Prefect.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from tasks.errors import ConfigError, InputError
 from tasks.faults import crash_point
 from tasks.job_config import JobConfig
 from tasks.planning import Shard
+from tasks.quality import shard_profile
 from tasks.redaction import install_log_redaction
 from tasks.results import ShardResult
 from tasks.retry_policy import retry_unless_bad_input
@@ -124,6 +126,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         "prompt_tokens": str(stats.prompt_tokens),
         "generated_tokens": str(stats.generated_tokens),
     }
+    quality = shard_profile(enriched, cfg.quality.refusal_patterns)
+    part_lineage["quality"] = json.dumps(quality, separators=(",", ":"))  # a resumed part keeps its figures
     if cfg.output_schema_hash is not None:
         part_lineage["output_schema_hash"] = cfg.output_schema_hash
     for role, engine in (("generate", generator), ("embed", embedder)):
@@ -174,6 +178,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         finished_at=time.time(),
         worker=worker_label(),
         model_loads=loads_of_this_worker(),
+        quality=quality,
         ids=table.column(cfg.id_column).to_pylist(),
     )
 
