@@ -56,6 +56,7 @@ def test_bad_quality_settings_are_config_errors(reviews_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # four CLI nights in one test
 def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp_path):
     dates = ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"]
     canaries = write_reviews_dataset(str(tmp_path / "canaries"), files=1, rows_per_file=2, rows_per_group=2, seed=7)
