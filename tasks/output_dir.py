@@ -204,21 +204,28 @@ class OutputDir:
         except Exception as err:  # noqa: BLE001 - any backend failure is a storage failure here
             raise StorageError(f"cannot write {self.uri_of(name)}: {type(err).__name__}: {err}") from None
 
+    def read_json(self, name: str) -> tuple[bool, Any]:
+        """``(exists, value)`` of this directory's JSON file ``name``; value is None when the file
+        is missing or not JSON. Storage trouble is a StorageError."""
+        try:
+            raw = self.fs.cat_file(self.path_of(name))
+        except (FileNotFoundError, NotADirectoryError):
+            return False, None
+        except OSError as err:
+            raise StorageError(f"cannot read {self.uri_of(name)}: {err}") from None
+        try:
+            return True, json.loads(raw)
+        except ValueError:
+            return True, None
+
     def read_manifest(self) -> dict[str, Any] | None:
         """The manifest, or None when there is none or it cannot be parsed (then a warning).
 
         An unparseable manifest is not trusted and is replaced by the next run; resume never
         depends on it alone, since each part is verified from its own footer."""
-        try:
-            raw = self.fs.cat_file(self.path_of(MANIFEST_NAME))
-        except (FileNotFoundError, NotADirectoryError):
+        exists, manifest = self.read_json(MANIFEST_NAME)
+        if not exists:
             return None
-        except OSError as err:
-            raise StorageError(f"cannot read {self.uri_of(MANIFEST_NAME)}: {err}") from None
-        try:
-            manifest = json.loads(raw)
-        except ValueError:
-            manifest = None
         if not isinstance(manifest, dict):
             logger.warning("%s is not a readable manifest; it is ignored and will be rewritten",
                            self.uri_of(MANIFEST_NAME))

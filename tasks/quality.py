@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import json
 import math
 import re
 import socket
@@ -251,17 +250,7 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 def read_profile(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """An output's ``_quality.json``, or None when it has none (or it cannot be parsed)."""
-    directory = OutputDir(uri, storage_options)
-    try:
-        raw = directory.fs.cat_file(directory.path_of(QUALITY_NAME))
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as err:
-        raise StorageError(f"cannot read {directory.uri_of(QUALITY_NAME)}: {err}") from None
-    try:
-        profile = json.loads(raw)
-    except ValueError:
-        return None
+    _, profile = OutputDir(uri, storage_options).read_json(QUALITY_NAME)
     return profile if isinstance(profile, dict) else None
 
 
@@ -546,17 +535,9 @@ def log_verdict_task(run_id: str, verdict: QualityVerdict) -> None:
 
 def read_hold(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The output's ``_QUALITY_HOLD`` (why it is held), or None when it is not held."""
-    directory = OutputDir(uri, storage_options)
-    try:
-        raw = directory.fs.cat_file(directory.path_of(HOLD_NAME))
-    except (FileNotFoundError, NotADirectoryError):
+    exists, hold = OutputDir(uri, storage_options).read_json(HOLD_NAME)
+    if not exists:
         return None
-    except OSError as err:
-        raise StorageError(f"cannot read {directory.uri_of(HOLD_NAME)}: {err}") from None
-    try:
-        hold = json.loads(raw)
-    except ValueError:
-        hold = None
     return hold if isinstance(hold, dict) else {"message": "unreadable _QUALITY_HOLD"}
 
 
