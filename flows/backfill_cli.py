@@ -110,7 +110,7 @@ def _run_partitions(cfg, dates: list[str]) -> list[dict[str, Any]]:
                 code, summary, message = err.exit_code, None, str(err)
             cost = float(summary.get("cost", 0.0)) if summary else 0.0
             spent += cost
-            outcomes.append({**outcome, "status": "ran" if code == 0 else "failed", "cost": cost,
+            outcomes.append({**outcome, "status": {0: "ran", 4: "held"}.get(code, "failed"), "cost": cost,
                              "message": message})
             if cfg.max_cost is not None and ("budget reached" in message or "exceeds max_cost" in message):
                 stopped = f"backfill budget reached: spent {spent:.6f} of max_cost {cfg.max_cost:g}"
@@ -140,7 +140,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         cost = f"  cost {o['cost']:.6f}" if "cost" in o else ""
         _out(f"  dt={o['date']:<12}{o['status']:<12}{o['output']}{cost}" + (f"  {o['message']}" if o["message"] else ""))
     _out(message)
-    return 1 if summary["failed"] or summary.get("not started") else 0
+    if summary["failed"] or summary.get("not started"):
+        return 1
+    return 4 if summary.get("held") else 0  # held by the quality gate: written, not published
 
 
 def _print_plan_errors(partitions: list[dict[str, Any]]) -> None:

@@ -256,8 +256,9 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
         print(redact_text(format_summary(result)))
         quality = result.get("quality") or {}
         if quality.get("status") == "held":
-            _error(redact_text(quality["message"]))
-            return 4
+            message = redact_text(quality["message"])
+            _error(message)
+            return 4, result, message
         if quality.get("status") == "warned":
             print(f"shardwise: warning: {redact_text(quality['message'])}", file=sys.stderr, flush=True)
         if not result.get("succeeded") and state.message:
