@@ -162,7 +162,9 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path, capsys):
     table = json.loads(by_type["table"].data) if isinstance(by_type["table"].data, str) else by_type["table"].data
     assert sorted(row["shard"] for row in table) == shard_runs
     assert all(row["status"] == "committed" and row["rows"] > 0 for row in table)
-    assert str(output) in by_type["markdown"].data and "succeeded" in by_type["markdown"].data
+    by_key = {a.key: a for a in artifacts if a.key}  # two markdown artifacts: the summary and the quality gate
+    assert str(output) in by_key["run-summary"].data and "succeeded" in by_key["run-summary"].data
+    assert by_key["quality-gate"].type == "markdown" and "passed" in by_key["quality-gate"].data
 
     # `shardwise lineage` answers for a row by id.
     from flows.cli import main
