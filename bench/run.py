@@ -519,7 +519,8 @@ def main() -> None:
         print(f"{'peak RSS MiB (%dk vs %dk rows)' % (m['small_rows'] // 1000, m['large_rows'] // 1000):<34}"
               f"{m['small_peak_rss_mb']:>14.0f}{m['large_peak_rss_mb']:>14.0f}{m['ratio']:>9.2f}  {m['goal']}")
     if j := results.get("structured"):
-        print(f"{'JSON tok/s, schema vs none (%d rows)' % j['rows']:<34}{j['free']['compute_tok_per_s']:>14.1f}"
+        free = (j["free"]["compute_tok_per_s"] + j["free_again"]["compute_tok_per_s"]) / 2  # what the ratio uses
+        print(f"{'JSON tok/s, schema vs none (%d rows)' % j['rows']:<34}{free:>14.1f}"
               f"{j['constrained']['compute_tok_per_s']:>14.1f}{j['ratio']:>9.2f}  "
               f"valid {j['constrained']['valid_rows']} vs {j['free']['valid_rows']}/{j['rows']}")
     if n := results.get("incremental"):
