@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import task
 
 from tasks.errors import StorageError
@@ -60,8 +62,15 @@ def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> N
 
 def count_duplicate_ids(results: list[ShardResult]) -> int:
     """Rows whose id was already seen in an earlier row (so 3 copies of one id count 2)."""
-    counts = Counter(i for r in results if r.status == "committed" for i in r.ids)
-    return sum(c - 1 for c in counts.values() if c > 1)
+    chunks = [chunk for r in results if r.status == "committed" for chunk in r.ids.chunks() if len(chunk)]
+    if not chunks:
+        return 0
+    try:
+        ids = pa.chunked_array(chunks)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # id types differ between input files
+        counts = Counter(i for chunk in chunks for i in chunk.to_pylist())
+        return sum(c - 1 for c in counts.values() if c > 1)
+    return len(ids) - pc.count_distinct(ids, mode="all").as_py()
 
 
 @dataclass(frozen=True)

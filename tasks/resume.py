@@ -19,7 +19,7 @@ from tasks.errors import ConfigError, StorageError
 from tasks.job_config import JobConfig
 from tasks.output_dir import LINEAGE_PREFIX, OutputDir, check_separate
 from tasks.planning import Shard, ShardPlan
-from tasks.results import ShardResult
+from tasks.results import RowIds, ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.storage import is_storage_failure, is_transient, with_storage_retries
 
@@ -109,13 +109,12 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
     if found is None:
         return None
     lineage, table, size = found
-    ids = table.column(0).to_pylist()
     error_rows = table.num_rows - table.column(1).null_count
     schema_valid_rows = table.num_rows - table.column(2).null_count if table.num_columns > 2 else None
     return ShardResult(
         index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
         status="committed", rows=shard.num_rows, error_rows=error_rows, part_uri=uri, part_bytes=size,
-        resumed=True, ids=ids, part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
+        resumed=True, ids=RowIds(table.column(0)), part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
         prompt_tokens=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
         generated_tokens=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
         schema_valid_rows=schema_valid_rows,

@@ -21,7 +21,7 @@ from tasks.job_config import JobConfig
 from tasks.planning import Shard
 from tasks.quality import shard_profile
 from tasks.redaction import install_log_redaction
-from tasks.results import ShardResult
+from tasks.results import RowIds, ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.row_cache import shard_cache
 from tasks.runners import worker_label
@@ -179,7 +179,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         worker=worker_label(),
         model_loads=loads_of_this_worker(),
         quality=quality,
-        ids=table.column(cfg.id_column).to_pylist(),
+        ids=RowIds(table.column(cfg.id_column)),
     )
 
 
