@@ -241,7 +241,9 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
     from tasks.runners import shared_prefect_api
 
     forecasts: list[Any] = []
+    preflight_started = time.perf_counter()
     plan = preflight(cfg, before_writing=lambda cfg, plan: forecasts.append(run_forecast(cfg, plan)))
+    preflight_seconds = time.perf_counter() - preflight_started  # checks, plan, forecast; before the flow
     forecast = forecasts[0]
     print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
           file=sys.stderr, flush=True)
@@ -252,7 +254,8 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
                                 return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
-        log_server_start(result, server_seconds)
+        log_outside_flow(result, {"seconds_preflight": preflight_seconds,
+                                  "seconds_prefect_server_start": server_seconds})
         print(redact_text(format_summary(result)))
         quality = result.get("quality") or {}
         if quality.get("status") == "held":
@@ -270,14 +273,18 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
     return getattr(result, "exit_code", 1), None, redact_text(str(reason))
 
 
-def log_server_start(summary: dict[str, Any], seconds: float) -> None:
-    """The Prefect server's start-up, next to the run's own timings (in the summary and MLflow)."""
+OUTSIDE_FLOW = ("seconds_preflight", "seconds_prefect_server_start")
+
+
+def log_outside_flow(summary: dict[str, Any], seconds: dict[str, float]) -> None:
+    """What the command spent before the flow started (its checks and forecast, the Prefect
+    server's start-up), next to the run's own timings (in the summary and MLflow). The preflight
+    includes the first imports of transformers and MLflow, which the run would pay anyway."""
     from tasks.tracking import log_timings
 
-    timings = summary.setdefault("timings", {})
-    timings["seconds_prefect_server_start"] = seconds
+    summary.setdefault("timings", {}).update(seconds)
     if summary.get("mlflow_run_id"):
-        log_timings(summary["mlflow_run_id"], {"seconds_prefect_server_start": seconds})
+        log_timings(summary["mlflow_run_id"], seconds)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -329,10 +336,11 @@ def format_summary(summary: dict[str, Any]) -> str:
 def format_timings(timings: dict[str, float]) -> str:
     """Where the time outside the shards' read, compute and write went (see tasks/run_timings.py)."""
     phases = ", ".join(f"{name.removeprefix('seconds_')} {seconds:.1f}" for name, seconds in timings.items()
-                       if name not in ("seconds_fixed", "seconds_shard_overhead", "seconds_prefect_server_start",
-                                       "seconds_shards"))
+                       if name not in ("seconds_fixed", "seconds_shard_overhead", "seconds_shards", *OUTSIDE_FLOW))
     line = (f"{timings.get('seconds_fixed', 0.0):.1f}s per run ({phases}), "
             f"{timings.get('seconds_shard_overhead', 0.0):.2f}s per shard")
+    if "seconds_preflight" in timings:
+        line += f"; before the flow: checks and forecast {timings['seconds_preflight']:.1f}s"
     if "seconds_prefect_server_start" in timings:
         line += f"; Prefect server start-up {timings['seconds_prefect_server_start']:.1f}s"
     return line

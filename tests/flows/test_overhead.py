@@ -34,7 +34,8 @@ def test_run_reports_its_phases_and_per_shard_overhead(prefect_server, tmp_path)
     line = re.search(r"^overhead\s+(.*)$", run.stdout, re.M)
     assert line, run.stdout
     assert re.search(r"s per run \(plan [\d.]+, forecast [\d.]+, start [\d.]+, commit [\d.]+, report [\d.]+\), "
-                     r"[\d.]+s per shard; Prefect server start-up [\d.]+s", line.group(1)), line.group(1)
+                     r"[\d.]+s per shard; before the flow: checks and forecast [\d.]+s; "
+                     r"Prefect server start-up [\d.]+s", line.group(1)), line.group(1)
 
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     metrics = MlflowClient(tracking_uri()).get_run(manifest["mlflow_run_id"]).data.metrics
@@ -48,6 +49,7 @@ def test_run_reports_its_phases_and_per_shard_overhead(prefect_server, tmp_path)
     assert metrics["seconds_shard_overhead"] == pytest.approx(max(0.0, metrics["seconds_shards"] - busy) / 4,
                                                               abs=1e-6)
     assert "seconds_prefect_server_start" in metrics  # ~0 here: the tests share one running server
+    assert metrics["seconds_preflight"] > 0  # the checks, plan and forecast the CLI runs before the flow
 
 
 def test_progress_updates_are_held_back_then_the_latest_is_sent(prefect_server):
