@@ -336,13 +336,16 @@ def format_summary(summary: dict[str, Any]) -> str:
 def format_timings(timings: dict[str, float]) -> str:
     """Where the time outside the shards' read, compute and write went (see tasks/run_timings.py)."""
     phases = ", ".join(f"{name.removeprefix('seconds_')} {seconds:.1f}" for name, seconds in timings.items()
-                       if name not in ("seconds_fixed", "seconds_shard_overhead", "seconds_shards", *OUTSIDE_FLOW))
+                       if name not in ("seconds_fixed", "seconds_shard_overhead", "seconds_shards", "seconds_write_hidden",
+                                       *OUTSIDE_FLOW))
     line = (f"{timings.get('seconds_fixed', 0.0):.1f}s per run ({phases}), "
             f"{timings.get('seconds_shard_overhead', 0.0):.2f}s per shard")
     if "seconds_preflight" in timings:
         line += f"; before the flow: checks and forecast {timings['seconds_preflight']:.1f}s"
     if "seconds_prefect_server_start" in timings:
         line += f"; Prefect server start-up {timings['seconds_prefect_server_start']:.1f}s"
+    if timings.get("seconds_write_hidden"):
+        line += f"; writes hidden behind compute {timings['seconds_write_hidden']:.2f}s"
     return line
 
 

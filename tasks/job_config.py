@@ -128,6 +128,11 @@ class JobConfig(_Strict):
     workers: int | None = Field(
         default=None, ge=1, description="worker processes, one per device; default: visible GPUs, 1 on CPU"
     )
+    shards_in_flight: int | None = Field(
+        default=None, ge=1,
+        description="shards one in-process worker holds at once (one computes while another reads or writes); "
+                    "null: 2 where compute runs on a GPU, 1 on CPU",
+    )
     runner: Literal["local", "ray"] = Field(default="local", description="local processes, or a Ray cluster")
     ray: RayConfig = RayConfig()
     concurrency_tag: str | None = Field(
@@ -163,6 +168,13 @@ class JobConfig(_Strict):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise ValueError("device must be auto, cpu, cuda or cuda:N")
         return value
+
+    @model_validator(mode="after")
+    def _shards_in_flight_in_process(self) -> JobConfig:
+        # Worker processes and Ray workers each take one shard at a time: the setting would do nothing there.
+        if (self.shards_in_flight or 1) > 1 and ((self.workers or 1) > 1 or self.runner == "ray"):
+            raise ValueError("shards_in_flight applies to one in-process worker (workers: 1, runner: local)")
+        return self
 
     @model_validator(mode="after")
     def _template_uses_columns(self) -> JobConfig:

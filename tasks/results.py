@@ -70,6 +70,12 @@ class ShardResult:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     finished_at: float = 0.0
+    # Wall-clock (epoch) spans of compute and write, comparable across shards and worker processes:
+    # they show one shard's write running while another computes. Never written into a part.
+    compute_started_at: float = 0.0
+    compute_ended_at: float = 0.0
+    write_started_at: float = 0.0
+    write_ended_at: float = 0.0
     energy_j: float | None = None  # GPU energy during compute, when NVML is available
     resumed: bool = False  # committed by an earlier run and verified, not recomputed
     worker: str | None = None  # which worker process ran it (see tasks.runners)

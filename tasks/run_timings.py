@@ -10,11 +10,14 @@ MLflow and put in the run summary:
 - ``seconds_fixed``: the run's wall time outside the shards phase (what a run costs however
   little data it has); the Prefect server's start-up is not in it (it starts before the flow);
 - ``seconds_shard_overhead``: the shards phase's wall time not spent reading, computing or
-  writing (task scheduling, state calls, per-shard logging), per shard.
+  writing (task scheduling, state calls, per-shard logging), per shard;
+- ``seconds_write_hidden``: seconds of the shards' writes that ran while another shard computed
+  (with more than one shard in flight), i.e. write time the device did not wait for.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import time
 from collections.abc import Iterator
@@ -56,4 +59,28 @@ def timing_figures(timer: RunTimer, results: list[ShardResult], workers: int = 1
     figures["seconds_shard_overhead"] = (
         max(0.0, shards_wall - busy / max(workers, 1)) / len(computed) if computed else 0.0
     )
+    figures["seconds_write_hidden"] = write_seconds_hidden(computed)
     return figures
+
+
+def write_seconds_hidden(results: list[ShardResult]) -> float:
+    """Seconds of the shards' writes that overlap some shard's compute. A shard's own compute ends
+    where its write starts, so the union of all compute spans serves for every shard."""
+    spans = sorted((r.compute_started_at, r.compute_ended_at) for r in results if r.compute_ended_at > 0)
+    merged: list[list[float]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts = [start for start, _ in merged]
+    hidden = 0.0
+    for r in results:
+        if r.write_ended_at <= 0:
+            continue
+        # from the last compute span starting before this write, on through those starting within it
+        i = max(0, bisect.bisect_right(starts, r.write_started_at) - 1)
+        while i < len(merged) and merged[i][0] < r.write_ended_at:
+            hidden += max(0.0, min(merged[i][1], r.write_ended_at) - max(merged[i][0], r.write_started_at))
+            i += 1
+    return hidden

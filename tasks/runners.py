@@ -45,11 +45,12 @@ def visible_gpus(cfg: JobConfig) -> int:
 
 
 def shards_in_flight(cfg: JobConfig) -> int:
-    """Shards an in-process worker holds at once: two where compute runs on a GPU, so that one
-    shard's read and another's write run on the CPU meanwhile; one on a CPU, where there is little
-    I/O to overlap. Measured on 2 CPU cores in session 3, a second shard in flight made compute 15%
-    slower; most of that was probably the second OpenMP team its thread started, which
-    gpu_runtime's compute thread now prevents. Not re-measured since (docs/benchmarks.md)."""
+    """Shards an in-process worker holds at once: ``shards_in_flight`` from the job, else two where
+    compute runs on a GPU, so that one shard's read and another's write run on the CPU meanwhile,
+    and one on a CPU. Compute is serialized either way (the device lock and gpu_runtime's compute
+    thread). On 2 CPU cores a second shard in flight did not pay off (docs/benchmarks.md)."""
+    if cfg.shards_in_flight is not None:
+        return cfg.shards_in_flight
     return SHARDS_IN_FLIGHT if cfg.device != "cpu" and visible_gpus(cfg) > 0 else 1
 
 

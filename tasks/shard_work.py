@@ -109,10 +109,12 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
     with device_lock(engine_device):  # another shard in flight reads or writes meanwhile
         compute_started = time.perf_counter()
+        compute_started_at = time.time()
         energy_before = gpu_energy_mj(engine_device)
         enriched, stats = enrich_table(table, cfg, generator, embedder, chat_date=lineage.get("chat_date"),
                                        cache=cache)
         compute_done = time.perf_counter()
+        compute_ended_at = time.time()
         energy_after = gpu_energy_mj(engine_device)
     part_lineage = {
         **lineage,
@@ -140,6 +142,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     if cache is not None:
         cache.add_computed()  # after the part: an entry never describes an uncommitted value
     write_done = time.perf_counter()
+    write_ended_at = time.time()
     models = {}
     if generator is not None:
         models["generate"] = dict(generator.info)
@@ -175,7 +178,11 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
         models=models,
         energy_j=(energy_after - energy_before) / 1000 if energy_before is not None and energy_after is not None
         else None,
-        finished_at=time.time(),
+        finished_at=write_ended_at,
+        compute_started_at=compute_started_at,
+        compute_ended_at=compute_ended_at,
+        write_started_at=compute_ended_at,
+        write_ended_at=write_ended_at,
         worker=worker_label(),
         model_loads=loads_of_this_worker(),
         quality=quality,

@@ -160,3 +160,21 @@ def test_a_partition_prints_its_own_date_in_chat_templates():
     assert cfg.generate.chat_date == dt.date(2026, 11, 30)
     pinned = dated(JobConfig(input="in", output="out", generate={"chat_date": "2025-01-01"}), "2026-11-30")
     assert pinned.generate.chat_date == dt.date(2025, 1, 1)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["shards_in_flight=0"], "shards_in_flight: Input should be greater than or equal to 1"),
+    (["shards_in_flight=2", "workers=2"], "applies to one in-process worker"),
+    (["shards_in_flight=2", "runner=ray"], "applies to one in-process worker"),
+])
+def test_shards_in_flight_is_checked(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides={"input": "in/", "output": "out/"}, set_options=settings)
+
+
+def test_shards_in_flight_does_not_change_the_output_fingerprint():
+    one, two = (JobConfig(input="in/", output="out/", task="embed", embed={"model": "dummy:bert-tiny"},
+                          shards_in_flight=n) for n in (1, 2))
+    assert one.output_fingerprint() == two.output_fingerprint()
+    assert one.settings_fingerprint() == JobConfig(input="in/", output="out/", task="embed",
+                                                   embed={"model": "dummy:bert-tiny"}).settings_fingerprint()

@@ -28,3 +28,13 @@ def test_a_second_shard_in_flight_on_a_gpu(monkeypatch):
     assert runners.shards_in_flight(_job(device="auto")) == 2
     assert runners.shards_in_flight(_job(device="cpu")) == 1
     assert runners.shard_task_runner(_job(device="cuda:0"))._max_workers == 2
+
+
+def test_shards_in_flight_from_the_job_overrides_the_device_rule(monkeypatch):
+    from tasks.job_config import build_config
+
+    monkeypatch.setattr(runners, "visible_gpus", lambda cfg: 0 if cfg.device == "cpu" else 1)
+    cfg = build_config(overrides={"input": "in/", "output": "out/", "device": "cpu"}, set_options=["shards_in_flight=2"])
+    assert runners.shards_in_flight(cfg) == 2 and runners.shard_task_runner(cfg)._max_workers == 2
+    assert runners.shards_in_flight(_job(device="cuda:0", shards_in_flight=1)) == 1
+    assert runners.shard_task_runner(_job(device="cuda:0", shards_in_flight=3))._max_workers == 3
