@@ -33,7 +33,8 @@ def converted_gguf_dir(resolved: ResolvedModel) -> Path | None:
 
 def weights_dir(resolved: ResolvedModel) -> str:
     """A directory or Hub id that ``from_pretrained`` loads quickly, converting a GGUF first if needed."""
-    if resolved.gguf_file is None:
+    gguf_file = resolved.gguf_file
+    if gguf_file is None:
         return resolved.path
     target = gguf_cache_path(resolved)
 
@@ -41,8 +42,8 @@ def weights_dir(resolved: ResolvedModel) -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only when converting
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path, gguf_file=gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=gguf_file)
             # The weights are already dequantized in memory; the GGUF quantizer only blocks saving.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -53,7 +54,7 @@ def weights_dir(resolved: ResolvedModel) -> str:
             raise EngineError(f"could not convert GGUF model {resolved.spec!r} into {target}: {exc}") from exc
         return {
             "source_spec": resolved.spec,
-            "gguf": str(Path(resolved.path) / resolved.gguf_file),
+            "gguf": str(Path(resolved.path) / gguf_file),
             "sha256": resolved.revision,
             "dtype": str(model.dtype),
         }

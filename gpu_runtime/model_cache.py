@@ -70,9 +70,10 @@ def file_sha256(path: Path) -> str:
     """sha256 of a (large) file, remembered in the cache dir by (path, size, mtime, ctime, inode):
     replaced weights with a preserved mtime (``cp -p``, ``tar``) still get a new ctime or inode."""
     stat = path.stat()
-    identity = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+    resolved_path = str(path.resolve())
+    identity = {"path": resolved_path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                 "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
-    record = model_cache_dir() / "sha256" / (hashlib.sha256(identity["path"].encode()).hexdigest()[:32] + ".json")
+    record = model_cache_dir() / "sha256" / (hashlib.sha256(resolved_path.encode()).hexdigest()[:32] + ".json")
     with contextlib.suppress(OSError, ValueError):
         saved = json.loads(record.read_text())
         if {k: saved.get(k) for k in identity} == identity and isinstance(saved.get("sha256"), str):
