@@ -5,48 +5,31 @@ the orchestration (Prefect) or tracking (MLflow) layers, so it can run in any wo
 
 torch and transformers are imported on first use of a name that needs them, so
 ``from gpu_runtime import plan_batches`` stays cheap.
+
+Modules import only downward (a test checks there is no circle):
+
+- ``errors``, ``compute_thread``, ``batching``, ``prompts``, ``device``, ``sizing``, ``backoff``,
+  ``prefetch``, ``kv_cache``, ``structured``: self-contained helpers;
+- ``model_cache`` (the on-disk cache) and ``dummy_shapes`` (the ``dummy:`` shape table);
+- ``model_specs``: a spec -> :class:`ResolvedModel`, loading nothing;
+- ``gguf_cache`` (GGUF dequantized once), then ``dummy`` (building dummy models);
+- ``generation``, ``embedding``, then ``vllm_engine``; ``token_count`` and ``model_identity``;
+- ``engine_cache``: one loaded engine per process and spec, the top.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-__all__ = [
-    "ResolvedModel",
-    "resolve_model_spec",
-    "load_generation_engine",
-    "load_embedding_engine",
-    "model_load_counts",
-    "model_cache_dir",
-    "GenerationParams",
-    "Generation",
-    "GenerationEngine",
-    "EmbeddingEngine",
-    "EmbeddingOutput",
-    "plan_batches",
-    "template_fields",
-    "render_prompt",
-    "select_device",
-    "default_dtype",
-    "device_lock",
-    "pin_worker",
-    "visible_gpu_count",
-    "on_compute_thread",
-    "choose_engine",
-    "VllmOptions",
-    "ModelNotFoundError",
-    "EngineError",
-]
-
-# public name -> private module that defines it
+# The one list of public names: public name -> the module that defines it (imported on first use).
 _LOCATION = {
-    "ResolvedModel": "models",
-    "resolve_model_spec": "models",
-    "load_generation_engine": "models",
-    "load_embedding_engine": "models",
-    "model_load_counts": "models",
-    "model_cache_dir": "models",
+    "ResolvedModel": "model_specs",
+    "resolve_model_spec": "model_specs",
+    "load_generation_engine": "engine_cache",
+    "load_embedding_engine": "engine_cache",
+    "model_load_counts": "engine_cache",
+    "model_cache_dir": "model_cache",
     "GenerationParams": "generation",
     "Generation": "generation",
     "GenerationEngine": "generation",
@@ -67,23 +50,7 @@ _LOCATION = {
     "EngineError": "errors",
 }
 
-if TYPE_CHECKING:
-    from .batching import plan_batches
-    from .compute_thread import on_compute_thread
-    from .device import default_dtype, device_lock, pin_worker, select_device, visible_gpu_count
-    from .embedding import EmbeddingEngine, EmbeddingOutput
-    from .errors import EngineError, ModelNotFoundError
-    from .generation import Generation, GenerationEngine, GenerationParams
-    from .models import (
-        ResolvedModel,
-        load_embedding_engine,
-        load_generation_engine,
-        model_cache_dir,
-        model_load_counts,
-        resolve_model_spec,
-    )
-    from .prompts import render_prompt, template_fields
-    from .vllm_engine import VllmOptions, choose_engine
+__all__ = list(_LOCATION)
 
 
 def __getattr__(name: str) -> Any:

@@ -24,10 +24,12 @@ from .backoff import BatchBackoff
 from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
 from .device import default_dtype
+from .dummy import build_sentence_transformer
+from .errors import EngineError
 from .prefetch import pin_for, prefetched, to_device
 
 if TYPE_CHECKING:
-    from .models import ResolvedModel
+    from .model_specs import ResolvedModel
 
 __all__ = ["EmbeddingEngine", "EmbeddingOutput"]
 
@@ -66,16 +68,12 @@ class EmbeddingEngine:
         from sentence-transformers itself, a ``dummy:`` spec seeded random weights (see dummy.py)."""
         from sentence_transformers import SentenceTransformer
 
-        from .errors import EngineError
-
         if resolved.gguf_file is not None:
             raise EngineError(
                 f"{resolved.spec!r} is a GGUF model; embedding models must be transformers checkpoints"
             )
         dtype = default_dtype(device)
         if resolved.source == "dummy":
-            from .dummy import build_sentence_transformer
-
             model = build_sentence_transformer(resolved.spec, device, dtype)
         else:
             model_kwargs = {"dtype": dtype} if dtype != torch.float32 else None

@@ -32,12 +32,14 @@ from .backoff import BatchBackoff
 from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
 from .device import default_dtype, placement_kwargs
+from .dummy import build_causal_lm
 from .errors import EngineError
+from .gguf_cache import weights_dir
 from .prompts import RESERVED_TEMPLATE_KWARGS, encode_chat
 from .sizing import CPU_MAX_BATCH_SIZE, CPU_TOKEN_BUDGET, auto_batch_limits, free_device_bytes, kv_bytes_per_token
 
 if TYPE_CHECKING:
-    from .models import ResolvedModel
+    from .model_specs import ResolvedModel
 
 __all__ = ["Generation", "GenerationEngine", "GenerationParams"]
 
@@ -168,7 +170,7 @@ class GenerationEngine:
             if tokenizer.eos_token_id is None:
                 raise EngineError(f"tokenizer of {info.get('spec')!r} has neither a pad nor an eos token")
             tokenizer.pad_token = tokenizer.eos_token
-        self._eos_ids = _eos_token_ids(model, tokenizer)
+        self._eos_ids = eos_token_ids(model, tokenizer)
         model.generation_config = _token_ids_only(model.generation_config)
         self._has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.max_context: int | None = _max_context(model, tokenizer)
@@ -188,18 +190,14 @@ class GenerationEngine:
     def from_resolved(
         cls, resolved: ResolvedModel, device: torch.device, attn_implementation: str | None = None
     ) -> GenerationEngine:
-        """Load the weights of ``resolved`` (converting a GGUF once, see models.py) onto ``device``;
+        """Load the weights of ``resolved`` (converting a GGUF once, see gguf_cache.py) onto ``device``;
         a ``dummy:`` spec gets seeded random weights created on ``device`` (see dummy.py).
         ``attn_implementation`` (``"sdpa"``, ``"eager"``, ...) is passed to ``from_pretrained``;
         None lets transformers pick what the architecture supports (Gemma-2 refuses sdpa)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .models import weights_dir
-
         dtype = default_dtype(device)
         if resolved.source == "dummy":
-            from .dummy import build_causal_lm
-
             model, tokenizer, _ = build_causal_lm(resolved.spec, device, dtype)
             path = resolved.path
         else:
@@ -481,7 +479,7 @@ def _token_ids_only(loaded: Any) -> Any:
     return GenerationConfig(**{name: value for name, value in kept.items() if value is not None})
 
 
-def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """Every id that ends an answer: the tokenizer's eos plus the generation config's (may be a list)."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:

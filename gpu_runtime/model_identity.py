@@ -3,7 +3,7 @@
 A job config names a model by its spec, and one spec can name other weights tomorrow: a new commit
 on the Hub, a local directory whose files were replaced, another GGUF under the same path. An output
 written with the old weights must not be resumed with the new ones, so fingerprints hold this
-identity instead of the spec alone. It comes from spec resolution (:mod:`gpu_runtime.models`):
+identity instead of the spec alone. It comes from spec resolution (:mod:`gpu_runtime.model_specs`):
 
 - a Hub id: the commit of the snapshot ``from_pretrained`` loads (from the HF cache when offline);
 - a local directory: the sha256 of its weight files;
@@ -16,7 +16,7 @@ cache, so asking again costs a ``stat`` per weights file.
 
 from __future__ import annotations
 
-from .models import resolve_model_spec
+from .model_specs import resolve_model_spec
 
 __all__ = ["model_identity"]
 

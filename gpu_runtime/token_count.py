@@ -16,6 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .dummy import llama_tokenizer_dir
+from .dummy_shapes import DUMMY_PREFIX, DUMMY_SHAPES
+from .gguf_cache import converted_gguf_dir
+from .model_specs import bundled_files, resolve_model_spec
 from .prompts import encode_chat
 
 __all__ = ["PromptCounter", "load_tokenizer"]
@@ -26,22 +30,19 @@ _SANE_CONTEXT = 10_000_000
 
 def _tokenizer_source(spec: str) -> tuple[str, dict[str, Any]]:
     """(directory or Hub id, extra from_pretrained kwargs) holding ``spec``'s tokenizer."""
-    from .dummy import DUMMY_PREFIX, DUMMY_SHAPES, llama_tokenizer_dir
-    from .models import _GGUF_CACHE_META, _bundled_files, gguf_cache_path, resolve_model_spec
-
     if spec.startswith(DUMMY_PREFIX):
         shape = DUMMY_SHAPES[spec[len(DUMMY_PREFIX):]]
         if shape.tokenizer_spec == "bundled:smollm2-135m-instruct":
             return llama_tokenizer_dir(spec), {}
-        _, directory = _bundled_files(shape.tokenizer_spec, needed_by=spec)
+        _, directory = bundled_files(shape.tokenizer_spec, needed_by=spec)
         return str(directory), {}
     if spec == "bundled:smollm2-135m-instruct":
         return llama_tokenizer_dir(spec), {}  # reading a GGUF's tokenizer takes seconds: cached once
     resolved = resolve_model_spec(spec)
     if resolved.gguf_file is None:
         return resolved.path, {}
-    converted = gguf_cache_path(resolved)
-    if (converted / _GGUF_CACHE_META).exists():
+    converted = converted_gguf_dir(resolved)
+    if converted is not None:
         return str(converted), {}
     return resolved.path, {"gguf_file": resolved.gguf_file}
 

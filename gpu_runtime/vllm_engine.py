@@ -23,13 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .device import default_dtype
+from .dummy import llama_config, llama_tokenizer_dir
+from .dummy_shapes import dummy_shape
 from .errors import EngineError
-from .generation import Generation, GenerationEngine, GenerationParams, _eos_token_ids
+from .generation import Generation, GenerationEngine, GenerationParams, eos_token_ids
+from .gguf_cache import weights_dir
+from .model_cache import model_cache_dir, populate_cache_dir
 
 if TYPE_CHECKING:
     import torch
 
-    from .models import ResolvedModel
+    from .model_specs import ResolvedModel
 
 __all__ = ["ENGINES", "VllmGenerationEngine", "VllmOptions", "choose_engine", "vllm_build"]
 
@@ -145,9 +150,6 @@ class VllmGenerationEngine(GenerationEngine):
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
         from vllm import LLM
 
-        from .device import default_dtype
-        from .models import weights_dir
-
         dtype = default_dtype(device)
         extra: dict[str, Any] = {}
         if resolved.source == "dummy":
@@ -161,7 +163,7 @@ class VllmGenerationEngine(GenerationEngine):
             model_defaults = GenerationConfig.from_pretrained(path)
         except OSError:  # no generation_config.json
             model_defaults = None
-        eos_ids = _eos_token_ids(_Defaults(model_defaults), tokenizer)
+        eos_ids = eos_token_ids(_Defaults(model_defaults), tokenizer)
         model_len = getattr(config, "max_position_embeddings", None)
         max_len = options.max_model_len or (model_len if isinstance(model_len, int) and model_len > 0 else None)
         if device.type == "cpu":
@@ -252,7 +254,7 @@ class VllmGenerationEngine(GenerationEngine):
 
 @dataclass
 class _Defaults:
-    """The slice of a model that ``_eos_token_ids`` reads: its generation config."""
+    """The slice of a model that ``eos_token_ids`` reads: its generation config."""
 
     generation_config: Any
 
@@ -270,9 +272,6 @@ def _dummy_checkpoint(spec: str) -> str:
     """A directory with a dummy shape's config.json and tokenizer, for ``load_format="dummy"``."""
     from transformers import AutoTokenizer
 
-    from .dummy import dummy_shape, llama_config, llama_tokenizer_dir
-    from .models import _populate_cache_dir, model_cache_dir
-
     name, _ = dummy_shape(spec, "generation")
 
     def build(tmp: Path) -> dict[str, object]:
@@ -281,5 +280,5 @@ def _dummy_checkpoint(spec: str) -> str:
         tokenizer.save_pretrained(tmp)
         return {"source_spec": spec, "contents": "config and tokenizer only (vLLM dummy weights)"}
 
-    return str(_populate_cache_dir(model_cache_dir() / f"vllm-dummy-{name}", build, f"the {spec} config"))
+    return str(populate_cache_dir(model_cache_dir() / f"vllm-dummy-{name}", build, f"the {spec} config"))
 

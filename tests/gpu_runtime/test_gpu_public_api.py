@@ -68,3 +68,51 @@ def test_pure_helpers_do_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE_DIR.parent)
+
+
+def _internal_imports(source: Path) -> list[tuple[str, list[str]]]:
+    """(imported sibling module, names taken from it) for every relative import, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [alias.name for alias in node.names]
+            if node.module:
+                found.append((node.module.split(".")[0], names))
+            else:  # ``from . import kv_cache``: each name is a module
+                found.extend((name, []) for name in names)
+    return found
+
+
+def test_modules_import_each_other_without_a_circle():
+    # Function-level imports count too: a circle held together by them is still a circle.
+    graph = {source.stem: {module for module, _ in _internal_imports(source)}
+             for source in PACKAGE_DIR.glob("*.py") if source.stem != "__init__"}
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> None:
+        assert module not in visiting, "import circle: " + " -> ".join([*visiting[visiting.index(module):], module])
+        if module in done:
+            return
+        visiting.append(module)
+        for imported in sorted(graph.get(module, ())):
+            visit(imported)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_no_module_imports_another_modules_private_names():
+    for source in PACKAGE_DIR.glob("*.py"):
+        for module, names in _internal_imports(source):
+            private = [name for name in names if name.startswith("_")]
+            assert not private, f"{source.name} imports private {private} from {module}"
+
+
+def test_each_public_name_comes_from_the_module_that_defines_it():
+    # ``_LOCATION`` is the one list of public names: ``__all__`` is derived from it.
+    assert gpu_runtime.__all__ == list(gpu_runtime._LOCATION)
+    for name, module in gpu_runtime._LOCATION.items():
+        assert getattr(gpu_runtime, name).__module__ == f"gpu_runtime.{module}", name
