@@ -9,6 +9,12 @@ compute-bound and decoding is bound by reading the weights, so the two want diff
 shapes (see docs/benchmarks.md). Models whose cache cannot be joined that way (sliding-window,
 encoder-decoder) and ``cache="static"`` run each batch's whole prompts through ``generate``.
 
+Host work overlaps device work: while one batch generates, the prefetch thread builds the next
+batch's inputs (padding, masks, the prefill chunks' ids and positions; pinned on CUDA) and a decode
+thread turns the finished batch's tokens into text (:mod:`gpu_runtime.prefetch`). Every prompt is
+still tokenized before the first batch: the length-sorted batch plan and the shared prefix need
+all of them. Set ``GenerationEngine.overlap_host_work = False`` for the serial path (same results).
+
 A batch that runs out of memory is halved and retried, and later batches (of this and every later
 call on the engine) are capped at the size that worked (:mod:`gpu_runtime.backoff`).
 
@@ -19,13 +25,16 @@ bos, eos and pad ids at load, so a greedy row decodes the same on every path.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime as dt
 import math
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from .backoff import BatchBackoff
@@ -35,6 +44,7 @@ from .device import default_dtype, placement_kwargs
 from .dummy import build_causal_lm
 from .errors import EngineError
 from .gguf_cache import weights_dir
+from .prefetch import host_tensor, prefetched, to_device
 from .prompts import RESERVED_TEMPLATE_KWARGS, encode_chat
 from .sizing import CPU_MAX_BATCH_SIZE, CPU_TOKEN_BUDGET, auto_batch_limits, free_device_bytes, kv_bytes_per_token
 
@@ -185,6 +195,9 @@ class GenerationEngine:
         # joined (then every batch runs the whole prompt through generate()).
         self._cache_arg = kv_cache.joinable_cache_argument(model)
         self._grammars: Any = None  # compiled output schemas, made on the first call with one
+        # Build the next batch's inputs and decode the last batch's text on helper threads while
+        # the device generates; False does both on the compute thread, in line (same results).
+        self.overlap_host_work = True
 
     @classmethod
     def from_resolved(
@@ -256,20 +269,44 @@ class GenerationEngine:
             prefix = self._shared_prefix([ids for ids, _ in encoded], params)
             if params.output_schema is not None:
                 self._schema_grammars().compiled(params.output_schema)  # a bad schema fails before any batch
-            for batch in batches:
-                check_cancelled()
-                outputs = self.backoff.run(
-                    batch,
-                    lambda rows: self._generate_batch(
-                        [encoded[i][0] for i in rows], config, params.ignore_eos, prefix, params.output_schema
-                    ),
-                    describe_row=lambda i: (
-                        f"prompt {i}: {len(encoded[i][0])} tokens + max_new_tokens={params.max_new_tokens}"
-                    ),
+
+            def prepare(rows: list[int]) -> _BatchInputs:
+                return self._batch_inputs([encoded[i][0] for i in rows], config, prefix)
+
+            def run(batch: list[int], inputs: _BatchInputs) -> Callable[[list[int]], list[_BatchTokens]]:
+                # A batch split after running out of memory builds its halves' inputs in line.
+                return lambda rows: self._generate_batch(
+                    inputs if rows == batch else prepare(rows), config, params.ignore_eos, prefix, params.output_schema
                 )
-                for i, (text, n_new, finish) in zip(batch, outputs, strict=True):
+
+            overlap = self.overlap_host_work
+            decoded: list[tuple[list[int], list[_BatchTokens], concurrent.futures.Future[list[str]]]] = []
+            with contextlib.ExitStack() as threads:
+                # Entered after the decoder, so it is closed first: an error stops the prefetching,
+                # then waits for the decodes already submitted. No helper thread outlives the call.
+                decoder = threads.enter_context(
+                    concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-decode")
+                ) if overlap else None
+                prepared = threads.enter_context(contextlib.closing(
+                    prefetched(batches, prepare) if overlap else _in_line(batches, prepare)
+                ))
+                for batch, inputs in prepared:
+                    check_cancelled()
+                    outputs = self.backoff.run(
+                        batch,
+                        run(batch, inputs),
+                        describe_row=lambda i: (
+                            f"prompt {i}: {len(encoded[i][0])} tokens + max_new_tokens={params.max_new_tokens}"
+                        ),
+                    )
+                    del inputs  # its host (pinned) buffers are not kept for the rest of the call
+                    tokens = [row_tokens for row_tokens, _ in outputs]
+                    texts = decoder.submit(self._decode, tokens) if decoder else _done(self._decode(tokens))
+                    decoded.append((batch, outputs, texts))
+            for batch, outputs, texts in decoded:
+                for i, (row_tokens, finish), text in zip(batch, outputs, texts.result(), strict=True):
                     ids, truncated = encoded[i]
-                    results[i] = Generation(text, len(ids), n_new, finish, truncated)
+                    results[i] = Generation(text, len(ids), len(row_tokens), finish, truncated)
         return results  # type: ignore[return-value]
 
     def batch_limits(self, params: GenerationParams) -> tuple[int, int]:
@@ -354,7 +391,50 @@ class GenerationEngine:
                        logits_to_keep=1, **{self._cache_arg: cache})
         return _Prefix(n, [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _prefill(self, batch_ids: list[list[int]], prefix: _Prefix | None, room: int) -> tuple[Any, torch.Tensor]:
+    def _uses_joined_cache(self, batch_ids: list[list[int]], config: Any, prefix: _Prefix | None) -> bool:
+        """Whether a batch is prefilled in chunks and joined (else: whole prompts through generate)."""
+        # A one-token prompt with nothing cached before it has no KV cache to pad and join.
+        return self._cache_arg is not None and config.cache_implementation is None and (
+            prefix is not None or min(len(ids) for ids in batch_ids) > 1
+        )
+
+    def _batch_inputs(self, batch_ids: list[list[int]], config: Any, prefix: _Prefix | None) -> _BatchInputs:
+        """The host-side inputs of one decode batch (see :meth:`_prefill` for their layout), built
+        with numpy (no tokenizer, no torch kernels: this runs on the prefetch thread, beside the
+        compute thread's generate and the decode thread's tokenizer) and pinned when bound for CUDA."""
+        pad_id = self.tokenizer.pad_token_id
+        device = self.device
+        if not self._uses_joined_cache(batch_ids, config, prefix):
+            # Left padding to a multiple of 8 (as tokenizer.pad(pad_to_multiple_of=8) does): it
+            # keeps the number of distinct shapes (and kernel choices) small.
+            width = -(-max(len(ids) for ids in batch_ids) // 8) * 8
+            ids_array, mask = _left_padded(batch_ids, width, pad_id)
+            return _BatchInputs(len(batch_ids), plain=(host_tensor(ids_array, device), host_tensor(mask, device)))
+        shared = prefix.length if prefix else 0
+        bodies = [ids[shared:-1] for ids in batch_ids]
+        chunk_tokens = PREFILL_CHUNK_TOKENS if device.type == "cpu" else 4 * PREFILL_CHUNK_TOKENS
+        chunks = plan_batches([len(b) for b in bodies], token_budget=chunk_tokens, max_batch_size=len(bodies))
+        length = shared + max(len(b) for b in bodies)
+        joined_mask = np.zeros((len(bodies), length), dtype=np.int64)
+        prepared: list[_PrefillChunk] = []
+        for rows in chunks:
+            width = max(len(bodies[i]) for i in rows)
+            ids_array, body_mask = _left_padded([bodies[i] for i in rows], width, pad_id)
+            mask = np.concatenate([np.ones((len(rows), shared), dtype=np.int64), body_mask], axis=1)
+            # Right-aligned, as the chunk's keys and values are (see JoinedKV).
+            joined_mask[rows, length - mask.shape[1] :] = mask
+            # Positions count unmasked tokens only, as with plain left padding.
+            positions = np.maximum(mask.cumsum(-1) - 1, 0)[:, shared:]
+            prepared.append(_PrefillChunk(
+                rows=host_tensor(np.asarray(rows, dtype=np.int64), device), width=width,
+                ids=host_tensor(ids_array, device), mask=host_tensor(mask, device),
+                positions=host_tensor(np.ascontiguousarray(positions), device),
+            ))
+        last = np.asarray([[ids[-1]] for ids in batch_ids], dtype=np.int64)
+        return _BatchInputs(len(batch_ids), chunks=prepared, joined_mask=host_tensor(joined_mask, device),
+                            last=host_tensor(last, device))
+
+    def _prefill(self, inputs: _BatchInputs, prefix: _Prefix | None, room: int) -> tuple[Any, torch.Tensor]:
         """The KV cache of every prompt but its last token, as one left-padded batch, and its mask.
 
         Rows are prefilled in chunks of similar length on top of the shared prefix, then joined
@@ -366,38 +446,25 @@ class GenerationEngine:
         """
         from . import kv_cache
 
-        shared = prefix.length if prefix else 0
-        bodies = [ids[shared:-1] for ids in batch_ids]
-        chunk_tokens = PREFILL_CHUNK_TOKENS if self.device.type == "cpu" else 4 * PREFILL_CHUNK_TOKENS
-        chunks = plan_batches([len(b) for b in bodies], token_budget=chunk_tokens, max_batch_size=len(bodies))
+        assert inputs.joined_mask is not None
         # Every chunk's cache is written straight into the joined one, then dropped: the batch's
         # KV is never held twice.
-        length = shared + max(len(b) for b in bodies)
-        joined = kv_cache.JoinedKV(len(bodies), length, room)
-        joined_mask = torch.zeros((len(bodies), length), dtype=torch.long)
-        for rows in chunks:
-            width = max(len(bodies[i]) for i in rows)
-            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), shared + width), dtype=torch.long)
-            mask[:, :shared] = 1
-            for j, i in enumerate(rows):
-                if bodies[i]:
-                    ids[j, width - len(bodies[i]) :] = torch.tensor(bodies[i])
-                    mask[j, shared + width - len(bodies[i]) :] = 1
-            # Right-aligned, as the chunk's keys and values are (see JoinedKV).
-            joined_mask[rows, length - mask.shape[1] :] = mask
-            ids, mask = ids.to(self.device), mask.to(self.device)
+        joined = kv_cache.JoinedKV(inputs.rows, inputs.joined_mask.shape[1], room)
+        for chunk in inputs.chunks:
+            on_device = to_device({"rows": chunk.rows, "ids": chunk.ids, "mask": chunk.mask,
+                                   "positions": chunk.positions}, self.device)
+            n_rows = chunk.ids.shape[0]
             cache = kv_cache.new_cache(self.model)
             if prefix:
                 for layer, (keys, values) in enumerate(prefix.kv):
-                    cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), layer)
-            if width:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-                self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                           logits_to_keep=1, **{self._cache_arg: cache})
-            joined.write(torch.tensor(rows, device=self.device), [(layer.keys, layer.values) for layer in cache.layers])
+                    cache.update(keys.expand(n_rows, -1, -1, -1), values.expand(n_rows, -1, -1, -1), layer)
+            if chunk.width:
+                self.model(input_ids=on_device["ids"], attention_mask=on_device["mask"],
+                           position_ids=on_device["positions"], use_cache=True, logits_to_keep=1,
+                           **{self._cache_arg: cache})
+            joined.write(on_device["rows"], [(layer.keys, layer.values) for layer in cache.layers])
             del cache
-        return joined.cache(self.model), joined_mask.to(self.device)
+        return joined.cache(self.model), to_device({"mask": inputs.joined_mask}, self.device)["mask"]
 
     def _schema_grammars(self) -> Any:
         if self._grammars is None:
@@ -409,50 +476,47 @@ class GenerationEngine:
 
     def _generate_batch(
         self,
-        batch_ids: list[list[int]],
+        inputs: _BatchInputs,
         config: Any,
         ignore_eos: bool = False,
         prefix: _Prefix | None = None,
         output_schema: str | None = None,
-    ) -> list[tuple[str, int, Literal["stop", "length"]]]:
+    ) -> list[_BatchTokens]:
+        """One ``generate`` call: per row, its new tokens through the first eos, and why it ended."""
         # One processor per generate() call: its per-row matchers follow this batch's rows only
         # (both the joined-cache and the plain path below feed it the same per-row tokens).
         processors = [self._schema_grammars().logits_processor(output_schema)] if output_schema else []
         with torch.inference_mode():
-            # A one-token prompt with nothing cached before it has no KV cache to pad and join.
-            if self._cache_arg is not None and config.cache_implementation is None and (
-                prefix is not None or min(len(ids) for ids in batch_ids) > 1
-            ):
-                cache, mask = self._prefill(batch_ids, prefix, room=config.max_new_tokens)
-                last = torch.tensor([[ids[-1]] for ids in batch_ids], device=self.device)
+            if inputs.plain is None:
+                cache, mask = self._prefill(inputs, prefix, room=config.max_new_tokens)
+                last = to_device({"last": inputs.last}, self.device)["last"]
                 # generate() runs only the tokens the cache lacks: each row's last one. The filler
                 # stands for the cached ones (only its length matters) and is sliced off below.
-                filler = torch.full((len(batch_ids), mask.shape[1]), self.tokenizer.pad_token_id, device=self.device)
+                filler = torch.full((inputs.rows, mask.shape[1]), self.tokenizer.pad_token_id, device=self.device)
                 input_ids = torch.cat([filler, last], dim=1)
                 attention_mask = torch.cat([mask, torch.ones_like(last)], dim=1)
                 kwargs = {self._cache_arg: cache}
             else:
-                # pad_to_multiple_of=8 keeps the number of distinct shapes (and kernel choices) small.
-                padded = self.tokenizer.pad(
-                    {"input_ids": batch_ids}, padding=True, pad_to_multiple_of=8, return_tensors="pt"
-                )
-                input_ids = padded["input_ids"].to(self.device)
-                attention_mask = padded["attention_mask"].to(self.device)
+                plain = to_device({"input_ids": inputs.plain[0], "attention_mask": inputs.plain[1]}, self.device)
+                input_ids, attention_mask = plain["input_ids"], plain["attention_mask"]
                 kwargs = {}
             output = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                 logits_processor=processors or None, **kwargs
             )
-        rows = []
+        rows: list[_BatchTokens] = []
         for new_tokens in output[:, input_ids.shape[1] :].tolist():
             # Rows that finish early are filled with pad (often == eos) up to the batch's longest:
             # count through the first eos only.
             # With ignore_eos every row runs to max_new_tokens and nothing is padding.
             stop_at = None if ignore_eos else next((k for k, tok in enumerate(new_tokens) if tok in self._eos_ids), None)
             n_new = len(new_tokens) if stop_at is None else stop_at + 1
-            text = self.tokenizer.decode(new_tokens[:n_new], skip_special_tokens=True).strip()
-            rows.append((text, n_new, "length" if stop_at is None else "stop"))
+            rows.append((new_tokens[:n_new], "length" if stop_at is None else "stop"))
         return rows
+
+    def _decode(self, batch_tokens: list[list[int]]) -> list[str]:
+        """Each row's answer text (on the decode thread when host work overlaps)."""
+        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in batch_tokens]
 
 
 MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a cache of their own
@@ -463,6 +527,57 @@ PREFILL_CHUNK_TOKENS = 2048  # padded prompt tokens prefilled together
 class _Prefix:
     length: int
     kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+# One row of a generate() call: its new tokens through the first eos, and why it ended.
+_BatchTokens = tuple[list[int], Literal["stop", "length"]]
+
+
+@dataclass
+class _PrefillChunk:
+    """One prefill chunk's host tensors: its rows' places in the decode batch, their left-padded
+    prompt bodies (``width`` columns), the mask over prefix + body, and the bodies' positions."""
+
+    rows: torch.Tensor
+    width: int
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class _BatchInputs:
+    """A decode batch's inputs on the host: ``plain`` (input ids, attention mask) for whole prompts
+    through generate, or the prefill ``chunks``, the joined cache's mask and each row's last token."""
+
+    rows: int
+    plain: tuple[torch.Tensor, torch.Tensor] | None = None
+    chunks: list[_PrefillChunk] = field(default_factory=list)
+    joined_mask: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+
+def _left_padded(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``rows`` right-aligned in a ``(len(rows), width)`` array of ``pad_id``, and the mask of the real tokens."""
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for j, row in enumerate(rows):
+        if row:
+            ids[j, width - len(row) :] = row
+            mask[j, width - len(row) :] = 1
+    return ids, mask
+
+
+def _in_line(batches: list[list[int]], prepare: Callable[[list[int]], _BatchInputs]) -> Iterator[tuple[list[int], _BatchInputs]]:
+    """The serial counterpart of :func:`prefetched`: each batch prepared right before its use."""
+    for batch in batches:
+        yield batch, prepare(batch)
+
+
+def _done(value: list[str]) -> concurrent.futures.Future[list[str]]:
+    future: concurrent.futures.Future[list[str]] = concurrent.futures.Future()
+    future.set_result(value)
+    return future
 
 
 # What a model's generation_config may keep: token ids the model was trained with, not decoding choices.

@@ -8,6 +8,9 @@ releases the GIL, so the preparation overlaps with the model's forward pass.
 
 :func:`to_device` moves a prepared batch: on CUDA from pinned (page-locked) host memory with
 ``non_blocking=True``, so the copy is asynchronous with respect to the host; elsewhere a plain move.
+:func:`host_tensor` turns a batch built with numpy on the prefetch thread into such a tensor without
+torch kernels on that thread: a large torch fill or copy there would start a second OpenMP team in
+the process (see :mod:`gpu_runtime.compute_thread`).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
-__all__ = ["pin_for", "prefetched", "to_device"]
+__all__ = ["host_tensor", "pin_for", "prefetched", "to_device"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -58,6 +62,16 @@ def pin_for(features: Mapping[str, Any], device: torch.device) -> dict[str, Any]
         return dict(features)
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
             for k, v in features.items()}
+
+
+def host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``array`` as a CPU tensor bound for ``device``: in pinned memory, filled by numpy, for a CUDA
+    device; elsewhere sharing ``array``'s memory."""
+    if device.type != "cuda":
+        return torch.from_numpy(array)
+    pinned = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, dtype=array.dtype)).dtype, pin_memory=True)
+    pinned.numpy()[...] = array
+    return pinned
 
 
 def to_device(features: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
