@@ -16,7 +16,8 @@ Every figure is a ratio against a baseline measured in the same process on the s
    ceiling    - the whole flow with ``dummy:bert-nano``, whose compute is negligible: the rows/s
                 this pipeline can feed a device at best, and where each second went.
    tokenize   - host-side preparation alone (tokenize + collate, as the engine's prefetch thread
-                does it): rows/s that must stay far above what a GPU consumes.
+                does it): rows/s that must stay far above what a GPU consumes; the same for the
+                generation engine (chat-format + tokenize, then each batch's inputs).
 
 Models are loaded before any timing (the flow's per-process cache is warmed), so both sides time
 the same work. The baselines run on gpu_runtime's compute thread, where the flow's model work
@@ -129,7 +130,37 @@ def bench_tokenize(rows: int) -> dict:
     collate_s = time.perf_counter() - started
     return {"rows": rows, "count_s": count_s, "collate_s": collate_s,
             "count_rows_per_s": rows / count_s, "collate_rows_per_s": rows / collate_s,
-            "rows_per_s": rows / (count_s + collate_s)}
+            "rows_per_s": rows / (count_s + collate_s), "generation": bench_generation_prep(texts)}
+
+
+def bench_generation_prep(texts: list[str], max_new_tokens: int = 32) -> dict:
+    """The generation engine's host work alone, no model call: chat-format + tokenize every prompt
+    (up front, on the compute thread) and build each batch's inputs (what its prefetch thread does:
+    padding, masks, prefill chunks; pinning only on CUDA) over the engine's own batch plan."""
+    from gpu_runtime import GenerationParams, load_generation_engine, on_compute_thread, plan_batches
+
+    rows = len(texts)
+    engine = load_generation_engine(GEN_MODEL, device="cpu")
+    params = GenerationParams(max_new_tokens=max_new_tokens)
+    prompts = [f"Review: {text}\n\nIn one short sentence, what is the customer's main point?" for text in texts]
+    limit = engine._input_limit(params)
+    started = time.perf_counter()
+    encoded = [engine._encode_prompt(prompt, params, limit)[0] for prompt in prompts]
+    encode_s = time.perf_counter() - started
+    budget, max_batch = engine.batch_limits(params)
+    batches = plan_batches([len(ids) for ids in encoded], token_budget=budget, max_batch_size=max_batch,
+                           extra_tokens_per_row=max_new_tokens)
+    config = engine._generation_config(params)
+    # The shared prefix's length is what the prefill inputs need; its KV (a model call, so on the
+    # compute thread) is not part of host work.
+    prefix = on_compute_thread(engine._shared_prefix, encoded, params)
+    started = time.perf_counter()
+    for batch in batches:
+        engine._batch_inputs([encoded[i] for i in batch], config, prefix)
+    batch_s = time.perf_counter() - started
+    return {"rows": rows, "encode_s": encode_s, "batch_inputs_s": batch_s,
+            "encode_rows_per_s": rows / encode_s, "batch_inputs_rows_per_s": rows / batch_s,
+            "rows_per_s": rows / (encode_s + batch_s)}
 
 
 CEILING_MODEL = "dummy:bert-nano"
@@ -502,6 +533,9 @@ def main() -> None:
     if t := results.get("tokenize"):
         print(f"{'tokenize + collate rows/s':<34}{'':>14}{t['rows_per_s']:>14.1f}"
               f"{'':>9}  count {t['count_rows_per_s']:.0f}/s, collate {t['collate_rows_per_s']:.0f}/s")
+        tg = t["generation"]
+        print(f"{'generation host prep rows/s':<34}{'':>14}{tg['rows_per_s']:>14.1f}"
+              f"{'':>9}  chat+tokenize {tg['encode_rows_per_s']:.0f}/s, batch inputs {tg['batch_inputs_rows_per_s']:.0f}/s")
     if g := results.get("generation"):
         print(f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}"
               f"{g['flow_tok_per_s']:>14.1f}{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})")

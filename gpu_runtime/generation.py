@@ -282,11 +282,11 @@ class GenerationEngine:
             overlap = self.overlap_host_work
             decoded: list[tuple[list[int], list[_BatchTokens], concurrent.futures.Future[list[str]]]] = []
             with contextlib.ExitStack() as threads:
-                # Entered after the decoder, so it is closed first: an error stops the prefetching,
-                # then waits for the decodes already submitted. No helper thread outlives the call.
                 decoder = threads.enter_context(
                     concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-decode")
                 ) if overlap else None
+                # Entered after the decoder, so closed before it: an error stops the prefetching,
+                # then waits for the decodes already submitted. No helper thread outlives the call.
                 prepared = threads.enter_context(contextlib.closing(
                     prefetched(batches, prepare) if overlap else _in_line(batches, prepare)
                 ))
@@ -299,7 +299,6 @@ class GenerationEngine:
                             f"prompt {i}: {len(encoded[i][0])} tokens + max_new_tokens={params.max_new_tokens}"
                         ),
                     )
-                    del inputs  # its host (pinned) buffers are not kept for the rest of the call
                     tokens = [row_tokens for row_tokens, _ in outputs]
                     texts = decoder.submit(self._decode, tokens) if decoder else _done(self._decode(tokens))
                     decoded.append((batch, outputs, texts))
@@ -442,7 +441,8 @@ class GenerationEngine:
         decoding is bound by reading the weights, so the wider its batch, the cheaper each token.
         A row reads ``[left pad | shared prefix | pad | rest of its prompt]``; the mask hides the
         pads and positions count unmasked tokens only, as with plain left padding. The joined cache
-        has ``room`` more positions per row preallocated for the tokens to come.
+        has ``room`` more positions per row preallocated for the tokens to come. ``inputs`` holds
+        the host tensors :meth:`_batch_inputs` built for this layout.
         """
         from . import kv_cache
 
