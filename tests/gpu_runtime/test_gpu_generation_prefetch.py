@@ -14,10 +14,8 @@ import threading
 import pytest
 import torch
 
-from gpu_runtime import GenerationParams, load_generation_engine
-from gpu_runtime import compute_thread
+from gpu_runtime import GenerationParams, compute_thread, load_generation_engine
 from gpu_runtime.backoff import BatchBackoff
-from gpu_runtime.errors import EngineError
 from tests.gpu_runtime.families import NEW_TOKENS, TEXTS, greedy_reference, save_family
 
 pytestmark = pytest.mark.slow
