@@ -6,6 +6,7 @@ and every other row is processed. One output row per input row, in input order.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -132,26 +133,21 @@ def render_prompts(cfg: JobConfig, table: pa.Table, texts: list[str | None], row
 
 
 def generation_params(cfg: JobConfig, chat_date: dt.date | str | None = None) -> GenerationParams:
-    """The engine's decoding settings for ``cfg`` (``chat_date`` as in :func:`enrich_table`)."""
+    """The engine's decoding settings for ``cfg`` (``chat_date`` as in :func:`enrich_table`).
+
+    Every field ``GenerationParams`` shares with ``GenerateConfig`` is carried by name, so a new
+    decoding setting needs no copying here; only the fields whose form differs are converted."""
     from gpu_runtime import GenerationParams
 
     g = cfg.generate
-    return GenerationParams(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        seed=g.seed,
-        system_prompt=g.system_prompt,
-        max_input_tokens=g.max_input_tokens,
-        ignore_eos=g.ignore_eos,
-        token_budget=g.token_budget,
-        max_batch_size=g.max_batch_size,
-        cache=g.cache,
-        compile=g.compile,
+    shared = {f.name for f in dataclasses.fields(GenerationParams)} & set(type(g).model_fields)
+    values = {name: getattr(g, name) for name in shared}
+    values.update(
         chat_template_kwargs=dict(g.chat_template_kwargs) or None,
         chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
         output_schema=schema_text(g.output_schema) if g.output_schema is not None else None,
     )
+    return GenerationParams(**values)
 
 
 def enrich_table(
