@@ -251,7 +251,7 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
     server_started = time.perf_counter()
     with shared_prefect_api():
         server_seconds = time.perf_counter() - server_started  # the temporary server's start-up, if any
-        state = enrich_for(cfg)(job=flow_parameters(cfg), forecast=forecast.to_dict() if forecast else None,
+        state = enrich_for(cfg)(job=flow_parameters(cfg, plan), forecast=forecast.to_dict() if forecast else None,
                                 return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
