@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -250,7 +251,7 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
     server_started = time.perf_counter()
     with shared_prefect_api():
         server_seconds = time.perf_counter() - server_started  # the temporary server's start-up, if any
-        state = enrich_for(cfg)(job=flow_parameters(cfg), forecast=forecast.to_dict() if forecast else None,
+        state = enrich_for(cfg)(job=flow_parameters(cfg, plan), forecast=forecast.to_dict() if forecast else None,
                                 return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
@@ -544,6 +545,14 @@ def _error(message: str) -> None:
     print(f"shardwise: error: {redact_text(message)}", file=sys.stderr, flush=True)
 
 
+def _fail(message: str, exit_code: int) -> int:
+    """Report an error exit: one line, and with ``SHARDWISE_DEBUG`` set the traceback before it."""
+    if os.environ.get("SHARDWISE_DEBUG"):
+        traceback.print_exc(file=sys.stderr)
+    _error(message)
+    return exit_code
+
+
 def _exit_abandoning_threads(code: int) -> NoReturn:
     """End the process now. A shard thread abandoned by an interrupt may still be computing, and a
     normal exit joins every such thread first; the run's MLflow and Prefect states are already
@@ -580,29 +589,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except ShardwiseError as err:
-        _error(str(err))
-        return err.exit_code
+        return _fail(str(err), err.exit_code)
     except ModelNotFoundError as err:
-        _error(str(err))
-        return 2
+        return _fail(str(err), 2)
     except EngineError as err:
-        _error(f"engine failed: {err}")
-        return 1
+        return _fail(f"engine failed: {err}", 1)
     except KeyboardInterrupt:
-        _error(f"interrupted after {time.perf_counter() - started:.0f}s; rerun the same command to redo it")
+        _fail(f"interrupted after {time.perf_counter() - started:.0f}s; rerun the same command to redo it", 130)
         _exit_abandoning_threads(130)
     except Exception as err:  # noqa: BLE001 - last resort: one line, traceback on request
-        if os.environ.get("SHARDWISE_DEBUG"):
-            raise
-        _error(f"unexpected {type(err).__name__}: {err} (SHARDWISE_DEBUG=1 shows the traceback)")
-        return 1
+        return _fail(f"unexpected {type(err).__name__}: {err} (SHARDWISE_DEBUG=1 shows the traceback)", 1)
     except BaseException as err:
         prefect_exceptions = sys.modules.get("prefect.exceptions")  # Prefect's SIGTERM bridge, if loaded
         if not isinstance(err, Terminated) and not (
             prefect_exceptions and isinstance(err, prefect_exceptions.TerminationSignal)
         ):
             raise
-        _error(f"terminated after {time.perf_counter() - started:.0f}s; rerun the same command to redo it")
+        _fail(f"terminated after {time.perf_counter() - started:.0f}s; rerun the same command to redo it", 143)
         _exit_abandoning_threads(143)
 
 

@@ -18,7 +18,7 @@ from prefect.states import Failed
 from tasks.budget import BudgetGuard, ProgressMeter, budgeted_completions, shard_capacity, unstarted
 from tasks.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
 from tasks.job_config import JobConfig
-from tasks.job_handoff import job_from_parameters
+from tasks.job_handoff import job_from_parameters, plan_from_parameters
 from tasks.manifest import commit_output_task, start_output_task
 from tasks.output_dir import OutputDir
 from tasks.planning import ShardPlan, plan_shards_task
@@ -158,13 +158,16 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
     Called directly it runs one shard at a time in this process; :func:`enrich_for` picks the
     runner the job asks for (worker processes, Ray, a second shard in flight on a GPU). ``job`` is
     the public config; pass ``tasks.job_handoff.flow_parameters(cfg)`` to keep credentials out of
-    it (see that module). ``forecast`` is what ``shardwise plan`` computes (the CLI passes the one
-    it checked ``max_cost`` against); without it the flow makes its own."""
+    it (see that module), and ``flow_parameters(cfg, plan)`` to hand over a shard plan already made
+    (the CLI's); without one the flow plans. ``forecast`` is what ``shardwise plan`` computes (the
+    CLI passes the one it checked ``max_cost`` against); without it the flow makes its own."""
     timer = RunTimer()
     install_log_redaction()
     cfg = job_from_parameters(job)
     with timer.phase("plan"):
-        plan = plan_shards_task(cfg)
+        plan = plan_from_parameters(job)
+        if plan is None:
+            plan = plan_shards_task(cfg)
     with timer.phase("forecast"):
         expected = Forecast.from_dict(forecast) if forecast else forecast_task(cfg, plan)
     if cfg.max_cost is not None and over_budget(cfg, expected):

@@ -6,6 +6,7 @@ and every other row is processed. One output row per input row, in input order.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -66,11 +67,10 @@ def invalid_utf8_rows(column: pa.Array | pa.ChunkedArray) -> list[int]:
     return bad
 
 
-def repair_utf8(table: pa.Table, keep: list[str] | tuple[str, ...] = ()) -> tuple[pa.Table, int]:
+def repair_utf8(table: pa.Table, keep: list[str] | tuple[str, ...] = ()) -> pa.Table:
     """Replace invalid UTF-8 in string columns with U+FFFD, so neither Python nor the analysts'
-    readers (polars refuses such files) choke on it; returns the table and the rows repaired.
+    readers (polars refuses such files) choke on it.
     Columns in ``keep`` (the id) are never altered: two ids "repaired" alike would become one."""
-    repaired_rows = 0
     for index, field in enumerate(table.schema):
         if field.name in keep:
             continue
@@ -85,9 +85,8 @@ def repair_utf8(table: pa.Table, keep: list[str] | tuple[str, ...] = ()) -> tupl
         binary = pa.large_binary() if pa.types.is_large_string(field.type) else pa.binary()
         raw = column.cast(binary).to_pylist()
         fixed = [None if b is None else b.decode("utf-8", errors="replace") for b in raw]
-        repaired_rows += sum(1 for b, f in zip(raw, fixed) if b is not None and b != f.encode())
         table = table.set_column(index, field, pa.array(fixed, field.type))
-    return table, repaired_rows
+    return table
 
 
 def output_schema(input_schema: pa.Schema, cfg: JobConfig, embedding_dim: int | None) -> pa.Schema:
@@ -112,7 +111,6 @@ class EnrichStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     embedded_tokens: int = 0
-    repaired_utf8_rows: int = 0
     schema_valid_rows: int | None = None  # rows whose answer follows generate.output_schema; None without one
     rows_cached: int = 0  # rows whose every value came from the row cache (their tokens are in the totals above)
     cached_prompt_tokens: int = 0
@@ -135,26 +133,21 @@ def render_prompts(cfg: JobConfig, table: pa.Table, texts: list[str | None], row
 
 
 def generation_params(cfg: JobConfig, chat_date: dt.date | str | None = None) -> GenerationParams:
-    """The engine's decoding settings for ``cfg`` (``chat_date`` as in :func:`enrich_table`)."""
+    """The engine's decoding settings for ``cfg`` (``chat_date`` as in :func:`enrich_table`).
+
+    Every field ``GenerationParams`` shares with ``GenerateConfig`` is carried by name, so a new
+    decoding setting needs no copying here; only the fields whose form differs are converted."""
     from gpu_runtime import GenerationParams
 
     g = cfg.generate
-    return GenerationParams(
-        max_new_tokens=g.max_new_tokens,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        seed=g.seed,
-        system_prompt=g.system_prompt,
-        max_input_tokens=g.max_input_tokens,
-        ignore_eos=g.ignore_eos,
-        token_budget=g.token_budget,
-        max_batch_size=g.max_batch_size,
-        cache=g.cache,
-        compile=g.compile,
+    shared = {f.name for f in dataclasses.fields(GenerationParams)} & set(type(g).model_fields)
+    values = {name: getattr(g, name) for name in shared}
+    values.update(
         chat_template_kwargs=dict(g.chat_template_kwargs) or None,
         chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
         output_schema=schema_text(g.output_schema) if g.output_schema is not None else None,
     )
+    return GenerationParams(**values)
 
 
 def enrich_table(
@@ -170,9 +163,9 @@ def enrich_table(
     ``chat_date`` is the run's date for chat templates that print one, used when the config does
     not set ``generate.chat_date`` (which wins). With a ``cache``, rows it holds are taken from it
     and only the others reach the engines."""
-    table, stats_repaired = repair_utf8(table, keep=[cfg.id_column])
+    table = repair_utf8(table, keep=[cfg.id_column])
     n = table.num_rows
-    stats = EnrichStats(rows=n, repaired_utf8_rows=stats_repaired)
+    stats = EnrichStats(rows=n)
     cleaned = [clean_text(v) for v in table.column(cfg.text_column).to_pylist()]
     errors: list[str | None] = [err for _, err in cleaned]
     truncated = [False] * n

@@ -3,8 +3,9 @@
     ShardwiseError            base: a clear one-line message, never a traceback for the user
     ├── ConfigError           the job config or CLI flags are invalid                 (exit 2)
     ├── InputError            the input data is missing, malformed or the wrong shape (exit 2)
-    ├── StorageError          storage cannot be read or written                       (exit 3)
-    └── RunFailed             the run finished but some shards failed                 (exit 1)
+    └── StorageError          storage cannot be read or written                       (exit 3)
+
+    A run that finishes with failed shards is not an exception: the flow ends Failed   (exit 1)
 
     Terminated (a BaseException, like KeyboardInterrupt): SIGTERM arrived            (exit 143)
 
@@ -37,10 +38,6 @@ class InputError(ShardwiseError):
 
 class StorageError(ShardwiseError):
     exit_code = 3
-
-
-class RunFailed(ShardwiseError):
-    exit_code = 1
 
 
 class Terminated(BaseException):

@@ -24,7 +24,6 @@ import threading
 import time
 from collections import Counter
 
-POINTS = ("shard-compute", "part-write", "before-manifest", "before-success")
 _reached: Counter[tuple[str, str]] = Counter()
 _lock = threading.Lock()
 

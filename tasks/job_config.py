@@ -27,6 +27,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# What the output fingerprint covers: these top-level settings, less the execution knobs of the
+# generate and embed sections (batching, the KV cache's form, GPU placement), which change speed
+# and memory, never values. A resume's refusal names differences over the same lists.
+FINGERPRINT_SETTINGS = ("task", "text_column", "id_column", "keep_columns", "generate", "embed")
+EXECUTION_KNOBS = ("token_budget", "max_batch_size", "cache", "compile", "tensor_parallel_size",
+                   "gpu_memory_utilization")
+
+
 class GenerateConfig(_Strict):
     """Text generation: an instruct model over a prompt template of row columns."""
 
@@ -277,23 +285,18 @@ class JobConfig(_Strict):
     def settings_fingerprint(self) -> str:
         """Hash of every setting that changes output values, without resolving any model: the
         same config text gives the same value on any machine (idempotency keys use it)."""
-        relevant = self.model_dump(
-            mode="json",
-            include={"task", "text_column", "id_column", "keep_columns", "generate", "embed"},
-        )
+        relevant = self.model_dump(mode="json", include=set(FINGERPRINT_SETTINGS))
         if not self.runs_generation:
             relevant.pop("generate")
         if not self.runs_embedding:
             relevant.pop("embed")
         for section in ("generate", "embed"):
             if section in relevant:
-                # execution knobs: batching, the KV cache's form and GPU placement do not change values
-                for knob in ("token_budget", "max_batch_size", "cache", "compile", "tensor_parallel_size",
-                             "gpu_memory_utilization"):
+                for knob in EXECUTION_KNOBS:
                     relevant[section].pop(knob, None)
         if "generate" in relevant:
             # The engine that runs, not the request: `auto` on another machine may be another engine.
-            # hf outputs keep the fingerprint they had before engines could be chosen.
+            # hf leaves both out: neither the engine field nor vllm's max_model_len changes its values.
             if self.generation_engine() == "hf":
                 relevant["generate"].pop("engine")
                 relevant["generate"].pop("max_model_len")

@@ -7,6 +7,10 @@ under its public form and :func:`job_from_parameters`, in the flow, gets it back
 the one the flow runs in: ``shardwise run``, or a deployment's ``enrich-partition`` run, which read
 the job file (storage options included) itself. Shard tasks receive the full config as a task
 argument, pickled to worker processes and Ray workers; Prefect does not store task arguments.
+
+The shard plan that process made (``shardwise run`` plans before it forecasts) travels the same
+way, so the flow does not plan again: :func:`plan_from_parameters` hands it over once. Its input
+URIs may carry credentials, which is one more reason it is no flow parameter.
 """
 
 from __future__ import annotations
@@ -16,21 +20,35 @@ from typing import Any
 
 from tasks.errors import ConfigError
 from tasks.job_config import JobConfig, validate_config
+from tasks.planning import ShardPlan
 from tasks.redaction import REDACTED
 from tasks.storage import runtime_storage_options
 
 _full_configs: dict[str, JobConfig] = {}
+_plans: dict[str, ShardPlan] = {}
 
 
 def _key(public: dict[str, Any]) -> str:
     return json.dumps(public, sort_keys=True, default=str)
 
 
-def flow_parameters(cfg: JobConfig) -> dict[str, Any]:
-    """The ``job`` parameter for ``cfg``'s flow run; the full ``cfg`` stays in this process."""
+def flow_parameters(cfg: JobConfig, plan: ShardPlan | None = None) -> dict[str, Any]:
+    """The ``job`` parameter for ``cfg``'s flow run; the full ``cfg`` (and ``plan``, the shard plan
+    already made for this run, if any) stays in this process."""
     public = cfg.public_dict()
-    _full_configs[_key(public)] = cfg
+    key = _key(public)
+    _full_configs[key] = cfg
+    if plan is None:
+        _plans.pop(key, None)  # a plan left by an earlier run of the same job may be stale
+    else:
+        _plans[key] = plan
     return public
+
+
+def plan_from_parameters(job: dict[str, Any]) -> ShardPlan | None:
+    """The shard plan handed over with ``job`` by :func:`flow_parameters`, else None. Taken once:
+    a later run of the same job in this process plans again, as its input may have changed."""
+    return _plans.pop(_key(job), None)
 
 
 def job_from_parameters(job: dict[str, Any]) -> JobConfig:

@@ -8,6 +8,7 @@ every planned shard's part is published, confirmed to be the very part this run 
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -81,6 +82,13 @@ class CommitOutcome:
     totals: RunTotals
     results: list[ShardResult] = field(default_factory=list)  # as confirmed at commit
     held: bool = False  # complete, but the quality gate withheld _SUCCESS (see tasks.quality)
+    # The final manifest as written: JSON text, which Prefect does not walk as it does a dict's
+    # every shard entry when the outcome is handed to the report task.
+    manifest_json: str = ""
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The final manifest this commit wrote (None when it wrote none)."""
+        return json.loads(self.manifest_json) if self.manifest_json else None
 
 
 def final_manifest(
@@ -145,7 +153,7 @@ def commit_output(
     held = succeeded and verdict is not None and verdict.held
     if succeeded and verdict is not None:
         manifest.update(status="held" if held else "succeeded", quality=verdict.summary())
-    output.write_json(MANIFEST_NAME, manifest)
+    written = output.write_json(MANIFEST_NAME, manifest)
     if succeeded:
         remove_stray_parts(cfg, plan)
         crash_point("before-success")
@@ -154,7 +162,7 @@ def commit_output(
         if rechecked != results:  # replaced while the manifest was written
             results = rechecked
             manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
-            output.write_json(MANIFEST_NAME, manifest)
+            written = output.write_json(MANIFEST_NAME, manifest)
             succeeded = held = False
         else:
             if verdict is not None:
@@ -162,7 +170,8 @@ def commit_output(
             if not held:
                 success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
                 output.write_success(success)
-    return CommitOutcome(succeeded and not held, output.uri_of(MANIFEST_NAME), duplicates, totals, results, held)
+    return CommitOutcome(succeeded and not held, output.uri_of(MANIFEST_NAME), duplicates, totals, results, held,
+                         manifest_json=written)
 
 
 def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardResult]:

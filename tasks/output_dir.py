@@ -194,15 +194,17 @@ class OutputDir:
 
     # ---- manifest and markers ----------------------------------------------------------
 
-    def write_json(self, name: str, data: dict[str, Any]) -> None:
+    def write_json(self, name: str, data: dict[str, Any]) -> str:
+        """Write ``data`` (redacted) as the JSON file ``name``; returns the text written."""
         data = redact_values(data)  # input URIs and error texts may hold credentials
-        payload = json.dumps(data, indent=2, sort_keys=False, default=str).encode()
+        text = json.dumps(data, indent=2, sort_keys=False, default=str)
         try:
-            atomic_write_bytes(self.uri_of(name), payload, self.storage_options)
+            atomic_write_bytes(self.uri_of(name), text.encode(), self.storage_options)
         except StorageError:
             raise
         except Exception as err:  # noqa: BLE001 - any backend failure is a storage failure here
             raise StorageError(f"cannot write {self.uri_of(name)}: {type(err).__name__}: {err}") from None
+        return text
 
     def read_json(self, name: str) -> tuple[bool, Any]:
         """``(exists, value)`` of this directory's JSON file ``name``; value is None when the file

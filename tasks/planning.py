@@ -191,7 +191,7 @@ def _read_footer(uri: str, storage_options: dict[str, Any] | None) -> tuple[int,
             metadata = pq.ParquetFile(handle).metadata
     except InputError:
         raise
-    except (pa.ArrowInvalid, pa.ArrowException) as err:
+    except pa.ArrowException as err:
         raise InputError(f"{uri}: corrupt Parquet file ({err})") from None
     except FileNotFoundError:
         raise InputError(f"input not found: {uri}") from None

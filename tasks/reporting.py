@@ -16,7 +16,7 @@ from prefect.artifacts import (
 
 from tasks.cost import Price, detect_device_type, lookup_price
 from tasks.job_config import JobConfig
-from tasks.manifest import CommitOutcome, read_manifest
+from tasks.manifest import CommitOutcome
 from tasks.planning import UnreadableFile
 from tasks.redaction import redact_text, redact_uri
 from tasks.results import ShardResult
@@ -180,7 +180,7 @@ def report(
 ) -> dict[str, Any]:
     price = price_for(cfg, results)
     summary = build_summary(cfg, outcome, results, run_id, wall_seconds, price, unreadable)
-    manifest = read_manifest(cfg.output, cfg.storage_options)
+    manifest = outcome.manifest()
     numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     finish_run(run_id, numbers, manifest, outcome.succeeded, price, cfg.output, results)
     rows = []

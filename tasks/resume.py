@@ -16,23 +16,20 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.errors import ConfigError, StorageError
-from tasks.job_config import JobConfig
+from tasks.job_config import EXECUTION_KNOBS, FINGERPRINT_SETTINGS, JobConfig
 from tasks.output_dir import LINEAGE_PREFIX, OutputDir, check_separate
 from tasks.planning import Shard, ShardPlan
 from tasks.results import RowIds, ShardResult
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.storage import is_storage_failure, is_transient, with_storage_retries
 
-_FINGERPRINT_KEYS = ("task", "text_column", "id_column", "keep_columns", "generate", "embed")
-
-
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     changed = []
-    for key in _FINGERPRINT_KEYS:
+    for key in FINGERPRINT_SETTINGS:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += [f"{key}.{k}" for k in sorted(set(a) | set(b))
-                        if a.get(k) != b.get(k) and k not in ("token_budget", "max_batch_size")]
+                        if a.get(k) != b.get(k) and k not in EXECUTION_KNOBS]
         elif a != b:
             changed.append(key)
     return changed

@@ -1,17 +1,19 @@
-"""Which task failures Prefect should retry: not bad input, which fails the same way every time."""
+"""Which task failures Prefect should retry: not bad input or a bad model spec, which fail the same
+way every time (``gpu_runtime.errors``: a ``ModelNotFoundError`` cannot be helped by another try)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from gpu_runtime.errors import ModelNotFoundError
 from tasks.errors import ConfigError, InputError
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry storage and engine failures, never bad data."""
+    """Prefect ``retry_condition_fn``: retry storage and engine failures, never bad data or config."""
     try:
         state.result()
-    except (InputError, ConfigError):
+    except (InputError, ConfigError, ModelNotFoundError):
         return False
     except Exception:  # noqa: BLE001 - any other failure is worth another try
         return True

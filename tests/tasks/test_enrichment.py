@@ -30,8 +30,7 @@ def test_repair_utf8_replaces_bad_bytes_and_leaves_good_columns(tmp_path):
     table = pq.read_table(path)
     with pytest.raises(UnicodeDecodeError):
         table.column("text").to_pylist()
-    fixed, rows = repair_utf8(table)
-    assert rows == 1
+    fixed = repair_utf8(table)
     assert fixed.column("text").to_pylist() == ["fine", "\ufffd\ufffdbroken"]
     assert fixed.column("id").to_pylist() == ["a", "b"]
 
@@ -59,7 +58,7 @@ def test_enrich_table_with_real_engines(tmp_path):
 
     invalid = pa.table({"id": [1, 2], "text": invalid_utf8_column(), "stars": [1, 2]})
     out, stats = enrich_table(invalid, cfg, generator, embedder)
-    assert stats.repaired_utf8_rows == 1 and out.column("error").to_pylist() == [None, None]
+    assert out.column("error").to_pylist() == [None, None]
     assert out.column("text").to_pylist()[1].startswith("\ufffd")
 
 
@@ -72,6 +71,33 @@ def test_ids_are_never_repaired_and_bad_ones_are_found():
     assert invalid_utf8_rows(table.column("text")) == [1, 3]
     assert invalid_utf8_rows(pa.chunked_array([pa.array(["a"]), ids])) == [2, 3]
     assert invalid_utf8_rows(pa.array([b"\xff"], pa.binary())) == []  # bytes ids are bytes, not text
-    fixed, rows = repair_utf8(table, keep=["id"])
-    assert rows == 2 and fixed.column("text").to_pylist()[1].startswith("\ufffd")
+    fixed = repair_utf8(table, keep=["id"])
+    assert fixed.column("text").to_pylist()[1].startswith("\ufffd")
     assert fixed.column("id").cast(pa.binary()).to_pylist() == [b"ok", b"id-\xff", b"id-\xfe", None, b"fine"]
+
+
+def test_generation_params_carry_every_decoding_setting_of_the_config():
+    import dataclasses
+    import json
+    import datetime as dt
+
+    from tasks.enrichment import generation_params
+    from tasks.job_config import GenerateConfig
+
+    settings = {"max_new_tokens": 7, "temperature": 0.7, "top_p": 0.9, "seed": 3, "system_prompt": "Be brief.",
+                "max_input_tokens": 99, "ignore_eos": True, "token_budget": 512, "max_batch_size": 5,
+                "cache": "static", "compile": True, "chat_template_kwargs": {"enable_thinking": False}}
+    cfg = JobConfig(input="x", output="y", generate=settings)
+    params = generation_params(cfg, "2026-03-04")
+    assert {name: getattr(params, name) for name in settings} == settings
+    assert params.chat_date == dt.date(2026, 3, 4) and params.output_schema is None
+    # every field both sides name is carried; the rest of GenerationParams is filled in explicitly
+    shared = {f.name for f in dataclasses.fields(params)} & set(GenerateConfig.model_fields)
+    assert shared == set(settings) | {"chat_date", "output_schema"}
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    typed = JobConfig(input="x", output="y", generate={"chat_date": "2025-01-02",
+                                                       "output_schema": schema, "chat_template_kwargs": {}})
+    params = generation_params(typed, "2026-03-04")
+    assert params.chat_date == dt.date(2025, 1, 2) and params.chat_template_kwargs is None
+    assert params.output_schema is not None and json.loads(params.output_schema) == schema
