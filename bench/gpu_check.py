@@ -85,9 +85,17 @@ def agreement(device: torch.device) -> dict:
     cpu = GenerationEngine.from_resolved(resolve_model_spec("dummy:llama-135m"), torch.device("cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     on_device = copy.deepcopy(cpu.model).to(device=device, dtype=dtype)
-    batch = cpu.tokenizer([cpu.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                              add_generation_prompt=True) for p in PROMPTS],
-                          return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = cpu.tokenizer(
+        [
+            cpu.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in PROMPTS
+        ],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
     with torch.inference_mode():
         ref = cpu.model(**batch).logits[:, -1].float()
         got = on_device(**{k: v.to(device) for k, v in batch.items()}).logits[:, -1].float().cpu()
@@ -98,21 +106,31 @@ def agreement(device: torch.device) -> dict:
     emb_dev = EmbeddingEngine(copy.deepcopy(emb_cpu.model).to(device=device, dtype=dtype), dict(emb_cpu.info))
     a, b = emb_cpu.embed(PROMPTS).vectors, emb_dev.embed(PROMPTS).vectors
     emb_cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return {"dtype": str(dtype).removeprefix("torch."), "logits_cosine_min": float(logits_cos.min()),
-            "top1_agreement": top1, "embedding_cosine_min": float(emb_cos.min()),
-            "ok": bool(logits_cos.min() > 0.99 and emb_cos.min() > 0.99)}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "logits_cosine_min": float(logits_cos.min()),
+        "top1_agreement": top1,
+        "embedding_cosine_min": float(emb_cos.min()),
+        "ok": bool(logits_cos.min() > 0.99 and emb_cos.min() > 0.99),
+    }
 
 
-def generation_throughput(shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float,
-                          decode: str = "dynamic") -> dict:
+def generation_throughput(
+    shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float, decode: str = "dynamic"
+) -> dict:
     """``decode``: ``dynamic`` (the default engine), or ``static+compile`` (static KV cache and
     torch.compile; its first full run compiles, so the second one is timed)."""
     engine = GenerationEngine.from_resolved(resolve_model_spec(f"dummy:{shape}"), device)
     options = {"cache": "static", "compile": device.type == "cuda"} if decode == "static+compile" else {}
     if options and not options["compile"]:
         decode = "static"  # transformers compiles only on accelerators
-    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True, max_batch_size=batch,
-                              token_budget=batch * (new_tokens + 256), **options)
+    params = GenerationParams(
+        max_new_tokens=new_tokens,
+        ignore_eos=True,
+        max_batch_size=batch,
+        token_budget=batch * (new_tokens + 256),
+        **options,
+    )
     prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
     if options:
         engine.generate(prompts, params)  # compiles for exactly this shape
@@ -126,10 +144,19 @@ def generation_throughput(shape: str, device: torch.device, batch: int, new_toke
     tokens = sum(g.n_generated_tokens for g in out)
     size = weight_bytes(engine.model)
     floor_tok_s = batch * bandwidth * 1e9 / size  # every decode step reads every weight once
-    result = {"shape": shape, "decode": decode, "params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6,
-              "weights_gb": size / 1e9, "batch": batch, "new_tokens": new_tokens, "generated_tokens": tokens,
-              "seconds": seconds, "tok_per_s": tokens / seconds, "bandwidth_bound_tok_per_s": floor_tok_s,
-              "fraction_of_bound": tokens / seconds / floor_tok_s}
+    result = {
+        "shape": shape,
+        "decode": decode,
+        "params_m": sum(p.numel() for p in engine.model.parameters()) / 1e6,
+        "weights_gb": size / 1e9,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "tok_per_s": tokens / seconds,
+        "bandwidth_bound_tok_per_s": floor_tok_s,
+        "fraction_of_bound": tokens / seconds / floor_tok_s,
+    }
     del engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -151,8 +178,15 @@ def embedding_throughput(shape: str, device: torch.device, rows: int) -> dict:
 VLLM_BUDGET_S = 240  # of gpu_check.sh's 470 s; a vLLM load that would start later is skipped
 
 
-def vllm_section(device: torch.device, shapes: list[str], hf_rows: list[dict], batch: int, new_tokens: int,
-                 bandwidth: float, deadline: float) -> dict:
+def vllm_section(
+    device: torch.device,
+    shapes: list[str],
+    hf_rows: list[dict],
+    batch: int,
+    new_tokens: int,
+    bandwidth: float,
+    deadline: float,
+) -> dict:
     """The vLLM engine next to the HF engine: agreement with HF fp32 on the CPU, then throughput."""
     from gpu_runtime.vllm_engine import vllm_build
 
@@ -160,7 +194,10 @@ def vllm_section(device: torch.device, shapes: list[str], hf_rows: list[dict], b
     if build is None:
         return {"ran": False, "why": "vllm is not importable here (pip install vllm==0.32.0; see README)"}
     if build[2] != device.type:
-        return {"ran": False, "why": f"the installed vLLM ({build[0]} {build[1]}) runs on {build[2]}, not {device.type}"}
+        return {
+            "ran": False,
+            "why": f"the installed vLLM ({build[0]} {build[1]}) runs on {build[2]}, not {device.type}",
+        }
     report: dict = {"ran": True, "version": f"{build[0]} {build[1]}", "generation": [], "skipped": []}
     report["agreement"] = vllm_agreement(device)
     for shape in shapes:
@@ -185,12 +222,16 @@ def vllm_agreement(device: torch.device) -> dict:
     with tempfile.TemporaryDirectory() as saved:
         cpu.model.save_pretrained(saved)
         cpu.tokenizer.save_pretrained(saved)
-        engine = VllmGenerationEngine.from_resolved(resolve_model_spec(saved), device,
-                                                    VllmOptions(gpu_memory_utilization=0.3))
+        engine = VllmGenerationEngine.from_resolved(
+            resolve_model_spec(saved), device, VllmOptions(gpu_memory_utilization=0.3)
+        )
         limit = engine._input_limit(GenerationParams(max_new_tokens=1))
         ids = [engine._encode(p, None, limit)[0] for p in PROMPTS]
-        out = engine.llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids],
-                                  SamplingParams(temperature=0.0, max_tokens=1, logprobs=20), use_tqdm=False)
+        out = engine.llm.generate(
+            [TokensPrompt(prompt_token_ids=i) for i in ids],
+            SamplingParams(temperature=0.0, max_tokens=1, logprobs=20),
+            use_tqdm=False,
+        )
         engine.close()
     top1, cosines = [], []
     for prompt_ids, o in zip(ids, out):
@@ -202,15 +243,19 @@ def vllm_agreement(device: torch.device) -> dict:
         a = torch.tensor([got[t].logprob for t in tokens])
         b = ref[tokens]
         cosines.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
-    result = {"dtype": engine.info["dtype"], "top1_agreement": sum(top1) / len(top1),
-              "logprob_cosine_min": min(cosines)}
+    result = {
+        "dtype": engine.info["dtype"],
+        "top1_agreement": sum(top1) / len(top1),
+        "logprob_cosine_min": min(cosines),
+    }
     # bf16 on the device vs fp32: a near-tie may flip the top token; the distribution must agree.
     result["ok"] = result["top1_agreement"] >= 0.75 and result["logprob_cosine_min"] > 0.99
     return result
 
 
-def vllm_throughput(shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float,
-                    hf: dict | None) -> dict:
+def vllm_throughput(
+    shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float, hf: dict | None
+) -> dict:
     from gpu_runtime.vllm_engine import VllmGenerationEngine
 
     started = time.perf_counter()
@@ -224,12 +269,23 @@ def vllm_throughput(shape: str, device: torch.device, batch: int, new_tokens: in
     seconds = time.perf_counter() - started
     engine.close()
     tokens = sum(g.n_generated_tokens for g in out)
-    result = {"shape": shape, "batch": batch, "new_tokens": new_tokens, "load_s": load_s,
-              "generated_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds}
+    result = {
+        "shape": shape,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "load_s": load_s,
+        "generated_tokens": tokens,
+        "seconds": seconds,
+        "tok_per_s": tokens / seconds,
+    }
     if hf is not None:  # the same shape's weight bytes, as measured for the HF engine
         floor = batch * bandwidth * 1e9 / (hf["weights_gb"] * 1e9)
-        result.update(hf_tok_per_s=hf["tok_per_s"], vs_hf=result["tok_per_s"] / hf["tok_per_s"],
-                      bandwidth_bound_tok_per_s=floor, fraction_of_bound=result["tok_per_s"] / floor)
+        result.update(
+            hf_tok_per_s=hf["tok_per_s"],
+            vs_hf=result["tok_per_s"] / hf["tok_per_s"],
+            bandwidth_bound_tok_per_s=floor,
+            fraction_of_bound=result["tok_per_s"] / floor,
+        )
     return result
 
 
@@ -237,22 +293,55 @@ def flow_end_to_end(device: torch.device, rows: int, new_tokens: int) -> dict:
     missing = [m for m in ("prefect", "mlflow", "pydantic", "polars", "fsspec") if importlib.util.find_spec(m) is None]
     if missing:
         return {"ran": False, "why": f"not importable here: {', '.join(missing)} (carry their wheels to run the flow)"}
-    from tasks.demo_data import write_reviews_dataset
+    from tasks.records.demo_data import write_reviews_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         write_reviews_dataset(f"{tmp}/in", files=2, rows_per_file=rows // 2, rows_per_group=max(1, rows // 8))
-        env = {**os.environ, "SHARDWISE_HOME": f"{tmp}/state", "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-        cmd = [sys.executable, "-m", "flows.cli", "run", "--input", f"{tmp}/in", "--output", f"{tmp}/out",
-               "--task", "both", "--id-column", "review_id", "--gen-model", "dummy:llama-135m",
-               "--embed-model", "dummy:minilm", "--device", str(device), "--max-new-tokens", str(new_tokens),
-               "--rows-per-shard", str(max(1, rows // 4)), "--set", "generate.ignore_eos=true"]
+        env = {
+            **os.environ,
+            "SHARDWISE_HOME": f"{tmp}/state",
+            "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            "--input",
+            f"{tmp}/in",
+            "--output",
+            f"{tmp}/out",
+            "--task",
+            "both",
+            "--id-column",
+            "review_id",
+            "--gen-model",
+            "dummy:llama-135m",
+            "--embed-model",
+            "dummy:minilm",
+            "--device",
+            str(device),
+            "--max-new-tokens",
+            str(new_tokens),
+            "--rows-per-shard",
+            str(max(1, rows // 4)),
+            "--set",
+            "generate.ignore_eos=true",
+        ]
         started = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
         seconds = time.perf_counter() - started
         manifest = Path(f"{tmp}/out/_manifest.json")
         status = json.loads(manifest.read_text())["status"] if manifest.exists() else None
-    return {"ran": True, "exit_code": proc.returncode, "status": status, "rows": rows, "seconds": seconds,
-            "rows_per_s_incl_startup": rows / seconds, "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""}
+    return {
+        "ran": True,
+        "exit_code": proc.returncode,
+        "status": status,
+        "rows": rows,
+        "seconds": seconds,
+        "rows_per_s_incl_startup": rows / seconds,
+        "stderr_tail": proc.stderr[-1500:] if proc.returncode else "",
+    }
 
 
 def main() -> int:
@@ -282,49 +371,64 @@ def main() -> int:
     bandwidth = report["copy_bandwidth_gb_s"]
     report["generation"] = [generation_throughput(s, device, batch, new_tokens, bandwidth) for s in shapes]
     # The engine option to choose by measurement: static KV cache + torch.compile, on the smallest shape.
-    report["generation"].append(generation_throughput(shapes[0], device, batch, new_tokens, bandwidth,
-                                                      decode="static+compile"))
+    report["generation"].append(
+        generation_throughput(shapes[0], device, batch, new_tokens, bandwidth, decode="static+compile")
+    )
     report["embedding"] = [embedding_throughput(s, device, 256 if args.quick else 8192) for s in ("minilm",)]
-    vllm_shapes = args.vllm_shapes if args.vllm_shapes is not None else (
-        ["llama-135m"] if args.quick else ["llama-1b", "llama-8b"])
-    report["vllm"] = vllm_section(device, vllm_shapes, report["generation"], batch, new_tokens, bandwidth,
-                                  deadline=STARTED + VLLM_BUDGET_S)
+    vllm_shapes = (
+        args.vllm_shapes
+        if args.vllm_shapes is not None
+        else (["llama-135m"] if args.quick else ["llama-1b", "llama-8b"])
+    )
+    report["vllm"] = vllm_section(
+        device, vllm_shapes, report["generation"], batch, new_tokens, bandwidth, deadline=STARTED + VLLM_BUDGET_S
+    )
     report["flow"] = flow_end_to_end(device, 16 if args.quick else 256, 8 if args.quick else 64)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
     a = report["agreement"]
     print(f"\nshardwise GPU check: {name}, torch {torch.__version__}, {report['date']}")
     print(f"copy bandwidth: {report['copy_bandwidth_gb_s']:.0f} GB/s")
-    print(f"agreement {a['dtype']} on device vs fp32 CPU: logits cosine >= {a['logits_cosine_min']:.4f}, "
-          f"top-1 {a['top1_agreement']:.0%}, embeddings cosine >= {a['embedding_cosine_min']:.4f} "
-          f"-> {'ok' if a['ok'] else 'MISMATCH'}")
-    print(f"\n| shape | decode | params | weights GB | batch x new tokens | tok/s | bandwidth bound tok/s | of bound |")
+    print(
+        f"agreement {a['dtype']} on device vs fp32 CPU: logits cosine >= {a['logits_cosine_min']:.4f}, "
+        f"top-1 {a['top1_agreement']:.0%}, embeddings cosine >= {a['embedding_cosine_min']:.4f} "
+        f"-> {'ok' if a['ok'] else 'MISMATCH'}"
+    )
+    print("\n| shape | decode | params | weights GB | batch x new tokens | tok/s | bandwidth bound tok/s | of bound |")
     print("|---|---|---|---|---|---|---|---|")
     for g in report["generation"]:
-        print(f"| dummy:{g['shape']} | {g['decode']} | {g['params_m']:.0f}M | {g['weights_gb']:.2f} | {g['batch']} x {g['new_tokens']} "
-              f"| {g['tok_per_s']:.0f} | {g['bandwidth_bound_tok_per_s']:.0f} | {g['fraction_of_bound']:.0%} |")
+        print(
+            f"| dummy:{g['shape']} | {g['decode']} | {g['params_m']:.0f}M | {g['weights_gb']:.2f} | {g['batch']} x {g['new_tokens']} "
+            f"| {g['tok_per_s']:.0f} | {g['bandwidth_bound_tok_per_s']:.0f} | {g['fraction_of_bound']:.0%} |"
+        )
     for e in report["embedding"]:
         print(f"| dummy:{e['shape']} (embedding) | | | | {e['rows']} rows | {e['rows_per_s']:.0f} rows/s | | |")
     v = report["vllm"]
     if v["ran"]:
         va = v["agreement"]
-        print(f"\nvLLM engine ({v['version']}): {va['dtype']} on device vs HF fp32 CPU: top-1 "
-              f"{va['top1_agreement']:.0%}, top-20 log-prob cosine >= {va['logprob_cosine_min']:.4f} "
-              f"-> {'ok' if va['ok'] else 'MISMATCH'}")
+        print(
+            f"\nvLLM engine ({v['version']}): {va['dtype']} on device vs HF fp32 CPU: top-1 "
+            f"{va['top1_agreement']:.0%}, top-20 log-prob cosine >= {va['logprob_cosine_min']:.4f} "
+            f"-> {'ok' if va['ok'] else 'MISMATCH'}"
+        )
         print("| shape | batch x new tokens | load s | vLLM tok/s | HF tok/s | vLLM / HF | of bound |")
         print("|---|---|---|---|---|---|---|")
         for g in v["generation"]:
-            print(f"| dummy:{g['shape']} | {g['batch']} x {g['new_tokens']} | {g['load_s']:.0f} | {g['tok_per_s']:.0f} "
-                  f"| {g.get('hf_tok_per_s', float('nan')):.0f} | {g.get('vs_hf', float('nan')):.2f} "
-                  f"| {g.get('fraction_of_bound', float('nan')):.0%} |")
+            print(
+                f"| dummy:{g['shape']} | {g['batch']} x {g['new_tokens']} | {g['load_s']:.0f} | {g['tok_per_s']:.0f} "
+                f"| {g.get('hf_tok_per_s', float('nan')):.0f} | {g.get('vs_hf', float('nan')):.2f} "
+                f"| {g.get('fraction_of_bound', float('nan')):.0%} |"
+            )
         for skipped in v["skipped"]:
             print(f"| {skipped}: not run |")
     else:
         print(f"\nvLLM engine: not run: {v['why']}")
     f = report["flow"]
     if f["ran"]:
-        print(f"\nflow end to end: exit {f['exit_code']}, manifest {f['status']}, {f['rows']} rows in {f['seconds']:.1f}s "
-              f"(Prefect start-up included)")
+        print(
+            f"\nflow end to end: exit {f['exit_code']}, manifest {f['status']}, {f['rows']} rows in {f['seconds']:.1f}s "
+            f"(Prefect start-up included)"
+        )
         if f["stderr_tail"]:
             print(f["stderr_tail"])
     else:

@@ -62,7 +62,7 @@ EMBED_MODEL = "bundled:all-minilm-l6-v2"
 
 def run_flow(cfg) -> tuple[float, dict]:
     from flows.enrich import enrich_for
-    from tasks.job_handoff import flow_parameters
+    from tasks.compute.handoff import flow_parameters
 
     started = time.perf_counter()
     state = enrich_for(cfg)(job=flow_parameters(cfg), return_state=True)
@@ -77,8 +77,8 @@ def bench_embedding(root: Path, rows: int) -> dict:
     import pyarrow.parquet as pq
 
     from gpu_runtime import load_embedding_engine, on_compute_thread
-    from tasks.demo_data import write_reviews_dataset
-    from tasks.job_config import JobConfig
+    from tasks.config.job import JobConfig
+    from tasks.records.demo_data import write_reviews_dataset
 
     files = 4
     write_reviews_dataset(str(root / "embed-in"), files=files, rows_per_file=rows // files, rows_per_group=256)
@@ -95,23 +95,36 @@ def bench_embedding(root: Path, rows: int) -> dict:
     # Raw encode runs before and after the flow (A-B-A), so a drift of a shared machine's speed
     # hits both sides alike.
     raw_before = on_compute_thread(raw_encode)
-    cfg = JobConfig(input=str(root / "embed-in"), output=str(root / "embed-out"), task="embed",
-                    id_column="review_id", keep_columns="id", rows_per_shard=max(256, len(texts) // 8),
-                    device="cpu")
+    cfg = JobConfig(
+        input=str(root / "embed-in"),
+        output=str(root / "embed-out"),
+        task="embed",
+        id_column="review_id",
+        keep_columns="id",
+        rows_per_shard=max(256, len(texts) // 8),
+        device="cpu",
+    )
     flow_seconds, summary = run_flow(cfg)
     raw_after = on_compute_thread(raw_encode)
     raw = (raw_before + raw_after) / 2
-    return {"rows": len(texts), "raw_encode_s": [raw_before, raw_after], "flow_s": flow_seconds,
-            "raw_rows_per_s": len(texts) / raw, "flow_rows_per_s": len(texts) / flow_seconds,
-            "flow_compute_s": summary["seconds_compute"], "flow_timings": summary.get("timings"),
-            "ratio": raw / flow_seconds, "goal": ">= 0.95"}
+    return {
+        "rows": len(texts),
+        "raw_encode_s": [raw_before, raw_after],
+        "flow_s": flow_seconds,
+        "raw_rows_per_s": len(texts) / raw,
+        "flow_rows_per_s": len(texts) / flow_seconds,
+        "flow_compute_s": summary["seconds_compute"],
+        "flow_timings": summary.get("timings"),
+        "ratio": raw / flow_seconds,
+        "goal": ">= 0.95",
+    }
 
 
 def bench_tokenize(rows: int) -> dict:
     """Host-side preparation alone: tokenize + collate (what the engine's prefetch thread does for
     each batch, ``SentenceTransformer.preprocess``) over length-planned batches of 64, no model."""
     from gpu_runtime import load_embedding_engine, plan_batches
-    from tasks.demo_data import write_reviews_dataset
+    from tasks.records.demo_data import write_reviews_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         write_reviews_dataset(tmp, files=1, rows_per_file=rows, rows_per_group=1000)
@@ -128,9 +141,15 @@ def bench_tokenize(rows: int) -> dict:
     for batch in batches:
         engine.model.preprocess([texts[i] for i in batch])
     collate_s = time.perf_counter() - started
-    return {"rows": rows, "count_s": count_s, "collate_s": collate_s,
-            "count_rows_per_s": rows / count_s, "collate_rows_per_s": rows / collate_s,
-            "rows_per_s": rows / (count_s + collate_s), "generation": bench_generation_prep(texts)}
+    return {
+        "rows": rows,
+        "count_s": count_s,
+        "collate_s": collate_s,
+        "count_rows_per_s": rows / count_s,
+        "collate_rows_per_s": rows / collate_s,
+        "rows_per_s": rows / (count_s + collate_s),
+        "generation": bench_generation_prep(texts),
+    }
 
 
 def bench_generation_prep(texts: list[str], max_new_tokens: int = 32) -> dict:
@@ -148,8 +167,12 @@ def bench_generation_prep(texts: list[str], max_new_tokens: int = 32) -> dict:
     encoded = [engine._encode_prompt(prompt, params, limit)[0] for prompt in prompts]
     encode_s = time.perf_counter() - started
     budget, max_batch = engine.batch_limits(params)
-    batches = plan_batches([len(ids) for ids in encoded], token_budget=budget, max_batch_size=max_batch,
-                           extra_tokens_per_row=max_new_tokens)
+    batches = plan_batches(
+        [len(ids) for ids in encoded],
+        token_budget=budget,
+        max_batch_size=max_batch,
+        extra_tokens_per_row=max_new_tokens,
+    )
     config = engine._generation_config(params)
     # The shared prefix's length is what the prefill inputs need; its KV (a model call, so on the
     # compute thread) is not part of host work.
@@ -158,9 +181,14 @@ def bench_generation_prep(texts: list[str], max_new_tokens: int = 32) -> dict:
     for batch in batches:
         engine._batch_inputs([encoded[i] for i in batch], config, prefix)
     batch_s = time.perf_counter() - started
-    return {"rows": rows, "encode_s": encode_s, "batch_inputs_s": batch_s,
-            "encode_rows_per_s": rows / encode_s, "batch_inputs_rows_per_s": rows / batch_s,
-            "rows_per_s": rows / (encode_s + batch_s)}
+    return {
+        "rows": rows,
+        "encode_s": encode_s,
+        "batch_inputs_s": batch_s,
+        "encode_rows_per_s": rows / encode_s,
+        "batch_inputs_rows_per_s": rows / batch_s,
+        "rows_per_s": rows / (encode_s + batch_s),
+    }
 
 
 CEILING_MODEL = "dummy:bert-nano"
@@ -170,24 +198,44 @@ def bench_ceiling(root: Path, rows: int, shards: int = 8) -> dict:
     """The whole flow with a model whose compute is negligible: how many rows/s this pipeline can
     feed a device at best, and where each second went."""
     from gpu_runtime import load_embedding_engine
-    from tasks.demo_data import write_reviews_dataset
-    from tasks.job_config import JobConfig
+    from tasks.config.job import JobConfig
+    from tasks.records.demo_data import write_reviews_dataset
 
     write_reviews_dataset(str(root / "ceiling-in"), files=2, rows_per_file=rows // 2, rows_per_group=1000)
     load_embedding_engine(CEILING_MODEL, device="cpu")
-    cfg = JobConfig(input=str(root / "ceiling-in"), output=str(root / "ceiling-out"), task="embed",
-                    id_column="review_id", keep_columns="id", rows_per_shard=rows // shards, device="cpu",
-                    embed={"model": CEILING_MODEL})
+    cfg = JobConfig(
+        input=str(root / "ceiling-in"),
+        output=str(root / "ceiling-out"),
+        task="embed",
+        id_column="review_id",
+        keep_columns="id",
+        rows_per_shard=rows // shards,
+        device="cpu",
+        embed={"model": CEILING_MODEL},
+    )
     flow_s, summary = run_flow(cfg)
     timings = summary.get("timings") or {}
-    where = {"read": summary["seconds_read"], "compute": summary["seconds_compute"],
-             "write": summary["seconds_write"],
-             "shard overhead": timings.get("seconds_shard_overhead", 0.0) * shards,
-             **{name.removeprefix("seconds_"): seconds for name, seconds in timings.items()
-                if name not in ("seconds_shards", "seconds_fixed", "seconds_shard_overhead")}}
+    where = {
+        "read": summary["seconds_read"],
+        "compute": summary["seconds_compute"],
+        "write": summary["seconds_write"],
+        "shard overhead": timings.get("seconds_shard_overhead", 0.0) * shards,
+        **{
+            name.removeprefix("seconds_"): seconds
+            for name, seconds in timings.items()
+            if name not in ("seconds_shards", "seconds_fixed", "seconds_shard_overhead")
+        },
+    }
     where["prefect flow-run start/end"] = flow_s - sum(timings.get(k, 0.0) for k in ("seconds_fixed", "seconds_shards"))
-    return {"model": CEILING_MODEL, "rows": rows, "shards": shards, "flow_s": flow_s, "rows_per_s": rows / flow_s,
-            "seconds": where, "timings": timings}
+    return {
+        "model": CEILING_MODEL,
+        "rows": rows,
+        "shards": shards,
+        "flow_s": flow_s,
+        "rows_per_s": rows / flow_s,
+        "seconds": where,
+        "timings": timings,
+    }
 
 
 def naive_generate(prompts: list[str], max_new_tokens: int, system_prompt: str | None) -> tuple[list[str], int, float]:
@@ -204,14 +252,15 @@ def naive_generate(prompts: list[str], max_new_tokens: int, system_prompt: str |
     for start in range(0, len(prompts), 16):
         chats = []
         for prompt in prompts[start : start + 16]:
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             messages.append({"role": "user", "content": prompt})
             chats.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, batch["input_ids"].shape[1]:]:
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        for row in out[:, batch["input_ids"].shape[1] :]:
             ids = row.tolist()
             if tokenizer.eos_token_id in ids:
                 ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
@@ -224,8 +273,8 @@ def bench_generation(root: Path, rows: int, max_new_tokens: int) -> dict:
     import polars as pl
 
     from gpu_runtime import on_compute_thread, render_prompt
-    from tasks.demo_data import write_reviews_dataset
-    from tasks.job_config import JobConfig
+    from tasks.config.job import JobConfig
+    from tasks.records.demo_data import write_reviews_dataset
 
     write_reviews_dataset(str(root / "gen-in"), files=2, rows_per_file=rows // 2, rows_per_group=16)
     source = pl.read_parquet(root / "gen-in" / "*.parquet").sort("review_id")
@@ -233,28 +282,42 @@ def bench_generation(root: Path, rows: int, max_new_tokens: int) -> dict:
     # The naive loop runs before and after the flow (A-B-A): a slow drift of the machine's speed
     # (a shared VM's is tens of percent over minutes) then hits both sides alike.
     naive_texts, naive_tokens, naive_s = on_compute_thread(naive_generate, prompts, max_new_tokens, None)
-    cfg = JobConfig(input=str(root / "gen-in"), output=str(root / "gen-out"), task="generate",
-                    id_column="review_id", keep_columns="id", rows_per_shard=max(16, rows // 2), device="cpu",
-                    generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens})
+    cfg = JobConfig(
+        input=str(root / "gen-in"),
+        output=str(root / "gen-out"),
+        task="generate",
+        id_column="review_id",
+        keep_columns="id",
+        rows_per_shard=max(16, rows // 2),
+        device="cpu",
+        generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens},
+    )
     flow_s, summary = run_flow(cfg)
     again_texts, again_tokens, again_s = on_compute_thread(naive_generate, prompts, max_new_tokens, None)
     out = pl.read_parquet(root / "gen-out" / "part-*.parquet").sort("review_id")
     identical = out["generated_text"].to_list() == naive_texts == again_texts
     naive_tok_per_s = (naive_tokens + again_tokens) / (naive_s + again_s)
-    return {"rows": rows, "max_new_tokens": max_new_tokens,
-            "naive_s": [naive_s, again_s], "naive_generated_tokens": naive_tokens,
-            "naive_tok_per_s_each": [naive_tokens / naive_s, again_tokens / again_s],
-            "naive_tok_per_s": naive_tok_per_s,
-            "flow_s": flow_s, "flow_generated_tokens": int(summary["generated_tokens"]),
-            "flow_tok_per_s": summary["generated_tokens"] / flow_s,
-            "flow_compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
-            "ratio": (summary["generated_tokens"] / flow_s) / naive_tok_per_s,
-            "identical_outputs": identical, "goal": ">= 1.6 with identical outputs",
-            "vllm": bench_vllm(root, cfg, prompts, max_new_tokens, naive_texts, naive_tok_per_s)}
+    return {
+        "rows": rows,
+        "max_new_tokens": max_new_tokens,
+        "naive_s": [naive_s, again_s],
+        "naive_generated_tokens": naive_tokens,
+        "naive_tok_per_s_each": [naive_tokens / naive_s, again_tokens / again_s],
+        "naive_tok_per_s": naive_tok_per_s,
+        "flow_s": flow_s,
+        "flow_generated_tokens": int(summary["generated_tokens"]),
+        "flow_tok_per_s": summary["generated_tokens"] / flow_s,
+        "flow_compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
+        "ratio": (summary["generated_tokens"] / flow_s) / naive_tok_per_s,
+        "identical_outputs": identical,
+        "goal": ">= 1.6 with identical outputs",
+        "vllm": bench_vllm(root, cfg, prompts, max_new_tokens, naive_texts, naive_tok_per_s),
+    }
 
 
-def bench_vllm(root: Path, hf_cfg, prompts: list[str], max_new_tokens: int, naive_texts: list[str],
-               naive_tok_per_s: float) -> dict:
+def bench_vllm(
+    root: Path, hf_cfg, prompts: list[str], max_new_tokens: int, naive_texts: list[str], naive_tok_per_s: float
+) -> dict:
     """vLLM's CPU build on the same prompts: its own ``LLM.chat``, and the flow with the vllm engine.
     The engine (one vLLM load, shared by both) is loaded before any timing."""
     import importlib.util
@@ -275,76 +338,109 @@ def bench_vllm(root: Path, hf_cfg, prompts: list[str], max_new_tokens: int, naiv
         started = time.perf_counter()
         outputs = engine.llm.chat(conversations, sampling, use_tqdm=False)
         seconds = time.perf_counter() - started
-        return ([o.outputs[0].text.strip() for o in outputs], sum(len(o.outputs[0].token_ids) for o in outputs),
-                seconds)
+        return (
+            [o.outputs[0].text.strip() for o in outputs],
+            sum(len(o.outputs[0].token_ids) for o in outputs),
+            seconds,
+        )
 
     raw_texts, raw_tokens, raw_s = on_compute_thread(raw_chat)
-    cfg = hf_cfg.model_copy(update={"output": str(root / "gen-vllm-out"),
-                                    "generate": hf_cfg.generate.model_copy(update={"engine": "vllm"})})
+    cfg = hf_cfg.model_copy(
+        update={"output": str(root / "gen-vllm-out"), "generate": hf_cfg.generate.model_copy(update={"engine": "vllm"})}
+    )
     flow_s, summary = run_flow(cfg)
     out = pl.read_parquet(root / "gen-vllm-out" / "part-*.parquet").sort("review_id")
     raw_tok_per_s = raw_tokens / raw_s
     flow_tok_per_s = summary["generated_tokens"] / flow_s
-    return {"ran": True, "engine_version": engine.info["engine_version"],
-            "raw_s": raw_s, "raw_generated_tokens": raw_tokens, "raw_tok_per_s": raw_tok_per_s,
-            "flow_s": flow_s, "flow_generated_tokens": int(summary["generated_tokens"]),
-            "flow_tok_per_s": flow_tok_per_s,
-            "flow_compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
-            "raw_vs_naive": raw_tok_per_s / naive_tok_per_s, "flow_vs_naive": flow_tok_per_s / naive_tok_per_s,
-            "flow_vs_raw": flow_tok_per_s / raw_tok_per_s,
-            "raw_identical_to_naive": raw_texts == naive_texts,
-            "flow_identical_to_naive": out["generated_text"].to_list() == naive_texts}
+    return {
+        "ran": True,
+        "engine_version": engine.info["engine_version"],
+        "raw_s": raw_s,
+        "raw_generated_tokens": raw_tokens,
+        "raw_tok_per_s": raw_tok_per_s,
+        "flow_s": flow_s,
+        "flow_generated_tokens": int(summary["generated_tokens"]),
+        "flow_tok_per_s": flow_tok_per_s,
+        "flow_compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
+        "raw_vs_naive": raw_tok_per_s / naive_tok_per_s,
+        "flow_vs_naive": flow_tok_per_s / naive_tok_per_s,
+        "flow_vs_raw": flow_tok_per_s / raw_tok_per_s,
+        "raw_identical_to_naive": raw_texts == naive_texts,
+        "flow_identical_to_naive": out["generated_text"].to_list() == naive_texts,
+    }
 
 
-JSON_TEMPLATE = ("Read the product review and answer with JSON only: sentiment (positive, negative or mixed), "
-                 "topic, would_recommend (true or false), stars (1 to 5).\n\nReview: {text}")
+JSON_TEMPLATE = (
+    "Read the product review and answer with JSON only: sentiment (positive, negative or mixed), "
+    "topic, would_recommend (true or false), stars (1 to 5).\n\nReview: {text}"
+)
 
 
 def bench_structured(root: Path, rows: int, max_new_tokens: int) -> dict:
     """Generated tok/s with and without the schema, same prompts, same run (free, constrained, free)."""
-    from tasks.demo_data import REVIEW_OUTPUT_SCHEMA, write_reviews_dataset
-    from tasks.job_config import JobConfig
-    from tasks.output_schema import parse_generated
-
     import polars as pl
+
+    from tasks.config.job import JobConfig
+    from tasks.config.output_schema import parse_generated
+    from tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA, write_reviews_dataset
 
     write_reviews_dataset(str(root / "json-in"), files=1, rows_per_file=rows, rows_per_group=16)
     runs = {}
     for name, schema in (("free", None), ("constrained", REVIEW_OUTPUT_SCHEMA), ("free_again", None)):
-        cfg = JobConfig(input=str(root / "json-in"), output=str(root / f"json-{name}"), task="generate",
-                        id_column="review_id", keep_columns="id", rows_per_shard=rows, device="cpu",
-                        generate={"prompt_template": JSON_TEMPLATE, "max_new_tokens": max_new_tokens,
-                                  "output_schema": schema})
+        cfg = JobConfig(
+            input=str(root / "json-in"),
+            output=str(root / f"json-{name}"),
+            task="generate",
+            id_column="review_id",
+            keep_columns="id",
+            rows_per_shard=rows,
+            device="cpu",
+            generate={"prompt_template": JSON_TEMPLATE, "max_new_tokens": max_new_tokens, "output_schema": schema},
+        )
         _, summary = run_flow(cfg)
         texts = pl.read_parquet(root / f"json-{name}" / "part-*.parquet")["generated_text"].to_list()
-        runs[name] = {"compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
-                      "valid_rows": sum(parse_generated(t, REVIEW_OUTPUT_SCHEMA)[0] is not None for t in texts)}
+        runs[name] = {
+            "compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
+            "valid_rows": sum(parse_generated(t, REVIEW_OUTPUT_SCHEMA)[0] is not None for t in texts),
+        }
     free = (runs["free"]["compute_tok_per_s"] + runs["free_again"]["compute_tok_per_s"]) / 2
-    return {"rows": rows, "max_new_tokens": max_new_tokens, **runs,
-            "ratio": runs["constrained"]["compute_tok_per_s"] / free}
+    return {
+        "rows": rows,
+        "max_new_tokens": max_new_tokens,
+        **runs,
+        "ratio": runs["constrained"]["compute_tok_per_s"] / free,
+    }
 
 
 def bench_overhead(root: Path, shards: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.job_config import JobConfig
+    from tasks.config.job import JobConfig
 
     (root / "empty-in").mkdir()
-    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
-                   root / "empty-in" / "empty.parquet")
+    pq.write_table(
+        pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
+        root / "empty-in" / "empty.parquet",
+    )
     empty_s, empty = run_flow(JobConfig(input=str(root / "empty-in"), output=str(root / "empty-out"), task="embed"))
     tiny = root / "tiny-in"
     tiny.mkdir()
-    pq.write_table(pa.table({"id": [str(i) for i in range(shards)], "text": ["short text"] * shards}),
-                   tiny / "tiny.parquet", row_group_size=1)
-    one_s, _ = run_flow(JobConfig(input=str(tiny), output=str(root / "one-out"), task="embed",
-                                  rows_per_shard=shards))
-    many_s, many = run_flow(JobConfig(input=str(tiny), output=str(root / "many-out"), task="embed",
-                                      rows_per_shard=1))
-    return {"run_fixed_s": empty_s, "one_shard_s": one_s, f"{shards}_shards_s": many_s,
-            "per_shard_s": (many_s - one_s) / (shards - 1), "empty_run_timings": empty.get("timings"),
-            f"{shards}_shards_timings": many.get("timings")}
+    pq.write_table(
+        pa.table({"id": [str(i) for i in range(shards)], "text": ["short text"] * shards}),
+        tiny / "tiny.parquet",
+        row_group_size=1,
+    )
+    one_s, _ = run_flow(JobConfig(input=str(tiny), output=str(root / "one-out"), task="embed", rows_per_shard=shards))
+    many_s, many = run_flow(JobConfig(input=str(tiny), output=str(root / "many-out"), task="embed", rows_per_shard=1))
+    return {
+        "run_fixed_s": empty_s,
+        "one_shard_s": one_s,
+        f"{shards}_shards_s": many_s,
+        "per_shard_s": (many_s - one_s) / (shards - 1),
+        "empty_run_timings": empty.get("timings"),
+        f"{shards}_shards_timings": many.get("timings"),
+    }
 
 
 # Linux keeps a process's peak RSS across fork and exec, so a child forked straight from this
@@ -369,15 +465,22 @@ def bench_incremental(root: Path, rows: int, max_new_tokens: int, lookup_entries
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.demo_data import write_reviews_dataset
-    from tasks.job_config import JobConfig
-    from tasks.row_cache import RowCache
+    from tasks.config.job import JobConfig
+    from tasks.records.demo_data import write_reviews_dataset
+    from tasks.records.row_cache import RowCache
 
     source = root / "nightly-in"
     write_reviews_dataset(str(source), files=4, rows_per_file=rows // 4, rows_per_group=64)
-    cfg = dict(input=str(source), task="generate", id_column="review_id", keep_columns="id",
-               rows_per_shard=max(16, rows // 8), device="cpu", cache=str(root / "row-cache"),
-               generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens})
+    cfg = dict(
+        input=str(source),
+        task="generate",
+        id_column="review_id",
+        keep_columns="id",
+        rows_per_shard=max(16, rows // 8),
+        device="cpu",
+        cache=str(root / "row-cache"),
+        generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens},
+    )
     full_s, full = run_flow(JobConfig(**cfg, output=str(root / "nightly-full")))
     # the night's change: every tenth row of each file edited
     edited = 0
@@ -394,8 +497,13 @@ def bench_incremental(root: Path, rows: int, max_new_tokens: int, lookup_entries
     # one shard's lookup in a big cache: entries arrive 1,024 per shard, as runs write them
     cache = RowCache(str(root / "lookup-cache"))
     rng = random.Random(0)
-    value = {"generated_text": "x" * 80, "n_prompt_tokens": 60, "n_generated_tokens": 20,
-             "finish_reason": "stop", "truncated": False}
+    value = {
+        "generated_text": "x" * 80,
+        "n_prompt_tokens": 60,
+        "n_generated_tokens": 20,
+        "finish_reason": "stop",
+        "truncated": False,
+    }
     all_keys: list[str] = []
     fill_started = time.perf_counter()
     for start in range(0, lookup_entries, 1024):
@@ -408,13 +516,25 @@ def bench_incremental(root: Path, rows: int, max_new_tokens: int, lookup_entries
     lookup_started = time.perf_counter()
     found = cache.lookup("generate", wanted)
     lookup_s = time.perf_counter() - lookup_started
-    return {"rows": full["rows"], "edited_rows": edited, "max_new_tokens": max_new_tokens,
-            "full_s": full_s, "rerun_s": rerun_s, "time_ratio": rerun_s / full_s,
-            "full_cost": full["cost"], "rerun_cost": rerun["cost"], "cost_ratio": rerun["cost"] / full["cost"],
-            "rerun_rows_computed": rerun["rows_computed"], "rerun_rows_cached": rerun["rows_cached"],
-            "rerun_cost_saved_estimate": rerun["cost_saved_estimate"],
-            "lookup_entries": lookup_entries, "lookup_files": cache.stats()["kinds"]["generate"]["files"],
-            "lookup_fill_s": fill_s, "lookup_1024_keys_s": lookup_s, "lookup_hits": len(found)}
+    return {
+        "rows": full["rows"],
+        "edited_rows": edited,
+        "max_new_tokens": max_new_tokens,
+        "full_s": full_s,
+        "rerun_s": rerun_s,
+        "time_ratio": rerun_s / full_s,
+        "full_cost": full["cost"],
+        "rerun_cost": rerun["cost"],
+        "cost_ratio": rerun["cost"] / full["cost"],
+        "rerun_rows_computed": rerun["rows_computed"],
+        "rerun_rows_cached": rerun["rows_cached"],
+        "rerun_cost_saved_estimate": rerun["cost_saved_estimate"],
+        "lookup_entries": lookup_entries,
+        "lookup_files": cache.stats()["kinds"]["generate"]["files"],
+        "lookup_fill_s": fill_s,
+        "lookup_1024_keys_s": lookup_s,
+        "lookup_hits": len(found),
+    }
 
 
 def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
@@ -429,8 +549,12 @@ def peak_rss_mb(args: list[str], log: Path) -> tuple[float, float]:
     shardwise = str(Path(sys.executable).with_name("shardwise"))
     started = time.perf_counter()
     with open(log, "wb") as out:
-        status = subprocess.run([sys.executable, "-c", _LAUNCHER, str(peak_file), shardwise, *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, str(peak_file), shardwise, *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ).returncode
     if status != 0:
         raise SystemExit(f"shardwise {' '.join(args)} failed; see {log}")
     return time.perf_counter() - started, int(peak_file.read_text()) / 1024  # Linux reports KiB
@@ -442,7 +566,7 @@ ROWS_PER_SHARD = 5000  # both sizes span many shards
 def bench_memory(root: Path, small: int, large: int) -> dict:
     """Peak RSS of the whole run (one process: flow, shard tasks, engine) at two dataset sizes.
     A tiny dummy model keeps compute cheap, so what grows (or not) is shardwise's own memory."""
-    from tasks.demo_data import write_reviews_dataset
+    from tasks.records.demo_data import write_reviews_dataset
 
     result: dict = {"model": "dummy:bert-tiny", "rows_per_shard": ROWS_PER_SHARD, "goal": "<= 1.2"}
     for label, rows in (("small", small), ("large", large)):
@@ -450,9 +574,27 @@ def bench_memory(root: Path, small: int, large: int) -> dict:
         data = root / f"mem-{label}-in"
         write_reviews_dataset(str(data), files=files, rows_per_file=rows // files, rows_per_group=10_000)
         seconds, peak = peak_rss_mb(
-            ["run", "--input", str(data), "--output", str(root / f"mem-{label}-out"), "--task", "embed",
-             "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--keep-columns", "id",
-             "--rows-per-shard", str(ROWS_PER_SHARD), "--device", "cpu"], root / f"mem-{label}.log")
+            [
+                "run",
+                "--input",
+                str(data),
+                "--output",
+                str(root / f"mem-{label}-out"),
+                "--task",
+                "embed",
+                "--embed-model",
+                "dummy:bert-tiny",
+                "--id-column",
+                "review_id",
+                "--keep-columns",
+                "id",
+                "--rows-per-shard",
+                str(ROWS_PER_SHARD),
+                "--device",
+                "cpu",
+            ],
+            root / f"mem-{label}.log",
+        )
         result[f"{label}_rows"], result[f"{label}_peak_rss_mb"], result[f"{label}_s"] = rows, peak, seconds
     result["ratio"] = result["large_peak_rss_mb"] / result["small_peak_rss_mb"]
     return result
@@ -467,10 +609,12 @@ def main() -> None:
     parser.add_argument("--memory-rows", type=int, nargs=2, metavar=("SMALL", "LARGE"))
     parser.add_argument("--lookup-entries", type=int, help="entries in the cache the lookup is timed in")
     parser.add_argument("--ceiling-rows", type=int)
-    parser.add_argument("--only", choices=["overhead", "ceiling", "tokenize", "embedding", "generation", "memory",
-                                           "structured", "incremental"],
-                        action="append",
-                        help="run only these parts (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["overhead", "ceiling", "tokenize", "embedding", "generation", "memory", "structured", "incremental"],
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     parser.add_argument("--out", default="bench/results.json")
     args = parser.parse_args()
     embed_rows = args.embed_rows or (2000 if args.smoke else 40000)
@@ -478,13 +622,18 @@ def main() -> None:
     memory_rows = args.memory_rows or ((10_000, 100_000) if args.smoke else (100_000, 1_000_000))
     lookup_entries = args.lookup_entries or (20_000 if args.smoke else 1_000_000)
     ceiling_rows = args.ceiling_rows or (4000 if args.smoke else 40000)
-    parts = set(args.only or ["overhead", "ceiling", "tokenize", "embedding", "generation", "memory", "structured",
-                              "incremental"])
+    parts = set(
+        args.only
+        or ["overhead", "ceiling", "tokenize", "embedding", "generation", "memory", "structured", "incremental"]
+    )
 
     from prefect.testing.utilities import prefect_test_harness
 
-    results: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                                f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"), "smoke": args.smoke}
+    results: dict = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "date": time.strftime("%Y-%m-%d"),
+        "smoke": args.smoke,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         os.environ["SHARDWISE_HOME"] = str(root / "state")
@@ -494,7 +643,7 @@ def main() -> None:
             from mlflow.tracking import MlflowClient
 
             from gpu_runtime import load_embedding_engine, load_generation_engine
-            from tasks.state import tracking_uri
+            from tasks.storage.local_state import tracking_uri
 
             # A new MLflow sqlite store is created (migrated) on first use: once per state
             # directory, not per run, so it is timed apart from the runs.
@@ -524,45 +673,67 @@ def main() -> None:
     print(f"\nshardwise benchmark ({results['machine']}, {results['date']}{', SMOKE sizes' if args.smoke else ''})")
     print(f"{'measure':<34}{'baseline':>14}{'shardwise':>14}{'ratio':>9}  goal")
     if e := results.get("embedding"):
-        print(f"{'embedding rows/s (%d rows)' % e['rows']:<34}{e['raw_rows_per_s']:>14.1f}"
-              f"{e['flow_rows_per_s']:>14.1f}{e['ratio']:>9.2f}  {e['goal']}")
+        print(
+            f"{'embedding rows/s (%d rows)' % e['rows']:<34}{e['raw_rows_per_s']:>14.1f}"
+            f"{e['flow_rows_per_s']:>14.1f}{e['ratio']:>9.2f}  {e['goal']}"
+        )
     if c := results.get("ceiling"):
-        print(f"{'pipeline ceiling rows/s (%d rows)' % c['rows']:<34}{'':>14}{c['rows_per_s']:>14.1f}"
-              f"{'':>9}  {c['model']}, {c['shards']} shards")
+        print(
+            f"{'pipeline ceiling rows/s (%d rows)' % c['rows']:<34}{'':>14}{c['rows_per_s']:>14.1f}"
+            f"{'':>9}  {c['model']}, {c['shards']} shards"
+        )
         print("  where the seconds went: " + ", ".join(f"{k} {v:.2f}" for k, v in c["seconds"].items()))
     if t := results.get("tokenize"):
-        print(f"{'tokenize + collate rows/s':<34}{'':>14}{t['rows_per_s']:>14.1f}"
-              f"{'':>9}  count {t['count_rows_per_s']:.0f}/s, collate {t['collate_rows_per_s']:.0f}/s")
+        print(
+            f"{'tokenize + collate rows/s':<34}{'':>14}{t['rows_per_s']:>14.1f}"
+            f"{'':>9}  count {t['count_rows_per_s']:.0f}/s, collate {t['collate_rows_per_s']:.0f}/s"
+        )
         tg = t["generation"]
-        print(f"{'generation host prep rows/s':<34}{'':>14}{tg['rows_per_s']:>14.1f}"
-              f"{'':>9}  chat+tokenize {tg['encode_rows_per_s']:.0f}/s, batch inputs {tg['batch_inputs_rows_per_s']:.0f}/s")
+        print(
+            f"{'generation host prep rows/s':<34}{'':>14}{tg['rows_per_s']:>14.1f}"
+            f"{'':>9}  chat+tokenize {tg['encode_rows_per_s']:.0f}/s, batch inputs {tg['batch_inputs_rows_per_s']:.0f}/s"
+        )
     if g := results.get("generation"):
-        print(f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}"
-              f"{g['flow_tok_per_s']:>14.1f}{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})")
+        print(
+            f"{'generated tok/s (%d rows)' % g['rows']:<34}{g['naive_tok_per_s']:>14.1f}"
+            f"{g['flow_tok_per_s']:>14.1f}{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})"
+        )
         print(f"{'  of which model compute alone':<34}{'':>14}{g['flow_compute_tok_per_s']:>14.1f}")
         v = g["vllm"]
         if v["ran"]:
-            print(f"{'  vLLM LLM.chat (%s)' % v['engine_version']:<34}{g['naive_tok_per_s']:>14.1f}"
-                  f"{v['raw_tok_per_s']:>14.1f}{v['raw_vs_naive']:>9.2f}  peer (identical: {v['raw_identical_to_naive']})")
-            print(f"{'  flow, engine vllm':<34}{g['naive_tok_per_s']:>14.1f}{v['flow_tok_per_s']:>14.1f}"
-                  f"{v['flow_vs_naive']:>9.2f}  (identical: {v['flow_identical_to_naive']}; "
-                  f"{v['flow_vs_raw']:.2f}x of LLM.chat)")
+            print(
+                f"{'  vLLM LLM.chat (%s)' % v['engine_version']:<34}{g['naive_tok_per_s']:>14.1f}"
+                f"{v['raw_tok_per_s']:>14.1f}{v['raw_vs_naive']:>9.2f}  peer (identical: {v['raw_identical_to_naive']})"
+            )
+            print(
+                f"{'  flow, engine vllm':<34}{g['naive_tok_per_s']:>14.1f}{v['flow_tok_per_s']:>14.1f}"
+                f"{v['flow_vs_naive']:>9.2f}  (identical: {v['flow_identical_to_naive']}; "
+                f"{v['flow_vs_raw']:.2f}x of LLM.chat)"
+            )
         else:
             print(f"  vLLM peer column not run: {v['why']}")
     if m := results.get("memory"):
-        print(f"{'peak RSS MiB (%dk vs %dk rows)' % (m['small_rows'] // 1000, m['large_rows'] // 1000):<34}"
-              f"{m['small_peak_rss_mb']:>14.0f}{m['large_peak_rss_mb']:>14.0f}{m['ratio']:>9.2f}  {m['goal']}")
+        print(
+            f"{'peak RSS MiB (%dk vs %dk rows)' % (m['small_rows'] // 1000, m['large_rows'] // 1000):<34}"
+            f"{m['small_peak_rss_mb']:>14.0f}{m['large_peak_rss_mb']:>14.0f}{m['ratio']:>9.2f}  {m['goal']}"
+        )
     if j := results.get("structured"):
         free = (j["free"]["compute_tok_per_s"] + j["free_again"]["compute_tok_per_s"]) / 2  # what the ratio uses
-        print(f"{'JSON tok/s, schema vs none (%d rows)' % j['rows']:<34}{free:>14.1f}"
-              f"{j['constrained']['compute_tok_per_s']:>14.1f}{j['ratio']:>9.2f}  "
-              f"valid {j['constrained']['valid_rows']} vs {j['free']['valid_rows']}/{j['rows']}")
+        print(
+            f"{'JSON tok/s, schema vs none (%d rows)' % j['rows']:<34}{free:>14.1f}"
+            f"{j['constrained']['compute_tok_per_s']:>14.1f}{j['ratio']:>9.2f}  "
+            f"valid {j['constrained']['valid_rows']} vs {j['free']['valid_rows']}/{j['rows']}"
+        )
     if n := results.get("incremental"):
-        print(f"{'10%%-changed rerun vs full (%d rows)' % n['rows']:<34}{n['full_s']:>13.1f}s{n['rerun_s']:>13.1f}s"
-              f"{n['time_ratio']:>9.2f}  time; cost ratio {n['cost_ratio']:.2f}, "
-              f"{n['rerun_rows_computed']} computed / {n['rerun_rows_cached']} cached")
-        print(f"{'  lookup of 1,024 keys (%d entries)' % n['lookup_entries']:<34}{'':>14}"
-              f"{n['lookup_1024_keys_s']:>13.2f}s  ({n['lookup_files']} files, {n['lookup_hits']} hits)")
+        print(
+            f"{'10%%-changed rerun vs full (%d rows)' % n['rows']:<34}{n['full_s']:>13.1f}s{n['rerun_s']:>13.1f}s"
+            f"{n['time_ratio']:>9.2f}  time; cost ratio {n['cost_ratio']:.2f}, "
+            f"{n['rerun_rows_computed']} computed / {n['rerun_rows_cached']} cached"
+        )
+        print(
+            f"{'  lookup of 1,024 keys (%d entries)' % n['lookup_entries']:<34}{'':>14}"
+            f"{n['lookup_1024_keys_s']:>13.2f}s  ({n['lookup_files']} files, {n['lookup_hits']} hits)"
+        )
     if o := results.get("overhead"):
         print(f"{'fixed cost per run (s)':<34}{'':>14}{o['run_fixed_s']:>14.2f}")
         print(f"{'cost per shard (s)':<34}{'':>14}{o['per_shard_s']:>14.2f}")

@@ -16,11 +16,11 @@ import sys
 from typing import Any
 
 from flows.cli import config_from_args, execute_with_summary
-from tasks.backfill import backfill_summary
 from tasks.errors import ConfigError, InputError, ShardwiseError
-from tasks.forecast import SAMPLE_ROWS, Forecast, format_forecast, make_forecast, over_budget, sum_forecasts
-from tasks.partitions import dated, partition_dates, partition_done
+from tasks.forecasting.forecast import SAMPLE_ROWS, Forecast, format_forecast, make_forecast, over_budget, sum_forecasts
 from tasks.redaction import redact_text
+from tasks.schedule.backfill import backfill_summary
+from tasks.schedule.partitions import dated, partition_dates, partition_done
 
 
 def _out(text: str) -> None:
@@ -28,12 +28,13 @@ def _out(text: str) -> None:
     print(redact_text(text))
 
 
-def plan_partitions(cfg, dates: list[str], sample_rows: int = SAMPLE_ROWS,
-                    calibrate_rows: int = 0) -> tuple[Forecast | None, list[dict[str, Any]]]:
+def plan_partitions(
+    cfg, dates: list[str], sample_rows: int = SAMPLE_ROWS, calibrate_rows: int = 0
+) -> tuple[Forecast | None, list[dict[str, Any]]]:
     """The summed forecast of the partitions that can be planned, and one entry per date: its
     forecast, or why it cannot run (no input yet, say). A calibration is made once, on the first
     partition with rows to compute, and used for all."""
-    from tasks.planning import plan_shards
+    from tasks.planning.shards import plan_shards
 
     forecasts: list[Forecast] = []
     partitions: list[dict[str, Any]] = []
@@ -66,18 +67,26 @@ def _print_plan(cfg, total: Forecast, partitions: list[dict[str, Any]], as_json:
     refusal = over_budget(cfg, total)
     if as_json:
         entries = [{k: (v.to_dict() if isinstance(v, Forecast) else v) for k, v in p.items()} for p in partitions]
-        print(json.dumps({**total.to_dict(), "partitions": entries, "max_cost": cfg.max_cost, "refused": refusal},
-                         indent=2))
+        print(
+            json.dumps(
+                {**total.to_dict(), "partitions": entries, "max_cost": cfg.max_cost, "refused": refusal}, indent=2
+            )
+        )
         return
-    lines = ["", f"{'partition':<14}{'rows':>10}{'to compute':>12}{'device-s':>12}"
-                 f"{f'cost ({total.currency})':>16}{'cost high':>14}"]
+    lines = [
+        "",
+        f"{'partition':<14}{'rows':>10}{'to compute':>12}{'device-s':>12}"
+        f"{f'cost ({total.currency})':>16}{'cost high':>14}",
+    ]
     for p in partitions:
         f = p.get("forecast")
         if f is None:
             lines.append(f"{'dt=' + p['date']:<14}  cannot run: {p['error']}")
             continue
-        lines.append(f"{'dt=' + p['date']:<14}{f.rows:>10}{f.rows_to_compute:>12}{f.device_seconds.expected:>12.1f}"
-                     f"{f.cost.expected:>16.6f}{f.cost.high:>14.6f}")
+        lines.append(
+            f"{'dt=' + p['date']:<14}{f.rows:>10}{f.rows_to_compute:>12}{f.device_seconds.expected:>12.1f}"
+            f"{f.cost.expected:>16.6f}{f.cost.high:>14.6f}"
+        )
     _out("\n".join(lines))
     _out(format_forecast(total, f"shardwise backfill plan, {len(partitions)} dates (nothing was run)"))
     if refusal:
@@ -85,7 +94,7 @@ def _print_plan(cfg, total: Forecast, partitions: list[dict[str, Any]], as_json:
 
 
 def _run_partitions(cfg, dates: list[str]) -> list[dict[str, Any]]:
-    from tasks.runners import shared_prefect_api
+    from tasks.compute.runners import shared_prefect_api
 
     outcomes: list[dict[str, Any]] = []
     spent = 0.0
@@ -110,8 +119,9 @@ def _run_partitions(cfg, dates: list[str]) -> list[dict[str, Any]]:
                 code, summary, message = err.exit_code, None, str(err)
             cost = float(summary.get("cost", 0.0)) if summary else 0.0
             spent += cost
-            outcomes.append({**outcome, "status": {0: "ran", 4: "held"}.get(code, "failed"), "cost": cost,
-                             "message": message})
+            outcomes.append(
+                {**outcome, "status": {0: "ran", 4: "held"}.get(code, "failed"), "cost": cost, "message": message}
+            )
             if cfg.max_cost is not None and ("budget reached" in message or "exceeds max_cost" in message):
                 stopped = f"backfill budget reached: spent {spent:.6f} of max_cost {cfg.max_cost:g}"
     return outcomes
@@ -138,7 +148,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     _out("shardwise backfill summary")
     for o in outcomes:
         cost = f"  cost {o['cost']:.6f}" if "cost" in o else ""
-        _out(f"  dt={o['date']:<12}{o['status']:<12}{o['output']}{cost}" + (f"  {o['message']}" if o["message"] else ""))
+        _out(
+            f"  dt={o['date']:<12}{o['status']:<12}{o['output']}{cost}" + (f"  {o['message']}" if o["message"] else "")
+        )
     _out(message)
     if summary["failed"] or summary.get("not started"):
         return 1

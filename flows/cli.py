@@ -47,42 +47,78 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-template")
     run.add_argument("--system-prompt")
     run.add_argument("--max-new-tokens", type=int)
-    run.add_argument("--output-schema", metavar="FILE_OR_JSON",
-                     help="JSON Schema every answer follows (a .json file or inline JSON); adds the column generated")
+    run.add_argument(
+        "--output-schema",
+        metavar="FILE_OR_JSON",
+        help="JSON Schema every answer follows (a .json file or inline JSON); adds the column generated",
+    )
     run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
-    run.add_argument("--engine", choices=["auto", "hf", "vllm"],
-                     help="generation engine (default auto: vllm when CUDA and a CUDA vLLM are there, else hf)")
+    run.add_argument(
+        "--engine",
+        choices=["auto", "hf", "vllm"],
+        help="generation engine (default auto: vllm when CUDA and a CUDA vLLM are there, else hf)",
+    )
     run.add_argument("--embed-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--rows-per-shard", type=int)
     run.add_argument("--date", help="run one dt=YYYY-MM-DD partition of a partitioned job")
-    run.add_argument("--workers", type=int,
-                     help="worker processes, one per device (default: visible GPUs, 1 on CPU)")
+    run.add_argument("--workers", type=int, help="worker processes, one per device (default: visible GPUs, 1 on CPU)")
     run.add_argument("--runner", choices=["local", "ray"], help="local worker processes (default) or Ray")
     run.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
     run.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    run.add_argument("--overwrite", action="store_true", default=None,
-                     help="replace an output that was written with a different config")
-    run.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any config key, e.g. generate.temperature=0.7 (repeatable)")
-    run.add_argument("--max-cost", type=float, metavar="USD",
-                     help="refuse the run if its forecast can cost more; start no shard past it")
-    run.add_argument("--cache", metavar="URI",
-                     help="row cache (any fsspec URI): reuse rows computed before from the same inputs")
-    run.add_argument("--baseline", metavar="OUTPUT_URI",
-                     help="an earlier output the quality gate compares this one with (quality.baseline)")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace an output that was written with a different config",
+    )
+    run.add_argument(
+        "--set",
+        dest="set_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. generate.temperature=0.7 (repeatable)",
+    )
+    run.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="refuse the run if its forecast can cost more; start no shard past it",
+    )
+    run.add_argument(
+        "--cache", metavar="URI", help="row cache (any fsspec URI): reuse rows computed before from the same inputs"
+    )
+    run.add_argument(
+        "--baseline",
+        metavar="OUTPUT_URI",
+        help="an earlier output the quality gate compares this one with (quality.baseline)",
+    )
 
     plan = sub.add_parser("plan", help="forecast rows, tokens, device time and cost of a run; runs nothing")
     for action in run._actions[1:]:  # exactly run's job flags (all but -h), so a plan matches its run
         plan._add_action(action)
     plan.add_argument("--json", action="store_true", help="print one JSON document")
-    sample_rows = plan.add_argument("--sample-rows", type=int, default=None, metavar="N",
-                      help="tokenize every row up to N rows to compute, else a random sample of shards")
-    calibrate = plan.add_argument("--calibrate", type=int, default=0, metavar="N",
-                                  help="without earlier runs of the job: load the model and answer N sampled rows "
-                                       "to measure answer length and speed (default 0: no model is loaded)")
+    sample_rows = plan.add_argument(
+        "--sample-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenize every row up to N rows to compute, else a random sample of shards",
+    )
+    calibrate = plan.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="without earlier runs of the job: load the model and answer N sampled rows "
+        "to measure answer length and speed (default 0: no model is loaded)",
+    )
 
-    backfill = sub.add_parser("backfill", help="run every dt=YYYY-MM-DD partition from --start to --end "
-                                               "(finished ones are skipped); --plan forecasts them")
+    backfill = sub.add_parser(
+        "backfill",
+        help="run every dt=YYYY-MM-DD partition from --start to --end "
+        "(finished ones are skipped); --plan forecasts them",
+    )
     for action in run._actions[1:]:
         if action.dest != "date":  # the dates come from --start and --end
             backfill._add_action(action)
@@ -122,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from tasks.job_config import build_config
+    from tasks.config.job import build_config
 
     flags = {
         "input": args.input,
@@ -163,7 +199,7 @@ def config_from_args(args: argparse.Namespace):
         raise ConfigError(f"{args.command} needs --input and --output (or a --config that sets them)")
     cfg = build_config(args.config, overrides, args.set_options)
     if args.date:
-        from tasks.partitions import dated
+        from tasks.schedule.partitions import dated
 
         cfg = dated(cfg, args.date)
     return cfg
@@ -175,12 +211,12 @@ def preflight(cfg, before_writing: Any = None) -> Any:
     ``before_writing(cfg, plan)`` runs before the write probe, which creates the output location:
     a check that refuses the run (the budget) then leaves nothing behind."""
     from gpu_runtime import resolve_model_spec
-    from tasks.output_dir import OutputDir
-    from tasks.planning import plan_shards
-    from tasks.quality import check_quality_settings
-    from tasks.resume import check_output_compatible, check_output_location
-    from tasks.runners import check_engine_settings
-    from tasks.storage import check_writable
+    from tasks.compute.runners import check_engine_settings
+    from tasks.output.resume import check_output_compatible, check_output_location
+    from tasks.planning.shards import plan_shards
+    from tasks.quality.gate import check_quality_settings
+    from tasks.storage.fs import check_writable
+    from tasks.storage.output_dir import OutputDir
 
     check_engine_settings(cfg)
     check_output_location(cfg)
@@ -202,7 +238,7 @@ def run_forecast(cfg, plan) -> Any:
     """The run's forecast, printed on stderr; refuses (exit 2) a job whose high end exceeds
     ``max_cost``. Without ``max_cost`` a forecast that cannot be made is only a warning."""
     from tasks.errors import ConfigError
-    from tasks.forecast import make_forecast, over_budget, run_sample_rows
+    from tasks.forecasting.forecast import make_forecast, over_budget, run_sample_rows
 
     try:
         forecast = make_forecast(cfg, plan, run_sample_rows(cfg))
@@ -222,10 +258,12 @@ def format_forecast_line(forecast: dict[str, Any] | Any) -> str:
     data = forecast if isinstance(forecast, dict) else forecast.to_dict()
     cost, seconds = data["cost"], data["device_seconds"]
     tokens = data.get("generated_tokens") or data.get("embedded_tokens") or {}
-    return (f"{data['rows_to_compute']} rows to compute, "
-            f"{tokens.get('expected', 0):.0f} {'generated' if data.get('generated_tokens') else 'embedded'} tokens, "
-            f"{seconds['expected']:.1f}s device time ({seconds['low']:.1f}-{seconds['high']:.1f}), "
-            f"cost {cost['expected']:.6f} {data['currency']} ({cost['low']:.6f}-{cost['high']:.6f})")
+    return (
+        f"{data['rows_to_compute']} rows to compute, "
+        f"{tokens.get('expected', 0):.0f} {'generated' if data.get('generated_tokens') else 'embedded'} tokens, "
+        f"{seconds['expected']:.1f}s device time ({seconds['low']:.1f}-{seconds['high']:.1f}), "
+        f"cost {cost['expected']:.6f} {data['currency']} ({cost['low']:.6f}-{cost['high']:.6f})"
+    )
 
 
 def execute(cfg) -> int:
@@ -237,26 +275,31 @@ def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
     """:func:`execute`, also returning the run summary (None when the flow produced none) and why
     the run failed ("" when it did not)."""
     from flows.enrich import enrich_for
-    from tasks.job_handoff import flow_parameters
+    from tasks.compute.handoff import flow_parameters
+    from tasks.compute.runners import shared_prefect_api
     from tasks.redaction import redact_text
-    from tasks.runners import shared_prefect_api
 
     forecasts: list[Any] = []
     preflight_started = time.perf_counter()
     plan = preflight(cfg, before_writing=lambda cfg, plan: forecasts.append(run_forecast(cfg, plan)))
     preflight_seconds = time.perf_counter() - preflight_started  # checks, plan, forecast; before the flow
     forecast = forecasts[0]
-    print(f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
-          file=sys.stderr, flush=True)
+    print(
+        f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
+        file=sys.stderr,
+        flush=True,
+    )
     server_started = time.perf_counter()
     with shared_prefect_api():
         server_seconds = time.perf_counter() - server_started  # the temporary server's start-up, if any
-        state = enrich_for(cfg)(job=flow_parameters(cfg, plan), forecast=forecast.to_dict() if forecast else None,
-                                return_state=True)
+        state = enrich_for(cfg)(
+            job=flow_parameters(cfg, plan), forecast=forecast.to_dict() if forecast else None, return_state=True
+        )
     result = state.result(raise_on_failure=False)
     if isinstance(result, dict):
-        log_outside_flow(result, {"seconds_preflight": preflight_seconds,
-                                  "seconds_prefect_server_start": server_seconds})
+        log_outside_flow(
+            result, {"seconds_preflight": preflight_seconds, "seconds_prefect_server_start": server_seconds}
+        )
         print(redact_text(format_summary(result)))
         quality = result.get("quality") or {}
         if quality.get("status") == "held":
@@ -281,7 +324,7 @@ def log_outside_flow(summary: dict[str, Any], seconds: dict[str, float]) -> None
     """What the command spent before the flow started (its checks and forecast, the Prefect
     server's start-up), next to the run's own timings (in the summary and MLflow). The preflight
     includes the first imports of transformers and MLflow, which the run would pay anyway."""
-    from tasks.tracking import log_timings
+    from tasks.tracking.runs import log_timings
 
     summary.setdefault("timings", {}).update(seconds)
     if summary.get("mlflow_run_id"):
@@ -290,32 +333,55 @@ def log_outside_flow(summary: dict[str, Any], seconds: dict[str, float]) -> None
 
 def format_summary(summary: dict[str, Any]) -> str:
     from tasks.redaction import redact_uri
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     ok = summary["succeeded"]
     rows = [
-        ("status", "succeeded" if ok else "HELD" if (summary.get("quality") or {}).get("status") == "held"
-         else "FAILED"),
+        (
+            "status",
+            "succeeded" if ok else "HELD" if (summary.get("quality") or {}).get("status") == "held" else "FAILED",
+        ),
         ("output", summary["output"]),
-        ("rows", f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
-                 f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)"),
-        ("computed", f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs"
-                     + (f", {summary['rows_cached']:.0f} from the row cache)" if summary.get("rows_cached") else ")")),
+        (
+            "rows",
+            f"{summary['rows']:.0f} ({summary['error_rows']:.0f} with errors, "
+            f"{summary['truncated_rows']:.0f} truncated, {summary['duplicate_ids']:.0f} duplicate ids)",
+        ),
+        (
+            "computed",
+            f"{summary['rows_computed']:.0f} rows ({summary['rows_reused']:.0f} reused from earlier runs"
+            + (f", {summary['rows_cached']:.0f} from the row cache)" if summary.get("rows_cached") else ")"),
+        ),
         ("shards", f"{summary['shards_committed']}/{summary['shards_total']} committed"),
-        *([("schema valid", f"{summary['schema_valid_rows']:.0f}/{summary['rows']:.0f} rows "
-                            f"({summary['schema_valid_rate']:.1%})")] if "schema_valid_rows" in summary else []),
+        *(
+            [
+                (
+                    "schema valid",
+                    f"{summary['schema_valid_rows']:.0f}/{summary['rows']:.0f} rows "
+                    f"({summary['schema_valid_rate']:.1%})",
+                )
+            ]
+            if "schema_valid_rows" in summary
+            else []
+        ),
         ("seconds", f"{summary['seconds']:.1f}"),
         ("rows/s", f"{summary['rows_per_s']:.2f}"),
         ("prompt tok/s", f"{summary['prompt_tok_per_s']:.1f}"),
         ("generated tok/s", f"{summary['generated_tok_per_s']:.1f}"),
-        ("estimated cost", f"{summary['cost']:.6f} {summary['currency']} "
-                           f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)"),
+        (
+            "estimated cost",
+            f"{summary['cost']:.6f} {summary['currency']} "
+            f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)",
+        ),
         ("MLflow run", f"{summary['mlflow_run_id']} ({redact_uri(tracking_uri())})"),
     ]
     if summary.get("rows_cached"):
-        saved = (f"{summary['cost_saved_estimate']:.6f} {summary['currency']} (estimated: cached rows at this "
-                 "run's cost per computed row)" if summary["rows_computed"] else
-                 "all rows came from the cache (no computed row to price the saving by)")
+        saved = (
+            f"{summary['cost_saved_estimate']:.6f} {summary['currency']} (estimated: cached rows at this "
+            "run's cost per computed row)"
+            if summary["rows_computed"]
+            else "all rows came from the cache (no computed row to price the saving by)"
+        )
         rows.insert(-1, ("cost saved", saved))
     if summary.get("forecast"):
         rows.insert(-1, ("forecast", format_forecast_line(summary["forecast"])))
@@ -335,12 +401,17 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def format_timings(timings: dict[str, float]) -> str:
-    """Where the time outside the shards' read, compute and write went (see tasks/run_timings.py)."""
-    phases = ", ".join(f"{name.removeprefix('seconds_')} {seconds:.1f}" for name, seconds in timings.items()
-                       if name not in ("seconds_fixed", "seconds_shard_overhead", "seconds_shards", "seconds_write_hidden",
-                                       *OUTSIDE_FLOW))
-    line = (f"{timings.get('seconds_fixed', 0.0):.1f}s per run ({phases}), "
-            f"{timings.get('seconds_shard_overhead', 0.0):.2f}s per shard")
+    """Where the time outside the shards' read, compute and write went (see tasks/tracking/timings.py)."""
+    phases = ", ".join(
+        f"{name.removeprefix('seconds_')} {seconds:.1f}"
+        for name, seconds in timings.items()
+        if name
+        not in ("seconds_fixed", "seconds_shard_overhead", "seconds_shards", "seconds_write_hidden", *OUTSIDE_FLOW)
+    )
+    line = (
+        f"{timings.get('seconds_fixed', 0.0):.1f}s per run ({phases}), "
+        f"{timings.get('seconds_shard_overhead', 0.0):.2f}s per shard"
+    )
     if "seconds_preflight" in timings:
         line += f"; before the flow: checks and forecast {timings['seconds_preflight']:.1f}s"
     if "seconds_prefect_server_start" in timings:
@@ -359,8 +430,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from gpu_runtime import resolve_model_spec
-    from tasks.forecast import SAMPLE_ROWS, format_forecast, make_forecast, over_budget
-    from tasks.planning import plan_shards
+    from tasks.forecasting.forecast import SAMPLE_ROWS, format_forecast, make_forecast, over_budget
+    from tasks.planning.shards import plan_shards
 
     cfg = config_from_args(args)
     plan = plan_shards(cfg)
@@ -379,11 +450,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.demo_data import write_reviews_dataset
-    from tasks.job_config import build_config
-    from tasks.state import state_dir
-
     import shutil
+
+    from tasks.config.job import build_config
+    from tasks.records.demo_data import write_reviews_dataset
+    from tasks.storage.local_state import state_dir
 
     if args.rows < 1:
         from tasks.errors import ConfigError
@@ -402,7 +473,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = execute(cfg)
     if code == 0:
         from tasks.redaction import redact_uri
-        from tasks.state import tracking_uri
+        from tasks.storage.local_state import tracking_uri
 
         print(
             "\nWhere to look:\n"
@@ -417,9 +488,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.manifest import read_status
-    from tasks.quality import read_hold
-    from tasks.storage import exists, runtime_storage_options
+    from tasks.output.manifest import read_status
+    from tasks.quality.gate import read_hold
+    from tasks.storage.fs import exists, runtime_storage_options
 
     options = runtime_storage_options()
     if not exists(args.output, options):
@@ -438,26 +509,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     if hold is not None:
         _out(f"held     by the quality gate since {hold.get('held_at', '?')}: {hold.get('message', '')}")
         for check in hold.get("failed_checks") or []:
-            _out(f"  {check.get('check')}: {check.get('value')} (threshold {check.get('threshold')}, "
-                 f"baseline {check.get('baseline_value')})")
+            _out(
+                f"  {check.get('check')}: {check.get('value')} (threshold {check.get('threshold')}, "
+                f"baseline {check.get('baseline_value')})"
+            )
         _out(f"  release it with: shardwise release {args.output} --reason '...'")
         return 4
     return 0 if status.success else 1
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from tasks.quality import release_output
-    from tasks.storage import runtime_storage_options
+    from tasks.quality.gate import release_output
+    from tasks.storage.fs import runtime_storage_options
 
     release = release_output(args.output, args.reason, runtime_storage_options())
-    _out(f"released {args.output} (held for: {', '.join(release['failed_checks'])}) by {release['released_by']} "
-         f"at {release['released_at']}; _SUCCESS written")
+    _out(
+        f"released {args.output} (held for: {', '.join(release['failed_checks'])}) by {release['released_by']} "
+        f"at {release['released_at']}; _SUCCESS written"
+    )
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from tasks.lineage import find_row, list_parts, part_lineage
-    from tasks.storage import runtime_storage_options
+    from tasks.records.lineage import find_row, list_parts, part_lineage
+    from tasks.storage.fs import runtime_storage_options
 
     options = runtime_storage_options()
     if args.row_id is not None:
@@ -487,8 +562,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import json
 
     from tasks.errors import ConfigError, StorageError
-    from tasks.row_cache import RowCache
-    from tasks.storage import exists, runtime_storage_options
+    from tasks.records.row_cache import RowCache
+    from tasks.storage.fs import exists, runtime_storage_options
 
     options = runtime_storage_options()
     cache = RowCache(args.uri, options)
@@ -500,8 +575,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
             if args.older_than < 0:
                 raise ConfigError(f"--older-than must be 0 or more days, got {args.older_than:g}")
             removed = cache.prune(args.older_than)
-            _out(f"removed {removed['files']} files ({removed['entries']} entries, {removed['bytes']} bytes) "
-                 f"written more than {args.older_than:g} days ago from {args.uri}")
+            _out(
+                f"removed {removed['files']} files ({removed['entries']} entries, {removed['bytes']} bytes) "
+                f"written more than {args.older_than:g} days ago from {args.uri}"
+            )
             return 0
         stats = cache.stats()
     except (OSError, ValueError) as err:
@@ -511,21 +588,38 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 0
     _out(f"cache    {args.uri}")
     for kind, figures in stats["kinds"].items():
-        _out(f"{kind:<8} {figures['entries']} entries in {figures['files']} files, {figures['bytes']} bytes"
-             + (f" (written {figures['oldest']} .. {figures['newest']})" if figures["files"] else ""))
+        _out(
+            f"{kind:<8} {figures['entries']} entries in {figures['files']} files, {figures['bytes']} bytes"
+            + (f" (written {figures['oldest']} .. {figures['newest']})" if figures["files"] else "")
+        )
     runs = stats["recent_runs"]
     rate = "n/a" if stats["hit_rate"] is None else f"{stats['hit_rate']:.1%}"
     _out(f"hit rate {rate} over the last {len(runs)} runs")
     for run in runs:
-        _out(f"  {run.get('job', '')}: {run.get('rows_cached', 0)} cached, {run.get('rows_computed', 0)} computed "
-             f"(MLflow run {run.get('mlflow_run_id', '')})")
+        _out(
+            f"  {run.get('job', '')}: {run.get('rows_cached', 0)} cached, {run.get('rows_computed', 0)} computed "
+            f"(MLflow run {run.get('mlflow_run_id', '')})"
+        )
     return 0
 
 
 def _print_lineage(lineage: dict[str, str], indent: str) -> None:
-    order = ["mlflow_run_id", "prefect_flow_run_id", "generate_model", "generate_model_revision", "generate_engine",
-             "embed_model", "embed_model_revision", "prompt_hash", "config_fingerprint", "source",
-             "source_rows", "source_fingerprint", "shard_id", "created_at"]
+    order = [
+        "mlflow_run_id",
+        "prefect_flow_run_id",
+        "generate_model",
+        "generate_model_revision",
+        "generate_engine",
+        "embed_model",
+        "embed_model_revision",
+        "prompt_hash",
+        "config_fingerprint",
+        "source",
+        "source_rows",
+        "source_fingerprint",
+        "shard_id",
+        "created_at",
+    ]
     # "quality" holds the part's partial quality figures: numbers for the gate, not provenance
     keys = [k for k in order if k in lineage] + sorted(k for k in lineage if k not in order and k != "quality")
     for key in keys:
@@ -583,8 +677,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from flows.backfill_cli import cmd_backfill
 
-    handlers = {"run": cmd_run, "plan": cmd_plan, "backfill": cmd_backfill, "demo": cmd_demo, "status": cmd_status,
-                "lineage": cmd_lineage, "cache": cmd_cache, "release": cmd_release}
+    handlers = {
+        "run": cmd_run,
+        "plan": cmd_plan,
+        "backfill": cmd_backfill,
+        "demo": cmd_demo,
+        "status": cmd_status,
+        "lineage": cmd_lineage,
+        "cache": cmd_cache,
+        "release": cmd_release,
+    }
     started = time.perf_counter()
     try:
         return handlers[args.command](args)

@@ -15,23 +15,30 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from tasks.budget import BudgetGuard, ProgressMeter, budgeted_completions, shard_capacity, unstarted
-from tasks.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
-from tasks.job_config import JobConfig
-from tasks.job_handoff import job_from_parameters, plan_from_parameters
-from tasks.manifest import commit_output_task, start_output_task
-from tasks.output_dir import OutputDir
-from tasks.planning import ShardPlan, plan_shards_task
-from tasks.quality import QualityVerdict, assess_task, log_verdict_task, run_canaries_task
+from tasks.compute.handoff import job_from_parameters, plan_from_parameters
+from tasks.compute.runners import (
+    ShardThreadPool,
+    finished_in_turn,
+    shard_placement,
+    shard_tags,
+    shard_task_runner,
+    worker_count,
+)
+from tasks.compute.shard_work import process_shard
+from tasks.config.job import JobConfig
+from tasks.forecasting.budget import BudgetGuard, ProgressMeter, budgeted_completions, shard_capacity, unstarted
+from tasks.forecasting.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
+from tasks.output.manifest import commit_output_task, start_output_task
+from tasks.output.resume import find_committed_task, prepare_output_task
+from tasks.output.verdict import QualityVerdict
+from tasks.planning.shards import ShardPlan, plan_shards_task
+from tasks.quality.gate import assess_task, log_verdict_task, run_canaries_task
+from tasks.records.results import ShardResult
 from tasks.redaction import install_log_redaction, redact_text
-from tasks.reporting import ProgressUpdates, price_for, report_task, start_progress
-from tasks.resume import find_committed_task, prepare_output_task
-from tasks.results import ShardResult
-from tasks.run_timings import SHARDS_PHASE, RunTimer, timing_figures
-from tasks.runners import (ShardThreadPool, finished_in_turn, shard_placement, shard_tags, shard_task_runner,
-                           worker_count)
-from tasks.shard_work import process_shard
-from tasks.tracking import ended_on_error, log_shard, log_timings, prompt_hash, start_tracking_task
+from tasks.storage.output_dir import OutputDir
+from tasks.tracking.reporting import ProgressUpdates, price_for, report_task, start_progress
+from tasks.tracking.runs import ended_on_error, log_shard, log_timings, prompt_hash, start_tracking_task
+from tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
 
 
 class _ThreadTimeoutWarningOnce(logging.Filter):
@@ -57,8 +64,15 @@ def shard_outcome(future: PrefectFuture, shard_by_name: dict[str, Any]) -> Shard
         return value
     shard = shard_by_name[future.task_run_id]
     reason = redact_text(f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else str(value))
-    return ShardResult(index=shard.index, shard_id=shard.shard_id, name=shard.name, source=shard.source,
-                       status="failed", error=reason, finished_at=time.time())
+    return ShardResult(
+        index=shard.index,
+        shard_id=shard.shard_id,
+        name=shard.name,
+        source=shard.source,
+        status="failed",
+        error=reason,
+        finished_at=time.time(),
+    )
 
 
 def chat_date_info(cfg: JobConfig) -> dict[str, str]:
@@ -66,7 +80,7 @@ def chat_date_info(cfg: JobConfig) -> dict[str, str]:
     once so every shard of the run renders the same prompt; recorded in the manifest and parts."""
     if not cfg.runs_generation:
         return {}
-    day = cfg.generate.chat_date or datetime.datetime.now(datetime.timezone.utc).date()
+    day = cfg.generate.chat_date or datetime.datetime.now(datetime.UTC).date()
     return {"chat_date": day.isoformat()}
 
 
@@ -82,8 +96,13 @@ def part_lineage(cfg: JobConfig, run_info: dict[str, Any]) -> dict[str, str]:
 
 
 def process_shards(
-    cfg: JobConfig, plan: ShardPlan, done: list[ShardResult], run_id: str, lineage: dict[str, str],
-    forecast: Forecast | None = None, guard: BudgetGuard | None = None,
+    cfg: JobConfig,
+    plan: ShardPlan,
+    done: list[ShardResult],
+    run_id: str,
+    lineage: dict[str, str],
+    forecast: Forecast | None = None,
+    guard: BudgetGuard | None = None,
 ) -> list[ShardResult]:
     """Submit one task per shard not already committed; log each to MLflow as it finishes.
 
@@ -106,12 +125,16 @@ def process_shards(
             by_future = dict(zip(futures, pending))
             finished = ((f, by_future[f]) for f in finished_in_turn(list(futures)))
         else:
-            finished = budgeted_completions(lambda shard: shard_task.submit(shard, cfg, lineage), pending,
-                                            guard, capacity=shard_capacity(cfg))
+            finished = budgeted_completions(
+                lambda shard: shard_task.submit(shard, cfg, lineage), pending, guard, capacity=shard_capacity(cfg)
+            )
         results: list[ShardResult] = list(done)
         progress = ProgressUpdates(start_progress(len(plan.shards), len(done)), len(plan.shards))
-        meter = ProgressMeter(sum(s.num_rows for s in pending), forecast.cost.expected if forecast and forecast.cost
-                              else None, forecast.currency if forecast else "USD")
+        meter = ProgressMeter(
+            sum(s.num_rows for s in pending),
+            forecast.cost.expected if forecast and forecast.cost else None,
+            forecast.currency if forecast else "USD",
+        )
         for future, shard in finished:
             result = shard_outcome(future, {future.task_run_id: shard})
             results.append(result)
@@ -125,8 +148,14 @@ def process_shards(
             if result.status == "committed":
                 logger.info(
                     "%s committed (%d/%d) by %s: %d rows in %.1fs, %.1f generated tok/s; %s",
-                    result.name, len(results), len(plan.shards), result.worker, result.rows, result.seconds,
-                    result.generated_tokens / max(result.seconds_compute, 1e-9), meter.line(),
+                    result.name,
+                    len(results),
+                    len(plan.shards),
+                    result.worker,
+                    result.rows,
+                    result.seconds,
+                    result.generated_tokens / max(result.seconds_compute, 1e-9),
+                    meter.line(),
                 )
             else:
                 logger.error("%s failed (%d/%d): %s", result.name, len(results), len(plan.shards), result.error)
@@ -157,7 +186,7 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
 
     Called directly it runs one shard at a time in this process; :func:`enrich_for` picks the
     runner the job asks for (worker processes, Ray, a second shard in flight on a GPU). ``job`` is
-    the public config; pass ``tasks.job_handoff.flow_parameters(cfg)`` to keep credentials out of
+    the public config; pass ``tasks.compute.handoff.flow_parameters(cfg)`` to keep credentials out of
     it (see that module), and ``flow_parameters(cfg, plan)`` to hand over a shard plan already made
     (the CLI's); without one the flow plans. ``forecast`` is what ``shardwise plan`` computes (the
     CLI passes the one it checked ``max_cost`` against); without it the flow makes its own."""
@@ -183,8 +212,11 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
             with timer.phase("start"):
                 start_output_task(cfg, plan, run_info)
                 done = find_committed_task(cfg, plan)
-            guard = (BudgetGuard(cfg.max_cost, expected.cost_per_row() if expected else 0.0)
-                     if cfg.max_cost is not None else None)
+            guard = (
+                BudgetGuard(cfg.max_cost, expected.cost_per_row() if expected else 0.0)
+                if cfg.max_cost is not None
+                else None
+            )
             with timer.phase(SHARDS_PHASE):
                 results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
             with timer.phase("commit"):

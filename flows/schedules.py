@@ -16,9 +16,9 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.enrich import enrich_for
-from tasks.backfill import backfill_summary, run_partition_task
-from tasks.job_handoff import flow_parameters
-from tasks.partitions import nightly_date, partition_config, partition_dates, partition_done
+from tasks.compute.handoff import flow_parameters
+from tasks.schedule.backfill import backfill_summary, run_partition_task
+from tasks.schedule.partitions import nightly_date, partition_config, partition_dates, partition_done
 
 PARTITION_DEPLOYMENT = "enrich-partition/enrich-partition"
 

@@ -139,7 +139,11 @@ class BatchBackoff:
             logger.warning(
                 "%s: out of memory on a batch of %d rows on %s (%s); retrying it in halves and capping "
                 "later batches at %d rows",
-                self.what, len(chunk), self._where(), failure, self.limit,
+                self.what,
+                len(chunk),
+                self._where(),
+                failure,
+                self.limit,
             )
             work.extendleft([chunk[half:], chunk[:half]])
         return results

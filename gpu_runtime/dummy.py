@@ -108,7 +108,9 @@ def build_causal_lm(spec: str, device: torch.device, dtype: torch.dtype) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = llama_config(name, tokenizer)
     if len(tokenizer) > config.vocab_size:
-        raise EngineError(f"{spec!r}: tokenizer has {len(tokenizer)} tokens, more than the vocabulary ({config.vocab_size})")
+        raise EngineError(
+            f"{spec!r}: tokenizer has {len(tokenizer)} tokens, more than the vocabulary ({config.vocab_size})"
+        )
     model = random_model(LlamaForCausalLM, config, device, dtype)
     return model, tokenizer, tokenizer_dir
 

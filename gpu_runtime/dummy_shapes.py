@@ -133,8 +133,13 @@ DUMMY_SHAPES: dict[str, DummyShape] = {
         mimics="sentence-transformers/all-MiniLM-L6-v2",
         tokenizer_spec="bundled:all-minilm-l6-v2",
         max_seq_length=256,
-        config={**_BERT_UNCASED, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
-                "intermediate_size": 1536},
+        config={
+            **_BERT_UNCASED,
+            "hidden_size": 384,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 12,
+            "intermediate_size": 1536,
+        },
     ),
     # Compute is nearly free: for measuring what is *not* the model (memory, I/O, orchestration).
     "bert-tiny": DummyShape(
@@ -142,8 +147,13 @@ DUMMY_SHAPES: dict[str, DummyShape] = {
         mimics="google/bert_uncased_L-2_H-128_A-2",
         tokenizer_spec="bundled:all-minilm-l6-v2",
         max_seq_length=128,
-        config={**_BERT_UNCASED, "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                "intermediate_size": 512},
+        config={
+            **_BERT_UNCASED,
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 512,
+        },
     ),
     # Compute next to nothing: a whole flow with it measures how fast the pipeline itself can feed
     # a device (the pipeline-ceiling benchmark in bench/run.py).
@@ -152,8 +162,13 @@ DUMMY_SHAPES: dict[str, DummyShape] = {
         mimics="(no real model: a pipeline-ceiling probe)",
         tokenizer_spec="bundled:all-minilm-l6-v2",
         max_seq_length=16,
-        config={**_BERT_UNCASED, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "intermediate_size": 64},
+        config={
+            **_BERT_UNCASED,
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
     ),
 }
 

@@ -69,9 +69,7 @@ class EmbeddingEngine:
         from sentence_transformers import SentenceTransformer
 
         if resolved.gguf_file is not None:
-            raise EngineError(
-                f"{resolved.spec!r} is a GGUF model; embedding models must be transformers checkpoints"
-            )
+            raise EngineError(f"{resolved.spec!r} is a GGUF model; embedding models must be transformers checkpoints")
         dtype = default_dtype(device)
         if resolved.source == "dummy":
             model = build_sentence_transformer(resolved.spec, device, dtype)
@@ -91,7 +89,9 @@ class EmbeddingEngine:
             return defined.get(default, "") if default else ""
         if prompt_name not in defined:
             known = ", ".join(sorted(defined)) or "none"
-            raise ValueError(f"embedding model {self.info.get('spec')!r} has no prompt {prompt_name!r} (its prompts: {known})")
+            raise ValueError(
+                f"embedding model {self.info.get('spec')!r} has no prompt {prompt_name!r} (its prompts: {known})"
+            )
         return defined[prompt_name]
 
     def embed(

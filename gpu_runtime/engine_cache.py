@@ -60,8 +60,9 @@ def load_generation_engine(
 
     if choose_engine(engine, device) == "vllm":
         options = vllm_options or VllmOptions()
-        return _cached_engine(f"generation-vllm-{options.cache_key()}", spec, device,
-                              VllmGenerationEngine.loader(options))
+        return _cached_engine(
+            f"generation-vllm-{options.cache_key()}", spec, device, VllmGenerationEngine.loader(options)
+        )
     from .generation import GenerationEngine  # imports torch: see above
 
     build = functools.partial(GenerationEngine.from_resolved, attn_implementation=attn_implementation)

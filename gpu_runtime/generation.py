@@ -282,14 +282,18 @@ class GenerationEngine:
             overlap = self.overlap_host_work
             decoded: list[tuple[list[int], list[_BatchTokens], concurrent.futures.Future[list[str]]]] = []
             with contextlib.ExitStack() as threads:
-                decoder = threads.enter_context(
-                    concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-decode")
-                ) if overlap else None
+                decoder = (
+                    threads.enter_context(
+                        concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardwise-decode")
+                    )
+                    if overlap
+                    else None
+                )
                 # Entered after the decoder, so closed before it: an error stops the prefetching,
                 # then waits for the decodes already submitted. No helper thread outlives the call.
-                prepared = threads.enter_context(contextlib.closing(
-                    prefetched(batches, prepare) if overlap else _in_line(batches, prepare)
-                ))
+                prepared = threads.enter_context(
+                    contextlib.closing(prefetched(batches, prepare) if overlap else _in_line(batches, prepare))
+                )
                 for batch, inputs in prepared:
                     check_cancelled()
                     outputs = self.backoff.run(
@@ -340,8 +344,14 @@ class GenerationEngine:
 
     def _encode_prompt(self, user_text: str, params: GenerationParams, limit: int) -> tuple[list[int], bool]:
         """The prompt as every engine feeds it: system prompt, template variables and the run's date."""
-        return encode_chat(self.tokenizer, user_text, limit, system_prompt=params.system_prompt,
-                           template_kwargs=params.chat_template_kwargs, date=params.chat_date)
+        return encode_chat(
+            self.tokenizer,
+            user_text,
+            limit,
+            system_prompt=params.system_prompt,
+            template_kwargs=params.chat_template_kwargs,
+            date=params.chat_date,
+        )
 
     def _generation_config(self, params: GenerationParams) -> Any:
         from transformers import GenerationConfig
@@ -386,15 +396,21 @@ class GenerationEngine:
 
         cache = kv_cache.new_cache(self.model)
         with torch.inference_mode():
-            self.model(input_ids=torch.tensor([first[:n]], device=self.device), use_cache=True,
-                       logits_to_keep=1, **{self._cache_arg: cache})
+            self.model(
+                input_ids=torch.tensor([first[:n]], device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self._cache_arg: cache},
+            )
         return _Prefix(n, [(layer.keys, layer.values) for layer in cache.layers])
 
     def _uses_joined_cache(self, batch_ids: list[list[int]], config: Any, prefix: _Prefix | None) -> bool:
         """Whether a batch is prefilled in chunks and joined (else: whole prompts through generate)."""
         # A one-token prompt with nothing cached before it has no KV cache to pad and join.
-        return self._cache_arg is not None and config.cache_implementation is None and (
-            prefix is not None or min(len(ids) for ids in batch_ids) > 1
+        return (
+            self._cache_arg is not None
+            and config.cache_implementation is None
+            and (prefix is not None or min(len(ids) for ids in batch_ids) > 1)
         )
 
     def _batch_inputs(self, batch_ids: list[list[int]], config: Any, prefix: _Prefix | None) -> _BatchInputs:
@@ -424,14 +440,22 @@ class GenerationEngine:
             joined_mask[rows, length - mask.shape[1] :] = mask
             # Positions count unmasked tokens only, as with plain left padding.
             positions = np.maximum(mask.cumsum(-1) - 1, 0)[:, shared:]
-            prepared.append(_PrefillChunk(
-                rows=host_tensor(np.asarray(rows, dtype=np.int64), device), width=width,
-                ids=host_tensor(ids_array, device), mask=host_tensor(mask, device),
-                positions=host_tensor(np.ascontiguousarray(positions), device),
-            ))
+            prepared.append(
+                _PrefillChunk(
+                    rows=host_tensor(np.asarray(rows, dtype=np.int64), device),
+                    width=width,
+                    ids=host_tensor(ids_array, device),
+                    mask=host_tensor(mask, device),
+                    positions=host_tensor(np.ascontiguousarray(positions), device),
+                )
+            )
         last = np.asarray([[ids[-1]] for ids in batch_ids], dtype=np.int64)
-        return _BatchInputs(len(batch_ids), chunks=prepared, joined_mask=host_tensor(joined_mask, device),
-                            last=host_tensor(last, device))
+        return _BatchInputs(
+            len(batch_ids),
+            chunks=prepared,
+            joined_mask=host_tensor(joined_mask, device),
+            last=host_tensor(last, device),
+        )
 
     def _prefill(self, inputs: _BatchInputs, prefix: _Prefix | None, room: int) -> tuple[Any, torch.Tensor]:
         """The KV cache of every prompt but its last token, as one left-padded batch, and its mask.
@@ -451,17 +475,23 @@ class GenerationEngine:
         # KV is never held twice.
         joined = kv_cache.JoinedKV(inputs.rows, inputs.joined_mask.shape[1], room)
         for chunk in inputs.chunks:
-            on_device = to_device({"rows": chunk.rows, "ids": chunk.ids, "mask": chunk.mask,
-                                   "positions": chunk.positions}, self.device)
+            on_device = to_device(
+                {"rows": chunk.rows, "ids": chunk.ids, "mask": chunk.mask, "positions": chunk.positions}, self.device
+            )
             n_rows = chunk.ids.shape[0]
             cache = kv_cache.new_cache(self.model)
             if prefix:
                 for layer, (keys, values) in enumerate(prefix.kv):
                     cache.update(keys.expand(n_rows, -1, -1, -1), values.expand(n_rows, -1, -1, -1), layer)
             if chunk.width:
-                self.model(input_ids=on_device["ids"], attention_mask=on_device["mask"],
-                           position_ids=on_device["positions"], use_cache=True, logits_to_keep=1,
-                           **{self._cache_arg: cache})
+                self.model(
+                    input_ids=on_device["ids"],
+                    attention_mask=on_device["mask"],
+                    position_ids=on_device["positions"],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{self._cache_arg: cache},
+                )
             joined.write(on_device["rows"], [(layer.keys, layer.values) for layer in cache.layers])
             del cache
         return joined.cache(self.model), to_device({"mask": inputs.joined_mask}, self.device)["mask"]
@@ -501,15 +531,20 @@ class GenerationEngine:
                 input_ids, attention_mask = plain["input_ids"], plain["attention_mask"]
                 kwargs = {}
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                logits_processor=processors or None, **kwargs
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=processors or None,
+                **kwargs,
             )
         rows: list[_BatchTokens] = []
         for new_tokens in output[:, input_ids.shape[1] :].tolist():
             # Rows that finish early are filled with pad (often == eos) up to the batch's longest:
             # count through the first eos only.
             # With ignore_eos every row runs to max_new_tokens and nothing is padding.
-            stop_at = None if ignore_eos else next((k for k, tok in enumerate(new_tokens) if tok in self._eos_ids), None)
+            stop_at = (
+                None if ignore_eos else next((k for k, tok in enumerate(new_tokens) if tok in self._eos_ids), None)
+            )
             n_new = len(new_tokens) if stop_at is None else stop_at + 1
             rows.append((new_tokens[:n_new], "length" if stop_at is None else "stop"))
         return rows
@@ -568,7 +603,9 @@ def _left_padded(rows: list[list[int]], width: int, pad_id: int) -> tuple[np.nda
     return ids, mask
 
 
-def _in_line(batches: list[list[int]], prepare: Callable[[list[int]], _BatchInputs]) -> Iterator[tuple[list[int], _BatchInputs]]:
+def _in_line(
+    batches: list[list[int]], prepare: Callable[[list[int]], _BatchInputs]
+) -> Iterator[tuple[list[int], _BatchInputs]]:
     """The serial counterpart of :func:`prefetched`: each batch prepared right before its use."""
     for batch in batches:
         yield batch, prepare(batch)

@@ -71,8 +71,13 @@ def file_sha256(path: Path) -> str:
     replaced weights with a preserved mtime (``cp -p``, ``tar``) still get a new ctime or inode."""
     stat = path.stat()
     resolved_path = str(path.resolve())
-    identity = {"path": resolved_path, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+    identity = {
+        "path": resolved_path,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+    }
     record = model_cache_dir() / "sha256" / (hashlib.sha256(resolved_path.encode()).hexdigest()[:32] + ".json")
     with contextlib.suppress(OSError, ValueError):
         saved = json.loads(record.read_text())

@@ -166,8 +166,7 @@ def _hub_revision(repo_id: str) -> str:
     except OSError as exc:
         offline = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if _hub_offline() else ""
         raise ModelNotFoundError(
-            f"{repo_id!r} is not a local path, a bundled: spec, or a reachable Hugging Face Hub model"
-            f"{offline}: {exc}"
+            f"{repo_id!r} is not a local path, a bundled: spec, or a reachable Hugging Face Hub model{offline}: {exc}"
         ) from exc
     commit = extract_commit_hash(resolved, None)
     return commit if commit and _COMMIT_RE.match(commit) else "unknown"

@@ -60,8 +60,9 @@ def pin_for(features: Mapping[str, Any], device: torch.device) -> dict[str, Any]
     (the precondition of an asynchronous copy); unchanged otherwise."""
     if device.type != "cuda":
         return dict(features)
-    return {k: v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
-            for k, v in features.items()}
+    return {
+        k: v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in features.items()
+    }
 
 
 def host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:

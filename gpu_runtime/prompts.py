@@ -16,12 +16,28 @@ from typing import Any
 __all__ = ["RESERVED_TEMPLATE_KWARGS", "build_chat", "encode_chat", "render_prompt", "template_fields"]
 
 # Names apply_chat_template (or this module) sets itself: a job's chat_template_kwargs may not.
-RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "strftime_now",
-    "date_string",
-})
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "processor_kwargs",
+        "strftime_now",
+        "date_string",
+    }
+)
 # How Llama-3.x templates print the date they read from ``date_string`` ("26 Jul 2024").
 DATE_STRING_FORMAT = "%d %b %Y"
 
@@ -62,9 +78,7 @@ class _StrictRow:
         try:
             return self._row[key]
         except KeyError:
-            raise KeyError(
-                f"template field {key!r} is not in the row (columns: {sorted(self._row)})"
-            ) from None
+            raise KeyError(f"template field {key!r} is not in the row (columns: {sorted(self._row)})") from None
 
 
 def build_chat(

@@ -39,7 +39,7 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     size. Sliding-window layers are counted as full ones (an overestimate, so on the safe side)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = int(text.num_hidden_layers)
-    heads = int(getattr(text, "num_attention_heads"))
+    heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
     item = torch.empty((), dtype=dtype).element_size()

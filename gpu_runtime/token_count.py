@@ -31,7 +31,7 @@ _SANE_CONTEXT = 10_000_000
 def _tokenizer_source(spec: str) -> tuple[str, dict[str, Any]]:
     """(directory or Hub id, extra from_pretrained kwargs) holding ``spec``'s tokenizer."""
     if spec.startswith(DUMMY_PREFIX):
-        shape = DUMMY_SHAPES[spec[len(DUMMY_PREFIX):]]
+        shape = DUMMY_SHAPES[spec[len(DUMMY_PREFIX) :]]
         if shape.tokenizer_spec == "bundled:smollm2-135m-instruct":
             return llama_tokenizer_dir(spec), {}
         _, directory = bundled_files(shape.tokenizer_spec, needed_by=spec)
@@ -84,11 +84,27 @@ class PromptCounter:
             limit = min(limit, context - max_new_tokens)
         self.limit = int(limit) if limit != math.inf else 2**62
 
-    def count(self, user_texts: Sequence[str], system_prompt: str | None,
-              template_kwargs: Mapping[str, Any] | None = None, date: dt.date | None = None) -> list[int]:
+    def count(
+        self,
+        user_texts: Sequence[str],
+        system_prompt: str | None,
+        template_kwargs: Mapping[str, Any] | None = None,
+        date: dt.date | None = None,
+    ) -> list[int]:
         """Prompt tokens per text, as the engine encodes (and, when too long, truncates) it."""
-        return [len(encode_chat(self.tokenizer, text, self.limit, system_prompt=system_prompt,
-                                template_kwargs=template_kwargs, date=date)[0]) for text in user_texts]
+        return [
+            len(
+                encode_chat(
+                    self.tokenizer,
+                    text,
+                    self.limit,
+                    system_prompt=system_prompt,
+                    template_kwargs=template_kwargs,
+                    date=date,
+                )[0]
+            )
+            for text in user_texts
+        ]
 
 
 def embedding_prompt(spec: str, prompt_name: str | None) -> str:
@@ -102,8 +118,10 @@ def embedding_prompt(spec: str, prompt_name: str | None) -> str:
         default = data.get("default_prompt_name")
         return defined.get(default, "") if default else ""
     if prompt_name not in defined:
-        raise ValueError(f"embedding model {spec!r} has no prompt {prompt_name!r} (its prompts: "
-                         f"{', '.join(sorted(defined)) or 'none'})")
+        raise ValueError(
+            f"embedding model {spec!r} has no prompt {prompt_name!r} (its prompts: "
+            f"{', '.join(sorted(defined)) or 'none'})"
+        )
     return defined[prompt_name]
 
 
@@ -112,6 +130,7 @@ def count_embedding_tokens(tokenizer: Any, texts: Sequence[str], prompt: str = "
     untruncated)."""
     if not texts:
         return []
-    ids = tokenizer([prompt + text for text in texts], add_special_tokens=True, truncation=False,
-                    verbose=False)["input_ids"]
+    ids = tokenizer([prompt + text for text in texts], add_special_tokens=True, truncation=False, verbose=False)[
+        "input_ids"
+    ]
     return [len(row) for row in ids]

@@ -54,8 +54,11 @@ class VllmOptions:
     max_model_len: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
-                or self.tensor_parallel_size < 1:
+        if (
+            isinstance(self.tensor_parallel_size, bool)
+            or not isinstance(self.tensor_parallel_size, int)
+            or self.tensor_parallel_size < 1
+        ):
             raise ValueError(f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
@@ -138,8 +141,9 @@ class VllmGenerationEngine(GenerationEngine):
         return lambda resolved, device: cls.from_resolved(resolved, device, options)
 
     @classmethod
-    def from_resolved(cls, resolved: ResolvedModel, device: torch.device,
-                      options: VllmOptions | None = None) -> VllmGenerationEngine:
+    def from_resolved(
+        cls, resolved: ResolvedModel, device: torch.device, options: VllmOptions | None = None
+    ) -> VllmGenerationEngine:
         options = options or VllmOptions()
         build = vllm_build()
         if build is None:
@@ -281,4 +285,3 @@ def _dummy_checkpoint(spec: str) -> str:
         return {"source_spec": spec, "contents": "config and tokenizer only (vLLM dummy weights)"}
 
     return str(populate_cache_dir(model_cache_dir() / f"vllm-dummy-{name}", build, f"the {spec} config"))
-

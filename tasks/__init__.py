@@ -1,1 +1,13 @@
-"""shardwise: tasks."""
+"""shardwise's Prefect tasks and the plain functions under them, by concern.
+
+Packages, bottom first; each imports only from itself, the ones before it and the shared modules
+at this level (``errors``, ``redaction``, ``faults``, ``retry_policy``); ``tests/test_layering.py``
+enforces it:
+
+``storage`` (the fsspec seam, the output directory's owner, local state) -> ``config`` (the job
+config) -> ``planning`` (shards from Parquet footers) -> ``records`` (one shard's rows in and
+out) -> ``output`` (the commit protocol, resume, the quality verdict's files) -> ``compute``
+(one shard end to end, task runners) -> ``tracking`` (MLflow, the report, artifacts, timings)
+-> ``quality`` (the gate) -> ``forecasting`` (cost before and during a run) -> ``schedule``
+(date partitions, backfills).
+"""

@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 
-from tasks.demo_data import write_reviews_dataset  # noqa: E402
+from tasks.records.demo_data import write_reviews_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +73,11 @@ def ray_clusters(prefect_server):
         clusters.stop()
 
 
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-                  "AWS_DEFAULT_REGION": "us-east-1"}
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing-key",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +115,9 @@ def s3(s3_server, monkeypatch):
 
 
 # Bounded retries so an unreachable endpoint fails in seconds, not minutes.
-S3_OPTIONS_NO_RETRY_STORM = {"config_kwargs": {"connect_timeout": 2, "read_timeout": 10,
-                                               "retries": {"max_attempts": 2, "mode": "standard"}}}
+S3_OPTIONS_NO_RETRY_STORM = {
+    "config_kwargs": {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2, "mode": "standard"}}
+}
 
 
 @pytest.fixture

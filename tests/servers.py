@@ -22,8 +22,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_until_healthy(name: str, command: list[str], env: dict[str, str], directory: Path,
-                        health_url: str, timeout: float) -> subprocess.Popen:
+def start_until_healthy(
+    name: str, command: list[str], env: dict[str, str], directory: Path, health_url: str, timeout: float
+) -> subprocess.Popen:
     """Starts ``command`` with its output in ``directory/server.log`` and waits until ``health_url``
     answers 200. Fails with the log's tail if the process exits, and kills it if ``timeout`` passes."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,14 +48,23 @@ def start_until_healthy(name: str, command: list[str], env: dict[str, str], dire
 def start_prefect_server(home: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     """``prefect server start`` in its own PREFECT_HOME; returns the process and its API URL."""
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_SERVER_UI_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     prefect = str(Path(sys.executable).with_name("prefect"))
     url = f"http://127.0.0.1:{port}/api"
-    proc = start_until_healthy("prefect server",
-                               [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env, home, f"{url}/health", timeout)
+    proc = start_until_healthy(
+        "prefect server",
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        home,
+        f"{url}/health",
+        timeout,
+    )
     return proc, url
 
 
@@ -236,11 +246,28 @@ def start_mlflow_server(directory: Path, timeout: float = 300) -> tuple[subproce
     """``mlflow server`` on loopback over a sqlite database and artifact folder in ``directory``."""
     port = free_port()
     mlflow = str(Path(sys.executable).with_name("mlflow"))
-    command = [mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-               "--artifacts-destination", str(directory / "artifacts")]
-    proc = start_until_healthy("mlflow server", command, {**os.environ, "MLFLOW_TRACKING_URI": ""}, directory,
-                               f"http://127.0.0.1:{port}/health", timeout)
+    command = [
+        mlflow,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{directory / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(directory / "artifacts"),
+    ]
+    proc = start_until_healthy(
+        "mlflow server",
+        command,
+        {**os.environ, "MLFLOW_TRACKING_URI": ""},
+        directory,
+        f"http://127.0.0.1:{port}/health",
+        timeout,
+    )
     return proc, ("127.0.0.1", port)
 
 
@@ -267,8 +294,15 @@ class RayClusters:
         self.stop()
         port = free_port()
         ray = str(Path(sys.executable).with_name("ray"))
-        start = [ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                 "--disable-usage-stats"]
+        start = [
+            ray,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ]
         proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
         self.address, self._env = f"127.0.0.1:{port}", env
         if proc.returncode != 0:

@@ -24,13 +24,18 @@ def analyst_dir(tmp_path_factory, prefect_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.enrich import enrich
-    from tasks.demo_data import write_reviews_dataset
-    from tasks.job_config import JobConfig
+    from tasks.config.job import JobConfig
+    from tasks.records.demo_data import write_reviews_dataset
 
     root = tmp_path_factory.mktemp("analyst")
     write_reviews_dataset(str(root / "in"), files=2, rows_per_file=8, rows_per_group=4)
-    cfg = JobConfig(input=str(root / "in"), output=str(root / "out"), id_column="review_id",
-                    rows_per_shard=8, generate={"max_new_tokens": 3})
+    cfg = JobConfig(
+        input=str(root / "in"),
+        output=str(root / "out"),
+        id_column="review_id",
+        rows_per_shard=8,
+        generate={"max_new_tokens": 3},
+    )
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         state = enrich(job=cfg.public_dict(), return_state=True)
     assert state.is_completed()
@@ -75,14 +80,21 @@ def structured_dir(tmp_path_factory, prefect_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.enrich import enrich
-    from tasks.demo_data import write_reviews_dataset
-    from tasks.job_config import JobConfig
+    from tasks.config.job import JobConfig
+    from tasks.records.demo_data import write_reviews_dataset
 
     (example,) = structured_blocks("yaml")
     root = tmp_path_factory.mktemp("structured")
     write_reviews_dataset(str(root / "in"), files=1, rows_per_file=8, rows_per_group=4)
-    cfg = JobConfig(input=str(root / "in"), output=str(root / "out"), id_column="review_id", task="generate",
-                    keep_columns="id", rows_per_shard=8, generate=yaml.safe_load(example)["generate"])
+    cfg = JobConfig(
+        input=str(root / "in"),
+        output=str(root / "out"),
+        id_column="review_id",
+        task="generate",
+        keep_columns="id",
+        rows_per_shard=8,
+        generate=yaml.safe_load(example)["generate"],
+    )
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         state = enrich(job=cfg.public_dict(), return_state=True)
     assert state.is_completed()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_cli import assert_one_line_error, shardwise
 
 pytestmark = pytest.mark.slow
@@ -20,8 +20,22 @@ def _job(tmp_path: Path) -> list[str]:
     """Partitions for the first two dates only: the third has not landed."""
     for i, date in enumerate(DATES[:2]):
         write_reviews_dataset(str(tmp_path / "raw" / f"dt={date}"), files=1, rows_per_file=6 + i, rows_per_group=3)
-    return ["--input", str(tmp_path / "raw"), "--output", str(tmp_path / "enriched"), "--task", "embed",
-            "--id-column", "review_id", "--rows-per-shard", "3", "--device", "cpu", "--set", "name=backfill-cli"]
+    return [
+        "--input",
+        str(tmp_path / "raw"),
+        "--output",
+        str(tmp_path / "enriched"),
+        "--task",
+        "embed",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "3",
+        "--device",
+        "cpu",
+        "--set",
+        "name=backfill-cli",
+    ]
 
 
 def test_backfill_plan_sums_the_partitions_and_max_cost_refuses(tmp_path):
@@ -48,8 +62,9 @@ def test_backfill_plan_sums_the_partitions_and_max_cost_refuses(tmp_path):
     assert "shardwise backfill plan, 3 dates" in human.stdout, human.stdout
     assert re.search(r"dt=2026-11-03\s+cannot run: .*not found", human.stdout), human.stdout
 
-    refused = shardwise("backfill", *job, "--start", DATES[0], "--end", DATES[1],
-                        "--max-cost", f"{plan['cost']['high'] / 2:.12f}")
+    refused = shardwise(
+        "backfill", *job, "--start", DATES[0], "--end", DATES[1], "--max-cost", f"{plan['cost']['high'] / 2:.12f}"
+    )
     assert_one_line_error(refused, 2, "exceeds max_cost")
     assert not out.exists()
 

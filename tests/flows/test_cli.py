@@ -40,14 +40,24 @@ def test_missing_column_lists_the_columns(reviews_dir, tmp_path):
 
 
 def test_text_column_must_be_text(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
-                     "--id-column", "review_id", "--text-column", "rating")
+    proc = shardwise(
+        "run",
+        "--input",
+        str(reviews_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--id-column",
+        "review_id",
+        "--text-column",
+        "rating",
+    )
     assert_one_line_error(proc, 2, "'rating'", "expected a string column")
 
 
 def test_invalid_flag_value_is_a_config_error(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
-                     "--set", "generate.max_new_tokens=-1")
+    proc = shardwise(
+        "run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--set", "generate.max_new_tokens=-1"
+    )
     assert_one_line_error(proc, 2, "generate.max_new_tokens")
 
 
@@ -68,8 +78,17 @@ def test_unwritable_output_fails_before_any_model_loads(reviews_dir, tmp_path):
 
 
 def test_unknown_bundled_model(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
-                     "--id-column", "review_id", "--gen-model", "bundled:nope")
+    proc = shardwise(
+        "run",
+        "--input",
+        str(reviews_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--id-column",
+        "review_id",
+        "--gen-model",
+        "bundled:nope",
+    )
     assert_one_line_error(proc, 2, "nope")
 
 
@@ -112,8 +131,19 @@ def test_run_then_status(prefect_server, tmp_path):
     pq.write_table(table, source / "a.parquet", row_group_size=2)
     output = tmp_path / "out"
     proc = shardwise(
-        "run", "--input", str(source / "a.parquet"), "--output", str(output), "--task", "both",
-        "--prompt-template", "Summarise: {text}", "--max-new-tokens", "3", "--rows-per-shard", "4",
+        "run",
+        "--input",
+        str(source / "a.parquet"),
+        "--output",
+        str(output),
+        "--task",
+        "both",
+        "--prompt-template",
+        "Summarise: {text}",
+        "--max-new-tokens",
+        "3",
+        "--rows-per-shard",
+        "4",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -139,8 +169,14 @@ def test_demo_from_a_fresh_directory(tmp_path):
     # As on a fresh machine: default state dir, and no Prefect server (the run starts a temporary one).
     env = {k: v for k, v in os.environ.items() if k not in ("SHARDWISE_HOME", "PREFECT_API_URL")}
     # 8 rows over 3 files: 3 + 3 + 2, exactly what was asked for.
-    proc = subprocess.run([SHARDWISE, "demo", "--rows", "8", "--max-new-tokens", "2"], capture_output=True,
-                          text=True, timeout=600, env=env, cwd=tmp_path)
+    proc = subprocess.run(
+        [SHARDWISE, "demo", "--rows", "8", "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "8 synthetic reviews" in proc.stderr
     assert "8 (0 with errors" in proc.stdout and "status           succeeded" in proc.stdout
@@ -149,7 +185,10 @@ def test_demo_from_a_fresh_directory(tmp_path):
     df = pl.read_parquet(output / "part-*.parquet")
     assert df.height == 8 and df["generated_text"].str.len_chars().min() > 0
     assert df["review_id"].n_unique() == 8
-    count = duckdb.connect().execute(
-        f"select count(*), count(generated_text) from read_parquet('{output}/part-*.parquet')").fetchall()
+    count = (
+        duckdb.connect()
+        .execute(f"select count(*), count(generated_text) from read_parquet('{output}/part-*.parquet')")
+        .fetchall()
+    )
     assert count == [(8, 8)]
     assert (tmp_path / ".shardwise" / "mlflow.db").exists()

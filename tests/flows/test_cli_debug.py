@@ -13,18 +13,40 @@ def assert_error_with_traceback(proc, code: int, needle: str) -> None:
 
 
 def test_debug_shows_the_traceback_of_a_config_error(tmp_path):
-    proc = shardwise("run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"),
-                     env_extra={"SHARDWISE_DEBUG": "1"})
+    proc = shardwise(
+        "run",
+        "--input",
+        str(tmp_path / "missing"),
+        "--output",
+        str(tmp_path / "out"),
+        env_extra={"SHARDWISE_DEBUG": "1"},
+    )
     assert_error_with_traceback(proc, 2, "missing")
 
 
 def test_debug_shows_the_traceback_of_an_engine_error(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
-                     "--id-column", "review_id", "--gen-model", "bundled:nope", env_extra={"SHARDWISE_DEBUG": "1"})
+    proc = shardwise(
+        "run",
+        "--input",
+        str(reviews_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--id-column",
+        "review_id",
+        "--gen-model",
+        "bundled:nope",
+        env_extra={"SHARDWISE_DEBUG": "1"},
+    )
     assert_error_with_traceback(proc, 2, "nope")
 
 
 def test_without_debug_no_traceback(tmp_path):
-    proc = shardwise("run", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"),
-                     env_extra={"SHARDWISE_DEBUG": ""})
+    proc = shardwise(
+        "run",
+        "--input",
+        str(tmp_path / "missing"),
+        "--output",
+        str(tmp_path / "out"),
+        env_extra={"SHARDWISE_DEBUG": ""},
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

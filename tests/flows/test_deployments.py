@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +26,7 @@ DATES = ["2026-11-01", "2026-11-02", "2026-11-03"]
 
 
 def prefect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -35,15 +34,23 @@ def prefect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def worker(prefect_server, tmp_path_factory):
     """`prefect deploy --all` from the project root, then one process worker polling the pool."""
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    }
     prefect("work-pool", "create", "shardwise", "--type", "process", "--overwrite", env=env)
     prefect("--no-prompt", "deploy", "--all", env=env)
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "shardwise", "--type", "process"],
-                                cwd=tmp_path_factory.mktemp("worker-cwd"), env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "shardwise", "--type", "process"],
+            cwd=tmp_path_factory.mktemp("worker-cwd"),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     yield log
     proc.terminate()
     try:
@@ -55,8 +62,15 @@ def worker(prefect_server, tmp_path_factory):
 def partitioned_job(tmp_path: Path, dates: list[str]) -> Path:
     for i, date in enumerate(dates):
         write_reviews_dataset(str(tmp_path / "raw" / f"dt={date}"), files=1, rows_per_file=6 + i, rows_per_group=3)
-    job = {"name": "backfill-test", "input": str(tmp_path / "raw"), "output": str(tmp_path / "enriched"),
-           "task": "embed", "id_column": "review_id", "rows_per_shard": 3, "device": "cpu"}
+    job = {
+        "name": "backfill-test",
+        "input": str(tmp_path / "raw"),
+        "output": str(tmp_path / "enriched"),
+        "task": "embed",
+        "id_column": "review_id",
+        "rows_per_shard": 3,
+        "device": "cpu",
+    }
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(job))
     return path
@@ -80,8 +94,13 @@ def partition_runs(deployment_id) -> list:
 def trigger_backfill(job: Path, start: str, end: str):
     from prefect.deployments import run_deployment
 
-    return run_deployment("backfill/backfill", parameters={"job": str(job), "start": start, "end": end},
-                          timeout=600, poll_interval=1, as_subflow=False)
+    return run_deployment(
+        "backfill/backfill",
+        parameters={"job": str(job), "start": start, "end": end},
+        timeout=600,
+        poll_interval=1,
+        as_subflow=False,
+    )
 
 
 def test_deployments_from_prefect_yaml(worker):
@@ -145,10 +164,11 @@ def test_late_nightly_run_processes_its_own_night(worker, tmp_path):
     job = partitioned_job(tmp_path, ["2026-11-02"])
     nightly = read_deployment("nightly-enrich/nightly-enrich")
     # Scheduled for 02:30 Berlin on 3 November, but picked up only now, weeks late.
-    scheduled = dt.datetime(2026, 11, 3, 1, 30, tzinfo=dt.timezone.utc)
+    scheduled = dt.datetime(2026, 11, 3, 1, 30, tzinfo=dt.UTC)
     with get_client(sync_client=True) as client:
         run = client.create_flow_run_from_deployment(
-            nightly.id, parameters={"job": str(job)}, state=Scheduled(scheduled_time=scheduled))
+            nightly.id, parameters={"job": str(job)}, state=Scheduled(scheduled_time=scheduled)
+        )
         deadline = time.monotonic() + 600
         while not run.state.is_final() and time.monotonic() < deadline:
             time.sleep(1)
@@ -171,22 +191,42 @@ def test_partition_run_uses_the_job_files_storage_options(worker, s3_server, tmp
 
     assert "AWS_ENDPOINT_URL_S3" not in os.environ  # the endpoint can only come from the job file
     secret = f"CANARY-{uuid.uuid4().hex}"
-    options = {"key": "deploy-key", "secret": secret, "client_kwargs": {"endpoint_url": s3_server.url},
-               "config_kwargs": {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}}
+    options = {
+        "key": "deploy-key",
+        "secret": secret,
+        "client_kwargs": {"endpoint_url": s3_server.url},
+        "config_kwargs": {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}},
+    }
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(**options)
     bucket = f"deploy-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     date = "2026-11-05"
-    write_reviews_dataset(f"s3://{bucket}/raw/dt={date}", files=1, rows_per_file=4, rows_per_group=2,
-                          storage_options=options)
+    write_reviews_dataset(
+        f"s3://{bucket}/raw/dt={date}", files=1, rows_per_file=4, rows_per_group=2, storage_options=options
+    )
     job = tmp_path / "job.yaml"
-    job.write_text(json.dumps({"name": "private-endpoint", "input": f"s3://{bucket}/raw",
-                               "output": f"s3://{bucket}/enriched", "task": "embed", "id_column": "review_id",
-                               "device": "cpu", "storage_options": options}))
+    job.write_text(
+        json.dumps(
+            {
+                "name": "private-endpoint",
+                "input": f"s3://{bucket}/raw",
+                "output": f"s3://{bucket}/enriched",
+                "task": "embed",
+                "id_column": "review_id",
+                "device": "cpu",
+                "storage_options": options,
+            }
+        )
+    )
 
-    run = run_deployment("enrich-partition/enrich-partition", parameters={"job": str(job), "date": date},
-                         timeout=600, poll_interval=1, as_subflow=False)
+    run = run_deployment(
+        "enrich-partition/enrich-partition",
+        parameters={"job": str(job), "date": date},
+        timeout=600,
+        poll_interval=1,
+        as_subflow=False,
+    )
     assert run.state.is_completed(), run.state
     fs.invalidate_cache()
     assert fs.exists(f"{bucket}/enriched/dt={date}/_SUCCESS")
@@ -194,7 +234,13 @@ def test_partition_run_uses_the_job_files_storage_options(worker, s3_server, tmp
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
-    subflows = [r for r in runs if r.parent_task_run_id and r.parameters.get("job", {}) != {}
-                and isinstance(r.parameters["job"], dict) and r.parameters["job"].get("name") == "private-endpoint"]
+    subflows = [
+        r
+        for r in runs
+        if r.parent_task_run_id
+        and r.parameters.get("job", {}) != {}
+        and isinstance(r.parameters["job"], dict)
+        and r.parameters["job"].get("name") == "private-endpoint"
+    ]
     assert subflows, "the enrich subflow ran"
     assert all(secret not in repr(r.parameters) for r in runs)

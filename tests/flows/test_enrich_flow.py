@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.job_config import JobConfig
-from tasks.shard_io import read_part_lineage
-from tasks.state import tracking_uri
+from tasks.config.job import JobConfig
+from tasks.records.shard_io import read_part_lineage
+from tasks.storage.local_state import tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +44,16 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path, capsys):
     bad_ids = spoil_rows(reviews_dir / "reviews-001.parquet")
     output = tmp_path / "out"
     cfg = JobConfig(
-        input=str(reviews_dir), output=str(output), task="both", id_column="review_id",
+        input=str(reviews_dir),
+        output=str(output),
+        task="both",
+        id_column="review_id",
         rows_per_shard=8,
-        generate={"prompt_template": "Product: {product}. Review: {text}\nSummarise in five words.",
-                  "max_new_tokens": 4, "max_batch_size": 8},
+        generate={
+            "prompt_template": "Product: {product}. Review: {text}\nSummarise in five words.",
+            "max_new_tokens": 4,
+            "max_batch_size": 8,
+        },
     )
     state, summary = run_flow(cfg)
     assert state.is_completed(), state.message
@@ -121,12 +127,27 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path, capsys):
     assert run.data.tags["prefect.flow_run_url"].endswith(str(state.state_details.flow_run_id))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"job_config.json", "manifest.json", "throughput.png"} <= artifacts
-    for metric in ("cost_per_1k_rows", "cost_per_1m_generated_tokens", "prompt_tok_per_s", "device_seconds",
-                   "seconds_read", "seconds_compute", "seconds_write"):
+    for metric in (
+        "cost_per_1k_rows",
+        "cost_per_1m_generated_tokens",
+        "prompt_tok_per_s",
+        "device_seconds",
+        "seconds_read",
+        "seconds_compute",
+        "seconds_write",
+    ):
         assert run.data.metrics[metric] > 0, metric
-    for metric in ("shard_seconds_read", "shard_seconds_compute", "shard_seconds_write", "shard_cost",
-                   "shard_cost_per_1k_rows", "shard_cost_per_1m_generated_tokens", "shard_rows_per_s",
-                   "shard_prompt_tok_per_s", "shard_generated_tok_per_s"):
+    for metric in (
+        "shard_seconds_read",
+        "shard_seconds_compute",
+        "shard_seconds_write",
+        "shard_cost",
+        "shard_cost_per_1k_rows",
+        "shard_cost_per_1m_generated_tokens",
+        "shard_rows_per_s",
+        "shard_prompt_tok_per_s",
+        "shard_generated_tok_per_s",
+    ):
         assert len(client.get_metric_history(run.info.run_id, metric)) == len(manifest["shards"]), metric
 
     # Lineage travels with the data: every part's footer names its run, models, prompt and rows.
@@ -182,8 +203,14 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path, capsys):
 
 def test_embed_only_keeping_just_the_id(prefect_server, reviews_dir, tmp_path):
     output = tmp_path / "out"
-    cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
-                    keep_columns="id", rows_per_shard=16)
+    cfg = JobConfig(
+        input=str(reviews_dir),
+        output=str(output),
+        task="embed",
+        id_column="review_id",
+        keep_columns="id",
+        rows_per_shard=16,
+    )
     state, summary = run_flow(cfg)
     assert state.is_completed() and summary["rows"] == 30
     df = pl.read_parquet(output / "part-*.parquet")
@@ -206,8 +233,7 @@ def test_empty_dataset_succeeds_with_zero_rows(prefect_server, tmp_path):
 
 def test_rerun_resumes_only_missing_or_damaged_shards(prefect_server, reviews_dir, tmp_path):
     output = tmp_path / "out"
-    cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
-                    rows_per_shard=4)
+    cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id", rows_per_shard=4)
     state, first = run_flow(cfg)
     assert state.is_completed() and first["shards_total"] == 9
     reference = pl.read_parquet(output / "part-*.parquet").sort("review_id")
@@ -238,8 +264,13 @@ def test_rerun_with_another_config_refuses_unless_overwrite(prefect_server, revi
     from tasks.errors import ConfigError
 
     output = tmp_path / "out"
-    base = {"input": str(reviews_dir), "output": str(output), "task": "embed", "id_column": "review_id",
-            "rows_per_shard": 16}
+    base = {
+        "input": str(reviews_dir),
+        "output": str(output),
+        "task": "embed",
+        "id_column": "review_id",
+        "rows_per_shard": 16,
+    }
     state, _ = run_flow(JobConfig(**base))
     assert state.is_completed()
     changed = JobConfig(**{**base, "keep_columns": "id"})
@@ -263,10 +294,23 @@ def test_a_timeout_during_model_work_stops_the_shard_and_frees_the_model(prefect
 
     spec = "dummy:llama-135m"
     load_generation_engine(spec, device="cpu")  # loading is not what the timeout should catch
-    cfg = JobConfig(input=str(reviews_dir), output=str(tmp_path / "out"), task="generate", id_column="review_id",
-                    rows_per_shard=30, shard_timeout_s=2, shard_retries=0, device="cpu",
-                    generate={"model": spec, "prompt_template": "{text}", "max_new_tokens": 48,
-                              "ignore_eos": True, "max_batch_size": 1})
+    cfg = JobConfig(
+        input=str(reviews_dir),
+        output=str(tmp_path / "out"),
+        task="generate",
+        id_column="review_id",
+        rows_per_shard=30,
+        shard_timeout_s=2,
+        shard_retries=0,
+        device="cpu",
+        generate={
+            "model": spec,
+            "prompt_template": "{text}",
+            "max_new_tokens": 48,
+            "ignore_eos": True,
+            "max_batch_size": 1,
+        },
+    )
     started = time.monotonic()
     state, summary = run_flow(cfg)
     assert not state.is_completed() and state.message == "3 of 3 shards failed"
@@ -288,8 +332,15 @@ def test_shard_tasks_carry_the_concurrency_tag_while_a_limit_exists(prefect_serv
     tag = f"test-gpu-{uuid4().hex[:8]}"
 
     def shard_tags_of_a_run(output: Path) -> set[tuple[str, ...]]:
-        cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
-                        rows_per_shard=15, concurrency_tag=tag, embed={"model": "dummy:bert-tiny"})
+        cfg = JobConfig(
+            input=str(reviews_dir),
+            output=str(output),
+            task="embed",
+            id_column="review_id",
+            rows_per_shard=15,
+            concurrency_tag=tag,
+            embed={"model": "dummy:bert-tiny"},
+        )
         state, summary = run_flow(cfg)
         assert state.is_completed() and summary["rows"] == 30
         with get_client(sync_client=True) as prefect:
@@ -309,8 +360,14 @@ def test_shard_tasks_carry_the_concurrency_tag_while_a_limit_exists(prefect_serv
 def test_a_hung_shard_times_out_and_is_retried(prefect_server, reviews_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SHARDWISE_HANG_AT", "shard-compute:2")  # the 2nd shard attempt hangs for an hour
     output = tmp_path / "out"
-    cfg = JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
-                    rows_per_shard=10, shard_timeout_s=3)
+    cfg = JobConfig(
+        input=str(reviews_dir),
+        output=str(output),
+        task="embed",
+        id_column="review_id",
+        rows_per_shard=10,
+        shard_timeout_s=3,
+    )
     started = __import__("time").monotonic()
     state, summary = run_flow(cfg)
     assert state.is_completed() and summary["rows"] == 30

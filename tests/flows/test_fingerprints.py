@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.job_config import JobConfig
+from tasks.config.job import JobConfig
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +90,14 @@ def store(request, tmp_path, prefect_server):
 def uncompressed_parquet(ids: list[str], texts: list[str]) -> bytes:
     """No compression, dictionary or statistics: a one-letter edit keeps the size and the footer."""
     buffer = io.BytesIO()
-    pq.write_table(pa.table({"review_id": ids, "text": texts}), buffer, compression="none",
-                   use_dictionary=False, write_statistics=False, row_group_size=2)
+    pq.write_table(
+        pa.table({"review_id": ids, "text": texts}),
+        buffer,
+        compression="none",
+        use_dictionary=False,
+        write_statistics=False,
+        row_group_size=2,
+    )
     return buffer.getvalue()
 
 
@@ -100,8 +106,9 @@ def test_a_same_size_edit_of_an_input_file_is_recomputed(store):
     other = uncompressed_parquet(["b0", "b1"], ["a dog ran", "in the park"])
     store.write("in/a.parquet", original)
     store.write("in/b.parquet", other)
-    cfg = JobConfig(input=store.uri("in"), output=store.uri("out"), task="embed", id_column="review_id",
-                    rows_per_shard=2)
+    cfg = JobConfig(
+        input=store.uri("in"), output=store.uri("out"), task="embed", id_column="review_id", rows_per_shard=2
+    )
     state, first = run_flow(cfg)
     assert state.is_completed() and first["succeeded"], state.message
     before = store.parts("out")
@@ -154,14 +161,27 @@ def save_tiny_embedder(directory, seed: int) -> None:
 
 
 def test_replaced_model_weights_are_refused_unless_overwrite(prefect_server, tmp_path):
-    from tasks.demo_data import write_reviews_dataset
+    from tasks.records.demo_data import write_reviews_dataset
 
     model = tmp_path / "my-embedder"
     save_tiny_embedder(model, seed=0)
     write_reviews_dataset(str(tmp_path / "in"), files=1, rows_per_file=6, rows_per_group=3)
     output = tmp_path / "out"
-    job = ["run", "--input", str(tmp_path / "in"), "--output", str(output), "--task", "embed",
-           "--id-column", "review_id", "--rows-per-shard", "3", "--embed-model", str(model)]
+    job = [
+        "run",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(output),
+        "--task",
+        "embed",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "3",
+        "--embed-model",
+        str(model),
+    ]
     first = shardwise(*job)
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = json.loads((output / "_manifest.json").read_text())
@@ -200,13 +220,19 @@ def test_replaced_model_weights_are_refused_unless_overwrite(prefect_server, tmp
 
 def test_a_partition_that_was_empty_or_half_landed_is_run_again(prefect_server, tmp_path):
     from flows.schedules import enrich_partition
-    from tasks.demo_data import write_reviews_dataset
+    from tasks.records.demo_data import write_reviews_dataset
 
     date = "2026-11-05"
     raw = tmp_path / "raw" / f"dt={date}"
     out = tmp_path / "enriched" / f"dt={date}"
-    job = {"input": str(tmp_path / "raw"), "output": str(tmp_path / "enriched"), "task": "embed",
-           "id_column": "review_id", "rows_per_shard": 3, "device": "cpu"}
+    job = {
+        "input": str(tmp_path / "raw"),
+        "output": str(tmp_path / "enriched"),
+        "task": "embed",
+        "id_column": "review_id",
+        "rows_per_shard": 3,
+        "device": "cpu",
+    }
 
     def nightly() -> dict:
         from prefect.states import State
@@ -247,8 +273,19 @@ def test_invalid_utf8_ids_are_never_rewritten(prefect_server, tmp_path):
     pq.write_table(pa.table({"review_id": ids, "text": texts}), source / "bad.parquet", row_group_size=2)
     pq.write_table(pa.table({"review_id": ["g-0", "g-1"], "text": ["good", "file"]}), source / "good.parquet")
     output = tmp_path / "out"
-    job = ["run", "--input", str(source), "--output", str(output), "--task", "embed", "--id-column", "review_id",
-           "--rows-per-shard", "2"]
+    job = [
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--task",
+        "embed",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "2",
+    ]
     for attempt in range(2):  # a rerun must not trust anything a failed attempt left behind
         proc = shardwise(*job)
         assert proc.returncode == 1, (attempt, proc.returncode, proc.stderr[-3000:])

@@ -31,9 +31,23 @@ def _input(tmp_path: Path) -> Path:
 
 
 def _job(source: Path, output: Path, name: str, *extra: str) -> list[str]:
-    return ["--input", str(source), "--output", str(output), "--task", "generate", "--rows-per-shard", "2",
-            "--prompt-template", "In five words, what is this review about? {text}", "--max-new-tokens", "3",
-            "--set", f"name={name}", *extra]
+    return [
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--task",
+        "generate",
+        "--rows-per-shard",
+        "2",
+        "--prompt-template",
+        "In five words, what is this review about? {text}",
+        "--max-new-tokens",
+        "3",
+        "--set",
+        f"name={name}",
+        *extra,
+    ]
 
 
 def _plan(*args: str) -> dict:
@@ -45,7 +59,7 @@ def _plan(*args: str) -> dict:
 def _mlflow_totals(stdout: str) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     run_id = next(line.split()[2] for line in stdout.splitlines() if line.startswith("MLflow run"))
     return MlflowClient(tracking_uri()).get_run(run_id).data.metrics
@@ -107,8 +121,8 @@ def _optimistic_history(name: str, source: Path, output: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from flows.cli import build_parser, config_from_args
-    from tasks.state import tracking_uri
-    from tasks.tracking import _flatten, prompt_hash
+    from tasks.storage.local_state import tracking_uri
+    from tasks.tracking.runs import _flatten, prompt_hash
 
     cfg = config_from_args(build_parser().parse_args(["run", *_job(source, output, name)]))
     client = MlflowClient(tracking_uri())
@@ -121,8 +135,10 @@ def _optimistic_history(name: str, source: Path, output: Path) -> None:
     client.log_batch(
         run.info.run_id,
         params=[Param(k, v) for k, v in params.items()],
-        metrics=[Metric(k, v, 0, 0) for k, v in
-                 {"computed_valid_rows": 1000.0, "generated_tokens": 3000.0, "device_seconds": 0.03}.items()],
+        metrics=[
+            Metric(k, v, 0, 0)
+            for k, v in {"computed_valid_rows": 1000.0, "generated_tokens": 3000.0, "device_seconds": 0.03}.items()
+        ],
         tags=[RunTag("shardwise.device_type", "cpu")],
     )
     client.set_terminated(run.info.run_id)
@@ -159,10 +175,19 @@ def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(tmp_
 def test_a_deployment_run_over_budget_is_refused_before_writing(prefect_server, reviews_dir, tmp_path):
     """Deployments call the flow without a forecast: it makes its own and refuses the same way."""
     from flows.enrich import enrich
-    from tasks.job_config import build_config
+    from tasks.config.job import build_config
 
-    cfg = build_config(None, {"input": str(reviews_dir), "output": str(tmp_path / "out"), "id_column": "review_id",
-                              "task": "generate", "max_cost": 1e-12, "name": "forecast-deployment"})
+    cfg = build_config(
+        None,
+        {
+            "input": str(reviews_dir),
+            "output": str(tmp_path / "out"),
+            "id_column": "review_id",
+            "task": "generate",
+            "max_cost": 1e-12,
+            "name": "forecast-deployment",
+        },
+    )
     state = enrich(job=cfg.public_dict(), return_state=True)
     assert state.is_failed()
     assert "exceeds max_cost" in state.message

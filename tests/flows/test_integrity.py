@@ -19,18 +19,29 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
 SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
-JOB = ["--task", "both", "--id-column", "review_id", "--rows-per-shard", "3", "--max-new-tokens", "2",
-       "--prompt-template", "Summarise: {text}"]
+JOB = [
+    "--task",
+    "both",
+    "--id-column",
+    "review_id",
+    "--rows-per-shard",
+    "3",
+    "--max-new-tokens",
+    "2",
+    "--prompt-template",
+    "Summarise: {text}",
+]
 
 
 def shardwise(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([SHARDWISE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [SHARDWISE, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 class Storage:
@@ -71,10 +82,11 @@ def storage(request, tmp_path, prefect_server):
     else:
         fs, bucket = request.getfixturevalue("s3")
         store = Storage(f"s3://{bucket}", fs)
-        from tasks.storage import runtime_storage_options
+        from tasks.storage.fs import runtime_storage_options
 
-        write_reviews_dataset(store.path("in"), files=2, rows_per_file=6, rows_per_group=3,
-                              storage_options=runtime_storage_options())
+        write_reviews_dataset(
+            store.path("in"), files=2, rows_per_file=6, rows_per_group=3, storage_options=runtime_storage_options()
+        )
     return store
 
 
@@ -122,8 +134,19 @@ def test_corrupt_file_fails_only_its_shards_and_a_rerun_finishes_the_rest(prefec
     good_copy = (source / "reviews-001.parquet").read_bytes()
     (source / "reviews-001.parquet").write_bytes(good_copy[: len(good_copy) // 2])  # truncated upload
     output = tmp_path / "out"
-    job = ["run", "--input", str(source), "--output", str(output), "--task", "embed", "--id-column",
-           "review_id", "--rows-per-shard", "3"]
+    job = [
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--task",
+        "embed",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "3",
+    ]
     failed = shardwise(*job)
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert "Traceback" not in failed.stderr
@@ -161,8 +184,7 @@ def test_duplicate_ids_are_processed_counted_and_reported(prefect_server, tmp_pa
     import pyarrow as pa
 
     source = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": ["a", "b", "a", "c", "a"], "text": ["one", "two", "three", "four", "five"]}),
-                   source)
+    pq.write_table(pa.table({"id": ["a", "b", "a", "c", "a"], "text": ["one", "two", "three", "four", "five"]}), source)
     output = tmp_path / "out"
     proc = shardwise("run", "--input", str(source), "--output", str(output), "--task", "embed")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -172,14 +194,29 @@ def test_duplicate_ids_are_processed_counted_and_reported(prefect_server, tmp_pa
 
 
 def test_storage_outage_fails_in_bounded_time_and_a_rerun_completes(prefect_server, s3, s3_server, tmp_path):
-    from tasks.storage import runtime_storage_options
+    from tasks.storage.fs import runtime_storage_options
 
     fs, bucket = s3
-    write_reviews_dataset(f"s3://{bucket}/in", files=2, rows_per_file=9, rows_per_group=3,
-                          storage_options=runtime_storage_options())
-    args = ["run", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out", "--task", "both",
-            "--id-column", "review_id", "--rows-per-shard", "3", "--max-new-tokens", "8",
-            "--set", "shard_retries=1"]
+    write_reviews_dataset(
+        f"s3://{bucket}/in", files=2, rows_per_file=9, rows_per_group=3, storage_options=runtime_storage_options()
+    )
+    args = [
+        "run",
+        "--input",
+        f"s3://{bucket}/in",
+        "--output",
+        f"s3://{bucket}/out",
+        "--task",
+        "both",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--set",
+        "shard_retries=1",
+    ]
     proc = subprocess.Popen([SHARDWISE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_integrity import SHARDWISE, Storage, shardwise
 
 pytestmark = pytest.mark.slow
@@ -39,14 +39,15 @@ def store(request, tmp_path, prefect_server):
 
 
 def _options() -> dict:
-    from tasks.storage import runtime_storage_options
+    from tasks.storage.fs import runtime_storage_options
 
     return runtime_storage_options()
 
 
 def write_input(store: Storage, name: str, files: int = 2, rows: int = 6) -> None:
-    write_reviews_dataset(store.path(name), files=files, rows_per_file=rows, rows_per_group=3,
-                          storage_options=_options())
+    write_reviews_dataset(
+        store.path(name), files=files, rows_per_file=rows, rows_per_group=3, storage_options=_options()
+    )
 
 
 def put(store: Storage, name: str, data: bytes) -> None:
@@ -87,8 +88,7 @@ def test_an_output_overlapping_the_input_is_refused_and_nothing_is_written(store
     write_input(store, "data/in")
     put(store, "data/in/part-00000.parquet", get(store, "data/in/reviews-000.parquet"))
     before = snapshot(store, "data/in")
-    cases = [("data/in", "data/in"), ("data/in", "data/in/out"), ("data/in", "data"),
-             ("data/in/", "data/./in")]
+    cases = [("data/in", "data/in"), ("data/in", "data/in/out"), ("data/in", "data"), ("data/in/", "data/./in")]
     for source, output in cases:
         proc = shardwise("run", "--input", store.path(source), "--output", store.path(output), *EMBED)
         assert proc.returncode == 2, (source, output, proc.returncode, proc.stderr[-2000:])
@@ -129,8 +129,16 @@ def test_glob_characters_in_an_output_name_mean_that_directory_only(store):
     out1, out2 = snapshot(store, "out1"), snapshot(store, "out2")
 
     for output in ["out[1]", "out?"]:
-        proc = shardwise("run", "--input", store.path("in-b"), "--output", store.path(output), *EMBED,
-                         "--set", "embed.max_batch_size=7")
+        proc = shardwise(
+            "run",
+            "--input",
+            store.path("in-b"),
+            "--output",
+            store.path(output),
+            *EMBED,
+            "--set",
+            "embed.max_batch_size=7",
+        )
         assert proc.returncode == 0, (output, proc.stderr[-3000:])
         assert "_SUCCESS" in store.listdir(output)
         assert snapshot(store, "out1") == out1, output
@@ -145,11 +153,13 @@ def test_glob_characters_in_an_output_name_mean_that_directory_only(store):
 def big_input(store: Storage, name: str) -> None:
     """One file, one shard, ~11 MiB of incompressible bytes: its part needs a multipart upload."""
     rows = 11
-    table = pa.table({
-        "review_id": [f"r-{i:06d}" for i in range(rows)],
-        "text": [f"review number {i}" for i in range(rows)],
-        "payload": [os.urandom(2**20) for _ in range(rows)],
-    })
+    table = pa.table(
+        {
+            "review_id": [f"r-{i:06d}" for i in range(rows)],
+            "text": [f"review number {i}" for i in range(rows)],
+            "payload": [os.urandom(2**20) for _ in range(rows)],
+        }
+    )
     put(store, f"{name}/big.parquet", parquet_bytes(table))
 
 
@@ -163,8 +173,21 @@ def test_s3_parts_and_manifest_are_published_whole_or_not_at_all(prefect_server,
     store = Storage(f"s3://{bucket}", fs)
     big_input(store, "in")
     env = {"SHARDWISE_STORAGE_OPTIONS": json.dumps({**_options(), "default_block_size": BLOCK_5MIB})}
-    job = ["run", "--input", store.path("in"), "--output", store.path("out"), "--task", "embed",
-           "--id-column", "review_id", "--rows-per-shard", "100", "--set", "shard_retries=0"]
+    job = [
+        "run",
+        "--input",
+        store.path("in"),
+        "--output",
+        store.path("out"),
+        "--task",
+        "embed",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "100",
+        "--set",
+        "shard_retries=0",
+    ]
 
     # An exception half-way through the part's upload (a timeout raised into the worker thread).
     raised = shardwise(*job, env={**env, "SHARDWISE_RAISE_AT": "part-write"})
@@ -208,9 +231,13 @@ def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, tmp
     write_input(store, "in")
     release = tmp_path / "release-first"
     job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED]
-    first = subprocess.Popen([SHARDWISE, *job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "SHARDWISE_HANG_AT": "before-manifest",
-                                  "SHARDWISE_HANG_UNTIL": str(release)})
+    first = subprocess.Popen(
+        [SHARDWISE, *job],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SHARDWISE_HANG_AT": "before-manifest", "SHARDWISE_HANG_UNTIL": str(release)},
+    )
     try:
         wait_for(Path(f"{release}.reached"), first)
         second = shardwise(*job, "--overwrite", "--set", "embed.max_batch_size=5")
@@ -230,17 +257,20 @@ def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, tmp
 def test_a_late_worker_of_a_killed_run_never_lands_under_a_new_success(prefect_server, tmp_path):
     store = Storage(str(tmp_path))
     write_input(store, "in", files=1)  # two shards: one for each worker of run 1
-    job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED,
-           "--set", "lease_timeout_s=3"]
+    job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED, "--set", "lease_timeout_s=3"]
     late, hold = tmp_path / "release-late-workers", tmp_path / "release-second-run"
 
     # Run 1 with two worker processes: each hangs half-way through its part; then the parent is
     # SIGKILLed, leaving its workers behind (its own session, so the test can clean them up).
     # Its output goes to a file: the orphaned workers keep inherited pipes open after the kill.
     with open(tmp_path / "first.log", "w") as first_log:
-        first = subprocess.Popen([SHARDWISE, *job, "--workers", "2"], stdout=first_log, stderr=first_log,
-                                 start_new_session=True, env={**os.environ, "SHARDWISE_HANG_AT": "part-write",
-                                                              "SHARDWISE_HANG_UNTIL": str(late)})
+        first = subprocess.Popen(
+            [SHARDWISE, *job, "--workers", "2"],
+            stdout=first_log,
+            stderr=first_log,
+            start_new_session=True,
+            env={**os.environ, "SHARDWISE_HANG_AT": "part-write", "SHARDWISE_HANG_UNTIL": str(late)},
+        )
     second = None
     try:
         wait_for(Path(f"{late}.reached"), first)
@@ -250,14 +280,25 @@ def test_a_late_worker_of_a_killed_run_never_lands_under_a_new_success(prefect_s
 
         # Run 2 takes the lease over (its holder is gone), computes every shard and pauses before
         # its commit, while the late workers of run 1 publish their parts over run 2's.
-        second = subprocess.Popen([SHARDWISE, *job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "SHARDWISE_HANG_AT": "before-manifest",
-                                       "SHARDWISE_HANG_UNTIL": str(hold)})
+        second = subprocess.Popen(
+            [SHARDWISE, *job],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "SHARDWISE_HANG_AT": "before-manifest", "SHARDWISE_HANG_UNTIL": str(hold)},
+        )
         wait_for(Path(f"{hold}.reached"), second)
         late.touch()
         deadline = time.monotonic() + 300
-        while sum(pq.read_schema(store.path(f"out/{n}")).metadata.get(b"shardwise.prefect_flow_run_id")
-                  == killed_run.encode() for n in store.listdir("out") if n.startswith("part-")) < 2:
+        while (
+            sum(
+                pq.read_schema(store.path(f"out/{n}")).metadata.get(b"shardwise.prefect_flow_run_id")
+                == killed_run.encode()
+                for n in store.listdir("out")
+                if n.startswith("part-")
+            )
+            < 2
+        ):
             assert time.monotonic() < deadline, "the late workers never wrote"
             time.sleep(0.2)
         hold.touch()
@@ -280,8 +321,12 @@ def test_a_late_worker_of_a_killed_run_never_lands_under_a_new_success(prefect_s
     third = shardwise(*job)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "_SUCCESS" in store.listdir("out")
-    ids = sorted(i for n in store.listdir("out") if n.startswith("part-")
-                 for i in pq.read_table(store.path(f"out/{n}")).column("review_id").to_pylist())
+    ids = sorted(
+        i
+        for n in store.listdir("out")
+        if n.startswith("part-")
+        for i in pq.read_table(store.path(f"out/{n}")).column("review_id").to_pylist()
+    )
     assert ids == [f"r-{i:06d}" for i in range(6)]
 
 
@@ -289,19 +334,29 @@ def test_a_late_worker_of_a_killed_run_never_lands_under_a_new_success(prefect_s
 
 
 def test_verify_part_fails_loudly_on_a_storage_outage_instead_of_recomputing(s3, s3_server, reviews_dir):
+    from tasks.config.job import JobConfig
     from tasks.errors import StorageError
-    from tasks.job_config import JobConfig
-    from tasks.planning import plan_shards
-    from tasks.resume import verify_part
-    from tasks.shard_io import read_shard, write_part
+    from tasks.output.resume import verify_part
+    from tasks.planning.shards import plan_shards
+    from tasks.records.shard_io import read_shard, write_part
 
     fs, bucket = s3
-    cfg = JobConfig(input=str(reviews_dir), output=f"s3://{bucket}/out", id_column="review_id", task="embed",
-                    storage_options=_options())
+    cfg = JobConfig(
+        input=str(reviews_dir),
+        output=f"s3://{bucket}/out",
+        id_column="review_id",
+        task="embed",
+        storage_options=_options(),
+    )
     shard = plan_shards(cfg).shards[0]
     table = read_shard(shard, None).append_column("error", pa.nulls(shard.num_rows, pa.string()))
-    write_part(table, cfg.output, shard, {"shard_id": shard.shard_id, "config_fingerprint": cfg.output_fingerprint()},
-               cfg.storage_options)
+    write_part(
+        table,
+        cfg.output,
+        shard,
+        {"shard_id": shard.shard_id, "config_fingerprint": cfg.output_fingerprint()},
+        cfg.storage_options,
+    )
     assert verify_part(cfg, shard).part_write_id
     s3_server.cut()
     try:
@@ -317,8 +372,18 @@ def test_verify_part_fails_loudly_on_a_storage_outage_instead_of_recomputing(s3,
 def test_a_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_completes(prefect_server, tmp_path):
     store = Storage(str(tmp_path))
     write_input(store, "in")
-    job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED, "--workers", "2",
-           "--set", "shard_retries=0"]
+    job = [
+        "run",
+        "--input",
+        store.path("in"),
+        "--output",
+        store.path("out"),
+        *EMBED,
+        "--workers",
+        "2",
+        "--set",
+        "shard_retries=0",
+    ]
     killed = shardwise(*job, env={"SHARDWISE_CRASH_AT": "part-write"})  # each worker dies in its first part
     assert killed.returncode == 1, (killed.returncode, killed.stderr[-3000:])
     files = store.listdir("out")
@@ -327,6 +392,10 @@ def test_a_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_completes(pr
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     files = store.listdir("out")
     assert "_SUCCESS" in files and not [n for n in files if n.startswith(".")], files
-    ids = sorted(i for n in files if n.startswith("part-")
-                 for i in pq.read_table(store.path(f"out/{n}")).column("review_id").to_pylist())
+    ids = sorted(
+        i
+        for n in files
+        if n.startswith("part-")
+        for i in pq.read_table(store.path(f"out/{n}")).column("review_id").to_pylist()
+    )
     assert ids == [f"r-{i:06d}" for i in range(12)]

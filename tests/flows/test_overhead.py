@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 
 SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
 
@@ -22,32 +22,51 @@ def test_run_reports_its_phases_and_per_shard_overhead(prefect_server, tmp_path)
 
     from mlflow.tracking import MlflowClient
 
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     write_reviews_dataset(str(tmp_path / "in"), files=2, rows_per_file=20, rows_per_group=10)
     run = subprocess.run(
-        [SHARDWISE, "run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--task", "embed",
-         "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--rows-per-shard", "10"],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ),
+        [
+            SHARDWISE,
+            "run",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--task",
+            "embed",
+            "--embed-model",
+            "dummy:bert-tiny",
+            "--id-column",
+            "review_id",
+            "--rows-per-shard",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     line = re.search(r"^overhead\s+(.*)$", run.stdout, re.M)
     assert line, run.stdout
-    assert re.search(r"s per run \(plan [\d.]+, forecast [\d.]+, start [\d.]+, commit [\d.]+, report [\d.]+\), "
-                     r"[\d.]+s per shard; before the flow: checks and forecast [\d.]+s; "
-                     r"Prefect server start-up [\d.]+s", line.group(1)), line.group(1)
+    assert re.search(
+        r"s per run \(plan [\d.]+, forecast [\d.]+, start [\d.]+, commit [\d.]+, report [\d.]+\), "
+        r"[\d.]+s per shard; before the flow: checks and forecast [\d.]+s; "
+        r"Prefect server start-up [\d.]+s",
+        line.group(1),
+    ), line.group(1)
 
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     metrics = MlflowClient(tracking_uri()).get_run(manifest["mlflow_run_id"]).data.metrics
-    phases = ("seconds_plan", "seconds_forecast", "seconds_start", "seconds_shards", "seconds_commit",
-              "seconds_report")
+    phases = ("seconds_plan", "seconds_forecast", "seconds_start", "seconds_shards", "seconds_commit", "seconds_report")
     assert all(metrics[p] >= 0 for p in phases)
     # The phases cover the flow body; fixed is all of it but the shards phase.
-    assert metrics["seconds_fixed"] == pytest.approx(sum(metrics[p] for p in phases) - metrics["seconds_shards"],
-                                                     abs=0.5)
+    assert metrics["seconds_fixed"] == pytest.approx(
+        sum(metrics[p] for p in phases) - metrics["seconds_shards"], abs=0.5
+    )
     busy = sum(metrics[f"seconds_{part}"] for part in ("read", "compute", "write"))
-    assert metrics["seconds_shard_overhead"] == pytest.approx(max(0.0, metrics["seconds_shards"] - busy) / 4,
-                                                              abs=1e-6)
+    assert metrics["seconds_shard_overhead"] == pytest.approx(max(0.0, metrics["seconds_shards"] - busy) / 4, abs=1e-6)
     assert "seconds_prefect_server_start" in metrics  # ~0 here: the tests share one running server
     assert metrics["seconds_preflight"] > 0  # the checks, plan and forecast the CLI runs before the flow
 
@@ -55,7 +74,7 @@ def test_run_reports_its_phases_and_per_shard_overhead(prefect_server, tmp_path)
 def test_progress_updates_are_held_back_then_the_latest_is_sent(prefect_server):
     from prefect.client.orchestration import get_client
 
-    from tasks.reporting import ProgressUpdates, start_progress
+    from tasks.tracking.reporting import ProgressUpdates, start_progress
 
     artifact_id = start_progress(total=50, done=0)
     progress = ProgressUpdates(artifact_id, 50, min_interval_s=3600)

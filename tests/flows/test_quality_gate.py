@@ -10,25 +10,39 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_cli import assert_one_line_error, shardwise
 from tests.flows.test_deployments import worker  # noqa: F401 - the deployments and their worker, a fixture
 
 # The bundled model answers in about 20 tokens (some cut at 24); cut at 3 tokens, every answer is.
-PROMPT = ("Product: {product} ({category}), rated {rating}/5.\nReview: {text}\n\n"
-          "In at most ten words, what is the customer's main point?")
+PROMPT = (
+    "Product: {product} ({category}), rated {rating}/5.\nReview: {text}\n\n"
+    "In at most ten words, what is the customer's main point?"
+)
 
 
 def nightly_job(tmp_path: Path, dates: list[str], **quality: object) -> Path:
     """A partitioned generation job over fresh reviews each night (another seed per date)."""
     for seed, date in enumerate(dates, start=11):
-        write_reviews_dataset(str(tmp_path / "raw" / f"dt={date}"), files=1, rows_per_file=4, rows_per_group=2,
-                              seed=seed)
-    job = {"name": "quality-nightly", "input": str(tmp_path / "raw"), "output": str(tmp_path / "enriched"),
-           "task": "generate", "id_column": "review_id", "keep_columns": "id", "rows_per_shard": 4, "device": "cpu",
-           "generate": {"system_prompt": "You are a concise analyst of customer reviews.",
-                        "prompt_template": PROMPT, "max_new_tokens": 24},
-           "quality": quality}
+        write_reviews_dataset(
+            str(tmp_path / "raw" / f"dt={date}"), files=1, rows_per_file=4, rows_per_group=2, seed=seed
+        )
+    job = {
+        "name": "quality-nightly",
+        "input": str(tmp_path / "raw"),
+        "output": str(tmp_path / "enriched"),
+        "task": "generate",
+        "id_column": "review_id",
+        "keep_columns": "id",
+        "rows_per_shard": 4,
+        "device": "cpu",
+        "generate": {
+            "system_prompt": "You are a concise analyst of customer reviews.",
+            "prompt_template": PROMPT,
+            "max_new_tokens": 24,
+        },
+        "quality": quality,
+    }
     path = tmp_path / "job.yaml"
     path.write_text(json.dumps(job))
     return path
@@ -37,7 +51,7 @@ def nightly_job(tmp_path: Path, dates: list[str], **quality: object) -> Path:
 def mlflow_run(output: Path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     manifest = json.loads((output / "_manifest.json").read_text())
     return MlflowClient(tracking_uri()).get_run(manifest["mlflow_run_id"])
@@ -47,10 +61,16 @@ def test_bad_quality_settings_are_config_errors(reviews_dir, tmp_path):
     """Through the console script; every bad value is covered in tests/tasks/test_quality.py."""
     out = tmp_path / "out"
     base = ["run", "--input", str(reviews_dir), "--output", str(out), "--id-column", "review_id"]
-    assert_one_line_error(shardwise(*base, "--set", "quality.max_generated_tokens_change=-1"), 2,
-                          "quality.max_generated_tokens_change")
-    assert_one_line_error(shardwise(*base, "--set", f"quality.canaries={tmp_path / 'nope.parquet'}"), 2,
-                          "quality.canaries", "nope.parquet", "not found")
+    assert_one_line_error(
+        shardwise(*base, "--set", "quality.max_generated_tokens_change=-1"), 2, "quality.max_generated_tokens_change"
+    )
+    assert_one_line_error(
+        shardwise(*base, "--set", f"quality.canaries={tmp_path / 'nope.parquet'}"),
+        2,
+        "quality.canaries",
+        "nope.parquet",
+        "not found",
+    )
     assert not out.exists()  # refused before anything was written
     assert_one_line_error(shardwise("release", str(reviews_dir)), 2, "not held")
 
@@ -76,7 +96,10 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     manifest = json.loads((night[dates[1]] / "_manifest.json").read_text())
     assert manifest["quality"]["baseline"] == str(night[dates[0]])
     assert {c["check"] for c in manifest["quality"]["checks"]} == {
-        "length_rate_increase", "generated_tokens_change", "canaries_changed"}
+        "length_rate_increase",
+        "generated_tokens_change",
+        "canaries_changed",
+    }
     assert (night[dates[1]] / "_SUCCESS").is_file()
     assert mlflow_run(night[dates[1]]).data.tags["shardwise.quality"] == "passed"
 
@@ -106,10 +129,22 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     assert shardwise("status", str(held)).returncode == 0
 
     # A prompt edit, against an explicit baseline, with the length checks off: only the canaries tell.
-    edited = shardwise("run", "--config", str(job), "--date", dates[3], "--baseline", str(night[dates[1]]),
-                       "--set", "generate.system_prompt=You answer every question like a pirate.",
-                       "--set", "quality.max_length_rate_increase=null",
-                       "--set", "quality.max_generated_tokens_change=null", timeout=1500)
+    edited = shardwise(
+        "run",
+        "--config",
+        str(job),
+        "--date",
+        dates[3],
+        "--baseline",
+        str(night[dates[1]]),
+        "--set",
+        "generate.system_prompt=You answer every question like a pirate.",
+        "--set",
+        "quality.max_length_rate_increase=null",
+        "--set",
+        "quality.max_generated_tokens_change=null",
+        timeout=1500,
+    )
     assert_one_line_error(edited, 4, "canaries_changed")
     hold = json.loads((night[dates[3]] / "_QUALITY_HOLD").read_text())
     assert [c["check"] for c in hold["failed_checks"]] == ["canaries_changed"]
@@ -120,13 +155,13 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
 def _artifacts(run_id: str) -> list:
     from mlflow.tracking import MlflowClient
 
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     return MlflowClient(tracking_uri()).list_artifacts(run_id)
 
 
 @pytest.mark.slow
-def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path):
+def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path):  # noqa: F811 - the fixture
     """Embeddings of another kind of text tonight: the nightly deployment run is held and ends
     Failed naming the check; the next backfill over that date reruns it instead of skipping it."""
     import pyarrow as pa
@@ -139,17 +174,34 @@ def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path
     write_reviews_dataset(str(tmp_path / "raw" / f"dt={earlier}"), files=1, rows_per_file=4, rows_per_group=2)
     logs = [f"GET /api/v2/orders/{i} 500 Internal Server Error in {i * 7} ms" for i in range(4)]
     (tmp_path / "raw" / f"dt={tonight}").mkdir(parents=True)
-    pq.write_table(pa.table({"review_id": [f"log-{i}" for i in range(4)], "text": logs}),
-                   tmp_path / "raw" / f"dt={tonight}" / "logs.parquet")
+    pq.write_table(
+        pa.table({"review_id": [f"log-{i}" for i in range(4)], "text": logs}),
+        tmp_path / "raw" / f"dt={tonight}" / "logs.parquet",
+    )
     job = tmp_path / "job.yaml"
-    job.write_text(json.dumps({"name": "quality-backfill", "input": str(tmp_path / "raw"),
-                               "output": str(tmp_path / "enriched"), "task": "embed", "id_column": "review_id",
-                               "device": "cpu", "quality": {"min_rows": 1}}))
+    job.write_text(
+        json.dumps(
+            {
+                "name": "quality-backfill",
+                "input": str(tmp_path / "raw"),
+                "output": str(tmp_path / "enriched"),
+                "task": "embed",
+                "id_column": "review_id",
+                "device": "cpu",
+                "quality": {"min_rows": 1},
+            }
+        )
+    )
     assert trigger_backfill(job, earlier, earlier).state.is_completed()
     assert (tmp_path / "enriched" / f"dt={earlier}" / "_quality.json").is_file()
 
-    nightly = run_deployment("nightly-enrich/nightly-enrich", parameters={"job": str(job), "date": tonight},
-                             timeout=600, poll_interval=1, as_subflow=False)
+    nightly = run_deployment(
+        "nightly-enrich/nightly-enrich",
+        parameters={"job": str(job), "date": tonight},
+        timeout=600,
+        poll_interval=1,
+        as_subflow=False,
+    )
     assert nightly.state.is_failed(), nightly.state
     held = tmp_path / "enriched" / f"dt={tonight}"
     assert (held / "_QUALITY_HOLD").is_file() and not (held / "_SUCCESS").exists()

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.job_config import JobConfig
+from tasks.config.job import JobConfig
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,28 @@ def test_a_ray_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_complete
     worker, which dies the same way): no partial part, no _SUCCESS, the lease released, and a rerun
     on a healthy cluster completes the output."""
     out = tmp_path / "out"
-    job = [str(BIN / "shardwise"), "run", "--input", str(reviews_dir), "--output", str(out), "--task", "embed",
-           "--embed-model", "dummy:bert-tiny", "--id-column", "review_id", "--rows-per-shard", "10",
-           "--device", "cpu", "--runner", "ray", "--set", "shard_retries=0"]
+    job = [
+        str(BIN / "shardwise"),
+        "run",
+        "--input",
+        str(reviews_dir),
+        "--output",
+        str(out),
+        "--task",
+        "embed",
+        "--embed-model",
+        "dummy:bert-tiny",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "10",
+        "--device",
+        "cpu",
+        "--runner",
+        "ray",
+        "--set",
+        "shard_retries=0",
+    ]
     address = ray_clusters.get(SHARDWISE_CRASH_AT="part-write")
     killed = subprocess.run([*job, "--ray-address", address], capture_output=True, text=True, timeout=900)
     assert killed.returncode == 1, (killed.returncode, killed.stderr[-3000:])
@@ -51,8 +70,14 @@ def test_a_ray_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_complete
 def test_ray_runner_matches_local_runner(ray_cluster, reviews_dir, tmp_path):
     from flows.enrich import enrich_for
 
-    common = dict(input=str(reviews_dir), task="both", id_column="review_id", rows_per_shard=5, device="cpu",
-                  generate={"prompt_template": "Review: {text}\nOne word:", "max_new_tokens": 3})
+    common = dict(
+        input=str(reviews_dir),
+        task="both",
+        id_column="review_id",
+        rows_per_shard=5,
+        device="cpu",
+        generate={"prompt_template": "Review: {text}\nOne word:", "max_new_tokens": 3},
+    )
     local = JobConfig(output=str(tmp_path / "local"), **common)
     state = enrich_for(local)(job=local.public_dict(), return_state=True)
     assert state.is_completed(), state.message
@@ -61,7 +86,10 @@ def test_ray_runner_matches_local_runner(ray_cluster, reviews_dir, tmp_path):
     config.write_text(json.dumps({**common, "output": str(tmp_path / "ray")}))
     proc = subprocess.run(
         [str(BIN / "shardwise"), "run", "--config", str(config), "--runner", "ray", "--ray-address", ray_cluster],
-        capture_output=True, text=True, timeout=900, env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=os.environ,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "each shard asks Ray for {'num_cpus': 1}" in proc.stderr
@@ -72,7 +100,8 @@ def test_ray_runner_matches_local_runner(ray_cluster, reviews_dir, tmp_path):
     assert manifest["status"] == "succeeded" and len(manifest["shards"]) == len(local_manifest["shards"]) == 9
     assert all(s["worker"].startswith("ray worker") for s in manifest["shards"]), manifest["shards"]
     assert sorted(p.name for p in (tmp_path / "ray").glob("part-*.parquet")) == sorted(
-        s["part"] for s in manifest["shards"])
+        s["part"] for s in manifest["shards"]
+    )
 
     a = pl.read_parquet(str(tmp_path / "local" / "part-*.parquet")).sort("review_id")
     b = pl.read_parquet(str(tmp_path / "ray" / "part-*.parquet")).sort("review_id")

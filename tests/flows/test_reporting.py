@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,9 @@ def test_file_names_and_errors_are_escaped_in_the_markdown_summary(prefect_serve
     good = (source / "reviews-000.parquet").read_bytes()
     (source / NASTY_NAME).write_bytes(good[: len(good) // 2])  # truncated: unreadable, so reported
     output = tmp_path / "out"
-    proc = shardwise("run", "--input", str(source), "--output", str(output), "--task", "embed",
-                     "--id-column", "review_id")
+    proc = shardwise(
+        "run", "--input", str(source), "--output", str(output), "--task", "embed", "--id-column", "review_id"
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     manifest = json.loads((output / "_manifest.json").read_text())
     summary = flow_run_artifacts(manifest["prefect_flow_run_id"])["run-summary"]
@@ -60,13 +61,28 @@ def test_file_names_and_errors_are_escaped_in_the_markdown_summary(prefect_serve
 def test_resumed_run_reports_computed_and_reused_rows_and_bills_only_computed(prefect_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     source = tmp_path / "in"
     write_reviews_dataset(str(source), files=2, rows_per_file=6, rows_per_group=3)
     output = tmp_path / "out"
-    job = ["run", "--input", str(source), "--output", str(output), "--task", "both", "--id-column", "review_id",
-           "--rows-per-shard", "3", "--max-new-tokens", "2", "--set", "price_per_device_hour=3.6"]
+    job = [
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--task",
+        "both",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "3",
+        "--max-new-tokens",
+        "2",
+        "--set",
+        "price_per_device_hour=3.6",
+    ]
     first = shardwise(*job)
     assert first.returncode == 0, first.stderr[-3000:]
     first_manifest = json.loads((output / "_manifest.json").read_text())

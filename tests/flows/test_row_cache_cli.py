@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.row_cache import RowCache
+from tasks.records.row_cache import RowCache
 from tests.flows.test_cli import SHARDWISE, shardwise
 
 
@@ -43,8 +43,11 @@ def test_rerun_computes_only_edited_and_new_rows_locally(prefect_server, tmp_pat
     assert (_totals(tmp_path / "out1")["rows_computed"], _totals(tmp_path / "out1")["rows_cached"]) == (8, 0)
 
     # Nightly change: one row edited, rows reordered and one renamed id (content unchanged), a new file.
-    _write(source / "a.parquet", ["a3", "a2", "a1-renamed", "a0"],
-           [texts_a[3], texts_a[2], texts_a[1], "The kettle boils fast and loud."])
+    _write(
+        source / "a.parquet",
+        ["a3", "a2", "a1-renamed", "a0"],
+        [texts_a[3], texts_a[2], texts_a[1], "The kettle boils fast and loud."],
+    )
     _write(source / "c.parquet", ["c0", "c1"], ["Smells of plastic.", "Fits my small kitchen."])
     plan = shardwise("plan", *job, "--output", str(tmp_path / "out2"), "--json")
     assert plan.returncode == 0, plan.stderr[-3000:]
@@ -82,8 +85,10 @@ def test_rerun_computes_only_edited_and_new_rows_locally(prefect_server, tmp_pat
 @pytest.mark.slow
 def test_shared_cache_on_s3_concurrent_runs_and_a_corrupt_file(prefect_server, s3, tmp_path):
     fs, bucket = s3
-    texts = [f"Review number {i}: {'good' if i % 2 else 'bad'} product, would {'' if i % 3 else 'not '}buy again."
-             for i in range(12)]
+    texts = [
+        f"Review number {i}: {'good' if i % 2 else 'bad'} product, would {'' if i % 3 else 'not '}buy again."
+        for i in range(12)
+    ]
     for name, part in (("a", slice(0, 6)), ("b", slice(6, 12))):
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table({"id": [f"{name}{i}" for i in range(6)], "text": texts[part]}), sink)
@@ -92,14 +97,23 @@ def test_shared_cache_on_s3_concurrent_runs_and_a_corrupt_file(prefect_server, s
     job = ["--input", f"s3://{bucket}/in", "--task", "embed", "--embed-model", "dummy:bert-tiny", "--cache", cache]
 
     # two runs at once, one cache: each writes its own immutable files, both finish correct
-    procs = [subprocess.Popen([SHARDWISE, "run", *job, "--output", f"s3://{bucket}/out{n}"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for n in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [SHARDWISE, "run", *job, "--output", f"s3://{bucket}/out{n}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (1, 2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
 
     def rows(output: str) -> dict[str, list[float]]:
-        table = pa.concat_tables(pq.read_table(f"{bucket}/{output}/{p.rsplit('/', 1)[-1]}", filesystem=fs)
-                                 for p in fs.glob(f"{bucket}/{output}/part-*.parquet"))
+        table = pa.concat_tables(
+            pq.read_table(f"{bucket}/{output}/{p.rsplit('/', 1)[-1]}", filesystem=fs)
+            for p in fs.glob(f"{bucket}/{output}/part-*.parquet")
+        )
         return dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
 
     assert rows("out1") == rows("out2") and len(rows("out1")) == 12

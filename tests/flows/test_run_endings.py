@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
 def mlflow_runs(experiment: str) -> list:
     from mlflow.tracking import MlflowClient
 
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     client = MlflowClient(tracking_uri())
     found = client.get_experiment_by_name(experiment)
@@ -33,8 +33,22 @@ def mlflow_runs(experiment: str) -> list:
 def job(tmp_path: Path, experiment: str) -> list[str]:
     source = tmp_path / "in"
     write_reviews_dataset(str(source), files=1, rows_per_file=4, rows_per_group=2)
-    return [SHARDWISE, "run", "--input", str(source), "--output", str(tmp_path / "out"), "--task", "embed",
-            "--id-column", "review_id", "--set", f"name={experiment}", "--set", "shard_retries=0"]
+    return [
+        SHARDWISE,
+        "run",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "out"),
+        "--task",
+        "embed",
+        "--id-column",
+        "review_id",
+        "--set",
+        f"name={experiment}",
+        "--set",
+        "shard_retries=0",
+    ]
 
 
 @pytest.mark.parametrize(("sig", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -44,8 +58,14 @@ def test_signal_mid_run_ends_the_mlflow_run_killed(prefect_server, tmp_path, sig
     never = tmp_path / "never-created"
     env = {**os.environ, "SHARDWISE_HANG_AT": "shard-compute", "SHARDWISE_HANG_UNTIL": str(never)}
     # A shell's background jobs inherit SIGINT ignored; a terminal's Ctrl-C reaches a default handler.
-    proc = subprocess.Popen(job(tmp_path, experiment), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        job(tmp_path, experiment),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         manifest = tmp_path / "out" / "_manifest.json"
         in_the_shard = Path(f"{never}.reached")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_ray_runner import ray_cluster  # noqa: F401 - a fixture, for the Ray case
 from tests.servers import basic_auth_proxy, serve_files_with_basic_auth, start_mlflow_server
 
@@ -32,24 +32,38 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
 def test_canary_secret_appears_in_no_log_artifact_parameter_or_file(prefect_server, s3, session_dir, tmp_path):
     fs, bucket = s3
     canary = f"CANARY-{uuid.uuid4().hex}"
-    from tasks.storage import runtime_storage_options
+    from tasks.storage.fs import runtime_storage_options
 
-    write_reviews_dataset(f"s3://{bucket}/in", files=1, rows_per_file=4, rows_per_group=2,
-                          storage_options=runtime_storage_options())
+    write_reviews_dataset(
+        f"s3://{bucket}/in", files=1, rows_per_file=4, rows_per_group=2, storage_options=runtime_storage_options()
+    )
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "canary-job", "input": f"s3://{bucket}/in", "output": f"s3://{bucket}/out",
-        "task": "embed", "id_column": "review_id",
-        # moto accepts any key pair, so the canary is a working credential here.
-        "storage_options": {"key": "canary-key-id", "secret": canary},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "canary-job",
+                "input": f"s3://{bucket}/in",
+                "output": f"s3://{bucket}/out",
+                "task": "embed",
+                "id_column": "review_id",
+                # moto accepts any key pair, so the canary is a working credential here.
+                "storage_options": {"key": "canary-key-id", "secret": canary},
+            }
+        )
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    ok = subprocess.run([SHARDWISE, "run", "--config", str(config)], capture_output=True, text=True, env=env,
-                        timeout=600)
+    ok = subprocess.run(
+        [SHARDWISE, "run", "--config", str(config)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     # A failing run too: errors are where secrets usually slip out.
-    bad = subprocess.run([SHARDWISE, "run", "--config", str(config), "--set", f"output=s3://no-such-{bucket}/x"],
-                         capture_output=True, text=True, env=env, timeout=600)
+    bad = subprocess.run(
+        [SHARDWISE, "run", "--config", str(config), "--set", f"output=s3://no-such-{bucket}/x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert bad.returncode != 0
     for proc in (ok, bad):
         assert canary not in proc.stdout + proc.stderr
@@ -110,11 +124,13 @@ def prefect_records(flow_run_id: str) -> str:
         flow_run = client.read_flow_run(flow_run_id)
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
     assert logs and artifacts and task_runs
-    return "\n".join([repr(flow_run), *(repr(log) for log in logs), *(repr(a) for a in artifacts),
-                      *(repr(t) for t in task_runs)])
+    return "\n".join(
+        [repr(flow_run), *(repr(log) for log in logs), *(repr(a) for a in artifacts), *(repr(t) for t in task_runs)]
+    )
 
 
 def mlflow_records(tracking_uri: str, run_id: str) -> str:
@@ -131,16 +147,31 @@ def mlflow_records(tracking_uri: str, run_id: str) -> str:
 
 
 @pytest.mark.parametrize("runner", ["in-process", "worker processes", "ray"])
-def test_canary_in_input_uri_and_tracking_uri_appears_nowhere(runner, request, prefect_server, session_dir,
-                                                             mlflow_behind_basic_auth, tmp_path):
+def test_canary_in_input_uri_and_tracking_uri_appears_nowhere(
+    runner, request, prefect_server, session_dir, mlflow_behind_basic_auth, tmp_path
+):
     mlflow_dir, tracking = mlflow_behind_basic_auth
     data = tmp_path / "served"
     write_reviews_dataset(str(data), files=1, rows_per_file=6, rows_per_group=2)
     files = serve_files_with_basic_auth(data, "reader", URI_CANARY)
     source = f"http://reader:{URI_CANARY}@127.0.0.1:{files.server_port}/reviews-000.parquet"
     output = tmp_path / "out"
-    command = [SHARDWISE, "run", "--input", source, "--output", str(output), "--task", "embed",
-               "--id-column", "review_id", "--rows-per-shard", "2", "--set", "name=uri-canary"]
+    command = [
+        SHARDWISE,
+        "run",
+        "--input",
+        source,
+        "--output",
+        str(output),
+        "--task",
+        "embed",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "2",
+        "--set",
+        "name=uri-canary",
+    ]
     if runner == "worker processes":
         command += ["--workers", "2"]
     if runner == "ray":
@@ -151,8 +182,7 @@ def test_canary_in_input_uri_and_tracking_uri_appears_nowhere(runner, request, p
         assert ok.returncode == 0, ok.stderr[-3000:]
         # A failing run too: a wrong password, and errors are where secrets usually slip out.
         wrong = source.replace(f"reader:{URI_CANARY}", f"reader:{URI_CANARY}-wrong")
-        bad = subprocess.run([*command[:3], wrong, *command[4:]], capture_output=True, text=True, env=env,
-                             timeout=900)
+        bad = subprocess.run([*command[:3], wrong, *command[4:]], capture_output=True, text=True, env=env, timeout=900)
     finally:
         files.shutdown()
     assert bad.returncode in (2, 3), bad.stderr[-3000:]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tasks.job_config import JobConfig
-from tasks.output_dir import OutputDir
+from tasks.config.job import JobConfig
+from tasks.storage.output_dir import OutputDir
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +39,10 @@ def manifest_readers(monkeypatch) -> list[str]:
 
 
 def embed_job(reviews_dir, output) -> JobConfig:
-    return JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id",
-                     rows_per_shard=16)
+    return JobConfig(input=str(reviews_dir), output=str(output), task="embed", id_column="review_id", rows_per_shard=16)
 
 
-def test_the_cli_plans_once_and_the_report_reads_no_manifest(prefect_server, reviews_dir, tmp_path,
-                                                             manifest_readers):
+def test_the_cli_plans_once_and_the_report_reads_no_manifest(prefect_server, reviews_dir, tmp_path, manifest_readers):
     from flows.cli import execute_with_summary
 
     output = tmp_path / "out"
@@ -59,7 +57,7 @@ def test_the_cli_plans_once_and_the_report_reads_no_manifest(prefect_server, rev
 
 def test_a_flow_called_directly_plans_for_itself(prefect_server, reviews_dir, tmp_path):
     from flows.enrich import enrich
-    from tasks.job_handoff import flow_parameters
+    from tasks.compute.handoff import flow_parameters
 
     output = tmp_path / "out"
     state = enrich(job=flow_parameters(embed_job(reviews_dir, output)), return_state=True)

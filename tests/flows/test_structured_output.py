@@ -9,8 +9,8 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
+from tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_cli import assert_one_line_error, shardwise
 
 PROMPT = (
@@ -32,8 +32,17 @@ def test_bad_schemas_fail_before_anything_runs(reviews_dir, tmp_path, schema, ne
     if schema == "FILE":
         schema = str(tmp_path / "schema.json")
         (tmp_path / "schema.json").write_text("type: object\n")
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--task", "generate",
-                     "--output-schema", schema)
+    proc = shardwise(
+        "run",
+        "--input",
+        str(reviews_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--task",
+        "generate",
+        "--output-schema",
+        schema,
+    )
     assert_one_line_error(proc, 2, "generate.output_schema", needle)
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
@@ -43,9 +52,25 @@ def _run(tmp_path, name: str, *extra: str) -> list[dict]:
     if not input_dir.exists():
         write_reviews_dataset(str(input_dir), files=2, rows_per_file=12, rows_per_group=4)
     out = tmp_path / name
-    proc = shardwise("run", "--input", str(input_dir), "--output", str(out), "--task", "generate",
-                     "--id-column", "review_id", "--keep-columns", "id", "--prompt-template", PROMPT,
-                     "--rows-per-shard", "24", *extra, timeout=1500)
+    proc = shardwise(
+        "run",
+        "--input",
+        str(input_dir),
+        "--output",
+        str(out),
+        "--task",
+        "generate",
+        "--id-column",
+        "review_id",
+        "--keep-columns",
+        "id",
+        "--prompt-template",
+        PROMPT,
+        "--rows-per-shard",
+        "24",
+        *extra,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return pq.read_table(str(out)).to_pylist(), proc.stdout, out
 
@@ -59,8 +84,9 @@ def test_schema_gives_typed_rows_and_the_constraint_is_real(tmp_path):
     valid = [r for r in rows if r["generated"] is not None]
     assert len(valid) >= 22, [r["error"] for r in rows]
     assert {r["generated"]["sentiment"] for r in valid} <= {"positive", "negative", "mixed"}
-    assert all(isinstance(r["generated"]["stars"], int) and isinstance(r["generated"]["would_recommend"], bool)
-               for r in valid)
+    assert all(
+        isinstance(r["generated"]["stars"], int) and isinstance(r["generated"]["would_recommend"], bool) for r in valid
+    )
     assert all(json.loads(r["generated_text"])["topic"] == r["generated"]["topic"] for r in valid)
     assert re.search(rf"schema valid\s+{len(valid)}/24 rows", stdout), stdout
     counts = duckdb.sql(
@@ -70,7 +96,7 @@ def test_schema_gives_typed_rows_and_the_constraint_is_real(tmp_path):
 
     # The same prompt without the constraint: the model's free answers rarely parse into the schema.
     # No --output-schema, so validity is judged here with the same parser the run uses.
-    from tasks.output_schema import parse_generated
+    from tasks.config.output_schema import parse_generated
 
     free, _, _ = _run(tmp_path, "free", "--max-new-tokens", "60")
     free_valid = sum(parse_generated(r["generated_text"], REVIEW_SCHEMA)[0] is not None for r in free)
@@ -81,8 +107,7 @@ def test_schema_gives_typed_rows_and_the_constraint_is_real(tmp_path):
 def test_too_few_new_tokens_give_row_errors_not_a_crash(tmp_path):
     rows, stdout, _ = _run(tmp_path, "short", "--output-schema", json.dumps(REVIEW_SCHEMA), "--max-new-tokens", "6")
     assert len(rows) == 24
-    assert all(r["generated"] is None and r["error"].startswith("output does not match schema: not JSON")
-               for r in rows)
+    assert all(r["generated"] is None and r["error"].startswith("output does not match schema: not JSON") for r in rows)
     assert all(r["generated_text"].startswith('{"') for r in rows), [r["generated_text"] for r in rows]
     assert re.search(r"schema valid\s+0/24 rows \(0\.0%\)", stdout), stdout
 
@@ -98,11 +123,34 @@ def test_schema_valid_line_counts_reused_parts_too(tmp_path):
     input_dir = tmp_path / "reviews"
     write_reviews_dataset(str(input_dir), files=1, rows_per_file=4, rows_per_group=2)
     out = tmp_path / "out"
-    sentiment = {"type": "object", "properties": {"sentiment": REVIEW_SCHEMA["properties"]["sentiment"]},
-                 "required": ["sentiment"]}
-    job = ("run", "--input", str(input_dir), "--output", str(out), "--task", "generate", "--id-column", "review_id",
-           "--keep-columns", "id", "--prompt-template", PROMPT, "--rows-per-shard", "2", "--gen-model", str(model),
-           "--output-schema", json.dumps(sentiment), "--max-new-tokens", "16")
+    sentiment = {
+        "type": "object",
+        "properties": {"sentiment": REVIEW_SCHEMA["properties"]["sentiment"]},
+        "required": ["sentiment"],
+    }
+    job = (
+        "run",
+        "--input",
+        str(input_dir),
+        "--output",
+        str(out),
+        "--task",
+        "generate",
+        "--id-column",
+        "review_id",
+        "--keep-columns",
+        "id",
+        "--prompt-template",
+        PROMPT,
+        "--rows-per-shard",
+        "2",
+        "--gen-model",
+        str(model),
+        "--output-schema",
+        json.dumps(sentiment),
+        "--max-new-tokens",
+        "16",
+    )
     first = shardwise(*job, timeout=1500)
     assert first.returncode == 0, first.stderr[-3000:]
     valid = sum(r["generated"] is not None for r in pq.read_table(str(out)).to_pylist())

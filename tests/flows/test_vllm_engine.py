@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
+from tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_cli import assert_one_line_error, shardwise
 
 DEMO = Path(__file__).resolve().parents[2] / "conf" / "jobs" / "demo.yaml"
@@ -26,26 +26,43 @@ ROW_FIELDS = ["generated_text", "n_prompt_tokens", "n_generated_tokens", "finish
 
 
 def test_unknown_engine_is_a_config_error(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
-                     "--set", "generate.engine=trt")
+    proc = shardwise(
+        "run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--set", "generate.engine=trt"
+    )
     assert_one_line_error(proc, 2, "generate.engine", "'hf'", "'vllm'")
     assert not (tmp_path / "out").exists()
 
 
 def test_tensor_parallel_without_the_vllm_engine_is_a_config_error(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"),
-                     "--engine", "hf", "--set", "generate.tensor_parallel_size=2")
+    proc = shardwise(
+        "run",
+        "--input",
+        str(reviews_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--engine",
+        "hf",
+        "--set",
+        "generate.tensor_parallel_size=2",
+    )
     assert_one_line_error(proc, 2, "tensor_parallel_size=2", "engine: vllm")
     assert not (tmp_path / "out").exists()
 
 
 def test_engine_vllm_without_vllm_installed_is_a_config_error(reviews_dir, tmp_path):
     # sys.modules[name] = None is Python's own way of making a package unimportable.
-    code = ("import sys; sys.modules['vllm'] = None; from flows.cli import main; "
-            f"sys.exit(main(['run', '--input', {str(reviews_dir)!r}, '--output', {str(tmp_path / 'out')!r}, "
-            "'--engine', 'vllm']))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys; sys.modules['vllm'] = None; from flows.cli import main; "
+        f"sys.exit(main(['run', '--input', {str(reviews_dir)!r}, '--output', {str(tmp_path / 'out')!r}, "
+        "'--engine', 'vllm']))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert_one_line_error(proc, 2, "vLLM is not installed", "pip install vllm==0.32.0")
     assert not (tmp_path / "out").exists()
 
@@ -69,9 +86,25 @@ def demo_input(tmp_path_factory) -> Path:
 
 def run_demo_job(demo_input: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
     # max_input_tokens 72 cuts the longer reviews: truncation must agree too.
-    return shardwise("run", "--config", str(DEMO), "--input", str(demo_input), "--output", str(output),
-                     "--task", "generate", "--device", "cpu", "--max-new-tokens", "16",
-                     "--set", "generate.max_input_tokens=72", *extra, timeout=1500)
+    return shardwise(
+        "run",
+        "--config",
+        str(DEMO),
+        "--input",
+        str(demo_input),
+        "--output",
+        str(output),
+        "--task",
+        "generate",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "16",
+        "--set",
+        "generate.max_input_tokens=72",
+        *extra,
+        timeout=1500,
+    )
 
 
 def rows_by_id(output: Path) -> dict[str, dict]:
@@ -137,10 +170,30 @@ def test_vllm_structured_output_follows_the_schema(demo_input, tmp_path):
     from tests.flows.test_structured_output import PROMPT, REVIEW_SCHEMA
 
     out = tmp_path / "structured"
-    proc = shardwise("run", "--input", str(demo_input), "--output", str(out), "--task", "generate",
-                     "--device", "cpu", "--engine", "vllm", "--id-column", "review_id", "--keep-columns", "id",
-                     "--prompt-template", PROMPT, "--output-schema", json.dumps(REVIEW_SCHEMA),
-                     "--max-new-tokens", "60", timeout=1500)
+    proc = shardwise(
+        "run",
+        "--input",
+        str(demo_input),
+        "--output",
+        str(out),
+        "--task",
+        "generate",
+        "--device",
+        "cpu",
+        "--engine",
+        "vllm",
+        "--id-column",
+        "review_id",
+        "--keep-columns",
+        "id",
+        "--prompt-template",
+        PROMPT,
+        "--output-schema",
+        json.dumps(REVIEW_SCHEMA),
+        "--max-new-tokens",
+        "60",
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = pq.read_table(str(out)).to_pylist()
     valid = [r for r in rows if r["generated"] is not None]

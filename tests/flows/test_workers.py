@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.job_config import JobConfig
+from tasks.config.job import JobConfig
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,11 @@ def read_output(output: Path) -> pl.DataFrame:
 
 def test_two_worker_processes_match_one(prefect_server, reviews_dir, tmp_path):
     common = dict(
-        input=str(reviews_dir), task="both", id_column="review_id", rows_per_shard=4, device="cpu",
+        input=str(reviews_dir),
+        task="both",
+        id_column="review_id",
+        rows_per_shard=4,
+        device="cpu",
         generate={"prompt_template": "Review: {text}\nOne word:", "max_new_tokens": 3},
     )
     one = run_job(JobConfig(output=str(tmp_path / "one"), workers=1, **common))

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.demo_data import write_reviews_dataset
-from tasks.job_config import JobConfig, build_config
+from tasks.config.job import JobConfig, build_config
+from tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +19,16 @@ SHARDS = 8
 
 
 def job(tmp_path: Path, output: str, **overrides) -> JobConfig:
-    return JobConfig(input=str(tmp_path / "in"), output=str(tmp_path / output), task="embed",
-                     embed={"model": "dummy:bert-tiny"}, id_column="review_id", rows_per_shard=300,
-                     device="cpu", **overrides)
+    return JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / output),
+        task="embed",
+        embed={"model": "dummy:bert-tiny"},
+        id_column="review_id",
+        rows_per_shard=300,
+        device="cpu",
+        **overrides,
+    )
 
 
 @pytest.fixture
@@ -42,9 +49,9 @@ def run_shard_tasks(cfg: JobConfig) -> list:
     """The flow's shard task over every shard, on the task runner the job gets; the results back."""
     from prefect import flow, unmapped
 
-    from tasks.planning import plan_shards
-    from tasks.runners import shard_task_runner
-    from tasks.shard_work import process_shard
+    from tasks.compute.runners import shard_task_runner
+    from tasks.compute.shard_work import process_shard
+    from tasks.planning.shards import plan_shards
 
     @flow(name="shard-tasks", task_runner=shard_task_runner(cfg))
     def shard_tasks() -> list:
@@ -67,8 +74,12 @@ def test_a_write_runs_while_the_next_shard_computes(prefect_server, reviews, tmp
     assert len(one) == len(two) == SHARDS
 
     def overlapping_writes(results) -> list[tuple[str, str]]:
-        return [(w.name, c.name) for w in results for c in results
-                if w is not c and w.write_started_at < c.compute_ended_at and c.compute_started_at < w.write_ended_at]
+        return [
+            (w.name, c.name)
+            for w in results
+            for c in results
+            if w is not c and w.write_started_at < c.compute_ended_at and c.compute_started_at < w.write_ended_at
+        ]
 
     for results in (one, two):
         for r in results:
@@ -77,8 +88,7 @@ def test_a_write_runs_while_the_next_shard_computes(prefect_server, reviews, tmp
         spans = sorted((r.compute_started_at, r.compute_ended_at) for r in results)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
     assert overlapping_writes(one) == []
-    assert overlapping_writes(two), [(r.name, r.compute_started_at, r.compute_ended_at, r.write_ended_at)
-                                     for r in two]
+    assert overlapping_writes(two), [(r.name, r.compute_started_at, r.compute_ended_at, r.write_ended_at) for r in two]
 
     rows = output_rows(tmp_path / "one")
     assert rows.num_rows == SHARDS * 300
@@ -88,7 +98,7 @@ def test_a_write_runs_while_the_next_shard_computes(prefect_server, reviews, tmp
 def test_the_run_reports_write_time_hidden_behind_compute(prefect_server, reviews, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.state import tracking_uri
+    from tasks.storage.local_state import tracking_uri
 
     two = run_enrich(build_config(overrides=job(tmp_path, "two").public_dict(), set_options=["shards_in_flight=2"]))
     one = run_enrich(job(tmp_path, "one"))  # the CPU default: one shard in flight

@@ -73,8 +73,11 @@ def save_family(name: str, target: Path, tokenizer_dir: str) -> Path:
 
     config_name, model_name, extra = FAMILIES[name]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     config = getattr(transformers, config_name)(vocab_size=len(tokenizer), **SMALL, **ids, **extra)
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).eval()
@@ -92,12 +95,17 @@ def greedy_reference(model_dir: Path, texts: list[str], new_tokens: int) -> list
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     model.generation_config = GenerationConfig()
-    clean = GenerationConfig(do_sample=False, max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+    clean = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     answers = []
     for text in texts:
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(chat, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=clean)

@@ -101,7 +101,9 @@ def test_a_single_row_that_runs_out_of_memory_is_an_engine_error():
 def test_other_errors_propagate_unchanged_and_cpu_allocator_errors_split():
     with pytest.raises(KeyError):
         BatchBackoff(None, what="test").run([1, 2], _Flaky(0, error=lambda: KeyError("input_ids")))
-    cpu_oom = _Flaky(1, error=lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
+    cpu_oom = _Flaky(
+        1, error=lambda: RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB")
+    )
     assert BatchBackoff(None, what="test").run([1, 2, 3], cpu_oom) == [1, 4, 9]
 
 
@@ -164,8 +166,9 @@ def test_the_learned_cap_persists_across_calls(generation_engine, monkeypatch, f
     params = GenerationParams(max_new_tokens=4, max_batch_size=3)
     attempts: list[int] = []
     model = generation_engine.model
-    monkeypatch.setattr(model, "generate",
-                        _oom_above(model.generate, 2, attempts, lambda *a, **kw: kw["input_ids"].shape[0]))
+    monkeypatch.setattr(
+        model, "generate", _oom_above(model.generate, 2, attempts, lambda *a, **kw: kw["input_ids"].shape[0])
+    )
     first = generation_engine.generate(PROMPTS, params)
     assert attempts == [3, 2, 1, 2, 1] and generation_engine.backoff.limit == 2
     attempts.clear()

@@ -49,7 +49,10 @@ def test_oversized_row_gets_its_own_batch():
 def test_extra_tokens_count_against_the_budget():
     # 4 rows of 10 fit in 40, but not once each row also needs 10 generated tokens.
     assert len(plan_batches([10] * 4, token_budget=40, max_batch_size=8)) == 1
-    assert [len(b) for b in plan_batches([10] * 4, token_budget=40, max_batch_size=8, extra_tokens_per_row=10)] == [2, 2]
+    assert [len(b) for b in plan_batches([10] * 4, token_budget=40, max_batch_size=8, extra_tokens_per_row=10)] == [
+        2,
+        2,
+    ]
 
 
 def test_ties_keep_input_order_and_empty_input():

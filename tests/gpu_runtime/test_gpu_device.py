@@ -17,14 +17,20 @@ print(json.dumps({"label": label, "cuda_visible": os.environ.get("CUDA_VISIBLE_D
 """
 
 
-def pin_in_fresh_process(slot: int, workers: int, gpus: int, cpus: int, visible: str | None = None,
-                         per_worker: int = 1) -> dict:
+def pin_in_fresh_process(
+    slot: int, workers: int, gpus: int, cpus: int, visible: str | None = None, per_worker: int = 1
+) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
-    out = subprocess.run([sys.executable, "-c", PROBE, str(slot), str(workers), str(gpus), str(cpus),
-                          str(per_worker)],
-                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(slot), str(workers), str(gpus), str(cpus), str(per_worker)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

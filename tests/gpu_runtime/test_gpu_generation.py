@@ -165,8 +165,11 @@ def test_engine_info(generation_engine):
 
 @pytest.mark.slow
 def test_static_kv_cache_gives_the_same_greedy_answers(generation_engine):
-    prompts = ["What is the capital of France?", "Name a colour.",
-               "Summarise: the blender is loud but crushes ice well, and the jug is easy to clean."]
+    prompts = [
+        "What is the capital of France?",
+        "Name a colour.",
+        "Summarise: the blender is loud but crushes ice well, and the jug is easy to clean.",
+    ]
     dynamic = generation_engine.generate(prompts, GenerationParams(max_new_tokens=8))
     static = generation_engine.generate(prompts, GenerationParams(max_new_tokens=8, cache="static"))
     assert [g.text for g in static] == [g.text for g in dynamic]
@@ -180,7 +183,9 @@ def test_static_kv_cache_gives_the_same_greedy_answers(generation_engine):
 REVIEWS = [
     "Product: kettle (kitchen), rated 2/5.\nReview: Boils fast but the lid broke after a week.\n\nMain point?",
     "Product: kettle (kitchen), rated 5/5.\nReview: Quiet, quick, and the handle stays cool.\n\nMain point?",
-    "Product: tent (outdoor), rated 4/5.\nReview: " + "Kept us dry through two nights of heavy rain. " * 6 + "\n\nMain point?",
+    "Product: tent (outdoor), rated 4/5.\nReview: "
+    + "Kept us dry through two nights of heavy rain. " * 6
+    + "\n\nMain point?",
     "Product: lamp (home), rated 1/5.\nReview: Flickers.\n\nMain point?",
     "Product: headphones (audio), rated 3/5.\nReview: Good sound, but they pinch after an hour.\n\nMain point?",
     "Product: blender (kitchen), rated 4/5.\nReview: Loud, crushes ice well, easy to clean.\n\nMain point?",
@@ -235,4 +240,3 @@ def test_shared_prefix_is_skipped_where_it_does_not_pay_or_apply(generation_engi
     shared = list(range(1, 20))
     assert engine._shared_prefix([shared + [50], shared + [60, 70]], params).length == 19
     assert engine._shared_prefix([shared + [50], shared + [60]], GenerationParams(cache="static")) is None
-

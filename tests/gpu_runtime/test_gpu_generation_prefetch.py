@@ -74,8 +74,9 @@ def test_smollm2_overlapped_equals_serial(generation_engine, params):
 
 def test_smollm2_overlapped_known_answers(generation_engine):
     assert generation_engine.overlap_host_work is True  # the default
-    out = generation_engine.generate(["What is the capital of France?"] * 3 + ["Hi"],
-                                     GenerationParams(max_new_tokens=8, max_batch_size=2))
+    out = generation_engine.generate(
+        ["What is the capital of France?"] * 3 + ["Hi"], GenerationParams(max_new_tokens=8, max_batch_size=2)
+    )
     assert [g.text for g in out[:3]] == ["The capital of France is Paris."] * 3
 
 
@@ -163,8 +164,11 @@ def test_an_error_in_any_stage_propagates_and_leaves_no_thread(generation_engine
     engine = generation_engine
     params = GenerationParams(max_new_tokens=3, max_batch_size=2)
     calls = []
-    target, name = {"prepare": (engine, "_batch_inputs"), "generate": (engine.model, "generate"),
-                    "decode": (engine, "_decode")}[where]
+    target, name = {
+        "prepare": (engine, "_batch_inputs"),
+        "generate": (engine.model, "generate"),
+        "decode": (engine, "_decode"),
+    }[where]
     real = getattr(target, name)
 
     def failing(*args, **kwargs):

@@ -9,8 +9,15 @@ from transformers.cache_utils import DynamicLayer
 
 from gpu_runtime.kv_cache import PreallocatedLayer, joinable_cache_argument
 
-SMALL = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+SMALL = {
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+}
 
 
 def _states(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +53,12 @@ def test_only_plain_full_attention_caches_are_joinable():
     """Sliding-window and encoder-decoder models keep transformers' own path: their caches cannot
     be padded and joined row by row."""
     from transformers import (
-        Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
     )
 
     assert joinable_cache_argument(LlamaForCausalLM(LlamaConfig(**SMALL))) in ("cache", "past_key_values")
@@ -82,8 +94,9 @@ def test_joined_kv_writes_chunks_in_place_like_padding_and_concatenating():
     cache = joined.cache(_TwoLayers())
     for layer in range(2):
         for which in (0, 1):
-            padded = [F.pad(layers_by_chunk[rows][layer][which], (0, 0, length - width, 0))
-                      for rows, width in chunks.items()]
+            padded = [
+                F.pad(layers_by_chunk[rows][layer][which], (0, 0, length - width, 0)) for rows, width in chunks.items()
+            ]
             expected = torch.cat(padded).index_select(0, restore)
             got = (cache.layers[layer].keys, cache.layers[layer].values)[which]
             assert torch.equal(got, expected)

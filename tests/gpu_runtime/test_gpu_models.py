@@ -62,7 +62,12 @@ def test_resolve_bundled_sentence_transformer():
 def test_resolve_local_directory_and_gguf_file():
     bundled = resolve_model_spec(EMBEDDING_SPEC)
     local = resolve_model_spec(bundled.path)
-    assert (local.source, local.path, local.gguf_file, local.revision) == ("local", bundled.path, None, bundled.revision)
+    assert (local.source, local.path, local.gguf_file, local.revision) == (
+        "local",
+        bundled.path,
+        None,
+        bundled.revision,
+    )
 
     smol = resolve_model_spec(GENERATION_SPEC)
     gguf = resolve_model_spec(str(Path(smol.path) / smol.gguf_file))
@@ -173,8 +178,12 @@ def test_gguf_converted_once_into_a_fresh_cache_then_reused(tmp_path):
 
     def run_worker() -> dict:
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, GENERATION_SPEC], env=env, cwd=REPO_ROOT,
-            capture_output=True, text=True, timeout=300,
+            [sys.executable, "-c", _CHILD, GENERATION_SPEC],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])

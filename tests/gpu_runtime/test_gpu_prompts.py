@@ -135,8 +135,8 @@ def test_the_job_configs_template_kwargs_and_run_date_reach_the_engine(generatio
     import pyarrow as pa
 
     from gpu_runtime.prompts import encode_chat
-    from tasks.enrichment import enrich_table
-    from tasks.job_config import JobConfig
+    from tasks.config.job import JobConfig
+    from tasks.records.enrichment import enrich_table
 
     monkeypatch.setattr(generation_engine.tokenizer, "chat_template", DATED_THINKING_TEMPLATE)
     table = pa.table({"id": [1, 2], "text": ["Hi", "How are you?"]})
@@ -146,17 +146,24 @@ def test_the_job_configs_template_kwargs_and_run_date_reach_the_engine(generatio
         return out.column("n_prompt_tokens").to_pylist()
 
     def expected(kwargs, date) -> list[int]:
-        return [len(encode_chat(dated_tokenizer, t, 10**6, template_kwargs=kwargs, date=date)[0])
-                for t in ("Hi", "How are you?")]
+        return [
+            len(encode_chat(dated_tokenizer, t, 10**6, template_kwargs=kwargs, date=date)[0])
+            for t in ("Hi", "How are you?")
+        ]
 
-    quiet = JobConfig(input="x", output="y", task="generate",
-                      generate={"max_new_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}})
+    quiet = JobConfig(
+        input="x",
+        output="y",
+        task="generate",
+        generate={"max_new_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}},
+    )
     assert prompt_tokens(quiet, "2024-07-26") == expected({"enable_thinking": False}, dt.date(2024, 7, 26))
     loud = JobConfig(input="x", output="y", task="generate", generate={"max_new_tokens": 1})
     assert prompt_tokens(loud, "2024-07-26") == expected(None, dt.date(2024, 7, 26))
     assert prompt_tokens(quiet, "2024-07-26") != prompt_tokens(loud, "2024-07-26")
-    pinned = JobConfig(input="x", output="y", task="generate",
-                       generate={"max_new_tokens": 1, "chat_date": "2025-05-05"})
+    pinned = JobConfig(
+        input="x", output="y", task="generate", generate={"max_new_tokens": 1, "chat_date": "2025-05-05"}
+    )
     assert prompt_tokens(pinned, "2024-07-26") == expected(None, dt.date(2025, 5, 5))
 
 

@@ -17,11 +17,29 @@ OPTIONAL_ENGINE_IMPORTS = {"vllm_engine.py": {"vllm"}, "structured.py": {"xgramm
 
 def test_exported_names_are_exactly_the_intended_ones():
     assert set(gpu_runtime.__all__) == {
-        "ResolvedModel", "resolve_model_spec", "load_generation_engine", "load_embedding_engine",
-        "model_load_counts", "model_cache_dir", "GenerationParams", "Generation", "GenerationEngine",
-        "EmbeddingEngine", "EmbeddingOutput", "plan_batches", "template_fields", "render_prompt",
-        "select_device", "default_dtype", "device_lock", "pin_worker", "visible_gpu_count", "on_compute_thread",
-        "choose_engine", "VllmOptions", "ModelNotFoundError",
+        "ResolvedModel",
+        "resolve_model_spec",
+        "load_generation_engine",
+        "load_embedding_engine",
+        "model_load_counts",
+        "model_cache_dir",
+        "GenerationParams",
+        "Generation",
+        "GenerationEngine",
+        "EmbeddingEngine",
+        "EmbeddingOutput",
+        "plan_batches",
+        "template_fields",
+        "render_prompt",
+        "select_device",
+        "default_dtype",
+        "device_lock",
+        "pin_worker",
+        "visible_gpu_count",
+        "on_compute_thread",
+        "choose_engine",
+        "VllmOptions",
+        "ModelNotFoundError",
         "EngineError",
     }
     assert len(gpu_runtime.__all__) == len(set(gpu_runtime.__all__))
@@ -47,8 +65,13 @@ def test_imports_only_the_allowed_packages():
 def test_vllm_is_imported_only_inside_functions():
     source = PACKAGE_DIR / "vllm_engine.py"
     for node in ast.parse(source.read_text()).body:  # module level only
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         assert not any(n.split(".")[0] == "vllm" for n in names), "vllm imported at module level"
 
 
@@ -85,13 +108,16 @@ def _internal_imports(source: Path) -> list[tuple[str, list[str]]]:
 
 def test_modules_import_each_other_without_a_circle():
     # Function-level imports count too: a circle held together by them is still a circle.
-    graph = {source.stem: {module for module, _ in _internal_imports(source)}
-             for source in PACKAGE_DIR.glob("*.py") if source.stem != "__init__"}
+    graph = {
+        source.stem: {module for module, _ in _internal_imports(source)}
+        for source in PACKAGE_DIR.glob("*.py")
+        if source.stem != "__init__"
+    }
     visiting: list[str] = []
     done: set[str] = set()
 
     def visit(module: str) -> None:
-        assert module not in visiting, "import circle: " + " -> ".join([*visiting[visiting.index(module):], module])
+        assert module not in visiting, "import circle: " + " -> ".join([*visiting[visiting.index(module) :], module])
         if module in done:
             return
         visiting.append(module)

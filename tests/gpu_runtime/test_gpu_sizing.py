@@ -28,8 +28,9 @@ def test_kv_bytes_per_token_of_llama_8b_shapes():
 
 
 def test_kv_bytes_per_token_reads_explicit_head_dim_and_missing_kv_heads():
-    gemma = Gemma3TextConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
-                             head_dim=256)
+    gemma = Gemma3TextConfig(
+        num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=256
+    )
     assert kv_bytes_per_token(gemma, torch.bfloat16) == 4 * 1 * 256 * 2 * 2
     mha = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4)
     mha.num_key_value_heads = None

@@ -60,9 +60,14 @@ def test_work_pool_created_with_template_on_real_server(prefect_server):
     from prefect.client.orchestration import get_client
 
     name = f"gpu-k8s-{uuid.uuid4().hex[:8]}"
-    proc = subprocess.run([PREFECT, "work-pool", "create", name, "--type", "kubernetes",
-                           "--base-job-template", str(TEMPLATE_PATH)],
-                          cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [PREFECT, "work-pool", "create", name, "--type", "kubernetes", "--base-job-template", str(TEMPLATE_PATH)],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     with get_client(sync_client=True) as client:
@@ -73,8 +78,9 @@ def test_work_pool_created_with_template_on_real_server(prefect_server):
     job = pool.base_job_template["job_configuration"]
     ctr = container(job["job_manifest"])
     assert ctr["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
-        job["job_manifest"]["spec"]["template"]["spec"]["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in job["job_manifest"]["spec"][
+        "template"
+    ]["spec"]["tolerations"]
     assert ctr["args"] == "{{ command }}"  # the worker still fills in `prefect flow-run execute`
 
 
@@ -84,8 +90,11 @@ def test_server_rejects_template_with_undeclared_variable(prefect_server):
 
     bad = load_template()
     del bad["variables"]["properties"]["gpu_count"]
-    response = httpx.post(f"{prefect_server}/work_pools/", timeout=30, json={
-        "name": f"bad-{uuid.uuid4().hex[:8]}", "type": "kubernetes", "base_job_template": bad})
+    response = httpx.post(
+        f"{prefect_server}/work_pools/",
+        timeout=30,
+        json={"name": f"bad-{uuid.uuid4().hex[:8]}", "type": "kubernetes", "base_job_template": bad},
+    )
     assert response.status_code == 422, response.text
     assert "gpu_count" in response.text
 
@@ -102,19 +111,28 @@ def test_deployment_job_variables_validated_against_template(prefect_server):
         from prefect.client.schemas.actions import WorkPoolCreate
 
         async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name=pool, type="kubernetes",
-                                                         base_job_template=load_template()))
+            await client.create_work_pool(
+                WorkPoolCreate(name=pool, type="kubernetes", base_job_template=load_template())
+            )
             flow_id = await client.create_flow_from_name("infra-template-check")
-            ok = await client.create_deployment(flow_id=flow_id, name="ok", work_pool_name=pool,
-                                                entrypoint="flows/enrich.py:enrich",
-                                                job_variables={"gpu_count": 1, "image": "shardwise:x"})
+            ok = await client.create_deployment(
+                flow_id=flow_id,
+                name="ok",
+                work_pool_name=pool,
+                entrypoint="flows/enrich.py:enrich",
+                job_variables={"gpu_count": 1, "image": "shardwise:x"},
+            )
             stored = await client.read_deployment(ok)
             assert stored.job_variables == {"gpu_count": 1, "image": "shardwise:x"}
             for wrong in ({"gpu_count": "two"}, {"gpu_count": -1}):
                 with pytest.raises(PrefectHTTPStatusError) as err:
-                    await client.create_deployment(flow_id=flow_id, name=f"bad-{uuid.uuid4().hex[:6]}",
-                                                   work_pool_name=pool, entrypoint="flows/enrich.py:enrich",
-                                                   job_variables=wrong)
+                    await client.create_deployment(
+                        flow_id=flow_id,
+                        name=f"bad-{uuid.uuid4().hex[:6]}",
+                        work_pool_name=pool,
+                        entrypoint="flows/enrich.py:enrich",
+                        job_variables=wrong,
+                    )
                 assert err.value.response.status_code == 422
 
     asyncio.run(scenario())
@@ -149,7 +167,8 @@ def _render(values: dict[str, Any]) -> Any:
     async def go():
         async with get_client() as client:
             return await _kubernetes_job_configuration_class().from_template_and_values(
-                load_template(), values, client=client)
+                load_template(), values, client=client
+            )
 
     return asyncio.run(go())
 
@@ -174,8 +193,7 @@ def test_apply_values_with_defaults_renders_gpu_limit():
     from prefect.utilities.templating import apply_values
 
     template = load_template()
-    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items()
-                if v.get("default") is not None}
+    defaults = {k: v["default"] for k, v in template["variables"]["properties"].items() if v.get("default") is not None}
     rendered = apply_values(copy.deepcopy(template["job_configuration"]), {**defaults, "gpu_count": 2})
     assert container(rendered["job_manifest"])["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert "cpu" not in container(rendered["job_manifest"])["resources"]["limits"]
@@ -257,8 +275,11 @@ def test_compose_env_file_is_ignored_and_example_covers_required_vars():
     assert example.exists()
     required = {m.group("name") for m in VAR.finditer(COMPOSE_PATH.read_text()) if m.group("op") in (":?", "?")}
     assert required, "secrets should be required variables (${VAR:?message})"
-    listed = {line.split("=", 1)[0] for line in example.read_text().splitlines()
-              if line and not line.startswith("#") and "=" in line}
+    listed = {
+        line.split("=", 1)[0]
+        for line in example.read_text().splitlines()
+        if line and not line.startswith("#") and "=" in line
+    }
     assert required <= listed
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
@@ -307,8 +328,10 @@ def test_dockerfile_installs_cuda_torch_then_project_and_sets_entrypoint():
 
     text = DOCKERFILE.read_text()
     args = dockerfile_args()
-    deps = {Requirement(d).name: Requirement(d) for d in
-            tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    deps = {
+        Requirement(d).name: Requirement(d)
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
     assert deps["torch"].specifier.contains(args["TORCH_VERSION"])
     assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]
     torch_at = text.index('--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"')
@@ -376,28 +399,41 @@ def test_worker_image_uses_expandable_cuda_segments():
 
 def test_docker_build_context_keeps_only_what_the_image_needs():
     ignore = INFRA / "docker" / "Dockerfile.dockerignore"  # BuildKit's per-Dockerfile ignore file
-    patterns = [line.strip() for line in ignore.read_text().splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
+    patterns = [
+        line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     sources = []
     for m in re.finditer(r"^COPY (.+) \S+$", DOCKERFILE.read_text(), re.M):
         sources += [s.rstrip("/") for s in m.group(1).split() if not s.startswith("--")]
     assert sources
     for source in sources:
         concrete = source.replace("[l]", "l")  # prefect.yam[l]: optional prefect.yaml
-        files = ([p for p in (ROOT / concrete).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
-                 if (ROOT / concrete).is_dir() else [ROOT / concrete])
+        files = (
+            [p for p in (ROOT / concrete).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+            if (ROOT / concrete).is_dir()
+            else [ROOT / concrete]
+        )
         for file in files:
             assert not dockerignore_excludes(patterns, file.relative_to(ROOT).as_posix()), file
-    for kept_out in [".venv/bin/python", ".git/HEAD", ".shardwise/runs/a.json", "mlruns/0/meta.yaml",
-                     "mlflow.db", "data/reviews.parquet", "flows/__pycache__/cli.cpython-311.pyc",
-                     "infra/compose/.env", "tests/conftest.py"]:
+    for kept_out in [
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".shardwise/runs/a.json",
+        "mlruns/0/meta.yaml",
+        "mlflow.db",
+        "data/reviews.parquet",
+        "flows/__pycache__/cli.cpython-311.pyc",
+        "infra/compose/.env",
+        "tests/conftest.py",
+    ]:
         assert dockerignore_excludes(patterns, kept_out), kept_out
 
 
 def test_entrypoint_syntax_and_passthrough(tmp_path):
     subprocess.run(["bash", "-n", str(ENTRYPOINT)], check=True)
-    out = subprocess.run(["bash", str(ENTRYPOINT), "echo", "passed", "through"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bash", str(ENTRYPOINT), "echo", "passed", "through"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "passed through"
 
 
@@ -407,10 +443,14 @@ def test_entrypoint_default_starts_a_prefect_worker(prefect_server):
     from prefect.client.orchestration import get_client
 
     pool = f"gpu-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "PREFECT_WORK_POOL": pool,
-           "PATH": f"{Path(PREFECT).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.run(["bash", str(ENTRYPOINT), "--run-once"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    env = {
+        **os.environ,
+        "PREFECT_WORK_POOL": pool,
+        "PATH": f"{Path(PREFECT).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.run(
+        ["bash", str(ENTRYPOINT), "--run-once"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with get_client(sync_client=True) as client:
         created = client.read_work_pool(pool)

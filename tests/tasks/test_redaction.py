@@ -26,11 +26,15 @@ SECRET = "s3cr3t-CANARY"
             "&X-Amz-Credential=REDACTED&X-Amz-Date=20261201T000000Z&X-Amz-Expires=3600"
             "&X-Amz-SignedHeaders=REDACTED&X-Amz-Security-Token=REDACTED&X-Amz-Signature=REDACTED",
         ),
-        (f"https://acct.blob.core.windows.net/c/f.parquet?sv=2022&sp=r&sig={SECRET}",
-         "https://acct.blob.core.windows.net/c/f.parquet?sv=2022&sp=r&sig=REDACTED"),
+        (
+            f"https://acct.blob.core.windows.net/c/f.parquet?sv=2022&sp=r&sig={SECRET}",
+            "https://acct.blob.core.windows.net/c/f.parquet?sv=2022&sp=r&sig=REDACTED",
+        ),
         (f"https://api.example/f?token={SECRET}&page=2", "https://api.example/f?token=REDACTED&page=2"),
-        (f"https://storage.googleapis.com/b/o?X-Goog-Signature={SECRET}",
-         "https://storage.googleapis.com/b/o?X-Goog-Signature=REDACTED"),
+        (
+            f"https://storage.googleapis.com/b/o?X-Goog-Signature={SECRET}",
+            "https://storage.googleapis.com/b/o?X-Goog-Signature=REDACTED",
+        ),
         ("s3://bucket/prefix/part.parquet", "s3://bucket/prefix/part.parquet"),
         ("sqlite:////var/lib/mlflow.db", "sqlite:////var/lib/mlflow.db"),
         (f"postgresql://mlflow:{SECRET}@db:5432/mlflow", "postgresql://REDACTED@db:5432/mlflow"),
@@ -44,8 +48,10 @@ def test_redact_uri(uri, expected):
 
 
 def test_redact_text_finds_uris_inside_messages():
-    message = (f"cannot open https://u:{SECRET}@h/a.parquet: 401, url='https://u:{SECRET}@h/a.parquet'; "
-               f"retry with ?sig={SECRET}")
+    message = (
+        f"cannot open https://u:{SECRET}@h/a.parquet: 401, url='https://u:{SECRET}@h/a.parquet'; "
+        f"retry with ?sig={SECRET}"
+    )
     redacted = redact_text(message)
     assert SECRET not in redacted
     assert redacted.startswith("cannot open https://REDACTED@h/a.parquet: 401")
@@ -67,7 +73,14 @@ def test_log_filter_redacts_message_arguments_and_tracebacks():
     try:
         raise ValueError(f"boom at https://u:{SECRET}@h/a")
     except ValueError:
-        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", (f"https://u:{SECRET}@h/b",),
-                                   exc_info=__import__("sys").exc_info())
+        record = logging.LogRecord(
+            "x",
+            logging.ERROR,
+            __file__,
+            1,
+            "failed %s",
+            (f"https://u:{SECRET}@h/b",),
+            exc_info=__import__("sys").exc_info(),
+        )
     RedactingFilter().filter(record)
     assert SECRET not in logging.Formatter().format(record)

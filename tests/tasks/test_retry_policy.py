@@ -10,13 +10,15 @@ from tasks.errors import ConfigError, InputError, StorageError
 from tasks.retry_policy import retry_unless_bad_input
 
 
-@pytest.mark.parametrize("error", [ConfigError("bad flag"), InputError("bad row"),
-                                   ModelNotFoundError("bundled:nope is not a bundled model")])
+@pytest.mark.parametrize(
+    "error", [ConfigError("bad flag"), InputError("bad row"), ModelNotFoundError("bundled:nope is not a bundled model")]
+)
 def test_failures_that_repeat_identically_are_not_retried(error):
     assert retry_unless_bad_input(None, None, Failed(data=error)) is False
 
 
-@pytest.mark.parametrize("error", [StorageError("s3 timed out"), EngineError("CUDA out of memory"),
-                                   OSError("connection reset")])
+@pytest.mark.parametrize(
+    "error", [StorageError("s3 timed out"), EngineError("CUDA out of memory"), OSError("connection reset")]
+)
 def test_storage_and_engine_failures_are_retried(error):
     assert retry_unless_bad_input(None, None, Failed(data=error)) is True

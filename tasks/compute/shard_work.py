@@ -1,0 +1,204 @@
+"""One shard end to end: read its rows, run the engines, write its part. Plain function + Prefect task.
+
+Models come from ``gpu_runtime``'s per-process cache, so a worker loads each model once however
+many shards it processes. Bad data (an ``InputError``) fails the shard at once; anything else (a
+storage hiccup, an engine crash) is retried by Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prefect import task
+
+from tasks.compute.runners import worker_label
+from tasks.config.job import JobConfig
+from tasks.config.prices import gpu_energy_mj
+from tasks.errors import ConfigError, InputError
+from tasks.faults import crash_point
+from tasks.planning.shards import Shard
+from tasks.records.enrichment import enrich_table, invalid_utf8_rows
+from tasks.records.profile import shard_profile
+from tasks.records.results import RowIds, ShardResult
+from tasks.records.row_cache import shard_cache
+from tasks.records.shard_io import read_shard, write_part
+from tasks.redaction import install_log_redaction
+from tasks.retry_policy import retry_unless_bad_input
+
+
+def device_lock(device: str | None):
+    from gpu_runtime import device_lock as lock_for
+
+    return lock_for(device)
+
+
+def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
+    """The configured engines, from this process's model cache."""
+    from gpu_runtime import load_embedding_engine, load_generation_engine
+
+    generator = None
+    if cfg.runs_generation:
+        generator = load_generation_engine(
+            cfg.generate.model,
+            device=cfg.device,
+            attn_implementation=cfg.generate.attn_implementation,
+            engine=cfg.generation_engine(),
+            vllm_options=cfg.vllm_options(),
+        )
+    embedder = load_embedding_engine(cfg.embed.model, device=cfg.device) if cfg.runs_embedding else None
+    return generator, embedder
+
+
+def check_engine_weights(cfg: JobConfig, engines: dict[str, Any]) -> None:
+    """Refuse to compute with weights other than those in the run's fingerprint: a long-lived
+    worker (Ray) keeps a model loaded across runs, and files can change during a run."""
+    expected = cfg.model_identities()
+    for role, engine in engines.items():
+        if engine is None:
+            continue
+        loaded = f"{engine.info.get('source')}:{engine.info.get('revision')}"
+        if loaded != expected[role]:
+            raise ConfigError(
+                f"{role} model {engine.info.get('spec')}: this worker holds weights {loaded[:30]}…, but the run "
+                f"resolved {expected[role][:30]}… (its files changed); restart the workers and rerun"
+            )
+
+
+def check_ids(table: Any, id_column: str, shard: Shard) -> None:
+    """Ids are written exactly as read or not at all: a shard whose id column holds invalid UTF-8
+    fails (not retried: it is bad input) naming file, column and row, before any model work. Checked
+    here, on rows the shard reads anyway, rather than at planning, which reads only footers."""
+    bad = invalid_utf8_rows(table.column(id_column))
+    if bad:
+        more = f" (and {len(bad) - 1} more up to row {shard.first_row + bad[-1]})" if len(bad) > 1 else ""
+        raise InputError(
+            f"{shard.source}: id column {id_column!r} holds invalid UTF-8 at row {shard.first_row + bad[0]}{more}; "
+            "ids are never rewritten, so these rows are not written: fix the file and rerun"
+        )
+
+
+def loads_of_this_worker() -> dict[str, int]:
+    """How many times this process has loaded each model (1 each when the cache works)."""
+    from gpu_runtime import model_load_counts
+
+    return {str(spec): count for spec, count in model_load_counts().items()}
+
+
+def input_columns(cfg: JobConfig) -> list[str] | None:
+    """Columns to read: all when they are all kept, else only what the engines and the id need."""
+    if cfg.keep_columns == "all":
+        return None
+    from gpu_runtime import template_fields
+
+    needed = [cfg.id_column, cfg.text_column]
+    if cfg.runs_generation:
+        needed += template_fields(cfg.template)
+    return list(dict.fromkeys(needed))
+
+
+def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
+    """Process one shard and publish its part; raises on failure."""
+    install_log_redaction()  # this may be a worker process, with logging handlers of its own
+    generator, embedder = load_engines(cfg)
+    check_engine_weights(cfg, {"generate": generator, "embed": embedder})
+    started = time.perf_counter()
+    table = read_shard(shard, input_columns(cfg), cfg.storage_options)
+    check_ids(table, cfg.id_column, shard)
+    read_done = time.perf_counter()
+    crash_point("shard-compute")
+    cache = shard_cache(cfg, lineage.get("chat_date"))
+    engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
+    with device_lock(engine_device):  # another shard in flight reads or writes meanwhile
+        compute_started = time.perf_counter()
+        compute_started_at = time.time()
+        energy_before = gpu_energy_mj(engine_device)
+        enriched, stats = enrich_table(table, cfg, generator, embedder, chat_date=lineage.get("chat_date"), cache=cache)
+        compute_done = time.perf_counter()
+        compute_ended_at = time.time()
+        energy_after = gpu_energy_mj(engine_device)
+    part_lineage = {
+        **lineage,
+        "shard_id": shard.shard_id,
+        "source": shard.source,
+        "source_fingerprint": shard.source_fingerprint,
+        "source_rows": f"{shard.first_row}:{shard.first_row + shard.num_rows}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "id_column": cfg.id_column,
+        # so that a run reusing this part can still count the tokens it holds
+        "prompt_tokens": str(stats.prompt_tokens),
+        "generated_tokens": str(stats.generated_tokens),
+    }
+    quality = shard_profile(enriched, cfg.quality.refusal_patterns)
+    part_lineage["quality"] = json.dumps(quality, separators=(",", ":"))  # a resumed part keeps its figures
+    if cfg.output_schema_hash is not None:
+        part_lineage["output_schema_hash"] = cfg.output_schema_hash
+    for role, engine in (("generate", generator), ("embed", embedder)):
+        if engine is not None:
+            part_lineage[f"{role}_model_revision"] = str(engine.info.get("revision"))
+            part_lineage[f"{role}_model_dtype"] = str(engine.info.get("dtype"))
+            if engine.info.get("engine"):
+                part_lineage[f"{role}_engine"] = f"{engine.info['engine']} ({engine.info.get('engine_version')})"
+    part = write_part(enriched, cfg.output, shard, part_lineage, cfg.storage_options)
+    if cache is not None:
+        cache.add_computed()  # after the part: an entry never describes an uncommitted value
+    write_done = time.perf_counter()
+    write_ended_at = time.time()
+    models = {}
+    if generator is not None:
+        models["generate"] = dict(generator.info)
+    if embedder is not None:
+        models["embed"] = dict(embedder.info)
+    device = next((m.get("device") for m in models.values()), None)
+    return ShardResult(
+        index=shard.index,
+        shard_id=shard.shard_id,
+        name=shard.name,
+        source=shard.source,
+        status="committed",
+        rows=stats.rows,
+        error_rows=stats.error_rows,
+        truncated_rows=stats.truncated_rows,
+        prompt_tokens=stats.prompt_tokens,
+        generated_tokens=stats.generated_tokens,
+        embedded_tokens=stats.embedded_tokens,
+        schema_valid_rows=stats.schema_valid_rows,
+        rows_cached=stats.rows_cached,
+        cached_prompt_tokens=stats.cached_prompt_tokens,
+        cached_generated_tokens=stats.cached_generated_tokens,
+        cached_embedded_tokens=stats.cached_embedded_tokens,
+        seconds_read=read_done - started,
+        seconds_wait=compute_started - read_done,
+        seconds_compute=compute_done - compute_started,
+        seconds_write=write_done - compute_done,
+        part_uri=part.uri,
+        part_bytes=part.bytes,
+        part_sha256=part.sha256,
+        part_write_id=part.write_id,
+        device=str(device) if device else None,
+        models=models,
+        energy_j=(energy_after - energy_before) / 1000
+        if energy_before is not None and energy_after is not None
+        else None,
+        finished_at=write_ended_at,
+        compute_started_at=compute_started_at,
+        compute_ended_at=compute_ended_at,
+        write_started_at=compute_ended_at,
+        write_ended_at=write_ended_at,
+        worker=worker_label(),
+        model_loads=loads_of_this_worker(),
+        quality=quality,
+        ids=RowIds(table.column(cfg.id_column)),
+    )
+
+
+@task(
+    name="enrich-shard",
+    task_run_name="{shard.name}",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_unless_bad_input,
+)
+def process_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
+    return run_shard(shard, cfg, lineage)

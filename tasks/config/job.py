@@ -1,0 +1,390 @@
+"""The job config: one pydantic model, loaded from YAML (``conf/jobs/*.yaml``), CLI flags and ``--set``.
+
+Precedence, lowest first: model defaults < YAML file < explicit CLI flags < ``--set key=value``.
+``storage_options`` may carry credentials: it is excluded from :meth:`JobConfig.public_dict`, which
+is what goes to Prefect parameters, MLflow and the manifest, with credentials in URIs redacted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from tasks.config.quality import QualityConfig
+from tasks.errors import ConfigError
+
+DEFAULT_GEN_MODEL = "bundled:smollm2-135m-instruct"
+DEFAULT_EMBED_MODEL = "bundled:all-minilm-l6-v2"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# What the output fingerprint covers: these top-level settings, less the execution knobs of the
+# generate and embed sections (batching, the KV cache's form, GPU placement), which change speed
+# and memory, never values. A resume's refusal names differences over the same lists.
+FINGERPRINT_SETTINGS = ("task", "text_column", "id_column", "keep_columns", "generate", "embed")
+EXECUTION_KNOBS = (
+    "token_budget",
+    "max_batch_size",
+    "cache",
+    "compile",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+)
+
+
+class GenerateConfig(_Strict):
+    """Text generation: an instruct model over a prompt template of row columns."""
+
+    model: str = DEFAULT_GEN_MODEL
+    prompt_template: str | None = Field(
+        default=None, description="Python format string over row columns; default: the text column alone"
+    )
+    system_prompt: str | None = None
+    max_new_tokens: int = Field(default=64, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    max_input_tokens: int | None = Field(default=None, ge=8)
+    ignore_eos: bool = Field(default=False, description="always generate max_new_tokens (benchmarks)")
+    token_budget: int | None = Field(
+        default=None, ge=64, description="padded tokens per batch; null: sized from free GPU memory, 16384 on CPU"
+    )
+    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 256 on GPU, 64 on CPU")
+    cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache: static preallocates")
+    compile: bool = Field(default=False, description="torch.compile the decode step (needs cache: static; GPU)")
+    attn_implementation: str | None = Field(
+        default=None, min_length=1, description="sdpa, eager, flash_attention_2...; null: transformers' choice"
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra chat template variables, e.g. {enable_thinking: false}"
+    )
+    chat_date: dt.date | None = Field(
+        default=None, description="the date a chat template prints; null: the partition date, else the run's start"
+    )
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        default="auto", description="hf (transformers) or vllm; auto: vllm when CUDA and a CUDA vLLM are there"
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per model (and per worker)")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory it takes")
+    max_model_len: int | None = Field(default=None, ge=16, description="vllm: context length (prompt + answer)")
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON Schema every answer follows (inline, or a path to a .json file); adds the typed column generated",
+    )
+
+    @field_validator("output_schema", mode="before")
+    @classmethod
+    def _load_output_schema(cls, value: Any) -> dict[str, Any] | None:
+        # A path or JSON text is replaced by the schema itself, so the fingerprint, the manifest
+        # and MLflow hold what constrained the run, not where it was read from.
+        from tasks.config.output_schema import load_output_schema
+
+        return None if value is None else load_output_schema(value)
+
+    @model_validator(mode="after")
+    def _compile_needs_static_cache(self) -> GenerateConfig:
+        if self.compile and self.cache != "static":
+            raise ValueError("compile: true needs cache: static (torch.compile wants fixed cache shapes)")
+        return self
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs_are_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from gpu_runtime.prompts import RESERVED_TEMPLATE_KWARGS
+
+        if reserved := sorted(RESERVED_TEMPLATE_KWARGS & value.keys()):
+            raise ValueError(f"{', '.join(reserved)} cannot be set here (the engine sets it)")
+        return value
+
+
+class EmbedConfig(_Strict):
+    """Embeddings of the text column."""
+
+    model: str = DEFAULT_EMBED_MODEL
+    prompt_name: str | None = Field(
+        default=None, min_length=1, description="a prompt of the model's (e.g. query); null: its default prompt, if any"
+    )
+    token_budget: int = Field(default=16384, ge=64)
+    max_batch_size: int = Field(default=64, ge=1)
+
+
+class RayConfig(_Strict):
+    """Where shard tasks go with ``runner: ray``, and what each one asks Ray for."""
+
+    address: str | None = Field(
+        default=None, description="ray://host:10001 or host:6379 of a running cluster; none: a local cluster"
+    )
+    num_gpus: float | None = Field(default=None, ge=0, description="per shard; default: 1 if the cluster has GPUs")
+    num_cpus: float | None = Field(default=None, ge=0, description="per shard; default: 1 when no GPU is asked for")
+
+
+class JobConfig(_Strict):
+    """Everything one enrichment run needs; validated on construction."""
+
+    name: str = Field(default="shardwise", min_length=1, description="MLflow experiment name")
+    input: str = Field(min_length=1, description="Parquet file, directory, glob or any fsspec URI")
+    output: str = Field(min_length=1, description="output directory URI")
+    task: Literal["generate", "embed", "both"] = "both"
+    text_column: str = "text"
+    id_column: str = "id"
+    keep_columns: Literal["all", "id"] = "all"
+    rows_per_shard: int = Field(default=1024, ge=1)
+    device: str = "auto"
+    workers: int | None = Field(
+        default=None, ge=1, description="worker processes, one per device; default: visible GPUs, 1 on CPU"
+    )
+    shards_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="shards one in-process worker holds at once (one computes while another reads or writes); "
+        "null: 2 where compute runs on a GPU, 1 on CPU",
+    )
+    runner: Literal["local", "ray"] = Field(default="local", description="local processes, or a Ray cluster")
+    ray: RayConfig = RayConfig()
+    concurrency_tag: str | None = Field(
+        default="gpu",
+        description="Prefect tag on shard tasks, set while a concurrency limit for it exists (which then caps them across runs)",
+    )
+    shard_retries: int = Field(default=2, ge=0)
+    shard_timeout_s: float | None = Field(
+        default=3600, gt=0, description="a shard attempt running longer fails and is retried; null: no limit"
+    )
+    overwrite: bool = Field(default=False, description="replace an output written with another config")
+    lease_timeout_s: float = Field(
+        default=300, gt=0, description="a run's lease on its output, not renewed for this long, may be taken over"
+    )
+    device_type: str | None = Field(default=None, description="price-table key; default: detected")
+    price_per_device_hour: float | None = Field(default=None, ge=0)
+    max_cost: float | None = Field(
+        default=None, gt=0, description="refuse a run forecast to cost more; stop starting shards at it"
+    )
+    cache: str | None = Field(
+        default=None,
+        min_length=1,
+        description="row cache URI (any fsspec URI, shareable): rows computed before with the same inputs are reused",
+    )
+    generate: GenerateConfig = GenerateConfig()
+    embed: EmbedConfig = EmbedConfig()
+    quality: QualityConfig = QualityConfig()
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
+    # spec -> identity of its weights, resolved once per config object (see model_identities)
+    _identities: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _shards_in_flight_in_process(self) -> JobConfig:
+        # Worker processes and Ray workers each take one shard at a time: the setting would do nothing there.
+        if (self.shards_in_flight or 1) > 1 and ((self.workers or 1) > 1 or self.runner == "ray"):
+            raise ValueError("shards_in_flight applies to one in-process worker (workers: 1, runner: local)")
+        return self
+
+    @model_validator(mode="after")
+    def _template_uses_columns(self) -> JobConfig:
+        template = self.generate.prompt_template
+        if self.runs_generation and template is not None:
+            from gpu_runtime.prompts import template_fields
+
+            try:
+                fields = template_fields(template)
+            except ValueError as err:
+                raise ValueError(f"prompt_template is not a valid format string: {err}") from None
+            if not fields:
+                raise ValueError("prompt_template uses no column: put e.g. {text} where the row text goes")
+        return self
+
+    @property
+    def runs_generation(self) -> bool:
+        return self.task in ("generate", "both")
+
+    @property
+    def runs_embedding(self) -> bool:
+        return self.task in ("embed", "both")
+
+    def generation_engine(self) -> str:
+        """The engine generation runs on: ``generate.engine``, with ``auto`` decided for this machine."""
+        if self.generate.engine != "auto":
+            return self.generate.engine  # whether it is installed is the preflight's question
+        from gpu_runtime import choose_engine
+
+        return choose_engine("auto", self.device)
+
+    def vllm_options(self) -> Any:
+        from gpu_runtime import VllmOptions
+
+        g = self.generate
+        return VllmOptions(g.tensor_parallel_size, g.gpu_memory_utilization, g.max_model_len)
+
+    @property
+    def template(self) -> str:
+        """The effective prompt template (the text column alone when none is configured)."""
+        return self.generate.prompt_template or "{" + self.text_column + "}"
+
+    @property
+    def output_schema_hash(self) -> str | None:
+        """Short hash of the output schema (None without one), for lineage next to the fingerprint."""
+        from tasks.config.output_schema import schema_hash
+
+        schema = self.generate.output_schema if self.runs_generation else None
+        return None if schema is None else schema_hash(schema)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config without ``storage_options`` and with URIs redacted (``user:password@``,
+        signed query strings): safe for Prefect parameters, MLflow and manifests."""
+        from tasks.redaction import redact_values
+
+        return redact_values(self.model_dump(mode="json", exclude={"storage_options"}))
+
+    def output_fingerprint(self) -> str:
+        """Hash of every setting that changes output values and of the weights each model spec
+        resolves to (:meth:`model_identities`); a resume must match it."""
+        blob = json.dumps(
+            {"settings": self.settings_fingerprint(), "models": self.model_identities()}, sort_keys=True
+        ).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def model_identities(self) -> dict[str, str]:
+        """``{"generate": ..., "embed": ...}``: the identity of the weights each configured model
+        spec names now (a Hub commit, a hash of local weights; see ``gpu_runtime.model_identity``).
+
+        Resolved once per config object and spec, so checking thousands of parts costs one
+        resolution; a run builds its config once, so a later run sees replaced weights.
+        Raises ``ModelNotFoundError`` when a spec resolves to nothing."""
+        from gpu_runtime.model_identity import model_identity
+
+        identities = {}
+        for role, section, used in (
+            ("generate", self.generate, self.runs_generation),
+            ("embed", self.embed, self.runs_embedding),
+        ):
+            if used:
+                if section.model not in self._identities:
+                    self._identities[section.model] = model_identity(section.model)
+                identities[role] = self._identities[section.model]
+        return identities
+
+    def models_section(self) -> dict[str, dict[str, str]]:
+        """The manifest's ``models``: each role's spec and the identity of its weights."""
+        specs = {"generate": self.generate.model, "embed": self.embed.model}
+        return {role: {"spec": specs[role], "identity": identity} for role, identity in self.model_identities().items()}
+
+    def model_changes(self, recorded: dict[str, Any] | None) -> list[str]:
+        """What differs between a manifest's ``models`` and the weights this config's specs name
+        now, for specs that stayed the same (a changed spec shows as a changed setting)."""
+        changes = []
+        for role, now in self.models_section().items():
+            before = (recorded or {}).get(role) or {}
+            if before.get("spec", now["spec"]) == now["spec"] and before.get("identity") != now["identity"]:
+                # no identity: an output written before they were recorded, which nothing can vouch for
+                was = f"{before['identity'][:22]}…" if before.get("identity") else "not recorded"
+                changes.append(f"{role}.model weights of {now['spec']} ({was} -> {now['identity'][:22]}…)")
+        return changes
+
+    def settings_fingerprint(self) -> str:
+        """Hash of every setting that changes output values, without resolving any model: the
+        same config text gives the same value on any machine (idempotency keys use it)."""
+        relevant = self.model_dump(mode="json", include=set(FINGERPRINT_SETTINGS))
+        if not self.runs_generation:
+            relevant.pop("generate")
+        if not self.runs_embedding:
+            relevant.pop("embed")
+        for section in ("generate", "embed"):
+            if section in relevant:
+                for knob in EXECUTION_KNOBS:
+                    relevant[section].pop(knob, None)
+        if "generate" in relevant:
+            # The engine that runs, not the request: `auto` on another machine may be another engine.
+            # hf leaves both out: neither the engine field nor vllm's max_model_len changes its values.
+            if self.generation_engine() == "hf":
+                relevant["generate"].pop("engine")
+                relevant["generate"].pop("max_model_len")
+            else:
+                relevant["generate"]["engine"] = "vllm"
+        blob = json.dumps(relevant, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """``["generate.max_new_tokens=8", "task=embed"]`` -> nested dict; values are parsed as YAML."""
+    data: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def build_config(
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    set_options: list[str] | None = None,
+) -> JobConfig:
+    """Merge file < overrides < ``--set`` and validate; a bad value raises :class:`ConfigError`."""
+    from tasks.storage.fs import runtime_storage_options
+
+    data: dict[str, Any] = read_config_file(file) if file else {}
+    data = _merge(data, overrides or {})
+    data = _merge(data, parse_set_options(set_options or []))
+    # $SHARDWISE_STORAGE_OPTIONS under the file's own storage_options (the file wins).
+    data["storage_options"] = _merge(runtime_storage_options(), data.get("storage_options") or {})
+    return validate_config(data, source=str(file) if file else "job config")
+
+
+def validate_config(data: dict[str, Any], source: str = "job config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {where}: {message}{more}") from None

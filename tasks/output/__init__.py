@@ -1,0 +1,2 @@
+"""The commit protocol of an output directory: the manifest, resuming into committed parts, and
+the quality verdict that holds or publishes it."""

@@ -1,0 +1,257 @@
+"""The commit protocol over an :class:`~tasks.storage.output_dir.OutputDir`: parts, the manifest, then ``_SUCCESS``.
+
+Readers should trust an output directory only when ``_SUCCESS`` exists: it is written last, after
+every planned shard's part is published, confirmed to be the very part this run wrote or verified
+(its footer's write id), and listed in the manifest. While a run is in progress the manifest says
+``running`` and lists the planned shards, so ``shardwise status`` can report progress.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import task
+
+from tasks.config.job import JobConfig
+from tasks.errors import StorageError
+from tasks.faults import crash_point
+from tasks.output.verdict import QualityVerdict, write_verdict
+from tasks.planning.shards import ShardPlan
+from tasks.records.results import RunTotals, ShardResult
+from tasks.retry_policy import retry_unless_bad_input
+from tasks.storage.output_dir import MANIFEST_NAME, OutputDir, part_name
+
+MANIFEST_FORMAT = "shardwise-manifest/1"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_manifest(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The output's manifest; None when absent or unparseable (see :meth:`OutputDir.read_manifest`)."""
+    return OutputDir(output, storage_options).read_manifest()
+
+
+def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> None:
+    """Withdraw any old ``_SUCCESS`` and record the planned shards before any part is written."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    output.remove_success()
+    output.remove_quality()  # this run's verdict replaces any earlier one
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "status": "running",
+        "started_at": _now(),
+        "updated_at": _now(),
+        "config": cfg.public_dict(),
+        "config_fingerprint": cfg.output_fingerprint(),
+        **run_info,
+        "models": cfg.models_section(),
+        "input": plan.to_dict()["files"],
+        "shards": [{**shard, "status": "pending"} for shard in plan.to_dict()["shards"]],
+    }
+    output.write_json(MANIFEST_NAME, manifest)
+
+
+def count_duplicate_ids(results: list[ShardResult]) -> int:
+    """Rows whose id was already seen in an earlier row (so 3 copies of one id count 2)."""
+    chunks = [chunk for r in results if r.status == "committed" for chunk in r.ids.chunks() if len(chunk)]
+    if not chunks:
+        return 0
+    try:
+        ids = pa.chunked_array(chunks)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # id types differ between input files
+        counts = Counter(i for chunk in chunks for i in chunk.to_pylist())
+        return sum(c - 1 for c in counts.values() if c > 1)
+    return len(ids) - pc.count_distinct(ids, mode="all").as_py()
+
+
+@dataclass(frozen=True)
+class CommitOutcome:
+    succeeded: bool
+    manifest_uri: str
+    duplicate_ids: int
+    totals: RunTotals
+    results: list[ShardResult] = field(default_factory=list)  # as confirmed at commit
+    held: bool = False  # complete, but the quality gate withheld _SUCCESS (see tasks.quality.gate)
+    # The final manifest as written: JSON text, which Prefect does not walk as it does a dict's
+    # every shard entry when the outcome is handed to the report task.
+    manifest_json: str = ""
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The final manifest this commit wrote (None when it wrote none)."""
+        return json.loads(self.manifest_json) if self.manifest_json else None
+
+
+def final_manifest(
+    cfg: JobConfig, plan: ShardPlan, results: list[ShardResult], run_info: dict[str, Any]
+) -> tuple[dict[str, Any], RunTotals, int]:
+    """The manifest of a finished run, its totals and its duplicate-id count."""
+    by_index = {r.index: r for r in results}
+    shards = []
+    for planned in plan.to_dict()["shards"]:
+        result = by_index.get(planned["index"])
+        entry = {**planned, "status": result.status if result else "missing"}
+        if result is not None and result.status == "committed":
+            entry.update(
+                part=result.part_uri.rsplit("/", 1)[-1] if result.part_uri else None,
+                rows=result.rows,
+                error_rows=result.error_rows,
+                bytes=result.part_bytes,
+                sha256=result.part_sha256,
+                worker=result.worker,
+                prompt_tokens=result.prompt_tokens,
+                generated_tokens=result.generated_tokens,
+                reused=result.resumed,
+                rows_cached=result.rows_cached,
+            )
+        elif result is not None:
+            entry["error"] = result.error
+        shards.append(entry)
+    totals = RunTotals.of(results, planned=len(plan.shards))
+    succeeded = totals.committed == len(plan.shards) and not plan.unreadable
+    duplicates = count_duplicate_ids(results)
+    models: dict[str, Any] = cfg.models_section()
+    for r in results:
+        for role, info in r.models.items():
+            models[role] = {**info, **models.get(role, {})}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "status": "succeeded" if succeeded else "failed",
+        "updated_at": _now(),
+        "config": cfg.public_dict(),
+        "config_fingerprint": cfg.output_fingerprint(),
+        **run_info,
+        "models": models,
+        "input": plan.to_dict()["files"],
+        "unreadable_files": [{"uri": u.uri, "reason": u.reason} for u in plan.unreadable],
+        "totals": {**totals.__dict__, "duplicate_ids": duplicates},
+        "shards": shards,
+    }
+    return manifest, totals, duplicates
+
+
+def commit_output(
+    cfg: JobConfig,
+    plan: ShardPlan,
+    results: list[ShardResult],
+    run_info: dict[str, Any],
+    verdict: QualityVerdict | None = None,
+) -> CommitOutcome:
+    """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed and the
+    quality ``verdict`` (when given) does not hold the output: then ``_QUALITY_HOLD`` instead.
+
+    Raises :class:`StorageError` when this run no longer holds the output's lease (another run
+    took it over): then nothing is written. A part that is no longer the one this run wrote or
+    verified (a late worker of a killed run replaced it) counts as failed; parts are checked
+    before the manifest is written and again right before ``_SUCCESS``."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    flow_run_id = run_info.get("prefect_flow_run_id")
+    output.check_lease_holder(flow_run_id)
+    crash_point("before-manifest")
+    results = confirm_parts(output, results)
+    manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
+    succeeded = manifest["status"] == "succeeded"
+    held = succeeded and verdict is not None and verdict.held
+    if succeeded and verdict is not None:
+        manifest.update(status="held" if held else "succeeded", quality=verdict.summary())
+    written = output.write_json(MANIFEST_NAME, manifest)
+    if succeeded:
+        remove_stray_parts(cfg, plan)
+        crash_point("before-success")
+        output.check_lease_holder(flow_run_id)
+        rechecked = confirm_parts(output, results)
+        if rechecked != results:  # replaced while the manifest was written
+            results = rechecked
+            manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
+            written = output.write_json(MANIFEST_NAME, manifest)
+            succeeded = held = False
+        else:
+            if verdict is not None:
+                write_verdict(output, verdict, run_info)
+            if not held:
+                success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
+                output.write_success(success)
+    return CommitOutcome(
+        succeeded and not held, output.uri_of(MANIFEST_NAME), duplicates, totals, results, held, manifest_json=written
+    )
+
+
+def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardResult]:
+    """Each committed result, failed instead when its part's footer no longer carries the write id
+    this run recorded: a late zombie part never sits under this run's ``_SUCCESS``."""
+    confirmed = []
+    for result in results:
+        if result.status == "committed":
+            name = result.part_uri.rsplit("/", 1)[-1] if result.part_uri else ""
+            try:
+                found: str | None = output.part_lineage(name).get("part_write_id")
+            except FileNotFoundError:
+                found = "missing"
+            if found != result.part_write_id:  # both None: a part of an older version, unchanged
+                what = "disappeared" if found == "missing" else "was replaced by another writer"
+                result = replace(
+                    result,
+                    status="failed",
+                    error=f"{name} {what} after this run wrote or verified it "
+                    "(a late worker of an earlier run?); rerun to verify it",
+                )
+        confirmed.append(result)
+    return confirmed
+
+
+def remove_stray_parts(cfg: JobConfig, plan: ShardPlan) -> list[str]:
+    """Delete shardwise's own parts that belong to no planned shard (an earlier plan of changed
+    input), so that the parts under a ``_SUCCESS`` hold each input row exactly once. Files that
+    shardwise did not write are never touched."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    return output.remove_own_parts(keep={s.part_name for s in plan.shards})
+
+
+@task(name="start-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
+def start_output_task(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> None:
+    start_output(cfg, plan, run_info)
+
+
+@task(name="commit-output", retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_unless_bad_input)
+def commit_output_task(
+    cfg: JobConfig,
+    plan: ShardPlan,
+    results: list[ShardResult],
+    run_info: dict[str, Any],
+    verdict: QualityVerdict | None = None,
+) -> CommitOutcome:
+    return commit_output(cfg, plan, results, run_info, verdict)
+
+
+@dataclass(frozen=True)
+class OutputStatus:
+    output: str
+    state: str  # "succeeded", "running", "failed", "empty" (no manifest), ...
+    shards_total: int
+    shards_done: int
+    rows: int
+    success: bool
+
+
+def read_status(output: str, storage_options: dict[str, Any] | None = None) -> OutputStatus:
+    """Progress of an output directory, from its manifest and the parts present."""
+    directory = OutputDir(output, storage_options)
+    try:
+        manifest = directory.read_manifest()
+        success = directory.has_success()
+        parts = set(directory.part_names())
+    except OSError as err:
+        raise StorageError(f"cannot read {output}: {err}") from None
+    if manifest is None:
+        return OutputStatus(output, "no manifest", 0, len(parts), 0, success)
+    shards = manifest.get("shards", [])
+    done = [s for s in shards if part_name(s["shard_id"]) in parts]
+    rows = sum(s.get("num_rows", 0) for s in done)
+    return OutputStatus(output, manifest.get("status", "unknown"), len(shards), len(done), rows, success)

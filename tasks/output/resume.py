@@ -1,0 +1,172 @@
+"""Resuming into an existing output: refuse a different config, verify and keep committed parts.
+
+A part counts as committed when it exists, its footer says it holds the shard's row count, and its
+lineage metadata names this shard and this config's fingerprint. Anything else is redone; a part
+that cannot be read because storage is failing is not redone silently: transient errors are
+retried, and a persistent one fails the run (exit 3).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from tasks.config.job import EXECUTION_KNOBS, FINGERPRINT_SETTINGS, JobConfig
+from tasks.errors import ConfigError, StorageError
+from tasks.planning.shards import Shard, ShardPlan
+from tasks.records.results import RowIds, ShardResult
+from tasks.retry_policy import retry_unless_bad_input
+from tasks.storage.fs import is_storage_failure, is_transient, with_storage_retries
+from tasks.storage.output_dir import LINEAGE_PREFIX, OutputDir, check_separate
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    changed = []
+    for key in FINGERPRINT_SETTINGS:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [
+                f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in EXECUTION_KNOBS
+            ]
+        elif a != b:
+            changed.append(key)
+    return changed
+
+
+def check_output_compatible(cfg: JobConfig) -> bool:
+    """True when the output holds a previous run of a different config that ``overwrite`` allows
+    replacing; raises :class:`ConfigError` when it does and ``overwrite`` is off."""
+    manifest = OutputDir(cfg.output, cfg.storage_options).read_manifest()
+    if manifest is None or manifest.get("config_fingerprint") == cfg.output_fingerprint():
+        return False
+    if cfg.overwrite:
+        return True
+    changed = _differences(manifest.get("config", {}), cfg.public_dict()) + cfg.model_changes(manifest.get("models"))
+    raise ConfigError(
+        f"output {cfg.output} was written with a different config ({', '.join(changed or ['settings'])} changed); "
+        "use another output or --overwrite to replace it"
+    )
+
+
+def check_output_location(cfg: JobConfig) -> None:
+    """Refuse (exit 2) an output that overlaps the input, or that holds files shardwise did not
+    write: a run never deletes or changes a file it cannot prove it wrote."""
+    from tasks.planning.shards import is_input_pattern
+
+    check_separate(cfg.input, cfg.output, cfg.storage_options, is_input_pattern(cfg.input, cfg.storage_options))
+    foreign = OutputDir(cfg.output, cfg.storage_options).foreign_files()
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(
+            f"output {cfg.output} holds files shardwise did not write ({shown}); use an empty or new output directory"
+        )
+
+
+def clear_output(cfg: JobConfig) -> None:
+    """Remove what shardwise wrote there (``_SUCCESS`` first, then parts, then the manifest)."""
+    OutputDir(cfg.output, cfg.storage_options).clear()
+
+
+def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
+    """The committed result of ``shard`` if its part is complete and from this config, else None.
+
+    A damaged or foreign part gives None (it is redone); storage errors are retried while they
+    look transient and otherwise raise :class:`StorageError`."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    uri = output.uri_of(shard.part_name)
+    path = output.path_of(shard.part_name)
+
+    def read() -> tuple[dict[str, str], pa.Table, int] | None:
+        try:
+            with output.fs.open(path, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                metadata = parquet.schema_arrow.metadata or {}
+                lineage = {k.decode(): v.decode() for k, v in metadata.items()}
+                if (
+                    parquet.metadata.num_rows != shard.num_rows
+                    or lineage.get(f"{LINEAGE_PREFIX}shard_id") != shard.shard_id
+                    or lineage.get(f"{LINEAGE_PREFIX}config_fingerprint") != cfg.output_fingerprint()
+                ):
+                    return None
+                # With an output schema, the typed column's nulls are the answers that did not match it.
+                schema_column = ["generated"] if cfg.output_schema_hash is not None else []
+                table = parquet.read(columns=[cfg.id_column, "error", *schema_column])
+                return lineage, table, output.fs.size(path)
+        except FileNotFoundError:
+            return None
+        except Exception as err:  # noqa: BLE001 - sorted: storage trouble is retried, bad bytes redone
+            if is_transient(err):
+                raise
+            if is_storage_failure(err):
+                raise StorageError(f"cannot read {uri}: {type(err).__name__}: {err}") from None
+            return None  # damaged part (bad footer, bad pages): redo it
+
+    found = with_storage_retries(read, f"cannot read {uri}")
+    if found is None:
+        return None
+    lineage, table, size = found
+    error_rows = table.num_rows - table.column(1).null_count
+    schema_valid_rows = table.num_rows - table.column(2).null_count if table.num_columns > 2 else None
+    return ShardResult(
+        index=shard.index,
+        shard_id=shard.shard_id,
+        name=shard.name,
+        source=shard.source,
+        status="committed",
+        rows=shard.num_rows,
+        error_rows=error_rows,
+        part_uri=uri,
+        part_bytes=size,
+        resumed=True,
+        ids=RowIds(table.column(0)),
+        part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
+        prompt_tokens=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
+        generated_tokens=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
+        schema_valid_rows=schema_valid_rows,
+        quality=footer_quality(lineage.get(f"{LINEAGE_PREFIX}quality")),
+    )
+
+
+def footer_quality(raw: str | None) -> dict[str, Any] | None:
+    """A part's partial quality figures from its footer; None for a part written without them."""
+    try:
+        quality = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return quality if isinstance(quality, dict) else None
+
+
+def find_committed(cfg: JobConfig, plan: ShardPlan) -> list[ShardResult]:
+    parts = set(OutputDir(cfg.output, cfg.storage_options).part_names())
+    results = []
+    for shard in plan.shards:
+        if shard.part_name in parts:
+            result = verify_part(cfg, shard)
+            if result is not None:
+                results.append(result)
+    return results
+
+
+@task(name="find-committed", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
+def find_committed_task(cfg: JobConfig, plan: ShardPlan) -> list[ShardResult]:
+    return find_committed(cfg, plan)
+
+
+def prepare_output(cfg: JobConfig) -> None:
+    """Refuse an output of another config, or clear it when ``overwrite`` is set; drop temporary
+    files, write probes and unfinished uploads a killed run left behind. Call holding the lease."""
+    check_output_location(cfg)
+    output = OutputDir(cfg.output, cfg.storage_options)
+    if check_output_compatible(cfg):
+        output.clear()
+        return
+    output.remove_debris()
+
+
+@task(name="prepare-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
+def prepare_output_task(cfg: JobConfig) -> None:
+    prepare_output(cfg)

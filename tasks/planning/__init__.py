@@ -1,0 +1,1 @@
+"""Which rows form which shard, from Parquet footers alone, before any data is read."""

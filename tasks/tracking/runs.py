@@ -1,0 +1,289 @@
+"""MLflow tracking, written from one place (the flow's process) through ``MlflowClient``.
+
+MLflow's active run is thread-local and sqlite dislikes many writers, so shard tasks never log:
+they return a :class:`~tasks.records.results.ShardResult` and the flow logs it here, step = shard index.
+Nothing in ``storage_options`` reaches MLflow (see ``JobConfig.public_dict``), and every param and
+tag passes :func:`tasks.redaction.redact_text` on its way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prefect import task
+
+from tasks.config.job import JobConfig
+from tasks.config.prices import Price
+from tasks.planning.shards import ShardPlan
+from tasks.records.results import RunTotals, ShardResult
+from tasks.redaction import redact_text, redact_uri, redact_values
+from tasks.storage.local_state import state_dir, tracking_uri
+
+_PARAM_LIMIT = 6000
+
+
+def _client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    # Against a tracking server MLflow writes the run's URL, built from the tracking URI with any
+    # user:password@ in it, straight to stdout; the run summary gives a redacted link instead.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+    return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, inner, out)
+    else:
+        text = "" if value is None else str(value)
+        out[prefix] = text if len(text) <= _PARAM_LIMIT else text[: _PARAM_LIMIT - 20] + "...[truncated]"
+
+
+def prompt_hash(cfg: JobConfig) -> str:
+    blob = f"{cfg.template}\x00{cfg.generate.system_prompt or ''}".encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def start_run(
+    cfg: JobConfig,
+    plan: ShardPlan,
+    flow_run_id: str | None,
+    uri: str | None = None,
+    flow_run_url: str | None = None,
+) -> str:
+    """Create the MLflow run for this flow run, with its config, inputs and code version."""
+    from mlflow.entities import Param, RunTag
+
+    from tasks.records.lineage import code_version, log_inputs
+
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(cfg.name)
+    if experiment is None:
+        # Next to the default sqlite database rather than wherever the process happens to run.
+        location = None if uri or os.environ.get("MLFLOW_TRACKING_URI") else (state_dir() / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(cfg.name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    tags = {
+        "mlflow.runName": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "shardwise.input": redact_uri(cfg.input),
+        "shardwise.output": redact_uri(cfg.output),
+        "shardwise.task": cfg.task,
+    }
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    if flow_run_url:
+        tags["prefect.flow_run_url"] = flow_run_url
+    tags.update(code_version())
+    run = client.create_run(experiment_id, tags=tags)
+    params: dict[str, str] = {}
+    _flatten("", cfg.public_dict(), params)
+    params["input.files"] = str(len(plan.files))
+    params["input.rows"] = str(plan.total_rows)
+    params["shards.planned"] = str(len(plan.shards))
+    if cfg.runs_generation:
+        params["generate.prompt_hash"] = prompt_hash(cfg)
+        params["generate.effective_prompt_template"] = cfg.template[:_PARAM_LIMIT]
+        if cfg.output_schema_hash is not None:
+            params["generate.output_schema_hash"] = cfg.output_schema_hash
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, redact_text(v)) for k, v in params.items()],
+        tags=[RunTag(k, redact_text(v)) for k, v in tags.items() if k != "mlflow.runName"],
+    )
+    client.log_dict(run.info.run_id, cfg.public_dict(), "job_config.json")
+    log_inputs(run.info.run_id, plan, client)
+    _start_system_metrics(run.info.run_id, uri or tracking_uri())
+    return run.info.run_id
+
+
+_monitors: dict[str, Any] = {}
+
+
+def _start_system_metrics(run_id: str, uri: str) -> None:
+    """GPU utilisation, memory and power as MLflow ``system/*`` metrics, when NVML is available."""
+    from tasks.config.prices import nvml_available
+
+    if not nvml_available():
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
+    monitor.start()
+    _monitors[run_id] = monitor
+
+
+def _stop_system_metrics(run_id: str) -> None:
+    monitor = _monitors.pop(run_id, None)
+    if monitor is not None:
+        monitor.finish()
+
+
+def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
+    """A shard's figures; a shard reused from an earlier run computed nothing now: its rates are 0."""
+    seconds = max(result.seconds, 1e-9) if not result.resumed else float("inf")
+    compute = max(result.seconds_compute, 1e-9) if not result.resumed else float("inf")
+    metrics = {
+        "shard_rows": result.rows,
+        "shard_error_rows": result.error_rows,
+        "shard_seconds": result.seconds,
+        "shard_seconds_read": result.seconds_read,
+        "shard_seconds_wait": result.seconds_wait,
+        "shard_seconds_compute": result.seconds_compute,
+        "shard_seconds_write": result.seconds_write,
+        "shard_rows_cached": result.rows_cached,
+        # rates over what the shard computed: rows from the row cache cost no device time
+        "shard_rows_per_s": (result.rows - result.rows_cached) / seconds,
+        "shard_prompt_tok_per_s": (result.prompt_tokens - result.cached_prompt_tokens) / compute,
+        "shard_generated_tok_per_s": (result.generated_tokens - result.cached_generated_tokens) / compute,
+        "shard_cost": 0.0 if result.resumed else price.cost(result.seconds),
+        "shard_failed": 0.0 if result.status == "committed" else 1.0,
+    }
+    cost = metrics["shard_cost"]
+    metrics["shard_cost_per_1k_rows"] = cost / result.rows * 1000 if result.rows else 0.0
+    if result.generated_tokens:
+        metrics["shard_cost_per_1m_generated_tokens"] = cost / result.generated_tokens * 1e6
+    if result.energy_j is not None:
+        metrics["shard_energy_j"] = result.energy_j
+    return metrics
+
+
+def log_shard(run_id: str, result: ShardResult, price: Price, uri: str | None = None) -> None:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), stamp, result.index) for k, v in shard_metrics(result, price).items()]
+    _client(uri).log_batch(run_id, metrics=metrics)
+
+
+def log_timings(run_id: str, figures: dict[str, float], uri: str | None = None) -> None:
+    """Where the run's wall time went (see tasks/tracking/timings.py), logged once the report is done."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in figures.items()])
+
+
+def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int) -> dict[str, float]:
+    """Run figures; rates and cost per row or token are over what this run computed, not over rows
+    or tokens reused from parts an earlier run committed."""
+    wall = max(wall_seconds, 1e-9)
+    cost = price.cost(totals.device_seconds)
+    energy = {} if totals.energy_j is None else {"energy_j": totals.energy_j}
+    if totals.schema_valid_rows is not None:
+        energy |= {
+            "schema_valid_rows": totals.schema_valid_rows,
+            "schema_valid_rate": totals.schema_valid_rows / totals.schema_rows if totals.schema_rows else 0.0,
+        }
+    computed_tokens = totals.generated_tokens_computed
+    return energy | {
+        "rows": totals.rows,
+        "rows_computed": totals.rows_computed,
+        "rows_reused": totals.rows_reused,
+        "rows_cached": totals.rows_cached,
+        "error_rows": totals.error_rows,
+        "truncated_rows": totals.truncated_rows,
+        "duplicate_ids": duplicate_ids,
+        "shards_committed": totals.committed,
+        "shards_failed": totals.failed,
+        "prompt_tokens": totals.prompt_tokens,
+        "generated_tokens": totals.generated_tokens,
+        "prompt_tokens_computed": totals.prompt_tokens_computed,
+        "generated_tokens_computed": computed_tokens,
+        "seconds": wall_seconds,
+        "device_seconds": totals.device_seconds,
+        "seconds_read": totals.seconds_read,
+        "seconds_compute": totals.seconds_compute,
+        "seconds_write": totals.seconds_write,
+        "rows_per_s": totals.rows_computed / wall,
+        "prompt_tok_per_s": totals.prompt_tokens_computed / wall,
+        "generated_tok_per_s": computed_tokens / wall,
+        "cost": cost,
+        "price_per_device_hour": price.per_hour,
+        "cost_per_1k_rows": cost / totals.rows_computed * 1000 if totals.rows_computed else 0.0,
+        "cost_per_1m_generated_tokens": cost / computed_tokens * 1e6 if computed_tokens else 0.0,
+        # what the cached rows would have cost at this run's cost per computed row
+        "cost_saved_estimate": cost / totals.rows_computed * totals.rows_cached if totals.rows_computed else 0.0,
+    }
+
+
+def finish_run(
+    run_id: str,
+    metrics: dict[str, float],
+    manifest: dict[str, Any] | None,
+    succeeded: bool,
+    price: Price,
+    output: str,
+    results: list[ShardResult],
+    uri: str | None = None,
+) -> None:
+    """Totals, models, the output dataset and manifest, the throughput figure; then close the run."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from tasks.records.lineage import model_params, output_dataset
+    from tasks.tracking.figures import throughput_figure
+
+    client = _client(uri)
+    stamp = int(time.time() * 1000)
+    models: dict[str, dict[str, Any]] = {}
+    for result in results:
+        models.update(result.models)
+    logged = client.get_run(run_id).data.params
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
+        params=[Param(k, redact_text(v)) for k, v in model_params(models).items() if k not in logged],
+        tags=[RunTag("shardwise.device_type", price.device_type), RunTag("shardwise.currency", price.currency)],
+    )
+    if manifest is not None:
+        client.log_dict(run_id, redact_values(manifest), "manifest.json")
+        client.log_inputs(run_id, datasets=[output_dataset(output, manifest)])
+    computed = [r for r in results if not r.resumed and r.status == "committed"]
+    if computed:
+        figure = throughput_figure(computed, price)
+        client.log_figure(run_id, figure, "throughput.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    _stop_system_metrics(run_id)
+    client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+
+
+def interrupted(err: BaseException) -> bool:
+    """Ctrl-C, SIGTERM (ours, or Prefect's own bridge while a flow runs) or a cancellation."""
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.errors import Terminated
+
+    return isinstance(err, (KeyboardInterrupt, Terminated, TerminationSignal, asyncio.CancelledError))
+
+
+@contextlib.contextmanager
+def ended_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
+    """Whatever stops the run before it reports ends its MLflow run: KILLED when interrupted,
+    FAILED otherwise, so no run is left RUNNING forever."""
+    try:
+        yield
+    except BaseException as err:
+        status = "KILLED" if interrupted(err) else "FAILED"
+        try:
+            _stop_system_metrics(run_id)
+            _client(uri).set_terminated(run_id, status=status)
+        except Exception as close_err:  # noqa: BLE001 - the original error is the one to report
+            logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, close_err)
+        raise
+
+
+@task(name="start-tracking", retries=2, retry_delay_seconds=2)
+def start_tracking_task(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, flow_run_url: str | None) -> str:
+    return start_run(cfg, plan, flow_run_id, flow_run_url=flow_run_url)
