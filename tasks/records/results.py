@@ -80,7 +80,7 @@ class ShardResult:
     resumed: bool = False  # committed by an earlier run and verified, not recomputed
     worker: str | None = None  # which worker process ran it (see tasks.compute.runners)
     model_loads: dict[str, int] = field(default_factory=dict)  # loads so far in that worker, by model
-    quality: dict[str, Any] | None = None  # partial quality figures of its rows (tasks.quality.gate.shard_profile)
+    quality: dict[str, Any] | None = None  # partial quality figures of its rows (tasks.records.profile.shard_profile)
     ids: RowIds = field(default_factory=RowIds, repr=False, compare=False)
 
     @property
