@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks.records.demo_data import write_reviews_dataset
+from tests.prefect_reads import read_all
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +89,9 @@ def partition_runs(deployment_id) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        return read_all(
+            client.read_flow_runs, deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
 
 
 def trigger_backfill(job: Path, start: str, end: str):
@@ -233,7 +236,7 @@ def test_partition_run_uses_the_job_files_storage_options(worker, s3_server, tmp
     assert len(fs.glob(f"{bucket}/enriched/dt={date}/part-*.parquet")) == 1
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
+        runs = read_all(client.read_flow_runs)
     subflows = [
         r
         for r in runs

@@ -223,8 +223,12 @@ def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path
 
 def _backfill_outcomes(run) -> list[dict]:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
-    table = next(a for a in artifacts if a.key == "backfill-partitions" and a.flow_run_id == run.id)
+        (table,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]), key=ArtifactFilterKey(any_=["backfill-partitions"])
+            )
+        )
     return json.loads(table.data) if isinstance(table.data, str) else table.data

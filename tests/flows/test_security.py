@@ -14,6 +14,7 @@ import yaml
 
 from tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_ray_runner import ray_cluster  # noqa: F401 - a fixture, for the Ray case
+from tests.prefect_reads import read_all
 from tests.servers import basic_auth_proxy, serve_files_with_basic_auth, start_mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -85,7 +86,7 @@ def test_canary_secret_appears_in_no_log_artifact_parameter_or_file(prefect_serv
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
+        runs = read_all(client.read_flow_runs)
     assert runs and all(canary not in repr(run.parameters) for run in runs)
     jobs = [run.parameters.get("job") for run in runs]  # other tests' deployment runs pass a YAML path
     assert any(isinstance(job, dict) and job.get("name") == "canary-job" for job in jobs)
@@ -122,11 +123,14 @@ def prefect_records(flow_run_id: str) -> str:
 
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        logs = read_all(client.read_logs, log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        artifacts = read_all(
+            client.read_artifacts,
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])),
         )
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        task_runs = read_all(
+            client.read_task_runs, flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
     assert logs and artifacts and task_runs
     return "\n".join(
         [repr(flow_run), *(repr(log) for log in logs), *(repr(a) for a in artifacts), *(repr(t) for t in task_runs)]
