@@ -27,7 +27,12 @@ def _environment_defaults() -> None:
     """Defaults that must be in place before Prefect or tokenizers are imported."""
     # The ephemeral Prefect server takes ~12 s to start on a small machine; 20 s is too tight.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "TOKENIZERS_PARALLELISM" not in os.environ:
+        # One tokenizer thread: compute on the CPU needs the cores. An engine on a GPU turns the
+        # tokenizers' threads on (gpu_runtime.device.tokenize_on_all_cores); the marker says whose
+        # choice this was.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["SHARDWISE_TOKENIZERS_PARALLELISM_DEFAULTED"] = "1"
     # No network but package registries: telemetry would only log a failure.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

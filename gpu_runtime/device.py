@@ -9,7 +9,20 @@ import torch
 
 from .errors import EngineError
 
-__all__ = ["default_dtype", "device_lock", "pin_worker", "placement_kwargs", "select_device", "visible_gpu_count"]
+__all__ = [
+    "TOKENIZERS_DEFAULTED",
+    "default_dtype",
+    "device_lock",
+    "pin_worker",
+    "placement_kwargs",
+    "select_device",
+    "tokenize_on_all_cores",
+    "visible_gpu_count",
+]
+
+# Set (to "1") by whoever put TOKENIZERS_PARALLELISM=false as a default rather than the user's
+# choice: shardwise's CLI, so that compute on the CPU keeps every core.
+TOKENIZERS_DEFAULTED = "SHARDWISE_TOKENIZERS_PARALLELISM_DEFAULTED"
 
 
 def select_device(preference: str | torch.device | None = "auto") -> torch.device:
@@ -95,3 +108,14 @@ def pin_worker(slot: int, workers: int, gpus: int, cpus: int | None = None, gpus
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     return label
+
+
+def tokenize_on_all_cores(device: torch.device) -> None:
+    """Where the engine computes on a GPU, fast tokenizers use all host cores (their own Rust
+    thread pool, TOKENIZERS_PARALLELISM=true): the host is idle while the device computes, and
+    one thread tokenizes ~10,000 short texts/s (docs/benchmarks.md), below what a GPU embeds.
+    On the CPU the cores belong to the model. A TOKENIZERS_PARALLELISM the user set stays."""
+    if device.type != "cuda":
+        return
+    if "TOKENIZERS_PARALLELISM" not in os.environ or os.environ.get(TOKENIZERS_DEFAULTED) == "1":
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # read by tokenizers at every call

@@ -8,10 +8,19 @@ precision. A prompt (``prompt_name``, or the model's default prompt) is prepende
 as sentence-transformers does, and counts towards the token limit. A batch that runs out of
 memory is halved and retried, and later batches of the engine are capped at the size that worked
 (see backoff.py).
+
+Each text is tokenized once, on the caller's thread: the same pass counts its tokens (to plan
+batches) and gives the ids the model reads, so a worker holding two shards tokenizes the next
+while the device computes the current one. The prefetch thread only pads a batch's ids into
+tensors. That equals ``SentenceTransformer.preprocess`` for a plain text model; the first batch of
+each prompt is built both ways and compared, and a model whose preprocessing differs (a chat
+template, flattened inputs, its own padding) gets ``preprocess`` for every batch instead.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,15 +32,17 @@ import torch
 from .backoff import BatchBackoff
 from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
-from .device import default_dtype
+from .device import default_dtype, tokenize_on_all_cores
 from .dummy import build_sentence_transformer
 from .errors import EngineError
-from .prefetch import pin_for, prefetched, to_device
+from .prefetch import host_tensor, pin_for, prefetched, to_device
 
 if TYPE_CHECKING:
     from .model_specs import ResolvedModel
 
 __all__ = ["EmbeddingEngine", "EmbeddingOutput"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,11 +56,23 @@ class EmbeddingOutput:
     truncated: list[bool]
 
 
+@dataclass
+class _Tokenized:
+    """One call's texts (each after the prompt) tokenized once: per row, the tokenizer's columns
+    (``input_ids``, ``attention_mask``...) as the model reads them, i.e. truncated as the model
+    truncates, and the row's token count before truncation."""
+
+    columns: dict[str, list[list[int]]]
+    n_tokens: list[int]
+
+
 class EmbeddingEngine:
     """A ``SentenceTransformer`` ready for batched embedding.
 
     Obtain one with :func:`gpu_runtime.load_embedding_engine` (cached per process). Calls to
-    :meth:`embed` on one engine run one at a time (shared device, thread-unsafe tokenizer).
+    :meth:`embed` on one engine may come from several threads: each tokenizes its texts on its own
+    thread (one at a time, with the engine's own copy of the tokenizer, which is not thread-safe)
+    and computes on the device one at a time.
     """
 
     def __init__(self, model: Any, info: dict[str, Any]) -> None:
@@ -59,6 +82,13 @@ class EmbeddingEngine:
         self.normalize = any(type(module).__name__ == "Normalize" for module in model)
         self.info: dict[str, Any] = {**info, "dim": self.dim, "normalize": self.normalize}
         self._lock = threading.Lock()
+        # A copy for the callers' threads, so that their tokenizing never meets the model's
+        # tokenizer in use on the prefetch thread (a fast tokenizer is not thread-safe).
+        self._tokenizer = copy.deepcopy(model.tokenizer)
+        self._tokenizer_lock = threading.Lock()
+        # Per prompt: the non-token features preprocess adds (modality, prompt length), once the
+        # padded ids were found equal to preprocess's; None where they were not.
+        self._collate_extras: dict[str, dict[str, Any] | None] = {}
         # Lives as long as the engine: a batch size that ran out of memory is not tried again.
         self.backoff = BatchBackoff(self.device, what=f"embedding with {info.get('spec')!r}")
 
@@ -71,6 +101,7 @@ class EmbeddingEngine:
         if resolved.gguf_file is not None:
             raise EngineError(f"{resolved.spec!r} is a GGUF model; embedding models must be transformers checkpoints")
         dtype = default_dtype(device)
+        tokenize_on_all_cores(device)
         if resolved.source == "dummy":
             model = build_sentence_transformer(resolved.spec, device, dtype)
         else:
@@ -112,29 +143,51 @@ class EmbeddingEngine:
         prompt = self.prompt(prompt_name)
         if not texts:
             return EmbeddingOutput(np.zeros((0, self.dim), dtype=np.float32), [], [])
-        return on_compute_thread(self._embed, texts, token_budget, max_batch_size, prompt)
+        tokenized = self._tokenize(texts, prompt)  # on this thread, while the device may be busy
+        return on_compute_thread(self._embed, texts, tokenized, token_budget, max_batch_size, prompt)
 
-    def _embed(self, texts: list[str], token_budget: int, max_batch_size: int, prompt: str) -> EmbeddingOutput:
+    def _tokenize(self, texts: list[str], prompt: str) -> _Tokenized:
+        """Every text after ``prompt``, tokenized once: counted whole, and truncated where longer
+        than the model reads (those rows alone are tokenized a second time, with truncation)."""
+        prompted = [prompt + text for text in texts]  # the prompt counts towards the limit
+        with self._tokenizer_lock:
+            # verbose=False: over-long inputs are expected; they are truncated below.
+            encoded = self._tokenizer(prompted, add_special_tokens=True, truncation=False, verbose=False)
+            columns = {key: list(values) for key, values in encoded.items()}
+            n_tokens = [len(ids) for ids in columns["input_ids"]]
+            long = [i for i, n in enumerate(n_tokens) if n > self.max_seq_length]
+            if long:
+                cut = self._tokenizer(
+                    [prompted[i] for i in long],
+                    add_special_tokens=True,
+                    truncation="longest_first",
+                    max_length=self.max_seq_length,
+                    verbose=False,
+                )
+                for key, values in cut.items():
+                    for i, row in zip(long, values):
+                        columns[key][i] = row
+        return _Tokenized(columns, n_tokens)
+
+    def _embed(
+        self, texts: list[str], tokenized: _Tokenized, token_budget: int, max_batch_size: int, prompt: str
+    ) -> EmbeddingOutput:
+        n_tokens = tokenized.n_tokens
         with self._lock:
-            # verbose=False: over-long inputs are expected; the model truncates them itself.
-            # The prompt is part of what the model reads, so it counts towards the limit.
-            encoded = self.model.tokenizer(
-                [prompt + text for text in texts], add_special_tokens=True, truncation=False, verbose=False
-            )
-            n_tokens = [len(ids) for ids in encoded["input_ids"]]
             # What a row costs in a batch is its length after truncation.
             batches = plan_batches(
-                [min(n, self.max_seq_length) for n in n_tokens],
+                [len(ids) for ids in tokenized.columns["input_ids"]],
                 token_budget=token_budget,
                 max_batch_size=max_batch_size,
             )
             vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-            # The next batch is tokenized (and pinned, on CUDA) while this one computes.
-            for batch, features in prefetched(batches, lambda rows: self._features(texts, rows, prompt)):
+            # The next batch is padded (and pinned, on CUDA) while this one computes.
+            features_of = lambda rows: self._features(texts, tokenized, rows, prompt)  # noqa: E731
+            for batch, features in prefetched(batches, features_of):
                 check_cancelled()
                 rows = self.backoff.run(
                     batch,
-                    self._encode_rows(texts, prompt, batch, features),
+                    self._encode_rows(features_of, batch, features),
                     describe_row=lambda i: f"text {i}: {min(n_tokens[i], self.max_seq_length)} tokens",
                 )
                 vectors[batch] = np.stack(rows)
@@ -148,21 +201,56 @@ class EmbeddingEngine:
     def device(self) -> torch.device:
         return torch.device(self.model.device)
 
-    def _features(self, texts: list[str], rows: list[int], prompt: str) -> dict[str, Any]:
-        """The model's inputs for ``prompt`` + ``texts[rows]``, as ``SentenceTransformer.encode``
-        builds them (truncation, prompt length for pooling), in pinned memory when bound for CUDA.
-        Runs on the prefetch thread."""
-        features = self.model.preprocess([texts[i] for i in rows], prompt=prompt or None)
-        return pin_for(features, self.device)
+    def _features(self, texts: list[str], tokenized: _Tokenized, rows: list[int], prompt: str) -> dict[str, Any]:
+        """The model's inputs for ``prompt`` + ``texts[rows]``, equal to what
+        ``SentenceTransformer.encode`` builds (truncation, padding, prompt length for pooling), in
+        pinned memory when bound for CUDA. Runs on the prefetch thread."""
+        if prompt not in self._collate_extras:
+            # First batch with this prompt: padded ids only if they equal preprocess's.
+            reference = self.model.preprocess([texts[i] for i in rows], prompt=prompt or None)
+            self._collate_extras[prompt] = _extras_if_equal(self._collate(tokenized, rows), reference)
+            if self._collate_extras[prompt] is None:
+                logger.info(
+                    "embedding model %r preprocesses text its own way: each batch is tokenized again",
+                    self.info.get("spec"),
+                )
+            return pin_for(reference, self.device)
+        extras = self._collate_extras[prompt]
+        if extras is None:
+            return pin_for(self.model.preprocess([texts[i] for i in rows], prompt=prompt or None), self.device)
+        return {**self._collate(tokenized, rows), **extras}
+
+    def _collate(self, tokenized: _Tokenized, rows: list[int]) -> dict[str, Any]:
+        """``rows``' token columns padded to the longest of them, as the tokenizer pads (its side,
+        pad token and pad type id), as int64 tensors in pinned memory when bound for CUDA."""
+        tokenizer = self.model.tokenizer
+        pad_values = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
+        width = max(len(tokenized.columns["input_ids"][i]) for i in rows)
+        left = tokenizer.padding_side == "left"
+        features: dict[str, Any] = {}
+        for key, per_row in tokenized.columns.items():
+            pad = pad_values.get(key, 0)  # attention_mask: 0 on padding
+            array = np.full((len(rows), width), pad if pad is not None else 0, dtype=np.int64)
+            for r, i in enumerate(rows):
+                ids = per_row[i]
+                if left:
+                    array[r, width - len(ids) :] = ids
+                else:
+                    array[r, : len(ids)] = ids
+            features[key] = host_tensor(array, self.device)
+        return features
 
     def _encode_rows(
-        self, texts: list[str], prompt: str, batch: list[int], features: dict[str, Any]
+        self,
+        features_of: Callable[[list[int]], dict[str, Any]],
+        batch: list[int],
+        features: dict[str, Any],
     ) -> Callable[[list[int]], list[np.ndarray]]:
         """``rows -> one float32 vector per row``: ``features`` when the rows are the prepared
         ``batch``, else (a batch split after running out of memory) the rows prepared now."""
 
         def encode(rows: list[int]) -> list[np.ndarray]:
-            return self._encode_features(features if rows == batch else self._features(texts, rows, prompt))
+            return self._encode_features(features if rows == batch else features_of(rows))
 
         return encode
 
@@ -171,3 +259,17 @@ class EmbeddingEngine:
         with torch.inference_mode():
             out = self.model(to_device(features, self.device))["sentence_embedding"]
             return list(out.float().cpu().numpy())
+
+
+def _extras_if_equal(collated: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any] | None:
+    """``reference``'s features other than the token columns (``modality``, ``prompt_length``) if
+    its token columns equal ``collated``'s in shape, dtype and value; else None."""
+    if not set(collated) <= set(reference):
+        return None
+    for key, tensor in collated.items():
+        other = reference[key]
+        if not isinstance(other, torch.Tensor) or other.dtype != tensor.dtype or not torch.equal(other, tensor):
+            return None
+    if any(isinstance(value, torch.Tensor) for key, value in reference.items() if key not in collated):
+        return None  # a per-row tensor the single tokenization does not build
+    return {key: value for key, value in reference.items() if key not in collated}

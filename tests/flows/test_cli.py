@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gpu_runtime.device import TOKENIZERS_DEFAULTED
+
 SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
 
 
@@ -192,3 +194,25 @@ def test_demo_from_a_fresh_directory(tmp_path):
     )
     assert count == [(8, 8)]
     assert (tmp_path / ".shardwise" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("user_setting", [None, "false", "true"])
+def test_tokenizer_threads_default_is_marked_as_shardwises(user_setting):
+    """The CLI's TOKENIZERS_PARALLELISM=false is marked as a default, which a GPU engine may turn
+    on; a value the user set is neither marked nor changed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", TOKENIZERS_DEFAULTED)}
+    if user_setting is not None:
+        env["TOKENIZERS_PARALLELISM"] = user_setting
+    probe = (
+        "import os, torch\n"
+        "from flows.cli import _environment_defaults\n"
+        "from gpu_runtime.device import tokenize_on_all_cores\n"
+        "_environment_defaults()\n"
+        "before = os.environ['TOKENIZERS_PARALLELISM']\n"
+        "tokenize_on_all_cores(torch.device('cuda', 0))\n"
+        "print(before, os.environ['TOKENIZERS_PARALLELISM'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = {None: "false true", "false": "false false", "true": "true true"}[user_setting]
+    assert out.stdout.split() == expected.split()

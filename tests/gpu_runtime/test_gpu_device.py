@@ -56,3 +56,27 @@ def test_tensor_parallel_workers_each_own_their_own_gpus():
     assert pin_in_fresh_process(0, 2, 4, cpus=8, per_worker=2)["cuda_visible"] == "0,1"
     second = pin_in_fresh_process(1, 2, 4, cpus=8, per_worker=2, visible="2,3,5,7")
     assert second["cuda_visible"] == "5,7" and second["label"] == "gpu 5,7"
+
+
+def test_tokenizers_use_all_cores_only_beside_a_gpu(monkeypatch):
+    """A GPU engine turns the tokenizers' thread pool on unless the user chose otherwise; on the
+    CPU the setting is left as it is (the cores belong to the model)."""
+    import torch
+
+    from gpu_runtime.device import TOKENIZERS_DEFAULTED, tokenize_on_all_cores
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv(TOKENIZERS_DEFAULTED, "1")  # shardwise's own default
+    tokenize_on_all_cores(torch.device("cpu"))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    tokenize_on_all_cores(torch.device("cuda", 0))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # the user's own choice
+    monkeypatch.delenv(TOKENIZERS_DEFAULTED)
+    tokenize_on_all_cores(torch.device("cuda", 0))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")  # nobody's choice
+    tokenize_on_all_cores(torch.device("cuda", 0))
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"

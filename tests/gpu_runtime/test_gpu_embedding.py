@@ -148,3 +148,78 @@ def test_truncation_counts_the_prompt(prompted_minilm):
     prompted = engine.embed([text], prompt_name="query")
     assert alone.truncated == [False] and alone.n_tokens == [engine.max_seq_length]
     assert prompted.truncated == [True] and prompted.n_tokens[0] > engine.max_seq_length
+
+
+def _minilm(**tokenizer_settings):
+    """A fresh engine on the bundled MiniLM whose model tokenizer has ``tokenizer_settings``."""
+    from sentence_transformers import SentenceTransformer
+
+    from gpu_runtime import resolve_model_spec
+    from gpu_runtime.embedding import EmbeddingEngine
+
+    model = SentenceTransformer(resolve_model_spec("bundled:all-minilm-l6-v2").path, device="cpu")
+    for name, value in tokenizer_settings.items():
+        setattr(model.tokenizer, name, value)
+    return EmbeddingEngine(model, {"spec": f"MiniLM {tokenizer_settings}"})
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("prompt", ["", "query: "])
+def test_one_tokenization_gives_preprocess_features_for_every_batch(padding_side, prompt):
+    """Texts are tokenized once; each batch's padded ids equal what ``preprocess`` builds, the
+    over-long rows (truncated) included, on either padding side."""
+    import torch
+
+    engine = _minilm(padding_side=padding_side)
+    tokenized = engine._tokenize(TEXTS, prompt)
+    assert tokenized.n_tokens[3] > engine.max_seq_length  # truncated rows are in there
+    for rows in ([0, 1, 2], [3, 5, 9], list(range(len(TEXTS))), [18], [3]):
+        collated = engine._collate(tokenized, rows)
+        reference = engine.model.preprocess([TEXTS[i] for i in rows], prompt=prompt or None)
+        assert set(collated) == {"input_ids", "token_type_ids", "attention_mask"}
+        for key, tensor in collated.items():
+            assert tensor.dtype == reference[key].dtype and torch.equal(tensor, reference[key]), (rows, key)
+    out = engine.embed(TEXTS, max_batch_size=4)
+    assert engine._collate_extras[""] == {"modality": "text"}  # the single tokenization was used
+    if padding_side == "right":  # BERT's positions move with left padding, so vectors depend on the batch
+        reference = engine.model.encode(TEXTS, convert_to_numpy=True, show_progress_bar=False)
+        np.testing.assert_allclose(out.vectors, reference, atol=1e-5)
+
+
+def test_a_model_that_preprocesses_its_own_way_gets_preprocess_for_every_batch():
+    """Padding to a multiple of 8 (set on the model's text processing): the padded ids differ from
+    preprocess's on the first batch, so every batch is built by preprocess and vectors still equal
+    ``encode``'s."""
+    engine = _minilm()
+    texts = [text for text in TEXTS if len(engine.model.tokenizer(text)["input_ids"]) < engine.max_seq_length]
+    assert max(len(ids) for ids in engine.model.tokenizer(texts)["input_ids"]) % 8  # the widest batch
+    engine.model[0].processing_kwargs = {"text": {"pad_to_multiple_of": 8}}
+    out = engine.embed(texts, max_batch_size=4)
+    assert engine._collate_extras[""] is None
+    reference = engine.model.encode(texts, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(out.vectors, reference, atol=1e-5)
+    assert out.n_tokens[0] == 4 and not any(out.truncated)
+
+
+def test_callers_tokenize_on_their_own_threads_concurrently():
+    """Two callers at once (a worker holding two shards): each tokenizes on its own thread, not the
+    compute thread, and both get the vectors they would get alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = _minilm()
+    alone = {half: engine.embed(TEXTS[half::2], max_batch_size=4).vectors for half in (0, 1)}
+    tokenizing_threads = set()
+    tokenize = engine._tokenize
+
+    def recording(texts, prompt):
+        tokenizing_threads.add(threading.current_thread().name)
+        return tokenize(texts, prompt)
+
+    engine._tokenize = recording
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="shard") as pool:
+        futures = {half: pool.submit(engine.embed, TEXTS[half::2], max_batch_size=4) for half in (0, 1)}
+        together = {half: future.result().vectors for half, future in futures.items()}
+    assert tokenizing_threads and all(name.startswith("shard") for name in tokenizing_threads)
+    for half in (0, 1):
+        np.testing.assert_allclose(together[half], alone[half], atol=1e-6)
