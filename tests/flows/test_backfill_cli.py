@@ -94,31 +94,10 @@ def test_backfill_bad_dates_exit_2(tmp_path):
 def test_a_partition_held_by_the_quality_gate_exits_4(tmp_path):
     """Reviews on the first night, server logs on the second: the second partition's embeddings
     drift from the first's, so it is written but held; the backfill says so and exits 4."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from tests.flows.test_quality_gate import reviews_then_server_logs
 
     first, second = "2026-10-01", "2026-10-02"
-    write_reviews_dataset(str(tmp_path / "raw" / f"dt={first}"), files=1, rows_per_file=4, rows_per_group=2)
-    (tmp_path / "raw" / f"dt={second}").mkdir(parents=True)
-    logs = [f"GET /api/v2/orders/{i} 500 Internal Server Error in {i * 7} ms" for i in range(4)]
-    pq.write_table(
-        pa.table({"review_id": [f"log-{i}" for i in range(4)], "text": logs}),
-        tmp_path / "raw" / f"dt={second}" / "logs.parquet",
-    )
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "name": "held-backfill",
-                "input": str(tmp_path / "raw"),
-                "output": str(tmp_path / "enriched"),
-                "task": "embed",
-                "id_column": "review_id",
-                "device": "cpu",
-                "quality": {"min_rows": 1},
-            }
-        )
-    )
+    config = reviews_then_server_logs(tmp_path, first, second, "held-backfill")
     proc = shardwise("backfill", "--config", str(config), "--start", first, "--end", second)
     assert proc.returncode == 4, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -21,6 +21,35 @@ PROMPT = (
 )
 
 
+def reviews_then_server_logs(tmp_path: Path, first: str, second: str, name: str) -> Path:
+    """Input partitions of 4 rows each: reviews on ``first``, server log lines on ``second`` (their
+    embeddings drift far from the reviews'), and an embedding job over them (``min_rows: 1``)."""
+    import pyarrow as pa
+
+    write_reviews_dataset(str(tmp_path / "raw" / f"dt={first}"), files=1, rows_per_file=4, rows_per_group=2)
+    logs = [f"GET /api/v2/orders/{i} 500 Internal Server Error in {i * 7} ms" for i in range(4)]
+    (tmp_path / "raw" / f"dt={second}").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"review_id": [f"log-{i}" for i in range(4)], "text": logs}),
+        tmp_path / "raw" / f"dt={second}" / "logs.parquet",
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "input": str(tmp_path / "raw"),
+                "output": str(tmp_path / "enriched"),
+                "task": "embed",
+                "id_column": "review_id",
+                "device": "cpu",
+                "quality": {"min_rows": 1},
+            }
+        )
+    )
+    return job
+
+
 def nightly_job(tmp_path: Path, dates: list[str], **quality: object) -> Path:
     """A partitioned generation job over fresh reviews each night (another seed per date)."""
     for seed, date in enumerate(dates, start=11):
@@ -164,34 +193,13 @@ def _artifacts(run_id: str) -> list:
 def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path):  # noqa: F811 - the fixture
     """Embeddings of another kind of text tonight: the nightly deployment run is held and ends
     Failed naming the check; the next backfill over that date reruns it instead of skipping it."""
-    import pyarrow as pa
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
     from tests.flows.test_deployments import partition_runs, read_deployment, trigger_backfill
 
     earlier, tonight = "2026-10-01", "2026-10-02"
-    write_reviews_dataset(str(tmp_path / "raw" / f"dt={earlier}"), files=1, rows_per_file=4, rows_per_group=2)
-    logs = [f"GET /api/v2/orders/{i} 500 Internal Server Error in {i * 7} ms" for i in range(4)]
-    (tmp_path / "raw" / f"dt={tonight}").mkdir(parents=True)
-    pq.write_table(
-        pa.table({"review_id": [f"log-{i}" for i in range(4)], "text": logs}),
-        tmp_path / "raw" / f"dt={tonight}" / "logs.parquet",
-    )
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        json.dumps(
-            {
-                "name": "quality-backfill",
-                "input": str(tmp_path / "raw"),
-                "output": str(tmp_path / "enriched"),
-                "task": "embed",
-                "id_column": "review_id",
-                "device": "cpu",
-                "quality": {"min_rows": 1},
-            }
-        )
-    )
+    job = reviews_then_server_logs(tmp_path, earlier, tonight, "quality-backfill")
     assert trigger_backfill(job, earlier, earlier).state.is_completed()
     assert (tmp_path / "enriched" / f"dt={earlier}" / "_quality.json").is_file()
 
