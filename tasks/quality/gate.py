@@ -417,15 +417,12 @@ def log_verdict(run_id: str, verdict: QualityVerdict) -> None:
     )
     tonight = (verdict.profile.get("generated_tokens") or {}).get("histogram")
     if tonight:
-        import matplotlib.pyplot as plt
-
         figure = generated_length_figure(
             tonight,
             ((verdict.baseline or {}).get("generated_tokens") or {}).get("histogram"),
             redact_uri(verdict.baseline_uri) if verdict.baseline_uri else None,
         )
         client.log_figure(run_id, figure, "generated_lengths.png")
-        plt.close(figure)
     create_markdown_artifact(markdown(verdict), key="quality-gate", description="tonight vs baseline")
 
 

@@ -9,12 +9,18 @@ from tasks.config.prices import Price
 from tasks.records.results import ShardResult
 
 
+def _figure(width: float, height: float, **margins: float) -> Any:
+    """A bare matplotlib Figure with fixed margins: no pyplot (whose import and figure registry
+    cost ~0.15 s a run and need an explicit close) and no tight_layout (~0.2 s of text measuring).
+    MLflow's ``log_figure`` saves it through the Agg canvas like any other."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    figure.subplots_adjust(**margins)
+    return figure
+
+
 def throughput_figure(results: list[ShardResult], price: Price) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on workers
-    import matplotlib.pyplot as plt
-
     ordered = sorted(results, key=lambda r: r.finished_at)
     start = min(r.finished_at - r.seconds for r in ordered)
     times = [r.finished_at - start for r in ordered]
@@ -25,7 +31,8 @@ def throughput_figure(results: list[ShardResult], price: Price) -> Any:
         total += price.cost(r.seconds)
         cumulative.append(total)
 
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    figure = _figure(8, 6, left=0.1, right=0.9, bottom=0.09, top=0.94, hspace=0.3)
+    top, bottom = figure.subplots(2, 1, sharex=True)
     top.plot(times, rows_per_s, "o-", color="tab:blue", label="rows/s")
     top.set_ylabel("rows/s", color="tab:blue")
     if any(tok_per_s):
@@ -39,7 +46,6 @@ def throughput_figure(results: list[ShardResult], price: Price) -> Any:
     bottom.set_xlabel("seconds since the first shard started")
     bottom.set_title(f"Cost at {price.per_hour:.2f} {price.currency}/h ({price.device_type})")
     bottom.grid(alpha=0.3)
-    figure.tight_layout()
     return figure
 
 
@@ -48,12 +54,8 @@ def generated_length_figure(
 ) -> Any:
     """Distribution of generated lengths (tokens per answer) tonight next to the baseline's, as
     shares of answers so that outputs of different sizes compare."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure = _figure(8, 4, left=0.1, right=0.97, bottom=0.13, top=0.9)
+    axes = figure.subplots()
     for histogram, label, colour, offset in (
         (baseline, f"baseline ({baseline_label})", "tab:gray", -0.2),
         (tonight, "tonight", "tab:blue", 0.2),
@@ -74,5 +76,4 @@ def generated_length_figure(
     axes.set_title("Generated lengths: tonight vs baseline" if baseline else "Generated lengths (no baseline)")
     axes.legend()
     axes.grid(alpha=0.3)
-    figure.tight_layout()
     return figure

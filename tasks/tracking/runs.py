@@ -248,11 +248,7 @@ def finish_run(
         client.log_inputs(run_id, datasets=[output_dataset(output, manifest)])
     computed = [r for r in results if not r.resumed and r.status == "committed"]
     if computed:
-        figure = throughput_figure(computed, price)
-        client.log_figure(run_id, figure, "throughput.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        client.log_figure(run_id, throughput_figure(computed, price), "throughput.png")
     _stop_system_metrics(run_id)
     client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
 
