@@ -11,7 +11,9 @@ memory is halved and retried, and later batches of the engine are capped at the 
 
 Each text is tokenized once, on the caller's thread: the same pass counts its tokens (to plan
 batches) and gives the ids the model reads, so a worker holding two shards tokenizes the next
-while the device computes the current one. The prefetch thread only pads a batch's ids into
+while the device computes the current one. An over-long text is cut to the model's limit from
+those ids (special tokens kept); the first such cut is compared with the tokenizer's own
+truncation, and a tokenizer that truncates differently tokenizes over-long texts again. The prefetch thread only pads a batch's ids into
 tensors. That equals ``SentenceTransformer.preprocess`` for a plain text model; the first batch of
 each prompt is built both ways and compared, and a model whose preprocessing differs (a chat
 template, flattened inputs, its own padding) gets ``preprocess`` for every batch instead.
@@ -66,6 +68,18 @@ class _Tokenized:
     n_tokens: list[int]
 
 
+def _special_layout(tokenizer: Any) -> tuple[int, int] | None:
+    """How many special tokens ``tokenizer`` adds before and after a text (``[CLS]``/``[SEP]``:
+    1 and 1; a BOS alone: 1 and 0), found by tokenizing one word with and without them; None when
+    the word's own tokens do not appear whole among the tokens with them."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if bare and full[start : start + len(bare)] == bare:
+            return start, len(full) - start - len(bare)
+    return None
+
+
 class EmbeddingEngine:
     """A ``SentenceTransformer`` ready for batched embedding.
 
@@ -86,6 +100,13 @@ class EmbeddingEngine:
         # tokenizer in use on the prefetch thread (a fast tokenizer is not thread-safe).
         self._tokenizer = copy.deepcopy(model.tokenizer)
         self._tokenizer_lock = threading.Lock()
+        # How many special tokens the tokenizer puts before and after a text, to cut over-long
+        # rows without tokenizing them again; whether that cut equals the tokenizer's own
+        # truncation is checked on the first over-long row (None until then).
+        self._special_layout = _special_layout(self._tokenizer)
+        self._cut_is_exact: bool | None = None if self._special_layout is not None else False
+        if self._special_layout is not None and self.max_seq_length <= sum(self._special_layout):
+            self._cut_is_exact = False
         # Per prompt: the non-token features preprocess adds (modality, prompt length), once the
         # padded ids were found equal to preprocess's; None where they were not.
         self._collate_extras: dict[str, dict[str, Any] | None] = {}
@@ -147,8 +168,8 @@ class EmbeddingEngine:
         return on_compute_thread(self._embed, texts, tokenized, token_budget, max_batch_size, prompt)
 
     def _tokenize(self, texts: list[str], prompt: str) -> _Tokenized:
-        """Every text after ``prompt``, tokenized once: counted whole, and truncated where longer
-        than the model reads (those rows alone are tokenized a second time, with truncation)."""
+        """Every text after ``prompt``, tokenized once: counted whole, and cut to what the model
+        reads where longer than its limit."""
         prompted = [prompt + text for text in texts]  # the prompt counts towards the limit
         with self._tokenizer_lock:
             # verbose=False: over-long inputs are expected; they are truncated below.
@@ -157,17 +178,48 @@ class EmbeddingEngine:
             n_tokens = [len(ids) for ids in columns["input_ids"]]
             long = [i for i, n in enumerate(n_tokens) if n > self.max_seq_length]
             if long:
-                cut = self._tokenizer(
-                    [prompted[i] for i in long],
-                    add_special_tokens=True,
-                    truncation="longest_first",
-                    max_length=self.max_seq_length,
-                    verbose=False,
-                )
-                for key, values in cut.items():
-                    for i, row in zip(long, values):
-                        columns[key][i] = row
+                self._truncate(prompted, columns, long)
         return _Tokenized(columns, n_tokens)
+
+    def _truncate(self, prompted: list[str], columns: dict[str, list[list[int]]], long: list[int]) -> None:
+        """Cut the rows ``long`` of ``columns`` to the model's limit as the tokenizer's own
+        truncation does (special tokens kept, the text cut on the tokenizer's truncation side),
+        without tokenizing them again. The first over-long row an engine meets is also truncated
+        by the tokenizer and the two compared; a tokenizer whose truncation is not that plain cut
+        truncates every such row itself, in a second pass."""
+        if self._cut_is_exact is None:
+            reference = self._truncated_by_tokenizer([prompted[long[0]]])
+            cut = {key: self._cut(values[long[0]]) for key, values in columns.items()}
+            self._cut_is_exact = set(reference) == set(cut) and all(cut[k] == reference[k][0] for k in cut)
+            if not self._cut_is_exact:
+                logger.info(
+                    "embedding model %r truncates its own way: over-long texts are tokenized a second time",
+                    self.info.get("spec"),
+                )
+        if self._cut_is_exact:
+            for values in columns.values():
+                for i in long:
+                    values[i] = self._cut(values[i])
+            return
+        for key, values in self._truncated_by_tokenizer([prompted[i] for i in long]).items():
+            for i, row in zip(long, values):
+                columns[key][i] = row
+
+    def _truncated_by_tokenizer(self, prompted: list[str]) -> dict[str, list[list[int]]]:
+        """What ``SentenceTransformer.preprocess`` gives for these texts, before padding."""
+        encoded = self._tokenizer(
+            prompted, add_special_tokens=True, truncation="longest_first", max_length=self.max_seq_length, verbose=False
+        )
+        return {key: list(values) for key, values in encoded.items()}
+
+    def _cut(self, row: list[int]) -> list[int]:
+        """One over-long row's column cut to ``max_seq_length``: the special tokens the tokenizer
+        adds before and after the text kept, the text's tokens cut on the truncation side."""
+        before, after = self._special_layout
+        keep = self.max_seq_length - before - after
+        text = row[before : len(row) - after]
+        text = (text[len(text) - keep :] if keep else []) if self._tokenizer.truncation_side == "left" else text[:keep]
+        return row[:before] + text + row[len(row) - after :]
 
     def _embed(
         self, texts: list[str], tokenized: _Tokenized, token_budget: int, max_batch_size: int, prompt: str

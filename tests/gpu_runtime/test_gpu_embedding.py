@@ -163,16 +163,19 @@ def _minilm(**tokenizer_settings):
     return EmbeddingEngine(model, {"spec": f"MiniLM {tokenizer_settings}"})
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize(
+    ("padding_side", "truncation_side"), [("right", "right"), ("left", "right"), ("right", "left")]
+)
 @pytest.mark.parametrize("prompt", ["", "query: "])
-def test_one_tokenization_gives_preprocess_features_for_every_batch(padding_side, prompt):
+def test_one_tokenization_gives_preprocess_features_for_every_batch(padding_side, truncation_side, prompt):
     """Texts are tokenized once; each batch's padded ids equal what ``preprocess`` builds, the
-    over-long rows (truncated) included, on either padding side."""
+    over-long rows (cut from the one tokenization) included, on either padding and truncation side."""
     import torch
 
-    engine = _minilm(padding_side=padding_side)
+    engine = _minilm(padding_side=padding_side, truncation_side=truncation_side)
     tokenized = engine._tokenize(TEXTS, prompt)
     assert tokenized.n_tokens[3] > engine.max_seq_length  # truncated rows are in there
+    assert engine._special_layout == (1, 1) and engine._cut_is_exact is True  # [CLS] text [SEP], cut in place
     for rows in ([0, 1, 2], [3, 5, 9], list(range(len(TEXTS))), [18], [3]):
         collated = engine._collate(tokenized, rows)
         reference = engine.model.preprocess([TEXTS[i] for i in rows], prompt=prompt or None)
@@ -184,6 +187,48 @@ def test_one_tokenization_gives_preprocess_features_for_every_batch(padding_side
     if padding_side == "right":  # BERT's positions move with left padding, so vectors depend on the batch
         reference = engine.model.encode(TEXTS, convert_to_numpy=True, show_progress_bar=False)
         np.testing.assert_allclose(out.vectors, reference, atol=1e-5)
+
+
+def test_over_long_texts_are_not_tokenized_a_second_time():
+    """A call tokenizes its texts in one tokenizer call, over-long ones included, once the first
+    cut has been checked against the tokenizer's own truncation."""
+    engine = _minilm()
+    engine.embed(TEXTS[:4], max_batch_size=4)  # the first over-long row: cut and checked
+    calls = []
+    tokenizer = engine._tokenizer
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, **kwargs):
+            calls.append(kwargs.get("truncation"))
+            return tokenizer(texts, **kwargs)
+
+    engine._tokenizer = Counting()
+    out = engine.embed(TEXTS, max_batch_size=4)
+    assert calls == [False]
+    assert sum(out.truncated) == 2
+    reference = engine.model.encode(TEXTS, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(out.vectors, reference, atol=1e-5)
+
+
+def test_a_cut_unlike_the_tokenizers_truncation_falls_back_to_a_second_pass(caplog):
+    """Where cutting the ids would not give what the tokenizer's truncation gives (here: the
+    special tokens miscounted, as for a tokenizer whose layout the one-word probe misreads), the
+    first over-long row shows it, and over-long rows are tokenized again with truncation."""
+    engine = _minilm()
+    engine._special_layout = (0, 0)  # [CLS] and [SEP] not known: a cut would drop the [SEP]
+    with caplog.at_level("INFO", logger="gpu_runtime.embedding"):
+        out = engine.embed(TEXTS, max_batch_size=4)
+    assert engine._cut_is_exact is False
+    assert "truncates its own way" in caplog.text
+    tokenized = engine._tokenize(TEXTS, "")
+    reference = engine.model.preprocess([TEXTS[3]])
+    assert tokenized.columns["input_ids"][3] == reference["input_ids"][0].tolist()
+    np.testing.assert_allclose(
+        out.vectors, engine.model.encode(TEXTS, convert_to_numpy=True, show_progress_bar=False), atol=1e-5
+    )
 
 
 def test_a_model_that_preprocesses_its_own_way_gets_preprocess_for_every_batch():
