@@ -9,7 +9,8 @@ as sentence-transformers does, and counts towards the token limit. A batch that 
 memory is halved and retried, and later batches of the engine are capped at the size that worked
 (see backoff.py).
 
-Each text is tokenized once, on the caller's thread: the same pass counts its tokens (to plan
+Each text is tokenized once, on the caller's thread, by the Rust tokenizer directly (checked on the
+first call against the transformers tokenizer's columns): the same pass counts its tokens (to plan
 batches) and gives the ids the model reads, so a worker holding two shards tokenizes the next
 while the device computes the current one. An over-long text is cut to the model's limit from
 those ids (special tokens kept); the first such cut is compared with the tokenizer's own
@@ -104,6 +105,10 @@ class EmbeddingEngine:
         # rows without tokenizing them again; whether that cut equals the tokenizer's own
         # truncation is checked on the first over-long row (None until then).
         self._special_layout = _special_layout(self._tokenizer)
+        # Whether the Rust tokenizer alone gives what the transformers tokenizer does (None until the
+        # first call compares them; False without a Rust backend).
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        self._backend_is_exact: bool | None = None if hasattr(backend, "encode_batch_fast") else False
         self._cut_is_exact: bool | None = None if self._special_layout is not None else False
         if self._special_layout is not None and self.max_seq_length <= sum(self._special_layout):
             self._cut_is_exact = False
@@ -172,14 +177,52 @@ class EmbeddingEngine:
         reads where longer than its limit."""
         prompted = [prompt + text for text in texts]  # the prompt counts towards the limit
         with self._tokenizer_lock:
-            # verbose=False: over-long inputs are expected; they are truncated below.
-            encoded = self._tokenizer(prompted, add_special_tokens=True, truncation=False, verbose=False)
-            columns = {key: list(values) for key, values in encoded.items()}
+            columns = self._encode(prompted)
             n_tokens = [len(ids) for ids in columns["input_ids"]]
             long = [i for i, n in enumerate(n_tokens) if n > self.max_seq_length]
             if long:
                 self._truncate(prompted, columns, long)
         return _Tokenized(columns, n_tokens)
+
+    def _encode(self, prompted: list[str]) -> dict[str, list[list[int]]]:
+        """The tokenizer's columns for ``prompted``, whole (no truncation, no padding). Straight from
+        the Rust tokenizer's ``encode_batch_fast`` (no character offsets, which nothing here
+        reads; ~1.4x the rows/s of the transformers call) once the first call found its columns
+        equal to the transformers tokenizer's; from the transformers call where they were not, or
+        where the tokenizer has no Rust backend."""
+        if self._backend_is_exact is False:
+            return self._encoded_by_tokenizer(prompted)
+        direct = self._encoded_by_backend(prompted)
+        if self._backend_is_exact is None:
+            reference = self._encoded_by_tokenizer(prompted)
+            self._backend_is_exact = direct == reference
+            if not self._backend_is_exact:
+                logger.info(
+                    "embedding model %r prepares text beyond its Rust tokenizer: texts go through transformers",
+                    self.info.get("spec"),
+                )
+                return reference
+        return direct
+
+    def _encoded_by_tokenizer(self, prompted: list[str]) -> dict[str, list[list[int]]]:
+        # verbose=False: over-long inputs are expected; they are truncated afterwards.
+        encoded = self._tokenizer(prompted, add_special_tokens=True, truncation=False, verbose=False)
+        return {key: list(values) for key, values in encoded.items()}
+
+    def _encoded_by_backend(self, prompted: list[str]) -> dict[str, list[list[int]]]:
+        backend = self._tokenizer.backend_tokenizer
+        # transformers leaves the truncation and padding of its last call set on the backend.
+        if backend.truncation is not None:
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        encodings = backend.encode_batch_fast(prompted, add_special_tokens=True)
+        columns = {"input_ids": [encoding.ids for encoding in encodings]}
+        if "token_type_ids" in self._tokenizer.model_input_names:
+            columns["token_type_ids"] = [encoding.type_ids for encoding in encodings]
+        if "attention_mask" in self._tokenizer.model_input_names:
+            columns["attention_mask"] = [encoding.attention_mask for encoding in encodings]
+        return columns
 
     def _truncate(self, prompted: list[str], columns: dict[str, list[list[int]]], long: list[int]) -> None:
         """Cut the rows ``long`` of ``columns`` to the model's limit as the tokenizer's own

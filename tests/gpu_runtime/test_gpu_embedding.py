@@ -190,10 +190,13 @@ def test_one_tokenization_gives_preprocess_features_for_every_batch(padding_side
 
 
 def test_over_long_texts_are_not_tokenized_a_second_time():
-    """A call tokenizes its texts in one tokenizer call, over-long ones included, once the first
-    cut has been checked against the tokenizer's own truncation."""
+    """Once the first call checked the Rust tokenizer against the transformers one, and the first
+    cut against the tokenizer's truncation, a call tokenizes its texts in one Rust call, over-long
+    ones included, and whole: the truncation the check left set on the backend is not applied."""
     engine = _minilm()
-    engine.embed(TEXTS[:4], max_batch_size=4)  # the first over-long row: cut and checked
+    engine.embed(TEXTS[:4], max_batch_size=4)  # both checks
+    assert engine._backend_is_exact is True and engine._cut_is_exact is True
+    assert engine._tokenizer.backend_tokenizer.truncation is not None  # left there by the cut's check
     calls = []
     tokenizer = engine._tokenizer
 
@@ -207,10 +210,44 @@ def test_over_long_texts_are_not_tokenized_a_second_time():
 
     engine._tokenizer = Counting()
     out = engine.embed(TEXTS, max_batch_size=4)
-    assert calls == [False]
+    assert calls == []
+    assert out.n_tokens == [len(ids) for ids in tokenizer(TEXTS)["input_ids"]]
     assert sum(out.truncated) == 2
     reference = engine.model.encode(TEXTS, convert_to_numpy=True, show_progress_bar=False)
     np.testing.assert_allclose(out.vectors, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt", ["", "query: "])
+def test_the_rust_tokenizer_gives_the_transformers_tokenizers_columns(prompt):
+    engine = _minilm()
+    prompted = [prompt + text for text in TEXTS]
+    direct = engine._encoded_by_backend(prompted)
+    assert set(direct) == {"input_ids", "token_type_ids", "attention_mask"}
+    assert direct == engine._encoded_by_tokenizer(prompted)
+
+
+def test_a_tokenizer_that_prepares_text_itself_keeps_the_transformers_call(caplog):
+    """A tokenizer whose transformers call changes the text before its Rust backend sees it (here a
+    wrapper that appends a word, standing for such Python-side preparation): the first call finds
+    the columns unequal, and every call goes through the transformers call."""
+    engine = _minilm()
+    tokenizer = engine._tokenizer
+
+    class Preparing:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, **kwargs):
+            return tokenizer([text + " amen" for text in texts], **kwargs)
+
+    engine._tokenizer = Preparing()
+    with caplog.at_level("INFO", logger="gpu_runtime.embedding"):
+        out = engine.embed(TEXTS[:3])
+    assert engine._backend_is_exact is False
+    assert "beyond its Rust tokenizer" in caplog.text
+    assert out.n_tokens == [len(ids) for ids in tokenizer([t + " amen" for t in TEXTS[:3]])["input_ids"]]
+    again = engine.embed(TEXTS[:3])
+    assert again.n_tokens == out.n_tokens
 
 
 def test_a_cut_unlike_the_tokenizers_truncation_falls_back_to_a_second_pass(caplog):
