@@ -14,8 +14,8 @@ first call against the transformers tokenizer's columns): the same pass counts i
 batches) and gives the ids the model reads, so a worker holding two shards tokenizes the next
 while the device computes the current one. An over-long text is cut to the model's limit from
 those ids (special tokens kept); the first such cut is compared with the tokenizer's own
-truncation, and a tokenizer that truncates differently tokenizes over-long texts again. The prefetch thread only pads a batch's ids into
-tensors. That equals ``SentenceTransformer.preprocess`` for a plain text model; the first batch of
+truncation, and a tokenizer that truncates differently tokenizes over-long texts again. The
+prefetch thread only pads a batch's ids into tensors. That equals ``SentenceTransformer.preprocess`` for a plain text model; the first batch of
 each prompt is built both ways and compared, and a model whose preprocessing differs (a chat
 template, flattened inputs, its own padding) gets ``preprocess`` for every batch instead.
 """
@@ -186,10 +186,9 @@ class EmbeddingEngine:
 
     def _encode(self, prompted: list[str]) -> dict[str, list[list[int]]]:
         """The tokenizer's columns for ``prompted``, whole (no truncation, no padding). Straight from
-        the Rust tokenizer's ``encode_batch_fast`` (no character offsets, which nothing here
-        reads; ~1.4x the rows/s of the transformers call) once the first call found its columns
-        equal to the transformers tokenizer's; from the transformers call where they were not, or
-        where the tokenizer has no Rust backend."""
+        the Rust tokenizer's ``encode_batch_fast`` (no character offsets, which nothing here reads)
+        once the first call found its columns equal to the transformers tokenizer's; from the
+        transformers call where they were not, or where the tokenizer has no Rust backend."""
         if self._backend_is_exact is False:
             return self._encoded_by_tokenizer(prompted)
         direct = self._encoded_by_backend(prompted)
