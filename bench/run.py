@@ -152,7 +152,7 @@ def bench_tokenize(rows: int) -> dict:
     tokenize_s = time.perf_counter() - started
     # The same single pass through the transformers tokenizer's call (before the Rust one).
     started = time.perf_counter()
-    engine._encoded_by_tokenizer(texts)
+    engine._by_tokenizer(texts)
     transformers_call_s = time.perf_counter() - started
     batches = plan_batches([len(ids) for ids in tokenized.columns["input_ids"]], token_budget=16384, max_batch_size=64)
     started = time.perf_counter()

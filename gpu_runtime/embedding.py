@@ -109,9 +109,8 @@ class EmbeddingEngine:
         # first call compares them; False without a Rust backend).
         backend = getattr(self._tokenizer, "backend_tokenizer", None)
         self._backend_is_exact: bool | None = None if hasattr(backend, "encode_batch_fast") else False
-        self._cut_is_exact: bool | None = None if self._special_layout is not None else False
-        if self._special_layout is not None and self.max_seq_length <= sum(self._special_layout):
-            self._cut_is_exact = False
+        room = self._special_layout is not None and self.max_seq_length > sum(self._special_layout)
+        self._cut_is_exact: bool | None = None if room else False
         # Per prompt: the non-token features preprocess adds (modality, prompt length), once the
         # padded ids were found equal to preprocess's; None where they were not.
         self._collate_extras: dict[str, dict[str, Any] | None] = {}
@@ -190,10 +189,10 @@ class EmbeddingEngine:
         once the first call found its columns equal to the transformers tokenizer's; from the
         transformers call where they were not, or where the tokenizer has no Rust backend."""
         if self._backend_is_exact is False:
-            return self._encoded_by_tokenizer(prompted)
+            return self._by_tokenizer(prompted)
         direct = self._encoded_by_backend(prompted)
         if self._backend_is_exact is None:
-            reference = self._encoded_by_tokenizer(prompted)
+            reference = self._by_tokenizer(prompted)
             self._backend_is_exact = direct == reference
             if not self._backend_is_exact:
                 logger.info(
@@ -203,9 +202,14 @@ class EmbeddingEngine:
                 return reference
         return direct
 
-    def _encoded_by_tokenizer(self, prompted: list[str]) -> dict[str, list[list[int]]]:
-        # verbose=False: over-long inputs are expected; they are truncated afterwards.
-        encoded = self._tokenizer(prompted, add_special_tokens=True, truncation=False, verbose=False)
+    def _by_tokenizer(self, prompted: list[str], truncate: bool = False) -> dict[str, list[list[int]]]:
+        """The transformers tokenizer's columns for ``prompted``: whole, or truncated to the
+        model's limit (what ``SentenceTransformer.preprocess`` gives, before padding)."""
+        # verbose=False: over-long inputs are expected; whole ones are cut afterwards.
+        limit = (
+            {"truncation": "longest_first", "max_length": self.max_seq_length} if truncate else {"truncation": False}
+        )
+        encoded = self._tokenizer(prompted, add_special_tokens=True, verbose=False, **limit)
         return {key: list(values) for key, values in encoded.items()}
 
     def _encoded_by_backend(self, prompted: list[str]) -> dict[str, list[list[int]]]:
@@ -230,7 +234,7 @@ class EmbeddingEngine:
         by the tokenizer and the two compared; a tokenizer whose truncation is not that plain cut
         truncates every such row itself, in a second pass."""
         if self._cut_is_exact is None:
-            reference = self._truncated_by_tokenizer([prompted[long[0]]])
+            reference = self._by_tokenizer([prompted[long[0]]], truncate=True)
             cut = {key: self._cut(values[long[0]]) for key, values in columns.items()}
             self._cut_is_exact = set(reference) == set(cut) and all(cut[k] == reference[k][0] for k in cut)
             if not self._cut_is_exact:
@@ -243,16 +247,9 @@ class EmbeddingEngine:
                 for i in long:
                     values[i] = self._cut(values[i])
             return
-        for key, values in self._truncated_by_tokenizer([prompted[i] for i in long]).items():
+        for key, values in self._by_tokenizer([prompted[i] for i in long], truncate=True).items():
             for i, row in zip(long, values):
                 columns[key][i] = row
-
-    def _truncated_by_tokenizer(self, prompted: list[str]) -> dict[str, list[list[int]]]:
-        """What ``SentenceTransformer.preprocess`` gives for these texts, before padding."""
-        encoded = self._tokenizer(
-            prompted, add_special_tokens=True, truncation="longest_first", max_length=self.max_seq_length, verbose=False
-        )
-        return {key: list(values) for key, values in encoded.items()}
 
     def _cut(self, row: list[int]) -> list[int]:
         """One over-long row's column cut to ``max_seq_length``: the special tokens the tokenizer

@@ -223,7 +223,7 @@ def test_the_rust_tokenizer_gives_the_transformers_tokenizers_columns(prompt):
     prompted = [prompt + text for text in TEXTS]
     direct = engine._encoded_by_backend(prompted)
     assert set(direct) == {"input_ids", "token_type_ids", "attention_mask"}
-    assert direct == engine._encoded_by_tokenizer(prompted)
+    assert direct == engine._by_tokenizer(prompted)
 
 
 def test_a_tokenizer_that_prepares_text_itself_keeps_the_transformers_call(caplog):
