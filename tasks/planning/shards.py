@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
 from tasks.config.job import JobConfig
+from tasks.config.output_columns import collision_message
 from tasks.errors import InputError, StorageError
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.storage.fs import filesystem, full_uri
@@ -206,7 +207,8 @@ def inspect_file(uri: str, storage_options: dict[str, Any] | None = None) -> Inp
 
 
 def validate_schemas(files: list[InputFile], cfg: JobConfig) -> None:
-    """Required columns exist with usable types, and every file agrees with the first (no drift)."""
+    """Required columns exist with usable types, no kept column has the name of a column shardwise
+    writes, and every file agrees with the first (no drift)."""
     if not files:
         return
     from gpu_runtime.prompts import template_fields
@@ -225,6 +227,9 @@ def validate_schemas(files: list[InputFile], cfg: JobConfig) -> None:
             raise InputError(
                 f"{file.uri}: text column {cfg.text_column!r} has type {text_type}, expected a string column"
             )
+        collision = collision_message(cfg, names)
+        if collision:
+            raise InputError(f"{file.uri}: {collision}")
         if file is reference:
             continue
         for ref_field in reference.schema:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import task
 
+from tasks.config.output_columns import collision_message
 from tasks.config.quality import QualityConfig
 from tasks.errors import ConfigError, StorageError
 from tasks.output.verdict import CheckResult, QualityVerdict
@@ -104,6 +105,9 @@ def read_canaries(cfg: JobConfig) -> pa.Table:
         raise ConfigError(
             f"quality.canaries: {uri} has no column {missing[0]!r} (it has {', '.join(table.column_names)})"
         )
+    collision = collision_message(cfg, table.column_names)
+    if collision:
+        raise ConfigError(f"quality.canaries: {uri}: {collision}")
     return table
 
 
@@ -453,22 +457,34 @@ def releaser() -> str:
 def release_output(
     uri: str, reason: str | None, storage_options: dict[str, Any] | None = None, lease_timeout_s: float = 300
 ) -> dict[str, Any]:
-    """Publish a held output: record who, when and why in the manifest and MLflow, write
-    ``_SUCCESS``, then remove ``_QUALITY_HOLD``. Refuses (exit 2) an output that is not held."""
+    """Publish a held output, all or nothing: check that it is held and complete, record the release
+    (who, when, why) on the run's MLflow run, and only then publish it: the manifest records the
+    release, ``_SUCCESS`` is written, ``_QUALITY_HOLD`` removed. A failure before publishing leaves
+    the output held as it was, so the same command can simply be run again.
+
+    Refuses (exit 2) an output that is not held, whose manifest lists no committed parts or a part
+    that is missing, or whose MLflow run is not in this tracking store (another
+    ``MLFLOW_TRACKING_URI`` than the run used); a tracking store that cannot be read or written is a
+    storage error (exit 3)."""
     directory = OutputDir(uri, storage_options)
     hold = read_hold(uri, storage_options)
     if hold is None:
         raise ConfigError(f"{uri} is not held by the quality gate (it has no {HOLD_NAME})")
     directory.check_lease_free(lease_timeout_s)
     manifest = directory.read_manifest()
-    if manifest is None or manifest.get("status") != "held":
+    if manifest is None or not _held_manifest(manifest):
         raise ConfigError(f"{uri}: its {MANIFEST_NAME} does not record a held run; rerun the job instead")
+    _check_parts(directory, manifest)
     release = {
         "released_by": releaser(),
         "released_at": _now(),
         "reason": reason or "",
         "failed_checks": [c.get("check") for c in hold.get("failed_checks") or []],
     }
+    if manifest.get("mlflow_run_id"):
+        _record_release(manifest["mlflow_run_id"], release)
+    # Published from here on: the manifest first, then _SUCCESS, then the hold goes. A release cut
+    # short in between leaves the hold in place and is finished by running it again.
     manifest = {**manifest, "status": "succeeded", "quality": {**(manifest.get("quality") or {}), "release": release}}
     directory.write_json(MANIFEST_NAME, manifest)
     totals = manifest.get("totals") or {}
@@ -483,21 +499,77 @@ def release_output(
         }
     )
     directory.remove_hold()
-    if manifest.get("mlflow_run_id"):
-        _record_release(manifest["mlflow_run_id"], release)
     return release
 
 
+def _held_manifest(manifest: dict[str, Any]) -> bool:
+    """The manifest of a held run, or of one whose release stopped after recording itself in the
+    manifest (the hold is still there): both are released by running ``release`` again."""
+    if manifest.get("status") == "held":
+        return True
+    return manifest.get("status") == "succeeded" and bool((manifest.get("quality") or {}).get("release"))
+
+
+def _check_parts(directory: OutputDir, manifest: dict[str, Any]) -> None:
+    """Every shard the manifest lists is committed and its part is there; at least one is."""
+    nothing = "nothing was published"
+    shards = [s for s in manifest.get("shards") or [] if isinstance(s, dict)]
+    parts = [s.get("part") for s in shards if s.get("status") == "committed" and s.get("part")]
+    if not parts:
+        raise ConfigError(f"{directory.uri}: its {MANIFEST_NAME} lists no committed parts; {nothing}")
+    if len(parts) < len(shards):
+        raise ConfigError(
+            f"{directory.uri}: {len(shards) - len(parts)} of the {len(shards)} shards its {MANIFEST_NAME} "
+            f"lists have no committed part; {nothing} (rerun the job)"
+        )
+    present = set(directory.names())
+    missing = [p for p in parts if p not in present]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(
+            f"{directory.uri}: {len(missing)} of the {len(parts)} parts its {MANIFEST_NAME} lists are missing "
+            f"({', '.join(missing[:3])}{more}); {nothing} (rerun the job to redo them)"
+        )
+
+
 def _record_release(run_id: str, release: dict[str, Any]) -> None:
+    """The release as ``shardwise.quality.released_*`` tags on the run's MLflow run; raises, naming
+    the run and the (redacted) tracking URI, when the run is not there or cannot be written."""
     from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-    from tasks.redaction import redact_text
+    from tasks.redaction import redact_text, redact_uri
+    from tasks.storage.local_state import tracking_uri
 
+    where = f"MLflow run {run_id} in the tracking store {redact_uri(tracking_uri())}"
+    unpublished = "nothing was published; release again once it"
+    try:
+        client = _mlflow()
+        run = client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001 - not there, or the store cannot be reached
+        if isinstance(err, MlflowException) and err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise ConfigError(
+                f"{where}: not found; nothing was published (set MLFLOW_TRACKING_URI to the store "
+                "the run used, then release again)"
+            ) from None
+        raise StorageError(f"cannot read {where}: {_one_line(err)}; {unpublished} can be read") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ConfigError(f"{where} is deleted; nothing was published (restore it, then release again)")
     tags = [
         RunTag(f"shardwise.quality.{key}", redact_text(str(release[key])))
         for key in ("released_by", "released_at", "reason")
     ]
-    _mlflow().log_batch(run_id, tags=tags)
+    try:
+        client.log_batch(run_id, tags=tags)
+    except Exception as err:  # noqa: BLE001 - MlflowException or a failure to reach the store
+        raise StorageError(
+            f"cannot record the release on {where}: {_one_line(err)}; {unpublished} can be written"
+        ) from None
+
+
+def _one_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _mlflow() -> Any:

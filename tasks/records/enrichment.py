@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from tasks.config.job import JobConfig
-from tasks.config.output_schema import arrow_type, parse_generated, schema_text
+from tasks.config.output_columns import GENERATION_FIELDS, enrichment_fields
+from tasks.config.output_schema import parse_generated, schema_text
 
 if TYPE_CHECKING:  # engines are loaded by the shard task; this module only needs their interface
     from gpu_runtime import EmbeddingEngine, GenerationEngine, GenerationParams
@@ -23,13 +24,6 @@ if TYPE_CHECKING:  # engines are loaded by the shard task; this module only need
 
 # C0/C1 control characters except tab, newline and carriage return; lone surrogates from bad UTF-8.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
-
-GENERATION_FIELDS = [
-    pa.field("generated_text", pa.string()),
-    pa.field("n_prompt_tokens", pa.int32()),
-    pa.field("n_generated_tokens", pa.int32()),
-    pa.field("finish_reason", pa.string()),
-]
 
 
 def clean_text(value: Any) -> tuple[str | None, str | None]:
@@ -90,17 +84,11 @@ def repair_utf8(table: pa.Table, keep: list[str] | tuple[str, ...] = ()) -> pa.T
 
 
 def output_schema(input_schema: pa.Schema, cfg: JobConfig, embedding_dim: int | None) -> pa.Schema:
-    """Kept input columns, then the enrichment columns, in a fixed order for every part."""
+    """Kept input columns, then the enrichment columns (:mod:`tasks.config.output_columns`), in a
+    fixed order for every part."""
     kept = [input_schema.field(cfg.id_column)] if cfg.keep_columns == "id" else list(input_schema)
-    fields = list(kept)
-    if cfg.runs_generation:
-        fields += GENERATION_FIELDS
-        if cfg.generate.output_schema is not None:
-            fields.append(pa.field("generated", arrow_type(cfg.generate.output_schema)))
-    if cfg.runs_embedding:
-        fields.append(pa.field("embedding", pa.list_(pa.float32(), embedding_dim)))
-    fields += [pa.field("truncated", pa.bool_()), pa.field("error", pa.string())]
-    return pa.schema(fields)
+    added = enrichment_fields(cfg, -1 if embedding_dim is None else embedding_dim)
+    return pa.schema(kept + added)
 
 
 @dataclass
