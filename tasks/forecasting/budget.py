@@ -5,8 +5,9 @@ at once) instead of mapping them all up front, and starts the next one only whil
 so far, plus the estimated cost of the shards in flight, plus the next shard's own estimate stays
 within the ceiling. The flow is the one place that sees every shard finish, on every runner
 (threads, worker processes, Ray), so no shared ledger is needed. A shard's estimate is the
-forecast's expected cost per row, or the cost per row measured so far in this run when that is
-higher. Shards already committed stay; the run ends failed with "budget reached", and a rerun
+forecast's expected cost of that shard (its rows, and its own prompt tokens where the forecast
+counted them: a shard of long prompts costs more than one of short prompts), or its rows at the
+cost per row measured so far in this run when that is higher. Shards already committed stay; the run ends failed with "budget reached", and a rerun
 with a higher ceiling resumes from them.
 """
 
@@ -33,13 +34,29 @@ class BudgetGuard:
     computed_rows: int = 0
     in_flight: dict[int, float] = field(default_factory=dict)
     stopped: bool = False
+    # The forecast's expected cost of one shard; without it, its rows at ``forecast_cost_per_row``.
+    shard_forecast: Callable[[Shard], float] | None = None
+
+    @classmethod
+    def for_forecast(cls, max_cost: float, forecast: Any) -> BudgetGuard:
+        """A guard whose shard estimates come from ``forecast`` (a ``Forecast``, or None: no estimate)."""
+        if forecast is None:
+            return cls(max_cost, 0.0)
+        return cls(max_cost, forecast.cost_per_row(), shard_forecast=forecast.shard_cost)
 
     def cost_per_row(self) -> float:
         measured = self.spent / self.computed_rows if self.computed_rows else 0.0
         return max(self.forecast_cost_per_row, measured)
 
+    def estimate(self, shard: Shard) -> float:
+        """What ``shard`` is expected to cost: the forecast's figure for it, or more when this run's
+        shards so far cost more per row."""
+        forecast = self.shard_forecast(shard) if self.shard_forecast else self.forecast_cost_per_row * shard.num_rows
+        measured = self.spent / self.computed_rows if self.computed_rows else 0.0
+        return max(forecast, measured * shard.num_rows)
+
     def may_start(self, shard: Shard) -> bool:
-        estimate = self.cost_per_row() * shard.num_rows
+        estimate = self.estimate(shard)
         if self.spent + sum(self.in_flight.values()) + estimate > self.max_cost:
             self.stopped = True
             return False

@@ -95,6 +95,10 @@ class Forecast:
     cost: Estimate | None = None
     history_runs: list[str] = field(default_factory=list)
     calibration: Calibration | None = None
+    # Expected cost of one more prompt token (part of ``cost``), and the prompt tokens of each shard
+    # whose prompts were counted (by shard id): a shard's own estimate follows its prompts' length.
+    prompt_token_cost: float = 0.0
+    shard_prompt_tokens: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -120,6 +124,16 @@ class Forecast:
         if not self.cost or not self.rows_to_compute:
             return 0.0
         return self.cost.expected / self.rows_to_compute
+
+    def shard_cost(self, shard: Shard) -> float:
+        """Expected cost of computing ``shard``: the cost per row, corrected by how far this shard's
+        own prompt tokens (when counted) are from the average prompt's."""
+        average = self.cost_per_row() * shard.num_rows
+        tokens = self.shard_prompt_tokens.get(shard.shard_id)
+        if tokens is None or self.prompt_tokens is None or not self.rows_to_compute:
+            return average
+        typical = self.prompt_tokens.expected / self.rows_to_compute * shard.num_rows
+        return max(average + self.prompt_token_cost * (tokens - typical), 0.0)
 
     def mlflow_values(self) -> tuple[dict[str, str], dict[str, float]]:
         """(params, metrics) named ``forecast_*``: bases as params, numbers as metrics."""
@@ -149,6 +163,7 @@ class _Counts:
     prompt: list[int]
     embedded: list[int]
     rows_cached: int = 0  # rows read that the row cache holds whole: left out of the lists above
+    shard_prompt: dict[str, int] = field(default_factory=dict)  # prompt tokens per shard id, as above
 
 
 def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
@@ -170,6 +185,7 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
     prompt: list[int] = []
     embedded: list[int] = []
     rows_cached = 0
+    shard_prompt: dict[str, int] = {}
     from tasks.records.row_cache import cached_rows
 
     for shard in shards:
@@ -194,7 +210,8 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
         valid += [cleaned[i][1] is None for i in keep]
         prompt += [row_prompt[i] for i in keep]
         embedded += [row_embed[i] for i in keep]
-    return _Counts(len(valid) + rows_cached, valid, prompt, embedded, rows_cached)
+        shard_prompt[shard.shard_id] = sum(row_prompt[i] for i in keep)
+    return _Counts(len(valid) + rows_cached, valid, prompt, embedded, rows_cached, shard_prompt)
 
 
 def _extrapolate(values: list[int] | list[bool], total_rows: int, what: str) -> Estimate:
@@ -242,6 +259,7 @@ class _PastRun:
     generated_tokens: float
     embedded_tokens: float
     device_seconds: float
+    prompt_tokens: float = 0.0
 
 
 def _history(cfg: JobConfig, device_type: str) -> list[_PastRun]:
@@ -291,6 +309,7 @@ def _history(cfg: JobConfig, device_type: str) -> list[_PastRun]:
                 m.get("generated_tokens_computed", m.get("generated_tokens", 0.0)),
                 m.get("computed_embedded_tokens", 0.0),
                 m["device_seconds"],
+                m.get("prompt_tokens_computed", 0.0),
             )
         )
     return past
@@ -376,18 +395,25 @@ def _device_seconds(
     work = generated if cfg.runs_generation else embedded
     assert work is not None
     if past:
-        # Seconds per generated token (generation jobs) or per embedded token (embed-only), all in.
-        per = [
-            p.device_seconds / max(p.generated_tokens if cfg.runs_generation else p.embedded_tokens, 1.0) for p in past
-        ]
-        used = sum(p.generated_tokens if cfg.runs_generation else p.embedded_tokens for p in past)
-        mean = sum(p.device_seconds for p in past) / max(used, 1.0)
+        # Seconds per unit of work, all in: per embedded token (embed-only), else per generated
+        # token with each prompt token counted as the fraction of one that the device-type guess
+        # puts on it, so that longer prompts than the earlier runs' cost more (prefill time grows
+        # with the prompt, not with the answer).
+        weight = _prompt_weight(device_type) if cfg.runs_generation else 0.0
+        prompted = prompt if prompt is not None and weight else Estimate(0.0, 0.0, 0.0, "")
+
+        def done(p: _PastRun) -> float:
+            return p.generated_tokens + weight * p.prompt_tokens if cfg.runs_generation else p.embedded_tokens
+
+        per = [p.device_seconds / max(done(p), 1.0) for p in past]
+        mean = sum(p.device_seconds for p in past) / max(sum(done(p) for p in past), 1.0)
         unit = "generated" if cfg.runs_generation else "embedded"
+        with_prompts = f", a prompt token counted as {weight:g} of one" if weight else ""
         return Estimate(
-            work.low * min(per) / TIME_SLACK,
-            work.expected * mean,
-            work.high * max(per) * TIME_SLACK,
-            f"history: {1 / mean:.1f} {unit} tok/s measured on {device_type} "
+            (work.low + weight * prompted.low) * min(per) / TIME_SLACK,
+            (work.expected + weight * prompted.expected) * mean,
+            (work.high + weight * prompted.high) * max(per) * TIME_SLACK,
+            f"history: {1 / mean:.1f} {unit} tok/s{with_prompts}, measured on {device_type} "
             f"over {len(past)} earlier run(s) of this job",
         )
     if cfg.runs_generation and calibration is not None and calibration.rows:
@@ -421,6 +447,25 @@ def _device_seconds(
         f"unmeasured guess for {'cpu' if device_type == 'cpu' else 'a GPU'} ({shown}; no earlier run "
         "of this job on this device type; it can be off 10x and more: `plan --calibrate N` measures)",
     )
+
+
+def _prompt_weight(device_type: str) -> float:
+    """A prompt token's device time as a fraction of a generated token's (the guess's rates)."""
+    rates = DEFAULT_THROUGHPUT["cpu" if device_type == "cpu" else "gpu"]
+    return rates["generated"][0] / rates["prompt"][0]
+
+
+def _prompt_token_seconds(cfg: JobConfig, device_type: str, past: list[_PastRun], seconds: Estimate) -> float:
+    """Expected device-seconds of one more prompt token, as :func:`_device_seconds` counted it."""
+    if not cfg.runs_generation:
+        return 0.0
+    if past:
+        weight = _prompt_weight(device_type)
+        done = sum(p.generated_tokens + weight * p.prompt_tokens for p in past)
+        return weight * sum(p.device_seconds for p in past) / max(done, 1.0)
+    if seconds.basis.startswith("unmeasured guess"):
+        return 1.0 / DEFAULT_THROUGHPUT["cpu" if device_type == "cpu" else "gpu"]["prompt"][0]
+    return 0.0  # calibration: its seconds per generated token include its rows' prompts
 
 
 def make_forecast(
@@ -481,6 +526,8 @@ def make_forecast(
         forecast.calibration,
     )
     forecast.device_seconds = seconds
+    forecast.prompt_token_cost = price.cost(_prompt_token_seconds(cfg, device_type, past, seconds))
+    forecast.shard_prompt_tokens = dict(counts.shard_prompt) if cfg.runs_generation else {}
     forecast.wall_seconds = Estimate(
         seconds.low / workers,
         seconds.expected / workers,

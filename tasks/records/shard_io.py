@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from tasks.errors import InputError, StorageError
 from tasks.planning.shards import Shard
 from tasks.redaction import redact_text
-from tasks.storage.fs import atomic_write_bytes, filesystem, join
+from tasks.storage.fs import atomic_write_bytes, filesystem, join, with_storage_retries
 from tasks.storage.output_dir import LINEAGE_PREFIX
 
 METADATA_PREFIX = LINEAGE_PREFIX
@@ -26,6 +26,7 @@ class _StorageReads:
 
     def __init__(self, handle: Any, uri: str) -> None:
         self._handle, self._uri = handle, uri
+        self.failure: Exception | None = None  # the backend's own error, for the retry decision
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._handle, name)
@@ -34,6 +35,7 @@ class _StorageReads:
         try:
             return getattr(self._handle, method)(*args)
         except Exception as err:  # noqa: BLE001 - any backend failure is a storage failure
+            self.failure = err
             raise StorageError(f"cannot read {self._uri}: {type(err).__name__}: {err}") from None
 
     def read(self, *args: Any) -> bytes:
@@ -44,32 +46,67 @@ class _StorageReads:
 
 
 def read_shard(shard: Shard, columns: list[str] | None, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """The shard's rows (only ``columns`` when given), streamed from its row groups."""
+    """The shard's rows (only ``columns`` when given), streamed from its row groups.
+
+    Transient storage failures (5xx answers, throttling, timeouts, dropped connections) are retried
+    with backoff, then raise :class:`StorageError`; only a file that storage says is not there
+    (404) is an :class:`InputError` ("disappeared since planning")."""
     fs, path = filesystem(shard.source, storage_options)
     try:
-        handle = fs.open(path, "rb")
+        table = with_storage_retries(lambda: _read_once(shard, fs, path, columns), f"cannot read {shard.source}")
     except FileNotFoundError:
         raise InputError(f"{shard.source}: file disappeared since planning") from None
-    except Exception as err:  # noqa: BLE001 - opening is a storage operation
-        raise StorageError(f"cannot open {shard.source}: {type(err).__name__}: {err}") from None
+    except (InputError, StorageError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a storage failure that did not look transient
+        raise StorageError(f"cannot read {shard.source}: {type(err).__name__}: {err}") from None
+    table = table.slice(shard.slice_start, shard.num_rows)
+    if table.num_rows != shard.num_rows:
+        raise InputError(f"{shard.source}: expected {shard.num_rows} rows in {shard.name}, read {table.num_rows}")
+    return table
+
+
+def _read_once(shard: Shard, fs: Any, path: str, columns: list[str] | None) -> pa.Table:
+    """One try at the shard's row groups; a storage failure is raised as the backend's own error,
+    for :func:`~tasks.storage.fs.with_storage_retries` to judge."""
+    try:
+        handle = fs.open(path, "rb")
+    except FileNotFoundError as err:
+        behind = _failure_behind(err)
+        if behind is not None:
+            raise behind from None
+        raise
+    reads = _StorageReads(handle, shard.source)
     try:
         with handle:
-            parquet = pq.ParquetFile(_StorageReads(handle, shard.source), pre_buffer=True)
+            parquet = pq.ParquetFile(reads, pre_buffer=True)
             batches = list(parquet.iter_batches(row_groups=list(shard.row_groups), columns=columns))
             schema = (
                 parquet.schema_arrow if columns is None else pa.schema([parquet.schema_arrow.field(c) for c in columns])
             )
     except StorageError:
+        if reads.failure is not None:
+            raise reads.failure from None
         raise
     except (pa.ArrowException, OSError, EOFError, ValueError) as err:
+        if reads.failure is not None:
+            raise reads.failure from None
         raise InputError(
             f"{shard.source}: corrupt Parquet data in row groups {list(shard.row_groups)}: {err}"
         ) from None
-    table = pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
-    table = table.slice(shard.slice_start, shard.num_rows)
-    if table.num_rows != shard.num_rows:
-        raise InputError(f"{shard.source}: expected {shard.num_rows} rows in {shard.name}, read {table.num_rows}")
-    return table
+    return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+
+def _failure_behind(err: FileNotFoundError) -> BaseException | None:
+    """The storage failure an fsspec backend reported as "not found", if any: the HTTP filesystem
+    raises FileNotFoundError from whatever its last request raised (a 500 answer, a reset
+    connection); behind a real one there is only another FileNotFoundError or a 404/410 answer."""
+    cause = err.__cause__
+    while cause is not None:
+        if not isinstance(cause, FileNotFoundError) and getattr(cause, "status", None) not in (404, 410):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ multipart upload aborted) when anything interrupts it, so no partial object is e
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import uuid
@@ -158,6 +159,13 @@ def is_transient(err: BaseException) -> bool:
         return True
     if not is_storage_failure(err):
         return False
+    # An HTTP status on the error (aiohttp's ``status``, requests' ``response.status_code``), or
+    # s3fs's errno for a 500 answer (EREMOTEIO).
+    status = getattr(err, "status", None) or getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(status, int) and (status in _TRANSIENT_STATUSES):
+        return True
+    if isinstance(err, OSError) and err.errno == errno.EREMOTEIO:
+        return True
     text = f"{type(err).__name__} {err}".lower()
     markers = (
         "slowdown",
@@ -169,11 +177,17 @@ def is_transient(err: BaseException) -> bool:
         "serviceunavailable",
         "service unavailable",
         "internalerror",
+        "internal error",
+        "internal server error",
+        "bad gateway",
         "503",
         "500 ",
         "reduce your request rate",
     )
     return any(m in text for m in markers)
+
+
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def with_storage_retries(action, what: str, attempts: int = 4, first_delay_s: float = 0.5):

@@ -280,6 +280,50 @@ def ended_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
         raise
 
 
+def end_orphaned_run(
+    manifest: dict[str, Any] | None, flow_run_id: str | None, output: str, uri: str | None = None
+) -> str | None:
+    """End, as KILLED, the MLflow run of an earlier run on this output that died without ending it
+    (SIGKILL, a lost machine); returns its id, or None when there was nothing to end.
+
+    ``manifest`` is the output's ``_manifest.json`` as the dead run left it, read after this run
+    took the output's lease and before anything rewrites it: holding the lease means no other run
+    is writing this output, so an MLflow run it names that is still RUNNING has lost its process.
+    A run that is not found (another tracking store, deleted) or not RUNNING is left alone."""
+    run_id = (manifest or {}).get("mlflow_run_id")
+    if not isinstance(run_id, str) or not run_id:
+        return None
+    log = logging.getLogger(__name__)
+    try:
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        client = _client(uri)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.status != "RUNNING":
+            return None
+        ended_by = f"prefect flow run {flow_run_id}" if flow_run_id else f"pid {os.getpid()}"
+        client.log_batch(
+            run_id,
+            tags=[
+                RunTag("shardwise.ended_by", ended_by),
+                RunTag(
+                    "shardwise.ended_reason",
+                    redact_text(f"left RUNNING by a run that died; ended by the next run on {output}"),
+                ),
+            ],
+        )
+        client.set_terminated(run_id, status="KILLED")
+    except Exception as err:  # noqa: BLE001 - tidying another run's record must not stop this one
+        log.warning("could not end the MLflow run %s of an earlier run on this output: %s", run_id, err)
+        return None
+    log.warning("MLflow run %s of an earlier run on this output was still RUNNING: ended as KILLED", run_id)
+    return run_id
+
+
 @task(name="start-tracking", retries=2, retry_delay_seconds=2)
 def start_tracking_task(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, flow_run_url: str | None) -> str:
     return start_run(cfg, plan, flow_run_id, flow_run_url=flow_run_url)
