@@ -314,6 +314,11 @@ class JobConfig(_Strict):
                 relevant["generate"].pop("max_model_len")
             else:
                 relevant["generate"]["engine"] = "vllm"
+            if self.generate.output_schema is not None:
+                # As text: sorting its keys below would lose the property order the grammar follows.
+                from tasks.config.output_schema import canonical_schema_text
+
+                relevant["generate"]["output_schema"] = canonical_schema_text(self.generate.output_schema)
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

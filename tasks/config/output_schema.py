@@ -24,6 +24,7 @@ import pyarrow as pa
 __all__ = [
     "SchemaError",
     "arrow_type",
+    "canonical_schema_text",
     "check_schema",
     "load_output_schema",
     "parse_generated",
@@ -69,9 +70,33 @@ def schema_text(schema: dict[str, Any]) -> str:
     return json.dumps(schema, separators=(",", ":"))
 
 
+def canonical_schema_text(schema: dict[str, Any]) -> str:
+    """The schema in one spelling per grammar, for hashes and keys: the keywords of every schema
+    object sorted (the grammar reads them by name), ``properties`` in their own order (the order
+    the answers follow), ``$defs`` sorted by name, lists (``enum``, ``required``) as given.
+    Two schemas that differ only in property order differ here, as their grammars do."""
+    return json.dumps(_canonical(schema), separators=(",", ":"))
+
+
+def _canonical(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    canonical: dict[str, Any] = {}
+    for key in sorted(node):
+        value = node[key]
+        if key == "properties" and isinstance(value, dict):
+            value = {name: _canonical(sub) for name, sub in value.items()}
+        elif key in ("$defs", "definitions") and isinstance(value, dict):
+            value = {name: _canonical(value[name]) for name in sorted(value)}
+        elif key == "items":
+            value = _canonical(value)
+        canonical[key] = value
+    return canonical
+
+
 def schema_hash(schema: dict[str, Any]) -> str:
-    canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    """Short hash of :func:`canonical_schema_text`: property order counts."""
+    return hashlib.sha256(canonical_schema_text(schema).encode()).hexdigest()[:16]
 
 
 def check_schema(schema: Any) -> None:

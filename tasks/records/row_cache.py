@@ -2,10 +2,13 @@
 what changed.
 
 A row's key hashes everything that produced its value and nothing else (not its id, file or
-position): for generation the user prompt as rendered from the template, the system prompt, the
-chat template and its variables, the chat date, the model's weights identity, the engine and
-device/dtype, and every decoding setting that changes values; for embeddings the cleaned text, the
-model's weights identity, device/dtype and the prompt name. See :func:`generation_context` and
+position): for generation the prompt the engine receives (the row's prompt wrapped by the model's
+chat template with the system prompt, the template variables and the run's date, as
+:func:`gpu_runtime.prompts.build_chat` renders it), the model's weights identity, the engine and
+device/dtype, the output schema in its property order, and every decoding setting that changes
+values; for embeddings the cleaned text, the model's weights identity, device/dtype and the prompt
+name. Settings that only may change the prompt (a date a template does not print) are not keyed on
+themselves: the rendered prompt shows whether they did. See :func:`generation_keys` and
 :func:`embedding_context`.
 
 Layout under the cache URI (any fsspec URI; one cache may be shared by many jobs and workers)::
@@ -83,13 +86,12 @@ def _sha(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=16)
-def _chat_template_sha(spec: str) -> str:
-    """Hash of the chat template a model spec's tokenizer applies (tokenizer files only)."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(spec: str) -> Any:
+    """A model spec's tokenizer (tokenizer files only), loaded once per process."""
     from gpu_runtime.token_count import load_tokenizer
 
-    template = getattr(load_tokenizer(spec), "chat_template", None)
-    return _sha(template)
+    return load_tokenizer(spec)
 
 
 def _device_and_dtype(cfg: JobConfig) -> str:
@@ -100,31 +102,55 @@ def _device_and_dtype(cfg: JobConfig) -> str:
     return f"{device.type}/{default_dtype(device)}"
 
 
-def generation_context(cfg: JobConfig, chat_date: dt.date | str | None) -> str:
-    """Hash of every generation input shared by a job's rows; a row's key adds its prompt.
+def generation_context(cfg: JobConfig) -> str:
+    """Hash of every generation input shared by a job's rows besides the prompt, which each row's
+    key adds as the engine receives it (:func:`generation_keys`). The system prompt, the chat
+    template, its variables and the date are in that prompt, so they are not here."""
+    from tasks.config.output_schema import canonical_schema_text
 
-    ``chat_date`` is the run's date (``generate.chat_date`` wins, as in the engine call)."""
     g = cfg.generate
-    day = g.chat_date or chat_date
     return _sha(
         {
             "layout": LAYOUT,
             "model": cfg.model_identities()["generate"],
             "engine": cfg.generation_engine(),
             "device": _device_and_dtype(cfg),
-            "chat_template": _chat_template_sha(g.model),
-            "system_prompt": g.system_prompt,
-            "chat_template_kwargs": dict(g.chat_template_kwargs),
-            "chat_date": day.isoformat() if isinstance(day, dt.date) else day,
             "max_new_tokens": g.max_new_tokens,
             "max_input_tokens": g.max_input_tokens,
             "temperature": g.temperature,
             "top_p": g.top_p,
             "seed": g.seed,
             "ignore_eos": g.ignore_eos,
-            "output_schema": g.output_schema,
+            # as text: _sha sorts keys, and the answers follow the properties' order
+            "output_schema": None if g.output_schema is None else canonical_schema_text(g.output_schema),
         }
     )
+
+
+def engine_prompts(tokenizer: Any, prompts: list[str], params: GenerationParams) -> list[str]:
+    """Each row's prompt as the generation engine receives it: wrapped by the chat template with
+    the system prompt, the template variables and the date of ``params`` (before tokenizing and
+    truncating, which ``max_input_tokens`` and the model decide)."""
+    from gpu_runtime.prompts import build_chat
+
+    return [
+        build_chat(
+            tokenizer,
+            prompt,
+            params.system_prompt,
+            template_kwargs=params.chat_template_kwargs,
+            date=params.chat_date,
+        )
+        for prompt in prompts
+    ]
+
+
+def generation_keys(
+    context: str, prompts: list[str], params: GenerationParams, spec: str, tokenizer: Any = None
+) -> list[str]:
+    """One key per row prompt: the context (:func:`generation_context`) and the prompt as the
+    engine receives it, rendered with ``spec``'s tokenizer unless ``tokenizer`` is given."""
+    return row_keys(context, engine_prompts(tokenizer or _tokenizer(spec), prompts, params))
 
 
 def embedding_context(cfg: JobConfig) -> str:
@@ -418,6 +444,7 @@ class ShardCache:
 
     cache: RowCache
     gen_context: str | None = None
+    gen_model: str | None = None  # the spec whose chat template renders the prompts keyed
     embed_context: str | None = None
     hits: dict[str, list[bool]] = field(default_factory=dict)
     new: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -428,8 +455,8 @@ class ShardCache:
     def generate(self, generator: GenerationEngine, prompts: list[str], params: GenerationParams) -> list[Generation]:
         from gpu_runtime import Generation
 
-        assert self.gen_context is not None
-        keys = row_keys(self.gen_context, prompts)
+        assert self.gen_context is not None and self.gen_model is not None
+        keys = generation_keys(self.gen_context, prompts, params, self.gen_model)
         found = self.cache.lookup("generate", keys)
         misses = [j for j, k in enumerate(keys) if k not in found]
         computed = dict(zip(misses, generator.generate([prompts[j] for j in misses], params))) if misses else {}
@@ -507,14 +534,15 @@ class ShardCache:
         return added
 
 
-def shard_cache(cfg: JobConfig, chat_date: dt.date | str | None) -> ShardCache | None:
+def shard_cache(cfg: JobConfig) -> ShardCache | None:
     """The shard's cache view, or None when the job has no cache."""
     if not cfg.cache:
         return None
     cache = RowCache(cfg.cache, cfg.storage_options)
     return ShardCache(
         cache,
-        gen_context=generation_context(cfg, chat_date) if cfg.runs_generation else None,
+        gen_context=generation_context(cfg) if cfg.runs_generation else None,
+        gen_model=cfg.generate.model if cfg.runs_generation else None,
         embed_context=embedding_context(cfg) if cfg.runs_embedding else None,
     )
 
@@ -526,14 +554,15 @@ def cached_rows(
     without a cache. The keys are those :func:`tasks.records.enrichment.enrich_table` uses."""
     if not cfg.cache:
         return set()
-    from tasks.records.enrichment import render_prompts
+    from tasks.records.enrichment import generation_params, render_prompts
 
     cache = RowCache(cfg.cache, cfg.storage_options)
     valid = [i for i, (_, err) in enumerate(cleaned) if err is None]
     hit = set(valid)
     if cfg.runs_generation:
         prompts = render_prompts(cfg, table, [text for text, _ in cleaned], valid)
-        keys = row_keys(generation_context(cfg, chat_date), prompts)
+        params = generation_params(cfg, chat_date)
+        keys = generation_keys(generation_context(cfg), prompts, params, cfg.generate.model)
         found = cache.lookup("generate", keys)
         hit &= {i for i, k in zip(valid, keys) if k in found}
     if cfg.runs_embedding:
