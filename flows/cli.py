@@ -510,6 +510,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     _out(f"shards   {status.shards_done}/{status.shards_total} done")
     _out(f"rows     {status.rows}")
     _out(f"_SUCCESS {'yes' if status.success else 'no'}")
+    if not status.as_published:
+        for label, names in (("unlisted", status.unlisted), ("replaced", status.replaced)):
+            if names:
+                shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+                _out(f"{label:<8} {len(names)} part(s) not as the manifest lists them: {shown}")
+        _out(f"  a reader of part-*.parquet would read them; rerun the job on {args.output} to repair it")
+        return 1
     hold = read_hold(args.output, options)
     if hold is not None:
         _out(f"held     by the quality gate since {hold.get('held_at', '?')}: {hold.get('message', '')}")

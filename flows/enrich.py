@@ -28,16 +28,23 @@ from tasks.compute.shard_work import process_shard
 from tasks.config.job import JobConfig
 from tasks.forecasting.budget import BudgetGuard, ProgressMeter, budgeted_completions, shard_capacity, unstarted
 from tasks.forecasting.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
-from tasks.output.manifest import commit_output_task, start_output_task
+from tasks.output.manifest import commit_output_task, publish_part, start_output_task, unchanged_outcome
 from tasks.output.resume import find_committed_task, prepare_output_task
 from tasks.output.verdict import QualityVerdict
 from tasks.planning.shards import ShardPlan, plan_shards_task
 from tasks.quality.gate import assess_task, log_verdict_task, run_canaries_task
 from tasks.records.results import ShardResult
 from tasks.redaction import install_log_redaction, redact_text
-from tasks.storage.output_dir import OutputDir
+from tasks.storage.output_dir import Fence, OutputDir
 from tasks.tracking.reporting import ProgressUpdates, price_for, report_task, start_progress
-from tasks.tracking.runs import ended_on_error, log_shard, log_timings, prompt_hash, start_tracking_task
+from tasks.tracking.runs import (
+    end_orphaned_run,
+    ended_on_error,
+    log_shard,
+    log_timings,
+    prompt_hash,
+    start_tracking_task,
+)
 from tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
 
 
@@ -101,10 +108,12 @@ def process_shards(
     done: list[ShardResult],
     run_id: str,
     lineage: dict[str, str],
+    fence: Fence,
     forecast: Forecast | None = None,
     guard: BudgetGuard | None = None,
 ) -> list[ShardResult]:
-    """Submit one task per shard not already committed; log each to MLflow as it finishes.
+    """Submit one task per shard not already committed; publish each part from the run's staging
+    directory as its shard finishes (while ``fence`` holds the lease) and log it to MLflow.
 
     With a ``guard`` (``max_cost``), shards are submitted a few at a time within the budget."""
     logger = get_run_logger()
@@ -117,16 +126,20 @@ def process_shards(
         timeout_seconds=cfg.shard_timeout_s,
         tags=shard_tags(cfg),
     )
+    staging = OutputDir(cfg.output, cfg.storage_options).staging_uri(fence)
     with shard_placement(cfg) as resources:
         if resources:
             logger.info("each shard asks Ray for %s", resources)
         if guard is None:
-            futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage))
+            futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage), unmapped(staging))
             by_future = dict(zip(futures, pending))
             finished = ((f, by_future[f]) for f in finished_in_turn(list(futures)))
         else:
             finished = budgeted_completions(
-                lambda shard: shard_task.submit(shard, cfg, lineage), pending, guard, capacity=shard_capacity(cfg)
+                lambda shard: shard_task.submit(shard, cfg, lineage, staging),
+                pending,
+                guard,
+                capacity=shard_capacity(cfg),
             )
         results: list[ShardResult] = list(done)
         progress = ProgressUpdates(start_progress(len(plan.shards), len(done)), len(plan.shards))
@@ -136,7 +149,7 @@ def process_shards(
             forecast.currency if forecast else "USD",
         )
         for future, shard in finished:
-            result = shard_outcome(future, {future.task_run_id: shard})
+            result = publish_part(cfg, fence, shard_outcome(future, {future.task_run_id: shard}))
             results.append(result)
             price = price_for(cfg, [result])
             cost = price.cost(result.seconds)
@@ -202,26 +215,36 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
     if cfg.max_cost is not None and over_budget(cfg, expected):
         return Failed(message=over_budget(cfg, expected))
     output = OutputDir(cfg.output, cfg.storage_options)
-    with output.acquire_lease(cfg.lease_timeout_s, flow_run.get_id()):  # one run per output at a time
+    # One run per output at a time; its fence guards every write readers can see.
+    with output.acquire_lease(cfg.lease_timeout_s, flow_run.get_id()) as lease:
+        end_orphaned_run(output.read_manifest(), flow_run.get_id(), cfg.output)  # a killed run's MLflow run
         with timer.phase("start"):
             prepare_output_task(cfg)
+            done, published = find_committed_task(cfg, plan)
             run_id = start_tracking_task(cfg, plan, flow_run.get_id(), flow_run.ui_url)
             log_forecast(run_id, expected)
-        run_info = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run.get_id(), **chat_date_info(cfg)}
+        run_info = {
+            "mlflow_run_id": run_id,
+            "prefect_flow_run_id": flow_run.get_id(),
+            "lease_epoch": lease.fence.epoch,
+            **chat_date_info(cfg),
+        }
+        guard = None
         with ended_on_error(run_id):
-            with timer.phase("start"):
-                start_output_task(cfg, plan, run_info)
-                done = find_committed_task(cfg, plan)
-            guard = (
-                BudgetGuard(cfg.max_cost, expected.cost_per_row() if expected else 0.0)
-                if cfg.max_cost is not None
-                else None
-            )
-            with timer.phase(SHARDS_PHASE):
-                results = process_shards(cfg, plan, done, run_id, part_lineage(cfg, run_info), expected, guard)
-            with timer.phase("commit"):
-                verdict = quality_verdict(cfg, plan, results)
-                outcome = commit_output_task(cfg, plan, results, run_info, verdict)
+            if published is not None:
+                get_run_logger().info("%s is already published from this config and input: nothing to do", cfg.output)
+                verdict, outcome = None, unchanged_outcome(output, plan, done, published)
+            else:
+                with timer.phase("start"):
+                    start_output_task(cfg, plan, run_info, lease.fence)
+                guard = BudgetGuard.for_forecast(cfg.max_cost, expected) if cfg.max_cost is not None else None
+                with timer.phase(SHARDS_PHASE):
+                    results = process_shards(
+                        cfg, plan, done, run_id, part_lineage(cfg, run_info), lease.fence, expected, guard
+                    )
+                with timer.phase("commit"):
+                    verdict = quality_verdict(cfg, plan, results)
+                    outcome = commit_output_task(cfg, plan, results, run_info, lease.fence, verdict)
             results = outcome.results  # a part replaced since it was written counts as failed
             with timer.phase("report"):
                 if verdict is not None:
@@ -229,6 +252,8 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
                 summary = report_task(cfg, outcome, results, run_id, timer.elapsed(), plan.unreadable)
                 if verdict is not None:
                     summary["quality"] = verdict.summary()
+                elif published is not None and published.get("quality"):
+                    summary["quality"] = published["quality"]
                 summary["forecast"] = expected.to_dict() if expected else None
                 log_computed(run_id, results)
             summary["timings"] = timing_figures(timer, results, workers=worker_count(cfg))

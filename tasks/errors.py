@@ -4,6 +4,8 @@
     ├── ConfigError           the job config or CLI flags are invalid                 (exit 2)
     ├── InputError            the input data is missing, malformed or the wrong shape (exit 2)
     └── StorageError          storage cannot be read or written                       (exit 3)
+        └── LeaseLost         another run holds the output's lease now: nothing more
+                              of this run is published (never retried)                (exit 3)
 
     A run that finishes with failed shards is not an exception: the flow ends Failed   (exit 1)
 
@@ -38,6 +40,11 @@ class InputError(ShardwiseError):
 
 class StorageError(ShardwiseError):
     exit_code = 3
+
+
+class LeaseLost(StorageError):
+    """The output's lease names another run now (taken over while this one was paused or cut
+    off): this run must write nothing more that readers can see."""
 
 
 class Terminated(BaseException):

@@ -98,8 +98,9 @@ def input_columns(cfg: JobConfig) -> list[str] | None:
     return list(dict.fromkeys(needed))
 
 
-def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
-    """Process one shard and publish its part; raises on failure."""
+def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: str) -> ShardResult:
+    """Process one shard and write its part under ``staging`` (the run's fenced staging directory,
+    see :class:`~tasks.storage.output_dir.Fence`), for the lease holder to publish; raises on failure."""
     install_log_redaction()  # this may be a worker process, with logging handlers of its own
     generator, embedder = load_engines(cfg)
     check_engine_weights(cfg, {"generate": generator, "embed": embedder})
@@ -108,7 +109,7 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     check_ids(table, cfg.id_column, shard)
     read_done = time.perf_counter()
     crash_point("shard-compute")
-    cache = shard_cache(cfg, lineage.get("chat_date"))
+    cache = shard_cache(cfg)
     engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
     with device_lock(engine_device):  # another shard in flight reads or writes meanwhile
         compute_started = time.perf_counter()
@@ -140,9 +141,9 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
             part_lineage[f"{role}_model_dtype"] = str(engine.info.get("dtype"))
             if engine.info.get("engine"):
                 part_lineage[f"{role}_engine"] = f"{engine.info['engine']} ({engine.info.get('engine_version')})"
-    part = write_part(enriched, cfg.output, shard, part_lineage, cfg.storage_options)
+    part = write_part(enriched, staging, shard, part_lineage, cfg.storage_options)
     if cache is not None:
-        cache.add_computed()  # after the part: an entry never describes an uncommitted value
+        cache.add_computed()  # after the part: an entry never describes a value not yet written
     write_done = time.perf_counter()
     write_ended_at = time.time()
     models = {}
@@ -200,5 +201,5 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardRes
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_unless_bad_input,
 )
-def process_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str]) -> ShardResult:
-    return run_shard(shard, cfg, lineage)
+def process_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: str) -> ShardResult:
+    return run_shard(shard, cfg, lineage, staging)

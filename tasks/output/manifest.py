@@ -4,6 +4,10 @@ Readers should trust an output directory only when ``_SUCCESS`` exists: it is wr
 every planned shard's part is published, confirmed to be the very part this run wrote or verified
 (its footer's write id), and listed in the manifest. While a run is in progress the manifest says
 ``running`` and lists the planned shards, so ``shardwise status`` can report progress.
+
+Every write here that readers can see (the manifest, a part moved out of staging, ``_SUCCESS``)
+is preceded by a check that this run's :class:`~tasks.storage.output_dir.Fence` still holds the
+lease, so a run that lost it publishes nothing more.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from tasks.output.verdict import QualityVerdict, write_verdict
 from tasks.planning.shards import ShardPlan
 from tasks.records.results import RunTotals, ShardResult
 from tasks.retry_policy import retry_unless_bad_input
-from tasks.storage.output_dir import MANIFEST_NAME, OutputDir, part_name
+from tasks.storage.output_dir import MANIFEST_NAME, Fence, OutputDir, part_name
 
 MANIFEST_FORMAT = "shardwise-manifest/1"
 
@@ -39,9 +43,10 @@ def read_manifest(output: str, storage_options: dict[str, Any] | None = None) ->
     return OutputDir(output, storage_options).read_manifest()
 
 
-def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> None:
+def start_output(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any], fence: Fence) -> None:
     """Withdraw any old ``_SUCCESS`` and record the planned shards before any part is written."""
     output = OutputDir(cfg.output, cfg.storage_options)
+    output.check_fence(fence)
     output.remove_success()
     output.remove_quality()  # this run's verdict replaces any earlier one
     manifest = {
@@ -105,6 +110,7 @@ def final_manifest(
                 error_rows=result.error_rows,
                 bytes=result.part_bytes,
                 sha256=result.part_sha256,
+                write_id=result.part_write_id,
                 worker=result.worker,
                 prompt_tokens=result.prompt_tokens,
                 generated_tokens=result.generated_tokens,
@@ -133,8 +139,24 @@ def final_manifest(
         "unreadable_files": [{"uri": u.uri, "reason": u.reason} for u in plan.unreadable],
         "totals": {**totals.__dict__, "duplicate_ids": duplicates},
         "shards": shards,
+        # exactly the parts this run published or verified: what a reader of the output should read
+        "parts": [s["part"] for s in shards if s.get("part")],
     }
     return manifest, totals, duplicates
+
+
+def publish_part(cfg: JobConfig, fence: Fence, result: ShardResult) -> ShardResult:
+    """A committed shard's part moved from the run's staging directory to the output, if ``fence``
+    still holds the lease; a part that cannot be published makes the shard failed (with why)."""
+    if result.status != "committed" or result.resumed or not result.part_uri:
+        return result
+    output = OutputDir(cfg.output, cfg.storage_options)
+    name = result.part_uri.rsplit("/", 1)[-1]
+    try:
+        uri = output.publish_staged(fence, name)
+    except StorageError as err:
+        return replace(result, status="failed", error=str(err))
+    return replace(result, part_uri=uri)
 
 
 def commit_output(
@@ -142,18 +164,18 @@ def commit_output(
     plan: ShardPlan,
     results: list[ShardResult],
     run_info: dict[str, Any],
+    fence: Fence,
     verdict: QualityVerdict | None = None,
 ) -> CommitOutcome:
     """Write the final manifest, then ``_SUCCESS`` only if every planned shard committed and the
     quality ``verdict`` (when given) does not hold the output: then ``_QUALITY_HOLD`` instead.
 
-    Raises :class:`StorageError` when this run no longer holds the output's lease (another run
-    took it over): then nothing is written. A part that is no longer the one this run wrote or
-    verified (a late worker of a killed run replaced it) counts as failed; parts are checked
-    before the manifest is written and again right before ``_SUCCESS``."""
+    Raises :class:`StorageError` when ``fence`` no longer holds the output's lease (another run
+    took it over): then nothing more is written. A part that is no longer the one this run wrote
+    or verified counts as failed; parts are checked before the manifest is written and again
+    right before ``_SUCCESS``."""
     output = OutputDir(cfg.output, cfg.storage_options)
-    flow_run_id = run_info.get("prefect_flow_run_id")
-    output.check_lease_holder(flow_run_id)
+    output.check_fence(fence)
     crash_point("before-manifest")
     results = confirm_parts(output, results)
     manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
@@ -161,25 +183,40 @@ def commit_output(
     held = succeeded and verdict is not None and verdict.held
     if succeeded and verdict is not None:
         manifest.update(status="held" if held else "succeeded", quality=verdict.summary())
+    output.check_fence(fence)
     written = output.write_json(MANIFEST_NAME, manifest)
     if succeeded:
         remove_stray_parts(cfg, plan)
         crash_point("before-success")
-        output.check_lease_holder(flow_run_id)
         rechecked = confirm_parts(output, results)
         if rechecked != results:  # replaced while the manifest was written
             results = rechecked
             manifest, totals, duplicates = final_manifest(cfg, plan, results, run_info)
+            output.check_fence(fence)
             written = output.write_json(MANIFEST_NAME, manifest)
             succeeded = held = False
         else:
+            output.check_fence(fence)
             if verdict is not None:
                 write_verdict(output, verdict, run_info)
             if not held:
                 success = {"completed_at": _now(), "rows": totals.rows, "shards": totals.committed, **run_info}
                 output.write_success(success)
+    output.remove_staging()  # this run's staging is empty now; any other one is a dead run's
     return CommitOutcome(
         succeeded and not held, output.uri_of(MANIFEST_NAME), duplicates, totals, results, held, manifest_json=written
+    )
+
+
+def unchanged_outcome(
+    output: OutputDir, plan: ShardPlan, results: list[ShardResult], manifest: dict[str, Any]
+) -> CommitOutcome:
+    """The outcome of a run that found its output already published as it would publish it
+    (see :func:`tasks.output.resume.published_manifest`): nothing is written."""
+    totals = RunTotals.of(results, planned=len(plan.shards))
+    duplicates = int((manifest.get("totals") or {}).get("duplicate_ids") or 0)
+    return CommitOutcome(
+        True, output.uri_of(MANIFEST_NAME), duplicates, totals, results, manifest_json=json.dumps(manifest)
     )
 
 
@@ -215,8 +252,8 @@ def remove_stray_parts(cfg: JobConfig, plan: ShardPlan) -> list[str]:
 
 
 @task(name="start-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
-def start_output_task(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any]) -> None:
-    start_output(cfg, plan, run_info)
+def start_output_task(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any], fence: Fence) -> None:
+    start_output(cfg, plan, run_info, fence)
 
 
 @task(name="commit-output", retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_unless_bad_input)
@@ -225,9 +262,10 @@ def commit_output_task(
     plan: ShardPlan,
     results: list[ShardResult],
     run_info: dict[str, Any],
+    fence: Fence,
     verdict: QualityVerdict | None = None,
 ) -> CommitOutcome:
-    return commit_output(cfg, plan, results, run_info, verdict)
+    return commit_output(cfg, plan, results, run_info, fence, verdict)
 
 
 @dataclass(frozen=True)
@@ -238,10 +276,19 @@ class OutputStatus:
     shards_done: int
     rows: int
     success: bool
+    unlisted: tuple[str, ...] = ()  # part files of no shard the manifest lists
+    replaced: tuple[str, ...] = ()  # listed parts whose footer's write id is not the one listed
+
+    @property
+    def as_published(self) -> bool:
+        """True when the parts present are exactly those the manifest describes."""
+        return not self.unlisted and not self.replaced
 
 
 def read_status(output: str, storage_options: dict[str, Any] | None = None) -> OutputStatus:
-    """Progress of an output directory, from its manifest and the parts present."""
+    """Progress of an output directory, from its manifest and the parts present; with it, any
+    part file the manifest does not list and any listed part whose footer carries another write
+    id than the manifest records (a part some other writer put there)."""
     directory = OutputDir(output, storage_options)
     try:
         manifest = directory.read_manifest()
@@ -251,7 +298,31 @@ def read_status(output: str, storage_options: dict[str, Any] | None = None) -> O
         raise StorageError(f"cannot read {output}: {err}") from None
     if manifest is None:
         return OutputStatus(output, "no manifest", 0, len(parts), 0, success)
-    shards = manifest.get("shards", [])
+    shards = [s for s in manifest.get("shards", []) if isinstance(s, dict)]
     done = [s for s in shards if part_name(s["shard_id"]) in parts]
     rows = sum(s.get("num_rows", 0) for s in done)
-    return OutputStatus(output, manifest.get("status", "unknown"), len(shards), len(done), rows, success)
+    unlisted = sorted(parts - {part_name(s["shard_id"]) for s in shards})
+    replaced = []
+    for entry in done:
+        if entry.get("write_id"):
+            name = part_name(entry["shard_id"])
+            try:
+                found = directory.part_lineage(name).get("part_write_id")
+            except FileNotFoundError:
+                continue  # removed since the listing: counted as not done next time
+            except OSError as err:
+                raise StorageError(f"cannot read {directory.uri_of(name)}: {err}") from None
+            except Exception:  # noqa: BLE001 - unreadable footer: not the part that was published
+                found = None
+            if found != entry["write_id"]:
+                replaced.append(name)
+    return OutputStatus(
+        output,
+        manifest.get("status", "unknown"),
+        len(shards),
+        len(done),
+        rows,
+        success,
+        tuple(unlisted),
+        tuple(replaced),
+    )

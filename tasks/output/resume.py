@@ -9,6 +9,7 @@ retried, and a persistent one fails the run (exit 3).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -16,12 +17,21 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.config.job import EXECUTION_KNOBS, FINGERPRINT_SETTINGS, JobConfig
+from tasks.config.output_schema import canonical_schema_text
 from tasks.errors import ConfigError, StorageError
 from tasks.planning.shards import Shard, ShardPlan
 from tasks.records.results import RowIds, ShardResult
+from tasks.redaction import redact_values
 from tasks.retry_policy import retry_unless_bad_input
 from tasks.storage.fs import is_storage_failure, is_transient, with_storage_retries
-from tasks.storage.output_dir import LINEAGE_PREFIX, OutputDir, check_separate
+from tasks.storage.output_dir import LINEAGE_PREFIX, OutputDir, check_separate, location_relation
+
+
+def _differs(name: str, old: Any, new: Any) -> bool:
+    """A setting compared as the fingerprint sees it: an output schema with its property order."""
+    if name == "output_schema" and isinstance(old, dict) and isinstance(new, dict):
+        return canonical_schema_text(old) != canonical_schema_text(new)
+    return old != new
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -30,7 +40,9 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += [
-                f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in EXECUTION_KNOBS
+                f"{key}.{k}"
+                for k in sorted(set(a) | set(b))
+                if _differs(k, a.get(k), b.get(k)) and k not in EXECUTION_KNOBS
             ]
         elif a != b:
             changed.append(key)
@@ -53,17 +65,46 @@ def check_output_compatible(cfg: JobConfig) -> bool:
 
 
 def check_output_location(cfg: JobConfig) -> None:
-    """Refuse (exit 2) an output that overlaps the input, or that holds files shardwise did not
-    write: a run never deletes or changes a file it cannot prove it wrote."""
+    """Refuse (exit 2) an output that overlaps the input, a row cache that overlaps either (see
+    :func:`check_cache_location`), or an output that holds files shardwise did not write: a run
+    never deletes or changes a file it cannot prove it wrote."""
     from tasks.planning.shards import is_input_pattern
 
-    check_separate(cfg.input, cfg.output, cfg.storage_options, is_input_pattern(cfg.input, cfg.storage_options))
+    input_is_pattern = is_input_pattern(cfg.input, cfg.storage_options)
+    check_separate(cfg.input, cfg.output, cfg.storage_options, input_is_pattern)
+    check_cache_location(cfg, input_is_pattern)
     foreign = OutputDir(cfg.output, cfg.storage_options).foreign_files()
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ConfigError(
             f"output {cfg.output} holds files shardwise did not write ({shown}); use an empty or new output directory"
         )
+
+
+# Why each overlap of the row cache with a run's data is refused.
+_CACHE_OVERLAPS = {
+    ("input", "is"): "a run would read the cache's entry files as input",
+    ("input", "is inside"): "a run would read the cache's entry files as input",
+    ("input", "contains"): "the cache's tree would hold the data it caches",
+    ("output", "is"): "the output would hold files that are not its parts, which stops its next run",
+    ("output", "is inside"): "the output would hold files that are not its parts, which stops its next run",
+}
+
+
+def check_cache_location(cfg: JobConfig, input_is_pattern: bool = False) -> None:
+    """Refuse (exit 2) a row cache (``--cache`` / ``cache:``) that is or lies inside the input or
+    the output, or that contains the input: its entry files are Parquet, which the next run
+    would read as input, and files in an output that no run wrote there stop every later run."""
+    if not cfg.cache:
+        return
+    for role, uri, is_pattern in (("input", cfg.input, input_is_pattern), ("output", cfg.output, False)):
+        relation = location_relation(cfg.cache, uri, cfg.storage_options, is_pattern)
+        why = _CACHE_OVERLAPS.get((role, relation)) if relation else None
+        if why:
+            raise ConfigError(
+                f"row cache (--cache / cache:) {cfg.cache} {relation} the {role} {uri}: {why}; "
+                "choose a cache location outside the input and the output"
+            )
 
 
 def clear_output(cfg: JobConfig) -> None:
@@ -141,19 +182,57 @@ def footer_quality(raw: str | None) -> dict[str, Any] | None:
 
 
 def find_committed(cfg: JobConfig, plan: ShardPlan) -> list[ShardResult]:
-    parts = set(OutputDir(cfg.output, cfg.storage_options).part_names())
+    """The planned shards whose parts are already committed with this config, verified from
+    their footers. Each carries the models' provenance the output's manifest recorded when that
+    manifest is of this config (the weights are the same: the fingerprint covers them), so a run
+    that reuses parts keeps it in its manifest and MLflow run."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    parts = set(output.part_names())
+    manifest = output.read_manifest() if parts else None
+    models = (manifest or {}).get("models") if same_config(manifest, cfg) else None
     results = []
     for shard in plan.shards:
         if shard.part_name in parts:
             result = verify_part(cfg, shard)
             if result is not None:
-                results.append(result)
+                results.append(replace(result, models=dict(models)) if isinstance(models, dict) else result)
     return results
 
 
+def same_config(manifest: dict[str, Any] | None, cfg: JobConfig) -> bool:
+    return bool(manifest) and manifest.get("config_fingerprint") == cfg.output_fingerprint()
+
+
+def published_manifest(cfg: JobConfig, plan: ShardPlan, committed: list[ShardResult]) -> dict[str, Any] | None:
+    """The output's manifest when the output is already published exactly as this run would
+    publish it: ``_SUCCESS`` present, the manifest of this config over the same input files
+    (names and fingerprints), every planned shard's part verified with the write id the manifest
+    lists, and no other part. A rerun of such an output changes nothing (it keeps its
+    ``_SUCCESS``, its provenance and its quality verdict); None otherwise."""
+    output = OutputDir(cfg.output, cfg.storage_options)
+    if len(committed) != len(plan.shards) or not output.has_success():
+        return None
+    manifest = output.read_manifest()
+    if not same_config(manifest, cfg) or manifest.get("status") != "succeeded":
+        return None
+    if manifest.get("input") != redact_values(json.loads(json.dumps(plan.to_dict()["files"], default=str))):
+        return None
+    listed = {
+        s.get("part"): s.get("write_id")
+        for s in manifest.get("shards", [])
+        if isinstance(s, dict) and s.get("status") == "committed"
+    }
+    found = {r.part_uri.rsplit("/", 1)[-1]: r.part_write_id for r in committed if r.part_uri}
+    if found != listed or set(output.part_names()) != set(listed):
+        return None
+    return manifest
+
+
 @task(name="find-committed", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
-def find_committed_task(cfg: JobConfig, plan: ShardPlan) -> list[ShardResult]:
-    return find_committed(cfg, plan)
+def find_committed_task(cfg: JobConfig, plan: ShardPlan) -> tuple[list[ShardResult], dict[str, Any] | None]:
+    """The committed shards, and the published manifest when the run has nothing to change."""
+    committed = find_committed(cfg, plan)
+    return committed, published_manifest(cfg, plan, committed)
 
 
 def prepare_output(cfg: JobConfig) -> None:

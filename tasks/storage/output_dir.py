@@ -7,8 +7,16 @@ Layout, all under one root::
     _SUCCESS                  written last: only then is the directory complete
     _quality.json             the output's quality profile (see tasks.quality.gate)
     _QUALITY_HOLD             instead of _SUCCESS when the quality gate holds the output
-    _shardwise.lease          who is writing here now (host, pid, flow run), renewed while it lives
+    _shardwise.lease          who is writing here now (host, pid, flow run, epoch), renewed while it lives
+    _staging/<fence>/part-*   parts as workers write them, before the lease holder publishes them
     .tmp-*, .shardwise-write-probe-*   in-flight local writes and write checks (debris if killed)
+
+Fencing: every run that takes the lease gets a higher *epoch* and a fresh token (its
+:class:`Fence`). Workers never write a ``part-*`` at the root: they stage it under
+``_staging/<fence>/``, and only the lease holder's own process moves it to the root, after
+reading the lease and finding its own token there. A worker that outlives its run (its parent
+was killed, or the whole run was paused past the lease timeout) can only ever add files under
+its dead fence's staging directory, which no run publishes and the next run removes.
 
 Every user path is used literally: names are listed and filtered here, never globbed, so an
 output called ``out[1]`` or ``out?`` means that directory and no other. A ``part-*`` file counts
@@ -28,13 +36,13 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import ConfigError, StorageError
+from tasks.errors import ConfigError, LeaseLost, StorageError
 from tasks.redaction import redact_values
 from tasks.storage.fs import PROBE_PREFIX, TEMP_PREFIX, atomic_write_bytes, filesystem, join
 
@@ -43,6 +51,7 @@ SUCCESS_NAME = "_SUCCESS"
 QUALITY_NAME = "_quality.json"
 HOLD_NAME = "_QUALITY_HOLD"
 LEASE_NAME = "_shardwise.lease"
+STAGING_DIR = "_staging"
 LINEAGE_PREFIX = "shardwise."  # footer keys of every part shardwise writes
 _PART = re.compile(r"part-(?P<shard_id>[A-Za-z0-9_-]{1,48}-\d{10}-[0-9a-f]{10})\.parquet")
 
@@ -100,6 +109,65 @@ def check_separate(
         raise ConfigError(f"output {output_uri} {relation} {input_uri}: choose an output outside the input")
 
 
+def location_relation(
+    uri: str, other_uri: str, storage_options: dict[str, Any] | None = None, other_is_pattern: bool = False
+) -> str | None:
+    """How location ``uri`` lies towards ``other_uri``: ``"is"``, ``"is inside"``, ``"contains"``,
+    or None when they do not overlap (another store, or apart). Compared as :func:`check_separate`
+    compares: literally after normalising, a glob by its fixed directory."""
+    other = _literal_root(other_uri) if other_is_pattern else other_uri
+    proto, path = _normalised(uri, storage_options)
+    other_proto, other_path = _normalised(other, storage_options)
+    if set(proto).isdisjoint(other_proto):
+        return None
+
+    def inside(child: str, parent: str) -> bool:
+        return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+    if path == other_path:
+        return "is"
+    if inside(path, other_path):
+        return "is inside"
+    if inside(other_path, path):
+        return "contains"
+    return None
+
+
+def recorded_epoch(manifest: dict[str, Any] | None) -> int:
+    """The lease epoch a manifest records (0 when none, or not a number)."""
+    try:
+        return int((manifest or {}).get("lease_epoch") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True)
+class Fence:
+    """A lease holder's identity for writes: its epoch (grows with every run that takes the lease)
+    and its token (unique to that run). Writes that can become visible check it first."""
+
+    epoch: int
+    token: str
+
+    @property
+    def name(self) -> str:
+        """The staging directory of this fence's parts (``_staging/<name>/``)."""
+        return f"epoch-{self.epoch:06d}-{self.token[:12]}"
+
+
+def _is_own_upload(name: str) -> bool:
+    """True for an upload shardwise starts under an output: a part (staged or published), a
+    marker, the manifest or a write probe; ``name`` is relative to the output's root."""
+    staged = name.split("/")
+    if len(staged) == 3 and staged[0] == STAGING_DIR:
+        return part_shard_id(staged[2]) is not None
+    return "/" not in name and (
+        part_shard_id(name) is not None
+        or name in (MANIFEST_NAME, SUCCESS_NAME, QUALITY_NAME, HOLD_NAME)
+        or name.startswith(PROBE_PREFIX)
+    )
+
+
 @dataclass(frozen=True)
 class LeaseHolder:
     host: str
@@ -107,6 +175,11 @@ class LeaseHolder:
     flow_run_id: str | None
     token: str
     renewed_at: float
+    epoch: int = 0
+
+    @property
+    def fence(self) -> Fence:
+        return Fence(self.epoch, self.token)
 
     def is_dead_here(self) -> bool:
         """True when the holder ran on this host and its process is gone (killed, crashed): its
@@ -126,7 +199,10 @@ class LeaseHolder:
 
     def describe(self) -> str:
         age = time.time() - self.renewed_at
-        return f"host {self.host}, pid {self.pid}, flow run {self.flow_run_id or '-'}, renewed {age:.0f}s ago"
+        return (
+            f"host {self.host}, pid {self.pid}, flow run {self.flow_run_id or '-'}, epoch {self.epoch}, "
+            f"renewed {age:.0f}s ago"
+        )
 
 
 class OutputDir:
@@ -266,6 +342,63 @@ class OutputDir:
         except FileNotFoundError:
             pass
 
+    # ---- staging and publishing parts --------------------------------------------------
+
+    def staging_uri(self, fence: Fence) -> str:
+        """Where workers of the run holding ``fence`` write their parts (never read as output)."""
+        return join(self.uri, STAGING_DIR, fence.name)
+
+    def publish_staged(self, fence: Fence, name: str) -> str:
+        """Move the staged part ``name`` of ``fence`` to the root, if ``fence`` still holds the
+        lease (checked right before the move); returns the part's URI. One atomic step on local
+        disk (a rename) and one server-side copy on object stores: a part is whole or absent.
+
+        Raises :class:`~tasks.errors.LeaseLost` when another run holds the lease now: nothing is
+        published."""
+        self.check_fence(fence)
+        source = f"{self.path_of(STAGING_DIR)}/{fence.name}/{name}"
+        try:
+            if self._is_local:
+                os.replace(source, self.path_of(name))
+            else:
+                self.fs.copy(source, self.path_of(name))
+                self.fs.rm_file(source)
+        except FileNotFoundError:
+            raise StorageError(f"staged part {name} of {self.uri} disappeared before it was published") from None
+        except OSError as err:
+            raise StorageError(f"cannot publish {self.uri_of(name)}: {err}") from None
+        return self.uri_of(name)
+
+    def staged_fences(self) -> list[str]:
+        """Names of the staging directories present (one per run that staged parts here)."""
+        try:
+            self.fs.invalidate_cache(self.path_of(STAGING_DIR))
+            entries = self.fs.ls(self.path_of(STAGING_DIR), detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as err:
+            raise StorageError(f"cannot list {self.uri_of(STAGING_DIR)}: {err}") from None
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def remove_staging(self, keep: Fence | None = None) -> list[str]:
+        """Delete the staging directories of every fence but ``keep``: parts of runs that lost or
+        gave up the lease, which nothing publishes. Call only while holding the lease."""
+        removed = []
+        for fence_name in self.staged_fences():
+            if keep is not None and fence_name == keep.name:
+                continue
+            try:
+                self.fs.rm(f"{self.path_of(STAGING_DIR)}/{fence_name}", recursive=True)
+            except FileNotFoundError:
+                pass
+            removed.append(fence_name)
+        if self._is_local and not self.staged_fences():  # object stores have no empty directories
+            try:
+                os.rmdir(self.path_of(STAGING_DIR))
+            except OSError:
+                pass  # absent, or a late writer just wrote into it: the next run removes it
+        return removed
+
     # ---- cleanup of what shardwise wrote ------------------------------------------------
 
     def remove_own_parts(self, keep: set[str] = frozenset()) -> list[str]:
@@ -286,12 +419,14 @@ class OutputDir:
         self.remove_debris()
 
     def remove_debris(self) -> list[str]:
-        """Temporary files, write probes and unfinished multipart uploads that killed runs left.
+        """Temporary files, write probes, staged parts and unfinished multipart uploads that killed
+        runs left.
 
         Call only while holding the lease: no live run of shardwise writes here then."""
         removed = [n for n in self.names() if n.startswith((TEMP_PREFIX, PROBE_PREFIX))]
         for name in removed:
             self._remove(name)
+        removed += [f"{STAGING_DIR}/{f}" for f in self.remove_staging()]
         removed += self._abort_multipart_uploads()
         return removed
 
@@ -307,11 +442,7 @@ class OutputDir:
             raise StorageError(f"cannot list unfinished uploads under {self.uri}: {err}") from None
         for upload in listing.get("Uploads") or []:
             name = upload["Key"][len(prefix) :]
-            if "/" in name or not (
-                part_shard_id(name)
-                or name in (MANIFEST_NAME, SUCCESS_NAME, QUALITY_NAME, HOLD_NAME)
-                or name.startswith(PROBE_PREFIX)
-            ):
+            if not _is_own_upload(name):
                 continue  # not shardwise's: leave it to whoever started it
             self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
             aborted.append(name)
@@ -331,7 +462,12 @@ class OutputDir:
         try:
             data = json.loads(raw)
             return LeaseHolder(
-                data["host"], int(data["pid"]), data.get("flow_run_id"), data["token"], float(data["renewed_at"])
+                data["host"],
+                int(data["pid"]),
+                data.get("flow_run_id"),
+                data["token"],
+                float(data["renewed_at"]),
+                int(data.get("epoch", 0)),
             )
         except (ValueError, KeyError, TypeError):
             # Half-written by a local writer killed between create and write: stale at once.
@@ -346,19 +482,15 @@ class OutputDir:
                 f"wait for it, or for its lease to expire {timeout_s:.0f}s after its last renewal"
             )
 
-    def check_lease_holder(self, flow_run_id: str | None) -> None:
-        """Raise :class:`StorageError` unless this process holds the lease for ``flow_run_id``
-        (checked before committing: a run whose lease was taken over must not commit)."""
+    def check_fence(self, fence: Fence) -> None:
+        """Raise :class:`StorageError` unless the lease file names ``fence`` (read from storage,
+        right before a write that can become visible: a run whose lease was taken over, or that
+        was paused past its timeout, must write nothing readers can see)."""
         holder = self.read_lease()
-        if (
-            holder is None
-            or holder.host != socket.gethostname()
-            or holder.pid != os.getpid()
-            or holder.flow_run_id != flow_run_id
-        ):
-            raise StorageError(
-                f"this run does not hold the lease on {self.uri} (held by "
-                f"{holder.describe() if holder else 'nobody'}); its results were not committed"
+        if holder is None or holder.token != fence.token:
+            raise LeaseLost(
+                f"this run (epoch {fence.epoch}) no longer holds the lease on {self.uri} (held by "
+                f"{holder.describe() if holder else 'nobody'}); nothing more of it is published"
             )
 
     def _lease_bytes(self, holder: LeaseHolder) -> bytes:
@@ -369,6 +501,7 @@ class OutputDir:
                 "flow_run_id": holder.flow_run_id,
                 "token": holder.token,
                 "renewed_at": holder.renewed_at,
+                "epoch": holder.epoch,
             }
         ).encode()
 
@@ -397,9 +530,17 @@ class OutputDir:
         """Take the lease, or take over (with a warning) one not renewed for ``timeout_s`` or whose
         holder's process on this host is gone.
 
+        The new holder's epoch is one more than the highest one recorded here (the lease it takes
+        over, or the manifest of the last run), so epochs only grow on an output.
+
         Raises :class:`ConfigError` naming the holder when a live run has it."""
-        me = LeaseHolder(socket.gethostname(), os.getpid(), flow_run_id, uuid.uuid4().hex, time.time())
+        token = uuid.uuid4().hex
+        last = 0  # the highest epoch seen, kept across a takeover's removal of the old lease
         for _ in range(3):
+            holder = self.read_lease()
+            manifest = self.read_manifest()
+            last = max(last, holder.epoch if holder else 0, recorded_epoch(manifest))
+            me = LeaseHolder(socket.gethostname(), os.getpid(), flow_run_id, token, time.time(), last + 1)
             if self._create_lease(me):
                 return Lease(self, me, timeout_s)
             holder = self.read_lease()
@@ -421,6 +562,7 @@ class Lease:
 
     def __init__(self, output: OutputDir, holder: LeaseHolder, timeout_s: float) -> None:
         self.output, self.holder, self.timeout_s = output, holder, timeout_s
+        self.fence = holder.fence
         self.lost_to: LeaseHolder | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew_loop, name="shardwise-lease", daemon=True)
@@ -438,9 +580,7 @@ class Lease:
                         current.describe() if current else "nobody (it was removed)",
                     )
                     return
-                self.holder = LeaseHolder(
-                    self.holder.host, self.holder.pid, self.holder.flow_run_id, self.holder.token, time.time()
-                )
+                self.holder = replace(self.holder, renewed_at=time.time())
                 atomic_write_bytes(
                     self.output.uri_of(LEASE_NAME), self.output._lease_bytes(self.holder), self.output.storage_options
                 )
@@ -465,6 +605,8 @@ class Lease:
 
 
 __all__ = [
+    "STAGING_DIR",
+    "Fence",
     "HOLD_NAME",
     "LEASE_NAME",
     "MANIFEST_NAME",
@@ -474,6 +616,7 @@ __all__ = [
     "LeaseHolder",
     "OutputDir",
     "check_separate",
+    "location_relation",
     "part_name",
     "part_shard_id",
 ]

@@ -57,7 +57,7 @@ def run_shard_tasks(cfg: JobConfig) -> list:
     def shard_tasks() -> list:
         shards = plan_shards(cfg).shards
         lineage = {"config_fingerprint": cfg.output_fingerprint()}
-        return [f.result() for f in process_shard.map(shards, unmapped(cfg), unmapped(lineage))]
+        return [f.result() for f in process_shard.map(shards, unmapped(cfg), unmapped(lineage), unmapped(cfg.output))]
 
     return shard_tasks()
 

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.errors import ConfigError, StorageError
+from tasks.errors import ConfigError, LeaseLost, StorageError
 from tasks.storage.fs import atomic_write_bytes
-from tasks.storage.output_dir import LEASE_NAME, OutputDir, check_separate, part_name
+from tasks.storage.output_dir import LEASE_NAME, MANIFEST_NAME, Fence, OutputDir, check_separate, part_name
 
 
 def _part(shard_id: str | None) -> bytes:
@@ -92,20 +92,24 @@ def test_the_lease_is_exclusive_renewed_taken_over_when_stale_and_released(outpu
         first = output.read_lease().renewed_at
         time.sleep(0.6)
         assert output.read_lease().renewed_at > first  # renewed by its thread
-        output.check_lease_holder("run-1")
-        with pytest.raises(StorageError, match="does not hold the lease"):
-            output.check_lease_holder("run-2")
+        output.check_fence(lease.fence)
+        with pytest.raises(LeaseLost, match="no longer holds the lease"):
+            output.check_fence(Fence(lease.fence.epoch, "someone-else"))
     finally:
         lease.release()
     assert output.read_lease() is None
 
-    # A lease nobody renews (its run was killed) is taken over, with a warning.
+    # A lease nobody renews (its run was killed) is taken over, with a warning, by a higher epoch;
+    # from then on the old holder's fence fails every check.
     dead = output.acquire_lease(timeout_s=60, flow_run_id="killed")
     dead._stop.set()
     _age_lease(output, 120)
     with caplog.at_level(logging.WARNING, logger="shardwise.output"):
-        with output.acquire_lease(timeout_s=60, flow_run_id="run-3"):
+        with output.acquire_lease(timeout_s=60, flow_run_id="run-3") as taken:
             assert output.read_lease().flow_run_id == "run-3"
+            assert taken.fence.epoch == dead.fence.epoch + 1
+            with pytest.raises(LeaseLost, match="held by .*flow run run-3"):
+                output.check_fence(dead.fence)
     assert "taking over the lease" in caplog.text and "stopped renewing" in caplog.text
     assert output.read_lease() is None
 
@@ -119,6 +123,32 @@ def test_the_lease_is_exclusive_renewed_taken_over_when_stale_and_released(outpu
     with output.acquire_lease(timeout_s=60, flow_run_id="run-4"):
         assert output.read_lease().flow_run_id == "run-4"
     assert "whose process is gone" in caplog.text
+
+
+def test_only_the_lease_holders_staged_parts_are_published_and_epochs_only_grow(output):
+    name = part_name("a-0000000000-0123456789")
+    first = output.acquire_lease(timeout_s=60, flow_run_id="run-1")
+    first.release()
+    output.write_json(MANIFEST_NAME, {"lease_epoch": first.fence.epoch})  # the lease file is gone now
+
+    stale = Fence(first.fence.epoch, first.fence.token)
+    with output.acquire_lease(timeout_s=60, flow_run_id="run-2") as lease:
+        assert lease.fence.epoch == first.fence.epoch + 1  # from the manifest, not the removed lease
+        for fence in (stale, lease.fence):
+            atomic_write_bytes(
+                f"{output.staging_uri(fence)}/{name}", _part("a-0000000000-0123456789"), output.storage_options
+            )
+
+        with pytest.raises(LeaseLost):
+            output.publish_staged(stale, name)
+        assert name not in output.names()
+
+        assert output.publish_staged(lease.fence, name) == output.uri_of(name)
+        assert name in output.names() and output.owns_part(name)
+        assert stale.name in output.staged_fences()  # the stale run's part stays staged: never published
+
+        assert stale.name in output.remove_staging()
+        assert output.staged_fences() == [] and output.names() == sorted([LEASE_NAME, MANIFEST_NAME, name])
 
 
 def test_an_interrupted_s3_upload_publishes_nothing(s3):
