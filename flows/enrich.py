@@ -30,7 +30,7 @@ from tasks.forecasting.budget import BudgetGuard, ProgressMeter, budgeted_comple
 from tasks.forecasting.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
 from tasks.output.manifest import commit_output_task, publish_part, start_output_task, unchanged_outcome
 from tasks.output.resume import find_committed_task, prepare_output_task
-from tasks.output.verdict import QualityVerdict
+from tasks.output.verdict import QualityVerdict, published_quality
 from tasks.planning.shards import ShardPlan, plan_shards_task
 from tasks.quality.gate import assess_task, log_verdict_task, run_canaries_task
 from tasks.records.results import ShardResult
@@ -253,7 +253,7 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
                 if verdict is not None:
                     summary["quality"] = verdict.summary()
                 elif published is not None and published.get("quality"):
-                    summary["quality"] = published["quality"]
+                    summary["quality"] = published_quality(published["quality"])
                 summary["forecast"] = expected.to_dict() if expected else None
                 log_computed(run_id, results)
             summary["timings"] = timing_figures(timer, results, workers=worker_count(cfg))

@@ -109,3 +109,11 @@ def write_verdict(output: OutputDir, verdict: QualityVerdict, run_info: dict[str
     output.write_json(QUALITY_NAME, verdict.profile)
     if verdict.held:
         output.write_json(HOLD_NAME, verdict.hold_document(output.uri, run_info))
+
+
+def published_quality(quality: dict[str, Any]) -> dict[str, Any]:
+    """The quality section of an already published output, as a run that leaves it unchanged
+    reports it: an output the gate held and a person released reads ``released``, not ``held``."""
+    if quality.get("status") == "held" and quality.get("release"):
+        return {**quality, "status": "released"}
+    return quality

@@ -32,6 +32,7 @@ import logging
 import os
 import posixpath
 import re
+import shutil
 import socket
 import threading
 import time
@@ -337,8 +338,11 @@ class OutputDir:
         self._remove(QUALITY_NAME)
 
     def _remove(self, name: str) -> None:
+        self._remove_path(self.path_of(name))
+
+    def _remove_path(self, path: str) -> None:
         try:
-            self.fs.rm_file(self.path_of(name))
+            self.fs.rm_file(path)
         except FileNotFoundError:
             pass
 
@@ -360,8 +364,8 @@ class OutputDir:
         try:
             if self._is_local:
                 os.replace(source, self.path_of(name))
-            else:
-                self.fs.copy(source, self.path_of(name))
+            else:  # single-object calls: paths are literal (``copy``/``rm`` would expand globs)
+                self.fs.cp_file(source, self.path_of(name))
                 self.fs.rm_file(source)
         except FileNotFoundError:
             raise StorageError(f"staged part {name} of {self.uri} disappeared before it was published") from None
@@ -387,10 +391,12 @@ class OutputDir:
         for fence_name in self.staged_fences():
             if keep is not None and fence_name == keep.name:
                 continue
-            try:
-                self.fs.rm(f"{self.path_of(STAGING_DIR)}/{fence_name}", recursive=True)
-            except FileNotFoundError:
-                pass
+            directory = f"{self.path_of(STAGING_DIR)}/{fence_name}"
+            if self._is_local:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:  # one object at a time: ``rm(recursive=True)`` would read the path as a glob
+                for key in self.fs.find(directory):
+                    self._remove_path(key)
             removed.append(fence_name)
         if self._is_local and not self.staged_fences():  # object stores have no empty directories
             try:
