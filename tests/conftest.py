@@ -60,6 +60,15 @@ def prefect_server(session_dir):
             proc.kill()
 
 
+@pytest.fixture
+def cli(prefect_server):
+    """``run_cli`` (tests/cli.py): the ``shardwise`` command in this process, reporting to the
+    session's Prefect server."""
+    from tests.cli import run_cli
+
+    return run_cli
+
+
 @pytest.fixture(scope="session")
 def ray_clusters(prefect_server):
     """Local Ray clusters, one at a time, reused across tests (tests/servers.py). Started after the

@@ -1,4 +1,5 @@
-"""``shardwise backfill --start --end [--plan]`` through the console script, on real partitions."""
+"""``shardwise backfill --start --end [--plan]`` through the command line, on real partitions (the
+command runs in the test process: tests/cli.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tasks.records.demo_data import write_reviews_dataset
-from tests.flows.test_cli import assert_one_line_error, shardwise
+from tests.cli import run_cli
+from tests.flows.test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +44,7 @@ def test_backfill_plan_sums_the_partitions_and_max_cost_refuses(tmp_path):
     job = _job(tmp_path)
     out = tmp_path / "enriched"
 
-    proc = shardwise("backfill", *job, "--start", DATES[0], "--end", DATES[-1], "--plan", "--json")
+    proc = run_cli("backfill", *job, "--start", DATES[0], "--end", DATES[-1], "--plan", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout)
     assert not out.exists()  # a plan writes nothing
@@ -57,48 +59,48 @@ def test_backfill_plan_sums_the_partitions_and_max_cost_refuses(tmp_path):
             assert plan[key][end] == pytest.approx(sum(p[key][end] for p in parts)), (key, end)
     assert plan["embedded_tokens"]["basis"].startswith("sum over 2 partition(s); each exact")
 
-    human = shardwise("backfill", *job, "--start", DATES[0], "--end", DATES[-1], "--plan")
+    human = run_cli("backfill", *job, "--start", DATES[0], "--end", DATES[-1], "--plan")
     assert human.returncode == 0, human.stderr[-3000:]
     assert "shardwise backfill plan, 3 dates" in human.stdout, human.stdout
     assert re.search(r"dt=2026-11-03\s+cannot run: .*not found", human.stdout), human.stdout
 
-    refused = shardwise(
+    refused = run_cli(
         "backfill", *job, "--start", DATES[0], "--end", DATES[1], "--max-cost", f"{plan['cost']['high'] / 2:.12f}"
     )
     assert_one_line_error(refused, 2, "exceeds max_cost")
     assert not out.exists()
 
 
-def test_backfill_runs_the_partitions_once(tmp_path):
+def test_backfill_runs_the_partitions_once(cli, tmp_path):
     job = _job(tmp_path)
     out = tmp_path / "enriched"
-    ran = shardwise("backfill", *job, "--start", DATES[0], "--end", DATES[1], "--max-cost", "1000")
+    ran = cli("backfill", *job, "--start", DATES[0], "--end", DATES[1], "--max-cost", "1000")
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "2 ran, 0 skipped, 0 failed of 2 dates" in ran.stdout, ran.stdout
     assert all((out / f"dt={d}" / "_SUCCESS").exists() for d in DATES[:2])
 
-    again = shardwise("backfill", *job, "--start", DATES[0], "--end", DATES[-1])
+    again = cli("backfill", *job, "--start", DATES[0], "--end", DATES[-1])
     assert again.returncode == 1  # the third date has no input
     assert "0 ran, 2 skipped, 1 failed of 3 dates" in again.stdout, again.stdout
     assert "not found" in again.stdout, again.stdout
 
-    after = json.loads(shardwise("backfill", *job, "--start", DATES[0], "--end", DATES[1], "--plan", "--json").stdout)
+    after = json.loads(cli("backfill", *job, "--start", DATES[0], "--end", DATES[1], "--plan", "--json").stdout)
     assert after["rows_to_compute"] == 0
 
 
 def test_backfill_bad_dates_exit_2(tmp_path):
-    proc = shardwise("backfill", *_job(tmp_path), "--start", DATES[1], "--end", DATES[0], "--plan")
+    proc = run_cli("backfill", *_job(tmp_path), "--start", DATES[1], "--end", DATES[0], "--plan")
     assert_one_line_error(proc, 2, "before start")
 
 
-def test_a_partition_held_by_the_quality_gate_exits_4(tmp_path):
+def test_a_partition_held_by_the_quality_gate_exits_4(cli, tmp_path):
     """Reviews on the first night, server logs on the second: the second partition's embeddings
     drift from the first's, so it is written but held; the backfill says so and exits 4."""
     from tests.flows.test_quality_gate import reviews_then_server_logs
 
     first, second = "2026-10-01", "2026-10-02"
     config = reviews_then_server_logs(tmp_path, first, second, "held-backfill")
-    proc = shardwise("backfill", "--config", str(config), "--start", first, "--end", second)
+    proc = cli("backfill", "--config", str(config), "--start", first, "--end", second)
     assert proc.returncode == 4, (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:])
     assert "Traceback" not in proc.stdout + proc.stderr
     assert re.search(rf"dt={first}\s+ran\b", proc.stdout), proc.stdout

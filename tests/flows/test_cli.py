@@ -1,4 +1,9 @@
-"""The ``shardwise`` console script as a user runs it: a subprocess, its exit code and its output."""
+"""The ``shardwise`` command as a user runs it: its exit code and its output.
+
+The console script itself runs as a subprocess where the process is what is checked: one error exit
+(2), the storage exit (3) before any model loads, and the demo a fresh user runs with a temporary
+Prefect server. The other commands run in the test process (tests/cli.py): the same ``main``, the
+same exit codes and output, without an interpreter start and model load per call."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpu_runtime.device import TOKENIZERS_DEFAULTED
+from tests.cli import Result, run_cli
 
 SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
 
@@ -22,7 +28,7 @@ def shardwise(*args: str, env_extra: dict[str, str] | None = None, timeout: int 
     return subprocess.run([SHARDWISE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+def assert_one_line_error(proc: subprocess.CompletedProcess | Result, code: int, *needles: str) -> None:
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
@@ -37,12 +43,12 @@ def test_missing_input(tmp_path):
 
 
 def test_missing_column_lists_the_columns(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--id-column", "uid")
+    proc = run_cli("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--id-column", "uid")
     assert_one_line_error(proc, 2, "'uid' not found", "review_id", "created_at", "text")
 
 
 def test_text_column_must_be_text(reviews_dir, tmp_path):
-    proc = shardwise(
+    proc = run_cli(
         "run",
         "--input",
         str(reviews_dir),
@@ -57,16 +63,16 @@ def test_text_column_must_be_text(reviews_dir, tmp_path):
 
 
 def test_invalid_flag_value_is_a_config_error(reviews_dir, tmp_path):
-    proc = shardwise(
+    proc = run_cli(
         "run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--set", "generate.max_new_tokens=-1"
     )
     assert_one_line_error(proc, 2, "generate.max_new_tokens")
 
 
 def test_bad_partition_date_and_worker_count_are_config_errors(reviews_dir, tmp_path):
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--date", "yesterday")
+    proc = run_cli("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--date", "yesterday")
     assert_one_line_error(proc, 2, "expected YYYY-MM-DD", "'yesterday'")
-    proc = shardwise("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--workers", "0")
+    proc = run_cli("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--workers", "0")
     assert_one_line_error(proc, 2, "workers")
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
@@ -80,7 +86,7 @@ def test_unwritable_output_fails_before_any_model_loads(reviews_dir, tmp_path):
 
 
 def test_unknown_bundled_model(reviews_dir, tmp_path):
-    proc = shardwise(
+    proc = run_cli(
         "run",
         "--input",
         str(reviews_dir),
@@ -95,7 +101,7 @@ def test_unknown_bundled_model(reviews_dir, tmp_path):
 
 
 def test_status_of_missing_output(tmp_path):
-    proc = shardwise("status", str(tmp_path / "nothing"))
+    proc = run_cli("status", str(tmp_path / "nothing"))
     assert_one_line_error(proc, 2, "no such output")
 
 
@@ -103,7 +109,7 @@ def test_status_of_a_directory_shardwise_did_not_write(tmp_path):
     """An empty directory, or another tool's parts, is not a run in progress: say so, exit 2."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = shardwise("status", str(empty))
+    proc = run_cli("status", str(empty))
     assert_one_line_error(proc, 2, "no shardwise output", "_manifest.json", str(empty))
     assert proc.stdout == ""
 
@@ -111,28 +117,28 @@ def test_status_of_a_directory_shardwise_did_not_write(tmp_path):
     spark.mkdir()
     for i in range(3):
         pq.write_table(pa.table({"id": [i]}), spark / f"part-0000{i}-1b2c-c000.snappy.parquet")
-    proc = shardwise("status", str(spark))
+    proc = run_cli("status", str(spark))
     assert_one_line_error(proc, 2, "no shardwise output", str(spark))
     assert "done" not in proc.stdout
 
 
 def test_demo_rows_must_be_positive(tmp_path):
-    proc = shardwise("demo", "--rows", "0", env_extra={"SHARDWISE_HOME": str(tmp_path / "home")})
+    proc = run_cli("demo", "--rows", "0", env={"SHARDWISE_HOME": str(tmp_path / "home")})
     assert_one_line_error(proc, 2, "--rows")
 
 
 @pytest.mark.slow
-def test_run_then_status(prefect_server, tmp_path):
-    """A complete run through the console script: progress on stderr, summary table on stdout. It
-    reports to the session's Prefect server (a temporary server per run costs ~12 s; the demo test
-    below runs as a fresh user does, with one)."""
+def test_run_then_status(cli, tmp_path):
+    """A complete run: progress on stderr, summary table on stdout. It reports to the session's
+    Prefect server (a temporary server per run costs ~12 s; the demo test below runs the console
+    script as a fresh user does, with one)."""
     source = tmp_path / "in"
     source.mkdir()
     texts = ["The kettle boils fast and quietly.", None, "Shoes fell apart after a week of light walking."] * 2
     table = pa.table({"id": [f"row-{i}" for i in range(6)], "text": pa.array(texts, pa.string())})
     pq.write_table(table, source / "a.parquet", row_group_size=2)
     output = tmp_path / "out"
-    proc = shardwise(
+    proc = cli(
         "run",
         "--input",
         str(source / "a.parquet"),
@@ -157,7 +163,7 @@ def test_run_then_status(prefect_server, tmp_path):
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["totals"]["rows"] == 6 and manifest["totals"]["error_rows"] == 2
 
-    status = shardwise("status", str(output))
+    status = cli("status", str(output))
     assert status.returncode == 0
     assert "2/2 done" in status.stdout and "_SUCCESS yes" in status.stdout
 

@@ -1,8 +1,10 @@
-"""``SHARDWISE_DEBUG=1``: every error exit adds its traceback, and keeps its exit code and one-line message."""
+"""``SHARDWISE_DEBUG=1``: every error exit adds its traceback, and keeps its exit code and one-line message.
+
+The command runs in the test process (tests/cli.py): the variable is read when an error is reported."""
 
 from __future__ import annotations
 
-from tests.flows.test_cli import shardwise
+from tests.cli import run_cli
 
 
 def assert_error_with_traceback(proc, code: int, needle: str) -> None:
@@ -13,19 +15,19 @@ def assert_error_with_traceback(proc, code: int, needle: str) -> None:
 
 
 def test_debug_shows_the_traceback_of_a_config_error(tmp_path):
-    proc = shardwise(
+    proc = run_cli(
         "run",
         "--input",
         str(tmp_path / "missing"),
         "--output",
         str(tmp_path / "out"),
-        env_extra={"SHARDWISE_DEBUG": "1"},
+        env={"SHARDWISE_DEBUG": "1"},
     )
     assert_error_with_traceback(proc, 2, "missing")
 
 
 def test_debug_shows_the_traceback_of_an_engine_error(reviews_dir, tmp_path):
-    proc = shardwise(
+    proc = run_cli(
         "run",
         "--input",
         str(reviews_dir),
@@ -35,18 +37,18 @@ def test_debug_shows_the_traceback_of_an_engine_error(reviews_dir, tmp_path):
         "review_id",
         "--gen-model",
         "bundled:nope",
-        env_extra={"SHARDWISE_DEBUG": "1"},
+        env={"SHARDWISE_DEBUG": "1"},
     )
     assert_error_with_traceback(proc, 2, "nope")
 
 
 def test_without_debug_no_traceback(tmp_path):
-    proc = shardwise(
+    proc = run_cli(
         "run",
         "--input",
         str(tmp_path / "missing"),
         "--output",
         str(tmp_path / "out"),
-        env_extra={"SHARDWISE_DEBUG": ""},
+        env={"SHARDWISE_DEBUG": ""},
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -160,7 +160,7 @@ def save_tiny_embedder(directory, seed: int) -> None:
         shutil.copy(minilm / name, directory / name)
 
 
-def test_replaced_model_weights_are_refused_unless_overwrite(prefect_server, tmp_path):
+def test_replaced_model_weights_are_refused_unless_overwrite(cli, tmp_path):
     from tasks.records.demo_data import write_reviews_dataset
 
     model = tmp_path / "my-embedder"
@@ -182,23 +182,23 @@ def test_replaced_model_weights_are_refused_unless_overwrite(prefect_server, tmp
         "--embed-model",
         str(model),
     ]
-    first = shardwise(*job)
+    first = cli(*job)
     assert first.returncode == 0, first.stderr[-3000:]
     manifest = json.loads((output / "_manifest.json").read_text())
     identity = manifest["models"]["embed"]["identity"]
     assert identity.startswith("local:") and len(identity) > 40
     embeddings = pl.read_parquet(output / "part-*.parquet").sort("review_id")["embedding"].to_list()
 
-    unchanged = shardwise(*job)
+    unchanged = cli(*job)
     assert unchanged.returncode == 0, unchanged.stderr[-3000:]
-    assert "resuming: 2 of 2 shards already committed" in unchanged.stderr
+    assert "already published from this config and input: nothing to do" in unchanged.stderr
 
     weights = model / "model.safetensors"
     size = weights.stat().st_size
     save_tiny_embedder(model, seed=1)  # new weights of the same shape: the same file size
     assert weights.stat().st_size == size
     parts = {p.name: p.read_bytes() for p in output.glob("part-*.parquet")}
-    refused = shardwise(*job)
+    refused = cli(*job)
     assert refused.returncode == 2, (refused.returncode, refused.stderr[-3000:])
     errors = [line for line in refused.stderr.splitlines() if line.startswith("shardwise: error:")]
     assert len(errors) == 1 and "embed.model" in errors[0] and str(model) in errors[0], refused.stderr[-3000:]
@@ -206,6 +206,7 @@ def test_replaced_model_weights_are_refused_unless_overwrite(prefect_server, tmp
     assert {p.name: p.read_bytes() for p in output.glob("part-*.parquet")} == parts  # nothing touched
     assert (output / "_SUCCESS").exists()
 
+    # A new process: this one's engine cache holds the old weights under the same model path.
     replaced = shardwise(*job, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
     assert "resuming" not in replaced.stderr
@@ -264,7 +265,7 @@ def test_a_partition_that_was_empty_or_half_landed_is_run_again(prefect_server, 
 # ---- ids that are not valid UTF-8 ----------------------------------------------------------------
 
 
-def test_invalid_utf8_ids_are_never_rewritten(prefect_server, tmp_path):
+def test_invalid_utf8_ids_are_never_rewritten(cli, tmp_path):
     source = tmp_path / "in"
     source.mkdir()
     raw_ids = [b"ok-0", b"ok-1", b"id-\xff", b"id-\xfe", b"ok-4", b"ok-5"]  # \xff and \xfe: both U+FFFD if "repaired"
@@ -287,7 +288,7 @@ def test_invalid_utf8_ids_are_never_rewritten(prefect_server, tmp_path):
         "2",
     ]
     for attempt in range(2):  # a rerun must not trust anything a failed attempt left behind
-        proc = shardwise(*job)
+        proc = cli(*job)
         assert proc.returncode == 1, (attempt, proc.returncode, proc.stderr[-3000:])
         assert "Traceback" not in proc.stdout
         failures = [line for line in proc.stdout.splitlines() if line.startswith("failed")]

@@ -1,4 +1,5 @@
-"""``shardwise plan`` and ``--max-cost`` through the console script, checked against real runs."""
+"""``shardwise plan`` and ``--max-cost`` through the command line, checked against real runs (the
+command runs in the test process: tests/cli.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.flows.test_cli import assert_one_line_error, shardwise
+from tests.cli import run_cli
+from tests.flows.test_cli import assert_one_line_error
 
 TEXTS = [
     "The kettle boils fast and quietly, and the handle stays cool.",
@@ -51,7 +53,7 @@ def _job(source: Path, output: Path, name: str, *extra: str) -> list[str]:
 
 
 def _plan(*args: str) -> dict:
-    proc = shardwise("plan", *args, "--json")
+    proc = run_cli("plan", *args, "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -66,7 +68,7 @@ def _mlflow_totals(stdout: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_plan_matches_the_run_and_max_cost_refuses(tmp_path):
+def test_plan_matches_the_run_and_max_cost_refuses(cli, tmp_path):
     source = _input(tmp_path)
     out = tmp_path / "out"
     job = _job(source, out, "forecast-e2e")
@@ -79,14 +81,14 @@ def test_plan_matches_the_run_and_max_cost_refuses(tmp_path):
     assert plan["prompt_tokens"]["basis"].startswith("exact")
     assert plan["generated_tokens"]["basis"].startswith("upper bound")
     assert plan["device_seconds"]["basis"].startswith("unmeasured guess")
-    human = shardwise("plan", *job)
+    human = cli("plan", *job)
     assert human.returncode == 0 and "prompt tokens" in human.stdout and "upper bound" in human.stdout
 
-    refused = shardwise("run", *job, "--max-cost", f"{plan['cost']['high'] / 2:.12f}")
+    refused = cli("run", *job, "--max-cost", f"{plan['cost']['high'] / 2:.12f}")
     assert_one_line_error(refused, 2, "exceeds max_cost")
     assert not out.exists()
 
-    first = shardwise("run", *job)
+    first = cli("run", *job)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = pl.read_parquet(out / "part-*.parquet")
     assert rows["n_prompt_tokens"].sum() == pytest.approx(plan["prompt_tokens"]["expected"], rel=0.02)
@@ -104,7 +106,7 @@ def test_plan_matches_the_run_and_max_cost_refuses(tmp_path):
     assert plan2["generated_tokens"]["basis"].startswith("history")
     assert plan2["device_seconds"]["basis"].startswith("history")
     assert plan2["generated_tokens"]["expected"] == generated
-    second = shardwise("run", *job2)
+    second = cli("run", *job2)
     assert second.returncode == 0, second.stderr[-3000:]
     actual = _mlflow_totals(second.stdout)
     assert plan2["generated_tokens"]["low"] <= actual["generated_tokens"] <= plan2["generated_tokens"]["high"]
@@ -145,7 +147,7 @@ def _optimistic_history(name: str, source: Path, output: Path) -> None:
 
 
 @pytest.mark.slow
-def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(tmp_path):
+def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(cli, tmp_path):
     source = _input(tmp_path)
     out = tmp_path / "out"
     # 3600 USD per device-hour: one device-second costs one dollar.
@@ -154,7 +156,7 @@ def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(tmp_
     plan = _plan(*job)
     assert plan["cost"]["high"] < 0.05, plan["cost"]
 
-    stopped = shardwise("run", *job, "--max-cost", "0.1")
+    stopped = cli("run", *job, "--max-cost", "0.1")
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     assert "budget reached" in stopped.stderr
     parts = sorted(out.glob("part-*.parquet"))
@@ -164,7 +166,7 @@ def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(tmp_
     assert [s["status"] for s in manifest["shards"]] == ["committed", "missing", "missing"]
 
     kept = parts[0].read_bytes()
-    rerun = shardwise("run", *job, "--max-cost", "100000")
+    rerun = cli("run", *job, "--max-cost", "100000")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "1 of 3 shards already committed" in rerun.stderr
     assert parts[0].read_bytes() == kept  # resumed, not recomputed
@@ -195,7 +197,7 @@ def test_a_deployment_run_over_budget_is_refused_before_writing(prefect_server, 
 
 
 @pytest.mark.slow
-def test_calibration_measures_a_sample_when_there_is_no_history(tmp_path):
+def test_calibration_measures_a_sample_when_there_is_no_history(cli, tmp_path):
     source = _input(tmp_path)
     out = tmp_path / "out"
     job = _job(source, out, "forecast-calibration", "--max-new-tokens", "8")
@@ -210,7 +212,7 @@ def test_calibration_measures_a_sample_when_there_is_no_history(tmp_path):
     assert plan["device_seconds"]["basis"].startswith("calibration: ")
     assert _plan(*job)["calibration"] is None  # opt-in: without --calibrate no model is loaded
 
-    run = shardwise("run", *job)
+    run = cli("run", *job)
     assert run.returncode == 0, run.stderr[-3000:]
     generated = pl.read_parquet(out / "part-*.parquet")["n_generated_tokens"].sum()
     assert plan["generated_tokens"]["low"] <= generated <= plan["generated_tokens"]["high"], plan["generated_tokens"]

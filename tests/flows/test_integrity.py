@@ -1,8 +1,9 @@
 """Exactly-once outputs under SIGKILL, on local disk and on a real S3 API; storage outages; bad files.
 
-Every run here is the real console script in a subprocess, reporting to the session's Prefect
-server, with real models. A run is killed at a named crash point (``SHARDWISE_CRASH_AT``), then
-rerun; the final output must equal an uninterrupted run's.
+Runs report to the session's Prefect server, with real models. A run is killed at a named crash
+point (``SHARDWISE_CRASH_AT``), then rerun; the final output must equal an uninterrupted run's.
+Killed runs, their reruns and the run that loses its storage are the real console script in a
+subprocess; the others run the command in the test process (tests/cli.py).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def uninterrupted_output(prefect_server, tmp_path_factory) -> pl.DataFrame:
     either storage (the rows do not depend on where they are stored, so one reference serves both)."""
     store = Storage(str(tmp_path_factory.mktemp("uninterrupted")))
     write_reviews_dataset(store.path("in"), files=2, rows_per_file=6, rows_per_group=3)
-    reference = run_job(store, "reference")
+    reference = run_job(store, "reference")  # a process of its own, as each killed run and rerun is
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = store.read_output("reference")
     assert expected.height == 12 and expected["review_id"].n_unique() == 12
@@ -128,7 +129,7 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_output(storage, uni
         assert got.equals(expected), point
 
 
-def test_corrupt_file_fails_only_its_shards_and_a_rerun_finishes_the_rest(prefect_server, tmp_path):
+def test_corrupt_file_fails_only_its_shards_and_a_rerun_finishes_the_rest(cli, tmp_path):
     source = tmp_path / "in"
     write_reviews_dataset(str(source), files=3, rows_per_file=6, rows_per_group=3)
     good_copy = (source / "reviews-001.parquet").read_bytes()
@@ -147,7 +148,7 @@ def test_corrupt_file_fails_only_its_shards_and_a_rerun_finishes_the_rest(prefec
         "--rows-per-shard",
         "3",
     ]
-    failed = shardwise(*job)
+    failed = cli(*job)
     assert failed.returncode == 1, failed.stderr[-2000:]
     assert "Traceback" not in failed.stderr
     assert "status           FAILED" in failed.stdout
@@ -171,7 +172,7 @@ def test_corrupt_file_fails_only_its_shards_and_a_rerun_finishes_the_rest(prefec
     assert "FAILED" in summary and "## Failed shards" in summary and "reviews-001.parquet" in summary
 
     (source / "reviews-001.parquet").write_bytes(good_copy)
-    fixed = shardwise(*job)
+    fixed = cli(*job)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
     assert "resuming: 4 of 6 shards already committed" in fixed.stderr
     parts_after = {p.name: p.stat().st_mtime_ns for p in output.glob("part-*.parquet")}
@@ -180,13 +181,13 @@ def test_corrupt_file_fails_only_its_shards_and_a_rerun_finishes_the_rest(prefec
     assert df.height == 18 and df["review_id"].n_unique() == 18
 
 
-def test_duplicate_ids_are_processed_counted_and_reported(prefect_server, tmp_path):
+def test_duplicate_ids_are_processed_counted_and_reported(cli, tmp_path):
     import pyarrow as pa
 
     source = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "a", "c", "a"], "text": ["one", "two", "three", "four", "five"]}), source)
     output = tmp_path / "out"
-    proc = shardwise("run", "--input", str(source), "--output", str(output), "--task", "embed")
+    proc = cli("run", "--input", str(source), "--output", str(output), "--task", "embed")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 duplicate ids" in proc.stdout
     assert json.loads((output / "_manifest.json").read_text())["totals"]["duplicate_ids"] == 2

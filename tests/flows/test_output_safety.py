@@ -1,9 +1,10 @@
 """Nothing outside a run's own files is touched, on local disk and on a real S3 API.
 
-Each test drives the real console script (``shardwise run``) in a subprocess against the session's
-Prefect server, with the bundled embedding model: overlapping input/output, foreign files, glob
-characters in paths, all-or-nothing S3 uploads (multipart included), the output's lease, and a
-late worker of a killed run.
+Each test drives ``shardwise run`` against the session's Prefect server, with the bundled embedding
+model: overlapping input/output, foreign files, glob characters in paths, all-or-nothing S3 uploads
+(multipart included), and the output's lease. Runs that are killed, hang, raise at a crash point
+(counted per process) or start worker processes are the real console script in a subprocess; the
+others run the command in the test process (tests/cli.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.records.demo_data import write_reviews_dataset
+from tests.cli import Result
 from tests.flows.test_integrity import SHARDWISE, Storage, shardwise
 
 pytestmark = pytest.mark.slow
@@ -77,20 +79,20 @@ def parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+def error_lines(proc: subprocess.CompletedProcess | Result) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("shardwise: error:")]
 
 
 # ---- 1. overlapping input/output and foreign files -------------------------------------------
 
 
-def test_an_output_overlapping_the_input_is_refused_and_nothing_is_written(store):
+def test_an_output_overlapping_the_input_is_refused_and_nothing_is_written(store, cli):
     write_input(store, "data/in")
     put(store, "data/in/part-00000.parquet", get(store, "data/in/reviews-000.parquet"))
     before = snapshot(store, "data/in")
     cases = [("data/in", "data/in"), ("data/in", "data/in/out"), ("data/in", "data"), ("data/in/", "data/./in")]
     for source, output in cases:
-        proc = shardwise("run", "--input", store.path(source), "--output", store.path(output), *EMBED)
+        proc = cli("run", "--input", store.path(source), "--output", store.path(output), *EMBED)
         assert proc.returncode == 2, (source, output, proc.returncode, proc.stderr[-2000:])
         assert len(error_lines(proc)) == 1 and "input" in error_lines(proc)[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
@@ -98,7 +100,7 @@ def test_an_output_overlapping_the_input_is_refused_and_nothing_is_written(store
         assert store.listdir("data/in/out") == []
 
 
-def test_foreign_files_in_the_output_are_refused_and_left_byte_for_byte(store):
+def test_foreign_files_in_the_output_are_refused_and_left_byte_for_byte(store, cli):
     write_input(store, "in")
     foreign = {
         "part-00000-1b2c-c000.snappy.parquet": parquet_bytes(pa.table({"x": [1, 2]})),  # Spark's naming
@@ -109,7 +111,7 @@ def test_foreign_files_in_the_output_are_refused_and_left_byte_for_byte(store):
         put(store, f"out/{name}", data)
     before = snapshot(store, "out")
     for extra in ([], ["--overwrite"]):
-        proc = shardwise("run", "--input", store.path("in"), "--output", store.path("out"), *EMBED, *extra)
+        proc = cli("run", "--input", store.path("in"), "--output", store.path("out"), *EMBED, *extra)
         assert proc.returncode == 2, (extra, proc.returncode, proc.stderr[-2000:])
         assert "did not write" in error_lines(proc)[0] and "README.txt" in error_lines(proc)[0]
         assert snapshot(store, "out") == before
@@ -118,10 +120,10 @@ def test_foreign_files_in_the_output_are_refused_and_left_byte_for_byte(store):
 # ---- 2. glob characters in output paths ----------------------------------------------------
 
 
-def test_glob_characters_in_an_output_name_mean_that_directory_only(store):
+def test_glob_characters_in_an_output_name_mean_that_directory_only(store, cli):
     write_input(store, "in-a")
     write_input(store, "in-b", files=1)
-    reference = shardwise("run", "--input", store.path("in-a"), "--output", store.path("out1"), *EMBED)
+    reference = cli("run", "--input", store.path("in-a"), "--output", store.path("out1"), *EMBED)
     assert reference.returncode == 0, reference.stderr[-3000:]
     for name in store.listdir("out1"):
         put(store, f"out2/{name}", get(store, f"out1/{name}"))
@@ -129,7 +131,7 @@ def test_glob_characters_in_an_output_name_mean_that_directory_only(store):
     out1, out2 = snapshot(store, "out1"), snapshot(store, "out2")
 
     for output in ["out[1]", "out?"]:
-        proc = shardwise(
+        proc = cli(
             "run",
             "--input",
             store.path("in-b"),
@@ -143,7 +145,7 @@ def test_glob_characters_in_an_output_name_mean_that_directory_only(store):
         assert "_SUCCESS" in store.listdir(output)
         assert snapshot(store, "out1") == out1, output
         assert snapshot(store, "out2") == out2, output
-        status = shardwise("status", store.path(output))
+        status = cli("status", store.path(output))
         assert "2/2" in status.stdout, status.stdout
 
 
@@ -168,7 +170,7 @@ def multipart_uploads(fs, bucket: str, prefix: str) -> list[str]:
     return [u["Key"] for u in listing.get("Uploads") or []]
 
 
-def test_s3_parts_and_manifest_are_published_whole_or_not_at_all(prefect_server, s3, tmp_path):
+def test_s3_parts_and_manifest_are_published_whole_or_not_at_all(cli, s3, tmp_path):
     fs, bucket = s3
     store = Storage(f"s3://{bucket}", fs)
     big_input(store, "in")
@@ -189,7 +191,8 @@ def test_s3_parts_and_manifest_are_published_whole_or_not_at_all(prefect_server,
         "shard_retries=0",
     ]
 
-    # An exception half-way through the part's upload (a timeout raised into the worker thread).
+    # An exception half-way through the part's upload (a timeout raised into the worker thread). A
+    # process of its own: crash points count their arrivals per process.
     raised = shardwise(*job, env={**env, "SHARDWISE_RAISE_AT": "part-write"})
     assert raised.returncode == 1, raised.stderr[-3000:]
     assert "injected fault at part-write" in raised.stdout
@@ -205,7 +208,7 @@ def test_s3_parts_and_manifest_are_published_whole_or_not_at_all(prefect_server,
     put(store, "out/_manifest.json", b'{"format": "shardwise-manif')
     put(store, "out/.shardwise-write-probe-0123", b"ok")
 
-    rerun = shardwise(*job, env=env)
+    rerun = cli(*job, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert multipart_uploads(fs, bucket, "out/") == []
     files = store.listdir("out")
@@ -216,7 +219,7 @@ def test_s3_parts_and_manifest_are_published_whole_or_not_at_all(prefect_server,
     assert table.num_rows == 11 and len(get(store, f"out/{part}")) > 2 * BLOCK_5MIB
 
 
-# ---- 7. the lease, and a late worker of a killed run ----------------------------------------
+# ---- 7. the lease (a late worker of a killed run: tests/flows/test_fencing.py) ---------------
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -227,7 +230,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, tmp_path):
+def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, cli, tmp_path):
     write_input(store, "in")
     release = tmp_path / "release-first"
     job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED]
@@ -240,7 +243,7 @@ def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, tmp
     )
     try:
         wait_for(Path(f"{release}.reached"), first)
-        second = shardwise(*job, "--overwrite", "--set", "embed.max_batch_size=5")
+        second = cli(*job, "--overwrite", "--set", "embed.max_batch_size=5")
         assert second.returncode == 2, second.stderr[-3000:]
         assert "in use by another run" in error_lines(second)[0]
         assert f"pid {first.pid}" in error_lines(second)[0]
@@ -252,85 +255,6 @@ def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, tmp
     assert first.returncode == 0, stderr[-3000:]
     files = store.listdir("out")
     assert "_SUCCESS" in files and "_shardwise.lease" not in files, files  # released at the end
-
-
-def test_a_late_worker_of_a_killed_run_never_lands_under_a_new_success(prefect_server, tmp_path):
-    store = Storage(str(tmp_path))
-    write_input(store, "in", files=1)  # two shards: one for each worker of run 1
-    job = ["run", "--input", store.path("in"), "--output", store.path("out"), *EMBED, "--set", "lease_timeout_s=3"]
-    late, hold = tmp_path / "release-late-workers", tmp_path / "release-second-run"
-
-    # Run 1 with two worker processes: each hangs half-way through its part; then the parent is
-    # SIGKILLed, leaving its workers behind (its own session, so the test can clean them up).
-    # Its output goes to a file: the orphaned workers keep inherited pipes open after the kill.
-    with open(tmp_path / "first.log", "w") as first_log:
-        first = subprocess.Popen(
-            [SHARDWISE, *job, "--workers", "2"],
-            stdout=first_log,
-            stderr=first_log,
-            start_new_session=True,
-            env={**os.environ, "SHARDWISE_HANG_AT": "part-write", "SHARDWISE_HANG_UNTIL": str(late)},
-        )
-    second = None
-    try:
-        wait_for(Path(f"{late}.reached"), first)
-        first.kill()
-        first.wait(timeout=60)
-        killed_run = json.loads(get(store, "out/_shardwise.lease"))["flow_run_id"]
-
-        # Run 2 takes the lease over (its holder is gone), computes every shard and pauses before
-        # its commit, while the late workers of run 1 publish their parts over run 2's.
-        second = subprocess.Popen(
-            [SHARDWISE, *job],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "SHARDWISE_HANG_AT": "before-manifest", "SHARDWISE_HANG_UNTIL": str(hold)},
-        )
-        wait_for(Path(f"{hold}.reached"), second)
-        late.touch()
-        deadline = time.monotonic() + 300
-        while (
-            sum(
-                pq.read_schema(store.path(f"out/{n}")).metadata.get(b"shardwise.prefect_flow_run_id")
-                == killed_run.encode()
-                for n in store.listdir("out")
-                if n.startswith("part-")
-            )
-            < 2
-        ):
-            assert time.monotonic() < deadline, "the late workers never wrote"
-            time.sleep(0.2)
-        hold.touch()
-        stdout, stderr = second.communicate(timeout=300)
-    finally:
-        late.touch()
-        hold.touch()
-        if second is not None and second.poll() is None:
-            second.kill()
-        try:
-            os.killpg(first.pid, signal.SIGKILL)  # the orphaned workers of run 1
-        except ProcessLookupError:
-            pass
-    assert "taking over the lease" in stderr, stderr[-3000:]
-    assert second.returncode == 1, (second.returncode, stderr[-3000:])
-    assert "replaced by another writer" in stdout, stdout
-    assert "_SUCCESS" not in store.listdir("out")
-
-    # The next run verifies what is there (the late parts are whole, valid parts of this config).
-    third = shardwise(*job)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert "_SUCCESS" in store.listdir("out")
-    ids = sorted(
-        i
-        for n in store.listdir("out")
-        if n.startswith("part-")
-        for i in pq.read_table(store.path(f"out/{n}")).column("review_id").to_pylist()
-    )
-    assert ids == [f"r-{i:06d}" for i in range(6)]
-
-
-# ---- 14. verify_part and storage trouble ----------------------------------------------------
 
 
 def test_verify_part_fails_loudly_on_a_storage_outage_instead_of_recomputing(s3, s3_server, reviews_dir):

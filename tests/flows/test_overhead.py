@@ -3,21 +3,15 @@ updates its progress artifact without one API call per shard."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tasks.records.demo_data import write_reviews_dataset
 
-SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
-
 
 @pytest.mark.slow
-def test_run_reports_its_phases_and_per_shard_overhead(prefect_server, tmp_path):
+def test_run_reports_its_phases_and_per_shard_overhead(cli, tmp_path):
     import json
 
     from mlflow.tracking import MlflowClient
@@ -25,27 +19,20 @@ def test_run_reports_its_phases_and_per_shard_overhead(prefect_server, tmp_path)
     from tasks.storage.local_state import tracking_uri
 
     write_reviews_dataset(str(tmp_path / "in"), files=2, rows_per_file=20, rows_per_group=10)
-    run = subprocess.run(
-        [
-            SHARDWISE,
-            "run",
-            "--input",
-            str(tmp_path / "in"),
-            "--output",
-            str(tmp_path / "out"),
-            "--task",
-            "embed",
-            "--embed-model",
-            "dummy:bert-tiny",
-            "--id-column",
-            "review_id",
-            "--rows-per-shard",
-            "10",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ),
+    run = cli(
+        "run",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--task",
+        "embed",
+        "--embed-model",
+        "dummy:bert-tiny",
+        "--id-column",
+        "review_id",
+        "--rows-per-shard",
+        "10",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     line = re.search(r"^overhead\s+(.*)$", run.stdout, re.M)

@@ -1,4 +1,5 @@
-"""The quality gate through the console script: a healthy night passes, answers cut short are held
+"""The quality gate through the command line (run in the test process: tests/cli.py), and through
+the deployments: a healthy night passes, answers cut short are held
 (exit 4, no _SUCCESS, _QUALITY_HOLD naming the checks, MLflow tag ``held``), a person releases
 them, changed canary answers are caught, and bad ``quality:`` settings are config errors."""
 
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.records.demo_data import write_reviews_dataset
-from tests.flows.test_cli import assert_one_line_error, shardwise
+from tests.cli import run_cli
+from tests.flows.test_cli import assert_one_line_error
 from tests.flows.test_deployments import worker  # noqa: F401 - the deployments and their worker, a fixture
 
 # The bundled model answers in about 20 tokens (some cut at 24); cut at 3 tokens, every answer is.
@@ -87,39 +89,39 @@ def mlflow_run(output: Path):
 
 
 def test_bad_quality_settings_are_config_errors(reviews_dir, tmp_path):
-    """Through the console script; every bad value is covered in tests/tasks/test_quality.py."""
+    """Through the command line; every bad value is covered in tests/tasks/test_quality.py."""
     out = tmp_path / "out"
     base = ["run", "--input", str(reviews_dir), "--output", str(out), "--id-column", "review_id"]
     assert_one_line_error(
-        shardwise(*base, "--set", "quality.max_generated_tokens_change=-1"), 2, "quality.max_generated_tokens_change"
+        run_cli(*base, "--set", "quality.max_generated_tokens_change=-1"), 2, "quality.max_generated_tokens_change"
     )
     assert_one_line_error(
-        shardwise(*base, "--set", f"quality.canaries={tmp_path / 'nope.parquet'}"),
+        run_cli(*base, "--set", f"quality.canaries={tmp_path / 'nope.parquet'}"),
         2,
         "quality.canaries",
         "nope.parquet",
         "not found",
     )
     assert not out.exists()  # refused before anything was written
-    assert_one_line_error(shardwise("release", str(reviews_dir)), 2, "not held")
+    assert_one_line_error(run_cli("release", str(reviews_dir)), 2, "not held")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # four CLI nights in one test
-def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp_path):
+def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(cli, tmp_path):
     dates = ["2026-11-01", "2026-11-02", "2026-11-03", "2026-11-04"]
     canaries = write_reviews_dataset(str(tmp_path / "canaries"), files=1, rows_per_file=2, rows_per_group=2, seed=7)
     job = nightly_job(tmp_path, dates, canaries=canaries[0], min_rows=1)
     night = {d: tmp_path / "enriched" / f"dt={d}" for d in dates}
 
-    first = shardwise("run", "--config", str(job), "--date", dates[0], timeout=1500)
+    first = cli("run", "--config", str(job), "--date", dates[0])
     assert first.returncode == 0, first.stderr[-3000:]
     profile = json.loads((night[dates[0]] / "_quality.json").read_text())
     assert profile["baseline"] is None and profile["rows"] == 4 and profile["shards_profiled"] == 1
     assert len(profile["canaries"]["answers"]) == 2
 
     # A healthy second night over fresh rows of the same kind: compared with the first, no alarm.
-    second = shardwise("run", "--config", str(job), "--date", dates[1], timeout=1500)
+    second = cli("run", "--config", str(job), "--date", dates[1])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "quality          passed" in second.stdout, second.stdout
     manifest = json.loads((night[dates[1]] / "_manifest.json").read_text())
@@ -133,7 +135,7 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     assert mlflow_run(night[dates[1]]).data.tags["shardwise.quality"] == "passed"
 
     # Answers cut short: held, with everything written but _SUCCESS.
-    cut = shardwise("run", "--config", str(job), "--date", dates[2], "--max-new-tokens", "3", timeout=1500)
+    cut = cli("run", "--config", str(job), "--date", dates[2], "--max-new-tokens", "3")
     assert_one_line_error(cut, 4, "length_rate_increase", "generated_tokens_change", "shardwise release")
     held = night[dates[2]]
     assert not (held / "_SUCCESS").exists()
@@ -146,19 +148,35 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     run = mlflow_run(held)
     assert run.data.tags["shardwise.quality"] == "held" and run.data.metrics["quality_generated_tokens_change"] > 0.3
     assert "generated_lengths.png" in {a.path for a in _artifacts(run.info.run_id)}
-    status = shardwise("status", str(held))
+    status = cli("status", str(held))
     assert status.returncode == 4 and "held" in status.stdout and "generated_tokens_change" in status.stdout
 
-    released = shardwise("release", str(held), "--reason", "short answers were asked for")
+    released = cli("release", str(held), "--reason", "short answers were asked for")
     assert released.returncode == 0, released.stderr
     assert (held / "_SUCCESS").is_file() and not (held / "_QUALITY_HOLD").exists()
     release = json.loads((held / "_manifest.json").read_text())["quality"]["release"]
     assert release["reason"] == "short answers were asked for" and release["released_by"]
     assert mlflow_run(held).data.tags["shardwise.quality.reason"] == "short answers were asked for"
-    assert shardwise("status", str(held)).returncode == 0
+    assert cli("status", str(held)).returncode == 0
+
+    # Rerunning a published night changes nothing: not compared again, not withdrawn, and its
+    # manifest (verdict, release, models' provenance) and markers stay byte for byte; the rerun's
+    # own MLflow run still names the models.
+    published = {n: (held / n).read_bytes() for n in ("_manifest.json", "_SUCCESS", "_quality.json")}
+    first_params = mlflow_run(held).data.params
+    rerun = cli("run", "--config", str(job), "--date", dates[2], "--max-new-tokens", "3")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "nothing to do" in rerun.stderr and "computed         0 rows (4 reused" in rerun.stdout, rerun.stdout
+    assert {n: (held / n).read_bytes() for n in published} == published
+    assert not (held / "_QUALITY_HOLD").exists()
+    rerun_id = next(line.split()[2] for line in rerun.stdout.splitlines() if line.startswith("MLflow run"))
+    rerun_params = _client().get_run(rerun_id).data.params
+    model_keys = {k for k in first_params if k.startswith("model.generate.")}
+    assert {"model.generate.revision", "model.generate.dtype", "model.generate.engine"} <= model_keys
+    assert {k: rerun_params.get(k) for k in model_keys} == {k: first_params[k] for k in model_keys}
 
     # A prompt edit, against an explicit baseline, with the length checks off: only the canaries tell.
-    edited = shardwise(
+    edited = cli(
         "run",
         "--config",
         str(job),
@@ -172,7 +190,6 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
         "quality.max_length_rate_increase=null",
         "--set",
         "quality.max_generated_tokens_change=null",
-        timeout=1500,
     )
     assert_one_line_error(edited, 4, "canaries_changed")
     hold = json.loads((night[dates[3]] / "_QUALITY_HOLD").read_text())
@@ -181,12 +198,16 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(tmp
     assert hold["baseline"] == str(night[dates[1]])
 
 
-def _artifacts(run_id: str) -> list:
+def _client():
     from mlflow.tracking import MlflowClient
 
     from tasks.storage.local_state import tracking_uri
 
-    return MlflowClient(tracking_uri()).list_artifacts(run_id)
+    return MlflowClient(tracking_uri())
+
+
+def _artifacts(run_id: str) -> list:
+    return _client().list_artifacts(run_id)
 
 
 @pytest.mark.slow

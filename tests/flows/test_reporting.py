@@ -4,11 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,12 +12,7 @@ from tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
-SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
 NASTY_NAME = "bad|name*<script>alert(1)`tick`_x_[y]\nline2.parquet"  # no "/": not allowed in a name
-
-
-def shardwise(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([SHARDWISE, *args], capture_output=True, text=True, timeout=900, env=dict(os.environ))
 
 
 def flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
@@ -35,15 +26,13 @@ def flow_run_artifacts(flow_run_id: str) -> dict[str, object]:
     return {a.key: a.data for a in artifacts}
 
 
-def test_file_names_and_errors_are_escaped_in_the_markdown_summary(prefect_server, tmp_path):
+def test_file_names_and_errors_are_escaped_in_the_markdown_summary(cli, tmp_path):
     source = tmp_path / "in"
     write_reviews_dataset(str(source), files=1, rows_per_file=4, rows_per_group=2)
     good = (source / "reviews-000.parquet").read_bytes()
     (source / NASTY_NAME).write_bytes(good[: len(good) // 2])  # truncated: unreadable, so reported
     output = tmp_path / "out"
-    proc = shardwise(
-        "run", "--input", str(source), "--output", str(output), "--task", "embed", "--id-column", "review_id"
-    )
+    proc = cli("run", "--input", str(source), "--output", str(output), "--task", "embed", "--id-column", "review_id")
     assert proc.returncode == 1, proc.stderr[-3000:]
     manifest = json.loads((output / "_manifest.json").read_text())
     summary = flow_run_artifacts(manifest["prefect_flow_run_id"])["run-summary"]
@@ -58,7 +47,7 @@ def test_file_names_and_errors_are_escaped_in_the_markdown_summary(prefect_serve
     assert len(failure) == 1 and failure[0].startswith("- ") and "line2" in failure[0], summary
 
 
-def test_resumed_run_reports_computed_and_reused_rows_and_bills_only_computed(prefect_server, tmp_path):
+def test_resumed_run_reports_computed_and_reused_rows_and_bills_only_computed(cli, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from tasks.storage.local_state import tracking_uri
@@ -83,7 +72,7 @@ def test_resumed_run_reports_computed_and_reused_rows_and_bills_only_computed(pr
         "--set",
         "price_per_device_hour=3.6",
     ]
-    first = shardwise(*job)
+    first = cli(*job)
     assert first.returncode == 0, first.stderr[-3000:]
     first_manifest = json.loads((output / "_manifest.json").read_text())
     first_totals = first_manifest["totals"]
@@ -93,7 +82,7 @@ def test_resumed_run_reports_computed_and_reused_rows_and_bills_only_computed(pr
     lost = first_manifest["shards"][1]
     (output / lost["part"]).unlink()
     (output / "_SUCCESS").unlink()
-    rerun = shardwise(*job)
+    rerun = cli(*job)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"^rows\s+12 \(", rerun.stdout, re.M), rerun.stdout
     assert re.search(r"^computed\s+3 rows \(9 reused from earlier runs\)", rerun.stdout, re.M), rerun.stdout

@@ -1,17 +1,21 @@
-"""The row cache through the console script, on local disk and on the S3 test server: what a rerun
-computes, that reused values are the ones computed the first time, sharing, corruption, stats/prune."""
+"""The row cache through the command line, on local disk and on the S3 test server: what a rerun
+computes, that reused values are the ones computed the first time, sharing, corruption, stats/prune.
+
+The commands run in the test process (tests/cli.py), but for the two runs at once that share one
+cache: those are two console-script processes."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tasks.records.row_cache import RowCache
-from tests.flows.test_cli import SHARDWISE, shardwise
+from tests.flows.test_cli import SHARDWISE
 
 
 def _write(path, ids, texts) -> None:
@@ -29,7 +33,7 @@ def _rows(output) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_rerun_computes_only_edited_and_new_rows_locally(prefect_server, tmp_path):
+def test_rerun_computes_only_edited_and_new_rows_locally(cli, tmp_path):
     source, cache = tmp_path / "in", tmp_path / "cache"
     source.mkdir()
     texts_a = ["The kettle boils fast.", "Shoes fell apart.", "Great value for money.", "Arrived late, box torn."]
@@ -38,7 +42,7 @@ def test_rerun_computes_only_edited_and_new_rows_locally(prefect_server, tmp_pat
     _write(source / "b.parquet", [f"b{i}" for i in range(4)], texts_b)
     job = ["--input", str(source), "--task", "generate", "--max-new-tokens", "2", "--cache", str(cache)]
 
-    first = shardwise("run", *job, "--output", str(tmp_path / "out1"))
+    first = cli("run", *job, "--output", str(tmp_path / "out1"))
     assert first.returncode == 0, first.stderr[-3000:]
     assert (_totals(tmp_path / "out1")["rows_computed"], _totals(tmp_path / "out1")["rows_cached"]) == (8, 0)
 
@@ -49,11 +53,11 @@ def test_rerun_computes_only_edited_and_new_rows_locally(prefect_server, tmp_pat
         [texts_a[3], texts_a[2], texts_a[1], "The kettle boils fast and loud."],
     )
     _write(source / "c.parquet", ["c0", "c1"], ["Smells of plastic.", "Fits my small kitchen."])
-    plan = shardwise("plan", *job, "--output", str(tmp_path / "out2"), "--json")
+    plan = cli("plan", *job, "--output", str(tmp_path / "out2"), "--json")
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert (json.loads(plan.stdout)["rows_to_compute"], json.loads(plan.stdout)["rows_cached"]) == (3, 7)
 
-    second = shardwise("run", *job, "--output", str(tmp_path / "out2"))
+    second = cli("run", *job, "--output", str(tmp_path / "out2"))
     assert second.returncode == 0, second.stderr[-3000:]
     totals = _totals(tmp_path / "out2")
     assert (totals["rows"], totals["rows_computed"], totals["rows_cached"]) == (10, 3, 7)
@@ -67,23 +71,23 @@ def test_rerun_computes_only_edited_and_new_rows_locally(prefect_server, tmp_pat
     # A new prompt or max_new_tokens changes every generated value: the plan (same keys as the run,
     # no weights loaded) finds nothing to reuse. (Other models: tests/tasks/test_row_cache.py.)
     for change in (["--max-new-tokens", "3"], ["--prompt-template", "Summarise: {text}"]):
-        changed = shardwise("plan", *job, *change, "--output", str(tmp_path / "out3"), "--json")
+        changed = cli("plan", *job, *change, "--output", str(tmp_path / "out3"), "--json")
         assert changed.returncode == 0, changed.stderr[-3000:]
         assert (json.loads(changed.stdout)["rows_to_compute"], json.loads(changed.stdout)["rows_cached"]) == (10, 0)
 
-    stats = shardwise("cache", "stats", str(cache), "--json")
+    stats = cli("cache", "stats", str(cache), "--json")
     assert stats.returncode == 0, stats.stderr
     figures = json.loads(stats.stdout)
     assert figures["kinds"]["generate"]["entries"] == 8 + 3
     assert [r["rows_cached"] for r in figures["recent_runs"]] == [0, 7]
     assert figures["hit_rate"] == pytest.approx(7 / 18)
-    pruned = shardwise("cache", "prune", str(cache), "--older-than", "0")
+    pruned = cli("cache", "prune", str(cache), "--older-than", "0")
     assert pruned.returncode == 0 and "11 entries" in pruned.stdout
     assert RowCache(str(cache)).stats()["entries"] == 0
 
 
 @pytest.mark.slow
-def test_shared_cache_on_s3_concurrent_runs_and_a_corrupt_file(prefect_server, s3, tmp_path):
+def test_shared_cache_on_s3_concurrent_runs_and_a_corrupt_file(cli, s3, tmp_path):
     fs, bucket = s3
     texts = [
         f"Review number {i}: {'good' if i % 2 else 'bad'} product, would {'' if i % 3 else 'not '}buy again."
@@ -116,20 +120,25 @@ def test_shared_cache_on_s3_concurrent_runs_and_a_corrupt_file(prefect_server, s
         )
         return dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
 
-    assert rows("out1") == rows("out2") and len(rows("out1")) == 12
+    def same(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:
+        """The same rows with the same vectors, to float32 rounding: a row computed in a batch of
+        other rows (padded to another length) can differ in the last bits from a cache entry."""
+        return a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+    assert same(rows("out1"), rows("out2")) and len(rows("out1")) == 12
     entries = fs.glob(f"{bucket}/cache/v1/embed/*/*.parquet")
     assert entries
 
     # A damaged entry file is skipped with a warning; its rows are computed, the rest reused.
     fs.pipe_file(entries[0], b"not parquet at all")
-    third = shardwise("run", *job, "--output", f"s3://{bucket}/out3")
+    third = cli("run", *job, "--output", f"s3://{bucket}/out3")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "skipping unreadable cache file" in third.stderr
     manifest = json.loads(fs.cat_file(f"{bucket}/out3/_manifest.json"))
     assert manifest["totals"]["rows_cached"] + manifest["totals"]["rows_computed"] == 12
     assert manifest["totals"]["rows_cached"] > 0
-    assert rows("out3") == rows("out1")
+    assert same(rows("out3"), rows("out1"))
 
-    stats = shardwise("cache", "stats", cache)
+    stats = cli("cache", "stats", cache)
     assert stats.returncode == 0, stats.stderr
     assert "embed" in stats.stdout and "hit rate" in stats.stdout

@@ -1,4 +1,5 @@
-"""generate.output_schema through the CLI: constrained answers become typed columns analysts query."""
+"""generate.output_schema through the CLI (run in the test process: tests/cli.py): constrained
+answers become typed columns analysts query."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
 from tasks.records.demo_data import write_reviews_dataset
-from tests.flows.test_cli import assert_one_line_error, shardwise
+from tests.cli import run_cli
+from tests.flows.test_cli import assert_one_line_error
 
 PROMPT = (
     "Read the product review and answer with JSON only, with the keys sentiment (positive, negative or mixed), "
@@ -32,7 +34,7 @@ def test_bad_schemas_fail_before_anything_runs(reviews_dir, tmp_path, schema, ne
     if schema == "FILE":
         schema = str(tmp_path / "schema.json")
         (tmp_path / "schema.json").write_text("type: object\n")
-    proc = shardwise(
+    proc = run_cli(
         "run",
         "--input",
         str(reviews_dir),
@@ -47,12 +49,12 @@ def test_bad_schemas_fail_before_anything_runs(reviews_dir, tmp_path, schema, ne
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
-def _run(tmp_path, name: str, *extra: str) -> list[dict]:
+def _run(cli, tmp_path, name: str, *extra: str) -> list[dict]:
     input_dir = tmp_path / "reviews"
     if not input_dir.exists():
         write_reviews_dataset(str(input_dir), files=2, rows_per_file=12, rows_per_group=4)
     out = tmp_path / name
-    proc = shardwise(
+    proc = cli(
         "run",
         "--input",
         str(input_dir),
@@ -69,17 +71,18 @@ def _run(tmp_path, name: str, *extra: str) -> list[dict]:
         "--rows-per-shard",
         "24",
         *extra,
-        timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return pq.read_table(str(out)).to_pylist(), proc.stdout, out
 
 
 @pytest.mark.slow
-def test_schema_gives_typed_rows_and_the_constraint_is_real(tmp_path):
+def test_schema_gives_typed_rows_and_the_constraint_is_real(cli, tmp_path):
     schema_file = tmp_path / "review.json"
     schema_file.write_text(json.dumps(REVIEW_SCHEMA))
-    rows, stdout, out = _run(tmp_path, "constrained", "--output-schema", str(schema_file), "--max-new-tokens", "60")
+    rows, stdout, out = _run(
+        cli, tmp_path, "constrained", "--output-schema", str(schema_file), "--max-new-tokens", "60"
+    )
     assert len(rows) == 24
     valid = [r for r in rows if r["generated"] is not None]
     assert len(valid) >= 22, [r["error"] for r in rows]
@@ -98,14 +101,16 @@ def test_schema_gives_typed_rows_and_the_constraint_is_real(tmp_path):
     # No --output-schema, so validity is judged here with the same parser the run uses.
     from tasks.config.output_schema import parse_generated
 
-    free, _, _ = _run(tmp_path, "free", "--max-new-tokens", "60")
+    free, _, _ = _run(cli, tmp_path, "free", "--max-new-tokens", "60")
     free_valid = sum(parse_generated(r["generated_text"], REVIEW_SCHEMA)[0] is not None for r in free)
     assert free_valid <= len(valid) - 12, (free_valid, len(valid))
 
 
 @pytest.mark.slow
-def test_too_few_new_tokens_give_row_errors_not_a_crash(tmp_path):
-    rows, stdout, _ = _run(tmp_path, "short", "--output-schema", json.dumps(REVIEW_SCHEMA), "--max-new-tokens", "6")
+def test_too_few_new_tokens_give_row_errors_not_a_crash(cli, tmp_path):
+    rows, stdout, _ = _run(
+        cli, tmp_path, "short", "--output-schema", json.dumps(REVIEW_SCHEMA), "--max-new-tokens", "6"
+    )
     assert len(rows) == 24
     assert all(r["generated"] is None and r["error"].startswith("output does not match schema: not JSON") for r in rows)
     assert all(r["generated_text"].startswith('{"') for r in rows), [r["generated_text"] for r in rows]
@@ -113,7 +118,7 @@ def test_too_few_new_tokens_give_row_errors_not_a_crash(tmp_path):
 
 
 @pytest.mark.slow
-def test_schema_valid_line_counts_reused_parts_too(tmp_path):
+def test_schema_valid_line_counts_reused_parts_too(cli, tmp_path):
     """A rerun that reuses committed parts counts their valid answers as well as its own."""
     from gpu_runtime.dummy import llama_tokenizer_dir
     from tests.gpu_runtime.families import save_family
@@ -151,7 +156,7 @@ def test_schema_valid_line_counts_reused_parts_too(tmp_path):
         "--max-new-tokens",
         "16",
     )
-    first = shardwise(*job, timeout=1500)
+    first = cli(*job)
     assert first.returncode == 0, first.stderr[-3000:]
     valid = sum(r["generated"] is not None for r in pq.read_table(str(out)).to_pylist())
     assert valid > 0
@@ -160,7 +165,7 @@ def test_schema_valid_line_counts_reused_parts_too(tmp_path):
     assert len(parts) == 2
     parts[0].unlink()  # one shard is recomputed, the other reused
 
-    rerun = shardwise(*job, timeout=1500)
+    rerun = cli(*job)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(r"computed\s+2 rows \(2 reused", rerun.stdout), rerun.stdout
     valid_now = sum(r["generated"] is not None for r in pq.read_table(str(out)).to_pylist())

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.errors import ConfigError, LeaseLost, StorageError
+from tasks.errors import ConfigError, LeaseLost
 from tasks.storage.fs import atomic_write_bytes
 from tasks.storage.output_dir import LEASE_NAME, MANIFEST_NAME, Fence, OutputDir, check_separate, part_name
 
