@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from gpu_runtime import GenerationParams, resolve_model_spec  # noqa: E402
-from gpu_runtime.embedding import EmbeddingEngine  # noqa: E402
-from gpu_runtime.generation import GenerationEngine  # noqa: E402
+from shardwise.gpu_runtime import GenerationParams, resolve_model_spec  # noqa: E402
+from shardwise.gpu_runtime.embedding import EmbeddingEngine  # noqa: E402
+from shardwise.gpu_runtime.generation import GenerationEngine  # noqa: E402
 
 PROMPTS = [
     "Summarise this review in one sentence: the blender is loud but crushes ice well.",
@@ -188,7 +188,7 @@ def vllm_section(
     deadline: float,
 ) -> dict:
     """The vLLM engine next to the HF engine: agreement with HF fp32 on the CPU, then throughput."""
-    from gpu_runtime.vllm_engine import vllm_build
+    from shardwise.gpu_runtime.vllm_engine import vllm_build
 
     build = vllm_build()
     if build is None:
@@ -215,8 +215,8 @@ def vllm_agreement(device: torch.device) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from gpu_runtime import VllmOptions
-    from gpu_runtime.vllm_engine import VllmGenerationEngine
+    from shardwise.gpu_runtime import VllmOptions
+    from shardwise.gpu_runtime.vllm_engine import VllmGenerationEngine
 
     cpu = GenerationEngine.from_resolved(resolve_model_spec("dummy:llama-135m"), torch.device("cpu"))
     with tempfile.TemporaryDirectory() as saved:
@@ -256,7 +256,7 @@ def vllm_agreement(device: torch.device) -> dict:
 def vllm_throughput(
     shape: str, device: torch.device, batch: int, new_tokens: int, bandwidth: float, hf: dict | None
 ) -> dict:
-    from gpu_runtime.vllm_engine import VllmGenerationEngine
+    from shardwise.gpu_runtime.vllm_engine import VllmGenerationEngine
 
     started = time.perf_counter()
     engine = VllmGenerationEngine.from_resolved(resolve_model_spec(f"dummy:{shape}"), device)
@@ -293,7 +293,7 @@ def flow_end_to_end(device: torch.device, rows: int, new_tokens: int) -> dict:
     missing = [m for m in ("prefect", "mlflow", "pydantic", "polars", "fsspec") if importlib.util.find_spec(m) is None]
     if missing:
         return {"ran": False, "why": f"not importable here: {', '.join(missing)} (carry their wheels to run the flow)"}
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         write_reviews_dataset(f"{tmp}/in", files=2, rows_per_file=rows // 2, rows_per_group=max(1, rows // 8))
@@ -305,7 +305,7 @@ def flow_end_to_end(device: torch.device, rows: int, new_tokens: int) -> dict:
         cmd = [
             sys.executable,
             "-m",
-            "flows.cli",
+            "shardwise.flows.cli",
             "run",
             "--input",
             f"{tmp}/in",
@@ -354,7 +354,7 @@ def main() -> int:
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args()
     if args.export_tokenizers:
-        from gpu_runtime.dummy import export_tokenizers
+        from shardwise.gpu_runtime.dummy import export_tokenizers
 
         print(f"tokenizers written to {export_tokenizers(args.export_tokenizers)}")
         return 0

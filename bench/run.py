@@ -62,8 +62,8 @@ EMBED_MODEL = "bundled:all-minilm-l6-v2"
 
 
 def run_flow(cfg) -> tuple[float, dict]:
-    from flows.enrich import enrich_for
-    from tasks.compute.handoff import flow_parameters
+    from shardwise.flows.enrich import enrich_for
+    from shardwise.tasks.compute.handoff import flow_parameters
 
     started = time.perf_counter()
     state = enrich_for(cfg)(job=flow_parameters(cfg), return_state=True)
@@ -77,9 +77,9 @@ def run_flow(cfg) -> tuple[float, dict]:
 def bench_embedding(root: Path, rows: int) -> dict:
     import pyarrow.parquet as pq
 
-    from gpu_runtime import load_embedding_engine, on_compute_thread
-    from tasks.config.job import JobConfig
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.gpu_runtime import load_embedding_engine, on_compute_thread
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     files = 4
     write_reviews_dataset(str(root / "embed-in"), files=files, rows_per_file=rows // files, rows_per_group=256)
@@ -137,8 +137,8 @@ def bench_tokenize(rows: int) -> dict:
     every text once on the caller's thread) and for each batch (pad the ids into tensors, on the
     prefetch thread), over length-planned batches of 64; next to the two-pass way it replaced
     (count tokens, then ``SentenceTransformer.preprocess`` tokenizes each batch again)."""
-    from gpu_runtime import load_embedding_engine, plan_batches
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.gpu_runtime import load_embedding_engine, plan_batches
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         write_reviews_dataset(tmp, files=1, rows_per_file=rows, rows_per_group=1000)
@@ -189,7 +189,7 @@ def bench_generation_prep(texts: list[str], max_new_tokens: int = 32) -> dict:
     """The generation engine's host work alone, no model call: chat-format + tokenize every prompt
     (up front, on the compute thread) and build each batch's inputs (what its prefetch thread does:
     padding, masks, prefill chunks; pinning only on CUDA) over the engine's own batch plan."""
-    from gpu_runtime import GenerationParams, load_generation_engine, on_compute_thread, plan_batches
+    from shardwise.gpu_runtime import GenerationParams, load_generation_engine, on_compute_thread, plan_batches
 
     rows = len(texts)
     engine = load_generation_engine(GEN_MODEL, device="cpu")
@@ -230,9 +230,9 @@ CEILING_MODEL = "dummy:bert-nano"
 def bench_ceiling(root: Path, rows: int, shards: int = 8) -> dict:
     """The whole flow with a model whose compute is negligible: how many rows/s this pipeline can
     feed a device at best, and where each second went."""
-    from gpu_runtime import load_embedding_engine
-    from tasks.config.job import JobConfig
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.gpu_runtime import load_embedding_engine
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     write_reviews_dataset(str(root / "ceiling-in"), files=2, rows_per_file=rows // 2, rows_per_group=1000)
     load_embedding_engine(CEILING_MODEL, device="cpu")
@@ -275,7 +275,7 @@ def naive_generate(prompts: list[str], max_new_tokens: int, system_prompt: str |
     """What a user would write: input order, fixed batch 16, left padding, greedy."""
     import torch
 
-    from gpu_runtime import load_generation_engine
+    from shardwise.gpu_runtime import load_generation_engine
 
     engine = load_generation_engine(GEN_MODEL, device="cpu")
     tokenizer, model = engine.tokenizer, engine.model
@@ -305,9 +305,9 @@ def naive_generate(prompts: list[str], max_new_tokens: int, system_prompt: str |
 def bench_generation(root: Path, rows: int, max_new_tokens: int) -> dict:
     import polars as pl
 
-    from gpu_runtime import on_compute_thread, render_prompt
-    from tasks.config.job import JobConfig
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.gpu_runtime import on_compute_thread, render_prompt
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     write_reviews_dataset(str(root / "gen-in"), files=2, rows_per_file=rows // 2, rows_per_group=16)
     source = pl.read_parquet(root / "gen-in" / "*.parquet").sort("review_id")
@@ -360,7 +360,7 @@ def bench_vllm(
     import polars as pl
     from vllm import SamplingParams
 
-    from gpu_runtime import load_generation_engine, on_compute_thread
+    from shardwise.gpu_runtime import load_generation_engine, on_compute_thread
 
     engine = load_generation_engine(GEN_MODEL, device="cpu", engine="vllm", vllm_options=hf_cfg.vllm_options())
 
@@ -413,9 +413,9 @@ def bench_structured(root: Path, rows: int, max_new_tokens: int) -> dict:
     """Generated tok/s with and without the schema, same prompts, same run (free, constrained, free)."""
     import polars as pl
 
-    from tasks.config.job import JobConfig
-    from tasks.config.output_schema import parse_generated
-    from tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA, write_reviews_dataset
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.config.output_schema import parse_generated
+    from shardwise.tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA, write_reviews_dataset
 
     write_reviews_dataset(str(root / "json-in"), files=1, rows_per_file=rows, rows_per_group=16)
     runs = {}
@@ -449,7 +449,7 @@ def bench_overhead(root: Path, shards: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.config.job import JobConfig
+    from shardwise.tasks.config.job import JobConfig
 
     (root / "empty-in").mkdir()
     pq.write_table(
@@ -498,9 +498,9 @@ def bench_incremental(root: Path, rows: int, max_new_tokens: int, lookup_entries
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.config.job import JobConfig
-    from tasks.records.demo_data import write_reviews_dataset
-    from tasks.records.row_cache import RowCache
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
+    from shardwise.tasks.records.row_cache import RowCache
 
     source = root / "nightly-in"
     write_reviews_dataset(str(source), files=4, rows_per_file=rows // 4, rows_per_group=64)
@@ -599,7 +599,7 @@ ROWS_PER_SHARD = 5000  # both sizes span many shards
 def bench_memory(root: Path, small: int, large: int) -> dict:
     """Peak RSS of the whole run (one process: flow, shard tasks, engine) at two dataset sizes.
     A tiny dummy model keeps compute cheap, so what grows (or not) is shardwise's own memory."""
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     result: dict = {"model": "dummy:bert-tiny", "rows_per_shard": ROWS_PER_SHARD, "goal": "<= 1.2"}
     for label, rows in (("small", small), ("large", large)):
@@ -675,8 +675,8 @@ def main() -> None:
             results["prefect_server_start_s"] = time.perf_counter() - started
             from mlflow.tracking import MlflowClient
 
-            from gpu_runtime import load_embedding_engine, load_generation_engine
-            from tasks.storage.local_state import tracking_uri
+            from shardwise.gpu_runtime import load_embedding_engine, load_generation_engine
+            from shardwise.tasks.storage.local_state import tracking_uri
 
             # A new MLflow sqlite store is created (migrated) on first use: once per state
             # directory, not per run, so it is timed apart from the runs.

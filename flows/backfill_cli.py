@@ -15,12 +15,19 @@ import json
 import sys
 from typing import Any
 
-from flows.cli import config_from_args, execute_with_summary
-from tasks.errors import ConfigError, InputError, ShardwiseError
-from tasks.forecasting.forecast import SAMPLE_ROWS, Forecast, format_forecast, make_forecast, over_budget, sum_forecasts
-from tasks.redaction import redact_text
-from tasks.schedule.backfill import backfill_summary
-from tasks.schedule.partitions import dated, partition_dates, partition_done
+from shardwise.flows.cli import config_from_args, execute_with_summary
+from shardwise.tasks.errors import ConfigError, InputError, ShardwiseError
+from shardwise.tasks.forecasting.forecast import (
+    SAMPLE_ROWS,
+    Forecast,
+    format_forecast,
+    make_forecast,
+    over_budget,
+    sum_forecasts,
+)
+from shardwise.tasks.redaction import redact_text
+from shardwise.tasks.schedule.backfill import backfill_summary
+from shardwise.tasks.schedule.partitions import dated, partition_dates, partition_done
 
 
 def _out(text: str) -> None:
@@ -34,7 +41,7 @@ def plan_partitions(
     """The summed forecast of the partitions that can be planned, and one entry per date: its
     forecast, or why it cannot run (no input yet, say). A calibration is made once, on the first
     partition with rows to compute, and used for all."""
-    from tasks.planning.shards import plan_shards
+    from shardwise.tasks.planning.shards import plan_shards
 
     forecasts: list[Forecast] = []
     partitions: list[dict[str, Any]] = []
@@ -55,7 +62,7 @@ def plan_partitions(
 
 def _resolve_models(cfg) -> None:
     """A model that cannot be found fails the whole backfill once, before any partition."""
-    from gpu_runtime import resolve_model_spec
+    from shardwise.gpu_runtime import resolve_model_spec
 
     if cfg.runs_generation:
         resolve_model_spec(cfg.generate.model)
@@ -94,7 +101,7 @@ def _print_plan(cfg, total: Forecast, partitions: list[dict[str, Any]], as_json:
 
 
 def _run_partitions(cfg, dates: list[str]) -> list[dict[str, Any]]:
-    from tasks.compute.runners import shared_prefect_api
+    from shardwise.tasks.compute.runners import shared_prefect_api
 
     outcomes: list[dict[str, Any]] = []
     spent = 0.0

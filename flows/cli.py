@@ -29,7 +29,7 @@ def _environment_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if "TOKENIZERS_PARALLELISM" not in os.environ:
         # One tokenizer thread: compute on the CPU needs the cores. An engine on a GPU turns the
-        # tokenizers' threads on (gpu_runtime.device.tokenize_on_all_cores); the marker says whose
+        # tokenizers' threads on (shardwise.gpu_runtime.device.tokenize_on_all_cores); the marker says whose
         # choice this was.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         os.environ["SHARDWISE_TOKENIZERS_PARALLELISM_DEFAULTED"] = "1"
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from tasks.config.job import build_config
+    from shardwise.tasks.config.job import build_config
 
     flags = {
         "input": args.input,
@@ -199,12 +199,12 @@ def config_from_args(args: argparse.Namespace):
         overrides["ray"] = {"address": args.ray_address}
         overrides.setdefault("runner", "ray")
     if args.config is None and ("input" not in overrides or "output" not in overrides):
-        from tasks.errors import ConfigError
+        from shardwise.tasks.errors import ConfigError
 
         raise ConfigError(f"{args.command} needs --input and --output (or a --config that sets them)")
     cfg = build_config(args.config, overrides, args.set_options)
     if args.date:
-        from tasks.schedule.partitions import dated
+        from shardwise.tasks.schedule.partitions import dated
 
         cfg = dated(cfg, args.date)
     return cfg
@@ -215,13 +215,13 @@ def preflight(cfg, before_writing: Any = None) -> Any:
 
     ``before_writing(cfg, plan)`` runs before the write probe, which creates the output location:
     a check that refuses the run (the budget) then leaves nothing behind."""
-    from gpu_runtime import resolve_model_spec
-    from tasks.compute.runners import check_engine_settings
-    from tasks.output.resume import check_output_compatible, check_output_location
-    from tasks.planning.shards import plan_shards
-    from tasks.quality.gate import check_quality_settings
-    from tasks.storage.fs import check_writable
-    from tasks.storage.output_dir import OutputDir
+    from shardwise.gpu_runtime import resolve_model_spec
+    from shardwise.tasks.compute.runners import check_engine_settings
+    from shardwise.tasks.output.resume import check_output_compatible, check_output_location
+    from shardwise.tasks.planning.shards import plan_shards
+    from shardwise.tasks.quality.gate import check_quality_settings
+    from shardwise.tasks.storage.fs import check_writable
+    from shardwise.tasks.storage.output_dir import OutputDir
 
     check_engine_settings(cfg)
     check_output_location(cfg)
@@ -242,8 +242,8 @@ def preflight(cfg, before_writing: Any = None) -> Any:
 def run_forecast(cfg, plan) -> Any:
     """The run's forecast, printed on stderr; refuses (exit 2) a job whose high end exceeds
     ``max_cost``. Without ``max_cost`` a forecast that cannot be made is only a warning."""
-    from tasks.errors import ConfigError
-    from tasks.forecasting.forecast import make_forecast, over_budget, run_sample_rows
+    from shardwise.tasks.errors import ConfigError
+    from shardwise.tasks.forecasting.forecast import make_forecast, over_budget, run_sample_rows
 
     try:
         forecast = make_forecast(cfg, plan, run_sample_rows(cfg))
@@ -279,10 +279,10 @@ def execute(cfg) -> int:
 def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
     """:func:`execute`, also returning the run summary (None when the flow produced none) and why
     the run failed ("" when it did not)."""
-    from flows.enrich import enrich_for
-    from tasks.compute.handoff import flow_parameters
-    from tasks.compute.runners import shared_prefect_api
-    from tasks.redaction import redact_text
+    from shardwise.flows.enrich import enrich_for
+    from shardwise.tasks.compute.handoff import flow_parameters
+    from shardwise.tasks.compute.runners import shared_prefect_api
+    from shardwise.tasks.redaction import redact_text
 
     forecasts: list[Any] = []
     preflight_started = time.perf_counter()
@@ -329,7 +329,7 @@ def log_outside_flow(summary: dict[str, Any], seconds: dict[str, float]) -> None
     """What the command spent before the flow started (its checks and forecast, the Prefect
     server's start-up), next to the run's own timings (in the summary and MLflow). The preflight
     includes the first imports of transformers and MLflow, which the run would pay anyway."""
-    from tasks.tracking.runs import log_timings
+    from shardwise.tasks.tracking.runs import log_timings
 
     summary.setdefault("timings", {}).update(seconds)
     if summary.get("mlflow_run_id"):
@@ -337,8 +337,8 @@ def log_outside_flow(summary: dict[str, Any], seconds: dict[str, float]) -> None
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    from tasks.redaction import redact_uri
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.redaction import redact_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     ok = summary["succeeded"]
     rows = [
@@ -434,9 +434,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """The forecast of ``run`` with the same flags; reads inputs, tokenizers and MLflow, writes nothing."""
     import json
 
-    from gpu_runtime import resolve_model_spec
-    from tasks.forecasting.forecast import SAMPLE_ROWS, format_forecast, make_forecast, over_budget
-    from tasks.planning.shards import plan_shards
+    from shardwise.gpu_runtime import resolve_model_spec
+    from shardwise.tasks.forecasting.forecast import SAMPLE_ROWS, format_forecast, make_forecast, over_budget
+    from shardwise.tasks.planning.shards import plan_shards
 
     cfg = config_from_args(args)
     plan = plan_shards(cfg)
@@ -457,12 +457,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
 
-    from tasks.config.job import build_config
-    from tasks.records.demo_data import write_reviews_dataset
-    from tasks.storage.local_state import state_dir
+    from shardwise.tasks.config.job import build_config
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
+    from shardwise.tasks.storage.local_state import state_dir
 
     if args.rows < 1:
-        from tasks.errors import ConfigError
+        from shardwise.tasks.errors import ConfigError
 
         raise ConfigError(f"demo --rows must be at least 1, got {args.rows}")
     root = state_dir() / "demo"
@@ -477,8 +477,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"shardwise demo: {args.rows} synthetic reviews in {len(files)} files in {input_dir}", file=sys.stderr)
     code = execute(cfg)
     if code == 0:
-        from tasks.redaction import redact_uri
-        from tasks.storage.local_state import tracking_uri
+        from shardwise.tasks.redaction import redact_uri
+        from shardwise.tasks.storage.local_state import tracking_uri
 
         print(
             "\nWhere to look:\n"
@@ -493,9 +493,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tasks.output.manifest import read_status
-    from tasks.quality.gate import read_hold
-    from tasks.storage.fs import exists, runtime_storage_options
+    from shardwise.tasks.output.manifest import read_status
+    from shardwise.tasks.quality.gate import read_hold
+    from shardwise.tasks.storage.fs import exists, runtime_storage_options
 
     options = runtime_storage_options()
     if not exists(args.output, options):
@@ -531,8 +531,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from tasks.quality.gate import release_output
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.quality.gate import release_output
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     release = release_output(args.output, args.reason, runtime_storage_options())
     _out(
@@ -543,8 +543,8 @@ def cmd_release(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from tasks.records.lineage import find_row, list_parts, part_lineage
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.records.lineage import find_row, list_parts, part_lineage
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     options = runtime_storage_options()
     if args.row_id is not None:
@@ -573,9 +573,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """``cache stats`` and ``cache prune``; an unreachable cache is a storage error (exit 3)."""
     import json
 
-    from tasks.errors import ConfigError, StorageError
-    from tasks.records.row_cache import RowCache
-    from tasks.storage.fs import exists, runtime_storage_options
+    from shardwise.tasks.errors import ConfigError, StorageError
+    from shardwise.tasks.records.row_cache import RowCache
+    from shardwise.tasks.storage.fs import exists, runtime_storage_options
 
     options = runtime_storage_options()
     cache = RowCache(args.uri, options)
@@ -640,13 +640,13 @@ def _print_lineage(lineage: dict[str, str], indent: str) -> None:
 
 def _out(line: str) -> None:
     """A line of command output; URIs in it may come from the user, so with credentials redacted."""
-    from tasks.redaction import redact_text
+    from shardwise.tasks.redaction import redact_text
 
     print(redact_text(line))
 
 
 def _error(message: str) -> None:
-    from tasks.redaction import redact_text
+    from shardwise.tasks.redaction import redact_text
 
     print(f"shardwise: error: {redact_text(message)}", file=sys.stderr, flush=True)
 
@@ -672,7 +672,7 @@ def _exit_abandoning_threads(code: int) -> NoReturn:
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    from tasks.errors import Terminated
+    from shardwise.tasks.errors import Terminated
 
     raise Terminated()
 
@@ -680,14 +680,14 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     _environment_defaults()
     args = build_parser().parse_args(argv)
-    from gpu_runtime.errors import EngineError, ModelNotFoundError
-    from tasks.errors import ShardwiseError, Terminated
+    from shardwise.gpu_runtime.errors import EngineError, ModelNotFoundError
+    from shardwise.tasks.errors import ShardwiseError, Terminated
 
     # SIGTERM unwinds like Ctrl-C, so the run is closed properly (while a flow runs, Prefect's own
     # handler raises TerminationSignal instead).
     signal.signal(signal.SIGTERM, _raise_terminated)
 
-    from flows.backfill_cli import cmd_backfill
+    from shardwise.flows.backfill_cli import cmd_backfill
 
     handlers = {
         "run": cmd_run,

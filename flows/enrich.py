@@ -15,8 +15,8 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from tasks.compute.handoff import job_from_parameters, plan_from_parameters
-from tasks.compute.runners import (
+from shardwise.tasks.compute.handoff import job_from_parameters, plan_from_parameters
+from shardwise.tasks.compute.runners import (
     ShardThreadPool,
     finished_in_turn,
     shard_placement,
@@ -24,20 +24,26 @@ from tasks.compute.runners import (
     shard_task_runner,
     worker_count,
 )
-from tasks.compute.shard_work import process_shard
-from tasks.config.job import JobConfig
-from tasks.forecasting.budget import BudgetGuard, ProgressMeter, budgeted_completions, shard_capacity, unstarted
-from tasks.forecasting.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
-from tasks.output.manifest import commit_output_task, publish_part, start_output_task, unchanged_outcome
-from tasks.output.resume import find_committed_task, prepare_output_task
-from tasks.output.verdict import QualityVerdict, published_quality
-from tasks.planning.shards import ShardPlan, plan_shards_task
-from tasks.quality.gate import assess_task, log_verdict_task, run_canaries_task
-from tasks.records.results import ShardResult
-from tasks.redaction import install_log_redaction, redact_text
-from tasks.storage.output_dir import Fence, OutputDir
-from tasks.tracking.reporting import ProgressUpdates, price_for, report_task, start_progress
-from tasks.tracking.runs import (
+from shardwise.tasks.compute.shard_work import process_shard
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.forecasting.budget import (
+    BudgetGuard,
+    ProgressMeter,
+    budgeted_completions,
+    shard_capacity,
+    unstarted,
+)
+from shardwise.tasks.forecasting.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
+from shardwise.tasks.output.manifest import commit_output_task, publish_part, start_output_task, unchanged_outcome
+from shardwise.tasks.output.resume import find_committed_task, prepare_output_task
+from shardwise.tasks.output.verdict import QualityVerdict, published_quality
+from shardwise.tasks.planning.shards import ShardPlan, plan_shards_task
+from shardwise.tasks.quality.gate import assess_task, log_verdict_task, run_canaries_task
+from shardwise.tasks.records.results import ShardResult
+from shardwise.tasks.redaction import install_log_redaction, redact_text
+from shardwise.tasks.storage.output_dir import Fence, OutputDir
+from shardwise.tasks.tracking.reporting import ProgressUpdates, price_for, report_task, start_progress
+from shardwise.tasks.tracking.runs import (
     end_orphaned_run,
     ended_on_error,
     log_shard,
@@ -45,7 +51,7 @@ from tasks.tracking.runs import (
     prompt_hash,
     start_tracking_task,
 )
-from tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
+from shardwise.tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
 
 
 class _ThreadTimeoutWarningOnce(logging.Filter):
@@ -199,7 +205,7 @@ def enrich(job: dict[str, Any], forecast: dict[str, Any] | None = None) -> dict[
 
     Called directly it runs one shard at a time in this process; :func:`enrich_for` picks the
     runner the job asks for (worker processes, Ray, a second shard in flight on a GPU). ``job`` is
-    the public config; pass ``tasks.compute.handoff.flow_parameters(cfg)`` to keep credentials out of
+    the public config; pass ``shardwise.tasks.compute.handoff.flow_parameters(cfg)`` to keep credentials out of
     it (see that module), and ``flow_parameters(cfg, plan)`` to hand over a shard plan already made
     (the CLI's); without one the flow plans. ``forecast`` is what ``shardwise plan`` computes (the
     CLI passes the one it checked ``max_cost`` against); without it the flow makes its own."""

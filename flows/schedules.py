@@ -15,10 +15,10 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.enrich import enrich_for
-from tasks.compute.handoff import flow_parameters
-from tasks.schedule.backfill import backfill_summary, run_partition_task
-from tasks.schedule.partitions import nightly_date, partition_config, partition_dates, partition_done
+from shardwise.flows.enrich import enrich_for
+from shardwise.tasks.compute.handoff import flow_parameters
+from shardwise.tasks.schedule.backfill import backfill_summary, run_partition_task
+from shardwise.tasks.schedule.partitions import nightly_date, partition_config, partition_dates, partition_done
 
 PARTITION_DEPLOYMENT = "enrich-partition/enrich-partition"
 

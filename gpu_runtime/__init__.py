@@ -4,7 +4,7 @@ Depends only on torch, transformers, accelerate, sentence-transformers, numpy an
 the orchestration (Prefect) or tracking (MLflow) layers, so it can run in any worker.
 
 torch and transformers are imported on first use of a name that needs them, so
-``from gpu_runtime import plan_batches`` stays cheap.
+``from shardwise.gpu_runtime import plan_batches`` stays cheap.
 
 Modules import only downward (a test checks there is no circle):
 

@@ -1,4 +1,4 @@
-"""Building ``dummy:<shape>`` models (the shapes are in :mod:`gpu_runtime.dummy_shapes`).
+"""Building ``dummy:<shape>`` models (the shapes are in :mod:`shardwise.gpu_runtime.dummy_shapes`).
 
 Tokenizers are never downloaded: the llama shapes use the bundled SmolLM2 tokenizer (its ids are
 below 49152, valid for every llama vocabulary here; its chat template formats the prompts) and

@@ -19,7 +19,7 @@ spec                   shape of                       architecture
 =====================  =============================  =========================================
 
 This module holds the shapes alone (no torch, no transformers), so spec resolution can check a
-``dummy:`` spec without building anything; :mod:`gpu_runtime.dummy` builds the models.
+``dummy:`` spec without building anything; :mod:`shardwise.gpu_runtime.dummy` builds the models.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 A worker that runs many shards loads each model once, and :func:`model_load_counts` lets tests and
 workers check that. This is the top of the package: it resolves the spec
-(:mod:`gpu_runtime.model_specs`) and builds the engine (:mod:`gpu_runtime.generation`,
-:mod:`gpu_runtime.vllm_engine`, :mod:`gpu_runtime.embedding`) on the compute thread.
+(:mod:`shardwise.gpu_runtime.model_specs`) and builds the engine (:mod:`shardwise.gpu_runtime.generation`,
+:mod:`shardwise.gpu_runtime.vllm_engine`, :mod:`shardwise.gpu_runtime.embedding`) on the compute thread.
 
 The engine modules import torch; they are imported inside the functions that load an engine, so
-``from gpu_runtime import load_generation_engine`` stays cheap for callers that only plan a run.
+``from shardwise.gpu_runtime import load_generation_engine`` stays cheap for callers that only plan a run.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def load_generation_engine(
     """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use.
 
     ``attn_implementation`` None lets transformers choose the attention kernel for the architecture.
-    ``engine``: ``hf`` (transformers), ``vllm`` (:mod:`gpu_runtime.vllm_engine`, with
-    ``vllm_options``) or ``auto`` (see :func:`~gpu_runtime.vllm_engine.choose_engine`).
+    ``engine``: ``hf`` (transformers), ``vllm`` (:mod:`shardwise.gpu_runtime.vllm_engine`, with
+    ``vllm_options``) or ``auto`` (see :func:`~shardwise.gpu_runtime.vllm_engine.choose_engine`).
     """
     from .vllm_engine import VllmGenerationEngine, VllmOptions, choose_engine  # imports torch: see above
 

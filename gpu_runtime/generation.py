@@ -11,12 +11,12 @@ encoder-decoder) and ``cache="static"`` run each batch's whole prompts through `
 
 Host work overlaps device work: while one batch generates, the prefetch thread builds the next
 batch's inputs (padding, masks, the prefill chunks' ids and positions; pinned on CUDA) and a decode
-thread turns the finished batch's tokens into text (:mod:`gpu_runtime.prefetch`). Every prompt is
+thread turns the finished batch's tokens into text (:mod:`shardwise.gpu_runtime.prefetch`). Every prompt is
 still tokenized before the first batch: the length-sorted batch plan and the shared prefix need
 all of them. Set ``GenerationEngine.overlap_host_work = False`` for the serial path (same results).
 
 A batch that runs out of memory is halved and retried, and later batches (of this and every later
-call on the engine) are capped at the size that worked (:mod:`gpu_runtime.backoff`).
+call on the engine) are capped at the size that worked (:mod:`shardwise.gpu_runtime.backoff`).
 
 Decoding is decided by :class:`GenerationParams` alone: the model's own generation_config (which
 checkpoints ship with sampling knobs, penalties, a ``cache_implementation``) is reduced to its
@@ -63,13 +63,13 @@ class GenerationParams:
     ``token_budget`` caps a batch's padded tokens, prompt plus ``max_new_tokens`` per row, which is
     what bounds memory; ``max_batch_size`` caps rows per batch. Left at None, both are sized by the
     engine: on CUDA from the free device memory and the model's KV bytes per token
-    (:mod:`gpu_runtime.sizing`), elsewhere 16384 tokens and 64 rows. Sampling uses ``temperature``
+    (:mod:`shardwise.gpu_runtime.sizing`), elsewhere 16384 tokens and 64 rows. Sampling uses ``temperature``
     and ``top_p`` only (no top-k); nothing in the model's generation_config but its bos, eos and
     pad ids is used, so the same params mean the same decoding for every model.
 
     ``chat_template_kwargs`` become variables of the chat template (``{"enable_thinking": False}``
     for Qwen3); ``chat_date`` is the date a template that prints today's date (Llama-3.1's,
-    Mistral's) shows instead of the wall clock's (see :func:`gpu_runtime.prompts.build_chat`).
+    Mistral's) shows instead of the wall clock's (see :func:`shardwise.gpu_runtime.prompts.build_chat`).
 
     ``ignore_eos=True`` (like vLLM's ``ignore_eos``) makes every row generate exactly
     ``max_new_tokens`` tokens, with ``finish_reason="length"``: the eos tokens are masked out until
@@ -83,7 +83,7 @@ class GenerationParams:
 
     ``output_schema`` (a JSON Schema as JSON text) constrains every row's answer to JSON that
     follows it: the schema is compiled once per engine into an xgrammar grammar that masks the
-    tokens it does not allow at each step (:mod:`gpu_runtime.structured`). It cannot be combined
+    tokens it does not allow at each step (:mod:`shardwise.gpu_runtime.structured`). It cannot be combined
     with ``ignore_eos``, which would forbid the end the grammar asks for.
 
     If a batch runs out of device memory it is split in half and retried (later batches of the

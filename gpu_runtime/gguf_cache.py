@@ -2,7 +2,7 @@
 
 GGUF weights are quantized; transformers dequantizes them on every load (~16 s for SmolLM2-135M).
 They are therefore dequantized once into a checkpoint under
-:func:`~gpu_runtime.model_cache.model_cache_dir`, keyed by the file's sha256, and loaded from there
+:func:`~shardwise.gpu_runtime.model_cache.model_cache_dir`, keyed by the file's sha256, and loaded from there
 afterwards (well under a second). The checkpoint holds the tokenizer too, which token counting and
 the dummy shapes read instead of parsing the GGUF again.
 """

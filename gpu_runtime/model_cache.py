@@ -1,8 +1,8 @@
 """shardwise's on-disk model cache: one directory of entries that are built once and then reused.
 
 Entries are whatever is slow to make and safe to keep: a GGUF dequantized into safetensors
-(:mod:`gpu_runtime.gguf_cache`), a tokenizer read out of a GGUF, a dummy shape's checkpoint
-(:mod:`gpu_runtime.dummy`), and remembered sha256 digests of weight files. An entry is a directory
+(:mod:`shardwise.gpu_runtime.gguf_cache`), a tokenizer read out of a GGUF, a dummy shape's checkpoint
+(:mod:`shardwise.gpu_runtime.dummy`), and remembered sha256 digests of weight files. An entry is a directory
 that is complete once it holds :data:`ENTRY_META`; it is built in a temp dir and renamed into place
 under an inter-process lock, so a crashed or concurrent worker never leaves or sees half an entry.
 The cache is shared by a team's workers, so what it writes is world-readable.

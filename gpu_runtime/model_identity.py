@@ -3,7 +3,7 @@
 A job config names a model by its spec, and one spec can name other weights tomorrow: a new commit
 on the Hub, a local directory whose files were replaced, another GGUF under the same path. An output
 written with the old weights must not be resumed with the new ones, so fingerprints hold this
-identity instead of the spec alone. It comes from spec resolution (:mod:`gpu_runtime.model_specs`):
+identity instead of the spec alone. It comes from spec resolution (:mod:`shardwise.gpu_runtime.model_specs`):
 
 - a Hub id: the commit of the snapshot ``from_pretrained`` loads (from the HF cache when offline);
 - a local directory: the sha256 of its weight files;
@@ -23,6 +23,6 @@ __all__ = ["model_identity"]
 
 def model_identity(spec: str) -> str:
     """``<source>:<revision>`` of the weights ``spec`` resolves to, e.g. ``local:9f2c…`` or
-    ``hub:<commit>``; raises :class:`~gpu_runtime.errors.ModelNotFoundError` when it resolves to none."""
+    ``hub:<commit>``; raises :class:`~shardwise.gpu_runtime.errors.ModelNotFoundError` when it resolves to none."""
     resolved = resolve_model_spec(spec)
     return f"{resolved.source}:{resolved.revision}"

@@ -8,7 +8,7 @@ A *spec* is what a config or CLI names:
 - a local ``.gguf`` file;
 - ``dummy:<shape>`` (``dummy:llama-135m``, ``dummy:llama-1b``, ``dummy:llama-8b``, ``dummy:minilm``):
   seeded random weights of a real model's shape, for throughput measurements where real weights
-  cannot be shipped (see :mod:`gpu_runtime.dummy_shapes`);
+  cannot be shipped (see :mod:`shardwise.gpu_runtime.dummy_shapes`);
 - anything else is a Hugging Face Hub id, loaded with ``from_pretrained`` (``HF_HUB_OFFLINE`` is
   respected).
 

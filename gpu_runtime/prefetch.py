@@ -10,7 +10,7 @@ releases the GIL, so the preparation overlaps with the model's forward pass.
 ``non_blocking=True``, so the copy is asynchronous with respect to the host; elsewhere a plain move.
 :func:`host_tensor` turns a batch built with numpy on the prefetch thread into such a tensor without
 torch kernels on that thread: a large torch fill or copy there would start a second OpenMP team in
-the process (see :mod:`gpu_runtime.compute_thread`).
+the process (see :mod:`shardwise.gpu_runtime.compute_thread`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the tokens still to come) holds a key and a value per layer. On a GPU the engine
 its budget from the memory left after the weights and the KV bytes one token costs; a CPU keeps
 fixed, modest sizes (host memory is shared with everything else and batches there are
 compute-bound long before memory runs out). Settings given in the job config always win, and an
-out-of-memory error still halves a batch (:mod:`gpu_runtime.backoff`).
+out-of-memory error still halves a batch (:mod:`shardwise.gpu_runtime.backoff`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Token counts without model weights, for forecasts made before a run (``shardwise plan``).
 
 Counts follow the engines exactly: a generation prompt goes through
-:func:`~gpu_runtime.prompts.encode_chat`, the generation engine's own encoder (chat template,
+:func:`~shardwise.gpu_runtime.prompts.encode_chat`, the generation engine's own encoder (chat template,
 template variables, run date, truncation to the same input limit); an embedding text is the model's
 prompt plus the text, tokenized with special tokens and untruncated, as the embedding engine counts
 it. Only tokenizers and config files are read.

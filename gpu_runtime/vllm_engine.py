@@ -1,9 +1,9 @@
 """vLLM as the generation engine: continuous batching, paged KV cache, CUDA graphs, tensor parallelism.
 
-The row contract is the HF engine's (:class:`~gpu_runtime.generation.GenerationEngine`): the same
+The row contract is the HF engine's (:class:`~shardwise.gpu_runtime.generation.GenerationEngine`): the same
 chat template, truncation and ``truncated`` flag, token counts and ``finish_reason``. The prompt is
 built and tokenized by the HF engine's own code and handed to vLLM as token ids, and the answer is
-decoded with the same tokenizer and function (:func:`gpu_runtime.decoding.decode_answer`), so the
+decoded with the same tokenizer and function (:func:`shardwise.gpu_runtime.decoding.decode_answer`), so the
 two engines differ only in how they decode.
 
 vLLM is imported only when this engine is loaded: ``gpu_runtime`` must import without it. Two builds

@@ -11,7 +11,7 @@
 
     Terminated (a BaseException, like KeyboardInterrupt): SIGTERM arrived            (exit 143)
 
-Engine failures (model loading, generation) come from ``gpu_runtime.errors`` and are not
+Engine failures (model loading, generation) come from ``shardwise.gpu_runtime.errors`` and are not
 subclasses here: ``gpu_runtime`` must not import orchestration code.
 """
 
@@ -25,7 +25,7 @@ class ShardwiseError(Exception):
     exit_code = 1
 
     def __init__(self, message: str = "", *args: object) -> None:
-        from tasks.redaction import redact_text
+        from shardwise.tasks.redaction import redact_text
 
         super().__init__(redact_text(str(message)), *args)
 

@@ -1,12 +1,12 @@
 """Which task failures Prefect should retry: not bad input or a bad model spec, which fail the same
-way every time (``gpu_runtime.errors``: a ``ModelNotFoundError`` cannot be helped by another try)."""
+way every time (``shardwise.gpu_runtime.errors``: a ``ModelNotFoundError`` cannot be helped by another try)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from gpu_runtime.errors import ModelNotFoundError
-from tasks.errors import ConfigError, InputError, LeaseLost
+from shardwise.gpu_runtime.errors import ModelNotFoundError
+from shardwise.tasks.errors import ConfigError, InputError, LeaseLost
 
 
 def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:

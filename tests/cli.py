@@ -44,7 +44,7 @@ class ProcessWouldEnd(RuntimeError):
 
 
 def run_cli(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
-    """``shardwise ARGS`` in this process: ``flows.cli.main`` with stdout, stderr, log handlers that
+    """``shardwise ARGS`` in this process: ``shardwise.flows.cli.main`` with stdout, stderr, log handlers that
     write to them, and warnings captured; ``env`` set (None removes a variable) for the call only.
 
     The Prefect API is whatever this process reports to: with the ``cli`` fixture (tests/conftest.py)
@@ -52,7 +52,7 @@ def run_cli(*args: str, env: Mapping[str, str | None] | None = None) -> Result:
     that reaches the flow starts one, as the console script would). After the call, os.environ,
     the signal handlers, the log handlers' streams and the warning filters are what they were
     before it."""
-    from flows import cli
+    from shardwise.flows import cli
 
     argv = [str(a) for a in args]
     with _LOCK, _environment(env or {}), _signal_handlers(), _captured() as (out, err):

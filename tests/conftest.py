@@ -25,7 +25,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pytest  # noqa: E402
 
-from tasks.records.demo_data import write_reviews_dataset  # noqa: E402
+from shardwise.tasks.records.demo_data import write_reviews_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

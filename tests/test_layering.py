@@ -1,6 +1,7 @@
 """The import rule that keeps the architecture readable: flows -> tasks -> gpu_runtime, and inside
 ``tasks`` each package imports only from itself and the packages below it (the order here is the
-order of a run's data: storage and config at the bottom, scheduling at the top)."""
+order of a run's data: storage and config at the bottom, scheduling at the top). Every import of
+the project's own code goes through the one installed namespace, ``shardwise``."""
 
 from __future__ import annotations
 
@@ -36,9 +37,14 @@ def imported_modules(source: Path) -> list[str]:
 
 
 def task_package(module: str) -> str:
-    """``tasks.records.shard_io`` -> ``records``; ``tasks.errors`` -> ``""``."""
+    """``shardwise.tasks.records.shard_io`` -> ``records``; ``shardwise.tasks.errors`` -> ``""``."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 and parts[1] in TASK_LAYERS else ""
+    return parts[2] if len(parts) > 3 and parts[2] in TASK_LAYERS else ""
+
+
+def module_name(source: Path) -> str:
+    """The installed name of a source file: ``tasks/errors.py`` -> ``shardwise.tasks.errors``."""
+    return "shardwise." + ".".join(source.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
 
 
 def test_every_tasks_package_has_a_layer():
@@ -49,12 +55,12 @@ def test_every_tasks_package_has_a_layer():
 def test_tasks_packages_import_only_downward():
     upward = []
     for source in (ROOT / "tasks").rglob("*.py"):
-        module = ".".join(source.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        module = module_name(source)
         own = TASK_LAYERS.index(task_package(module))
         for target in imported_modules(source):
-            if target.startswith("flows"):
+            if target.startswith("shardwise.flows"):
                 upward.append(f"{module} imports {target}")
-            elif target.startswith("tasks.") and TASK_LAYERS.index(task_package(target)) > own:
+            elif target.startswith("shardwise.tasks.") and TASK_LAYERS.index(task_package(target)) > own:
                 upward.append(f"{module} imports {target}")
     assert not upward, "\n".join(upward)
 
@@ -64,6 +70,18 @@ def test_gpu_runtime_imports_neither_tasks_nor_flows():
         f"{source.name} imports {target}"
         for source in (ROOT / "gpu_runtime").rglob("*.py")
         for target in imported_modules(source)
-        if target.split(".")[0] in {"tasks", "flows"}
+        if target.split(".")[:2] in (["shardwise", "tasks"], ["shardwise", "flows"])
     ]
     assert not offenders, offenders
+
+
+def test_the_project_imports_itself_only_through_the_shardwise_namespace():
+    """A bare ``import tasks`` would load a second copy of a module, or a user's own ``tasks.py``."""
+    bare = [
+        f"{source.relative_to(ROOT)} imports {target}"
+        for folder in ("shardwise", "flows", "tasks", "gpu_runtime", "bench", "tests")
+        for source in (ROOT / folder).rglob("*.py")
+        for target in imported_modules(source)
+        if target.split(".")[0] in {"tasks", "flows", "gpu_runtime"}
+    ]
+    assert not bare, "\n".join(bare)

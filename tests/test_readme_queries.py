@@ -23,9 +23,9 @@ def analyst_blocks(language: str) -> list[str]:
 def analyst_dir(tmp_path_factory, prefect_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.enrich import enrich
-    from tasks.config.job import JobConfig
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.flows.enrich import enrich
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     root = tmp_path_factory.mktemp("analyst")
     write_reviews_dataset(str(root / "in"), files=2, rows_per_file=8, rows_per_group=4)
@@ -79,9 +79,9 @@ def structured_dir(tmp_path_factory, prefect_server):
     import yaml
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.enrich import enrich
-    from tasks.config.job import JobConfig
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.flows.enrich import enrich
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     (example,) = structured_blocks("yaml")
     root = tmp_path_factory.mktemp("structured")

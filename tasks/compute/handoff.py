@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tasks.config.job import JobConfig, validate_config
-from tasks.errors import ConfigError
-from tasks.planning.shards import ShardPlan
-from tasks.redaction import REDACTED
-from tasks.storage.fs import runtime_storage_options
+from shardwise.tasks.config.job import JobConfig, validate_config
+from shardwise.tasks.errors import ConfigError
+from shardwise.tasks.planning.shards import ShardPlan
+from shardwise.tasks.redaction import REDACTED
+from shardwise.tasks.storage.fs import runtime_storage_options
 
 _full_configs: dict[str, JobConfig] = {}
 _plans: dict[str, ShardPlan] = {}

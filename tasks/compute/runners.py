@@ -21,8 +21,8 @@ from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from tasks.config.job import JobConfig
-from tasks.errors import ConfigError
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.errors import ConfigError
 
 # Shards one in-process worker holds at once where its compute runs on a GPU (see shards_in_flight).
 SHARDS_IN_FLIGHT = 2
@@ -39,7 +39,7 @@ def _pins_gpus(cfg: JobConfig) -> bool:
 def visible_gpus(cfg: JobConfig) -> int:
     if cfg.device == "cpu":
         return 0
-    from gpu_runtime import visible_gpu_count
+    from shardwise.gpu_runtime import visible_gpu_count
 
     return visible_gpu_count()
 
@@ -96,8 +96,8 @@ def check_engine_settings(cfg: JobConfig) -> None:
     if not cfg.runs_generation:
         return
     g = cfg.generate
-    from gpu_runtime import EngineError, choose_engine
-    from gpu_runtime.vllm_engine import vllm_build
+    from shardwise.gpu_runtime import EngineError, choose_engine
+    from shardwise.gpu_runtime.vllm_engine import vllm_build
 
     try:
         engine = choose_engine(g.engine, cfg.device)
@@ -147,7 +147,7 @@ def start_worker(slot_dir: str, workers: int, gpus: int, per_worker: int = 1) ->
     """Process-pool initializer: claim a slot, then pin this process to its device(s)."""
     global WORKER_LABEL
     slot = claim_slot(slot_dir, workers)
-    from gpu_runtime import pin_worker
+    from shardwise.gpu_runtime import pin_worker
 
     label = pin_worker(slot, workers, gpus, gpus_per_worker=per_worker)
     WORKER_LABEL = f"worker {slot} (pid {os.getpid()}, {label})"

@@ -13,30 +13,30 @@ from typing import Any
 
 from prefect import task
 
-from tasks.compute.runners import worker_label
-from tasks.config.job import JobConfig
-from tasks.config.prices import gpu_energy_mj
-from tasks.errors import ConfigError, InputError
-from tasks.faults import crash_point
-from tasks.planning.shards import Shard
-from tasks.records.enrichment import enrich_table, invalid_utf8_rows
-from tasks.records.profile import shard_profile
-from tasks.records.results import RowIds, ShardResult
-from tasks.records.row_cache import shard_cache
-from tasks.records.shard_io import read_shard, write_part
-from tasks.redaction import install_log_redaction
-from tasks.retry_policy import retry_unless_bad_input
+from shardwise.tasks.compute.runners import worker_label
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.prices import gpu_energy_mj
+from shardwise.tasks.errors import ConfigError, InputError
+from shardwise.tasks.faults import crash_point
+from shardwise.tasks.planning.shards import Shard
+from shardwise.tasks.records.enrichment import enrich_table, invalid_utf8_rows
+from shardwise.tasks.records.profile import shard_profile
+from shardwise.tasks.records.results import RowIds, ShardResult
+from shardwise.tasks.records.row_cache import shard_cache
+from shardwise.tasks.records.shard_io import read_shard, write_part
+from shardwise.tasks.redaction import install_log_redaction
+from shardwise.tasks.retry_policy import retry_unless_bad_input
 
 
 def device_lock(device: str | None):
-    from gpu_runtime import device_lock as lock_for
+    from shardwise.gpu_runtime import device_lock as lock_for
 
     return lock_for(device)
 
 
 def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
     """The configured engines, from this process's model cache."""
-    from gpu_runtime import load_embedding_engine, load_generation_engine
+    from shardwise.gpu_runtime import load_embedding_engine, load_generation_engine
 
     generator = None
     if cfg.runs_generation:
@@ -81,7 +81,7 @@ def check_ids(table: Any, id_column: str, shard: Shard) -> None:
 
 def loads_of_this_worker() -> dict[str, int]:
     """How many times this process has loaded each model (1 each when the cache works)."""
-    from gpu_runtime import model_load_counts
+    from shardwise.gpu_runtime import model_load_counts
 
     return {str(spec): count for spec, count in model_load_counts().items()}
 
@@ -90,7 +90,7 @@ def input_columns(cfg: JobConfig) -> list[str] | None:
     """Columns to read: all when they are all kept, else only what the engines and the id need."""
     if cfg.keep_columns == "all":
         return None
-    from gpu_runtime import template_fields
+    from shardwise.gpu_runtime import template_fields
 
     needed = [cfg.id_column, cfg.text_column]
     if cfg.runs_generation:
@@ -100,7 +100,7 @@ def input_columns(cfg: JobConfig) -> list[str] | None:
 
 def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: str) -> ShardResult:
     """Process one shard and write its part under ``staging`` (the run's fenced staging directory,
-    see :class:`~tasks.storage.output_dir.Fence`), for the lease holder to publish; raises on failure."""
+    see :class:`~shardwise.tasks.storage.output_dir.Fence`), for the lease holder to publish; raises on failure."""
     install_log_redaction()  # this may be a worker process, with logging handlers of its own
     generator, embedder = load_engines(cfg)
     check_engine_weights(cfg, {"generate": generator, "embed": embedder})

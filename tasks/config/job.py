@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from tasks.config.quality import QualityConfig
-from tasks.errors import ConfigError
+from shardwise.tasks.config.quality import QualityConfig
+from shardwise.tasks.errors import ConfigError
 
 DEFAULT_GEN_MODEL = "bundled:smollm2-135m-instruct"
 DEFAULT_EMBED_MODEL = "bundled:all-minilm-l6-v2"
@@ -86,7 +86,7 @@ class GenerateConfig(_Strict):
     def _load_output_schema(cls, value: Any) -> dict[str, Any] | None:
         # A path or JSON text is replaced by the schema itself, so the fingerprint, the manifest
         # and MLflow hold what constrained the run, not where it was read from.
-        from tasks.config.output_schema import load_output_schema
+        from shardwise.tasks.config.output_schema import load_output_schema
 
         return None if value is None else load_output_schema(value)
 
@@ -99,7 +99,7 @@ class GenerateConfig(_Strict):
     @field_validator("chat_template_kwargs")
     @classmethod
     def _template_kwargs_are_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from gpu_runtime.prompts import RESERVED_TEMPLATE_KWARGS
+        from shardwise.gpu_runtime.prompts import RESERVED_TEMPLATE_KWARGS
 
         if reserved := sorted(RESERVED_TEMPLATE_KWARGS & value.keys()):
             raise ValueError(f"{', '.join(reserved)} cannot be set here (the engine sets it)")
@@ -197,7 +197,7 @@ class JobConfig(_Strict):
     def _template_uses_columns(self) -> JobConfig:
         template = self.generate.prompt_template
         if self.runs_generation and template is not None:
-            from gpu_runtime.prompts import template_fields
+            from shardwise.gpu_runtime.prompts import template_fields
 
             try:
                 fields = template_fields(template)
@@ -219,12 +219,12 @@ class JobConfig(_Strict):
         """The engine generation runs on: ``generate.engine``, with ``auto`` decided for this machine."""
         if self.generate.engine != "auto":
             return self.generate.engine  # whether it is installed is the preflight's question
-        from gpu_runtime import choose_engine
+        from shardwise.gpu_runtime import choose_engine
 
         return choose_engine("auto", self.device)
 
     def vllm_options(self) -> Any:
-        from gpu_runtime import VllmOptions
+        from shardwise.gpu_runtime import VllmOptions
 
         g = self.generate
         return VllmOptions(g.tensor_parallel_size, g.gpu_memory_utilization, g.max_model_len)
@@ -237,7 +237,7 @@ class JobConfig(_Strict):
     @property
     def output_schema_hash(self) -> str | None:
         """Short hash of the output schema (None without one), for lineage next to the fingerprint."""
-        from tasks.config.output_schema import schema_hash
+        from shardwise.tasks.config.output_schema import schema_hash
 
         schema = self.generate.output_schema if self.runs_generation else None
         return None if schema is None else schema_hash(schema)
@@ -245,7 +245,7 @@ class JobConfig(_Strict):
     def public_dict(self) -> dict[str, Any]:
         """The config without ``storage_options`` and with URIs redacted (``user:password@``,
         signed query strings): safe for Prefect parameters, MLflow and manifests."""
-        from tasks.redaction import redact_values
+        from shardwise.tasks.redaction import redact_values
 
         return redact_values(self.model_dump(mode="json", exclude={"storage_options"}))
 
@@ -259,12 +259,12 @@ class JobConfig(_Strict):
 
     def model_identities(self) -> dict[str, str]:
         """``{"generate": ..., "embed": ...}``: the identity of the weights each configured model
-        spec names now (a Hub commit, a hash of local weights; see ``gpu_runtime.model_identity``).
+        spec names now (a Hub commit, a hash of local weights; see ``shardwise.gpu_runtime.model_identity``).
 
         Resolved once per config object and spec, so checking thousands of parts costs one
         resolution; a run builds its config once, so a later run sees replaced weights.
         Raises ``ModelNotFoundError`` when a spec resolves to nothing."""
-        from gpu_runtime.model_identity import model_identity
+        from shardwise.gpu_runtime.model_identity import model_identity
 
         identities = {}
         for role, section, used in (
@@ -316,7 +316,7 @@ class JobConfig(_Strict):
                 relevant["generate"]["engine"] = "vllm"
             if self.generate.output_schema is not None:
                 # As text: sorting its keys below would lose the property order the grammar follows.
-                from tasks.config.output_schema import canonical_schema_text
+                from shardwise.tasks.config.output_schema import canonical_schema_text
 
                 relevant["generate"]["output_schema"] = canonical_schema_text(self.generate.output_schema)
         blob = json.dumps(relevant, sort_keys=True).encode()
@@ -374,7 +374,7 @@ def build_config(
     set_options: list[str] | None = None,
 ) -> JobConfig:
     """Merge file < overrides < ``--set`` and validate; a bad value raises :class:`ConfigError`."""
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     data: dict[str, Any] = read_config_file(file) if file else {}
     data = _merge(data, overrides or {})

@@ -1,7 +1,7 @@
 """The columns shardwise adds to every output row, by job config.
 
 One list, :func:`enrichment_fields`: the enrichment code builds each part's schema from it
-(:func:`tasks.records.enrichment.output_schema`) and the up-front input checks compare the input's
+(:func:`shardwise.tasks.records.enrichment.output_schema`) and the up-front input checks compare the input's
 columns with it (:func:`collision_message`), so a column added here is checked without more code.
 An input column with the same name as one of these would be written twice into one part
 (readers then fail, or silently pick one), so such an input is refused before any work.
@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-from tasks.config.job import JobConfig
-from tasks.config.output_schema import arrow_type
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.output_schema import arrow_type
 
 GENERATION_FIELDS = [
     pa.field("generated_text", pa.string()),

@@ -4,7 +4,7 @@ One module owns the schema's three uses outside the engine: loading and checking
 model loads (:func:`load_output_schema`, :func:`check_schema`), the Arrow struct type of the
 ``generated`` column (:func:`arrow_type`), and parsing each row's text into a typed value or the
 reason it does not match (:func:`parse_generated`). The engine compiles the same schema into a
-grammar (:mod:`gpu_runtime.structured`).
+grammar (:mod:`shardwise.gpu_runtime.structured`).
 
 Supported: ``object`` with ``properties`` and ``required``, ``string``, ``integer``, ``number``,
 ``boolean``, ``enum`` of strings, ``array`` with ``items``, nested objects and local ``$ref``

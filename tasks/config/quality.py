@@ -1,6 +1,6 @@
 """The ``quality:`` section of a job config: what the publish gate compares, and how strictly.
 
-Kept apart from ``tasks.quality.gate`` (which computes profiles and runs checks) so that the job config
+Kept apart from ``shardwise.tasks.quality.gate`` (which computes profiles and runs checks) so that the job config
 can validate it without importing anything heavy. Every threshold can be switched off with
 ``null``; a bad value is a config error (exit 2) like any other setting.
 """

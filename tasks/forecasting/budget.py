@@ -20,8 +20,8 @@ from typing import Any
 
 from prefect.futures import PrefectFuture
 
-from tasks.planning.shards import Shard
-from tasks.records.results import ShardResult
+from shardwise.tasks.planning.shards import Shard
+from shardwise.tasks.records.results import ShardResult
 
 
 @dataclass
@@ -94,7 +94,7 @@ def budgeted_completions(
             shard = queue.pop(0)
             running[submit(shard)] = shard
 
-    from tasks.compute.runners import finished_in_turn
+    from shardwise.tasks.compute.runners import finished_in_turn
 
     fill()
     while running:
@@ -142,14 +142,14 @@ class ProgressMeter:
 
 
 def forecast_from(data: dict[str, Any] | None) -> Any:
-    from tasks.forecasting.forecast import Forecast
+    from shardwise.tasks.forecasting.forecast import Forecast
 
     return Forecast.from_dict(data) if data else None
 
 
 def shard_capacity(cfg: Any) -> int:
     """How many shards the job's task runner runs at once (what a budgeted run keeps in flight)."""
-    from tasks.compute.runners import shards_in_flight, worker_count
+    from shardwise.tasks.compute.runners import shards_in_flight, worker_count
 
     workers = worker_count(cfg)
     return shards_in_flight(cfg) if workers == 1 and cfg.runner == "local" else workers

@@ -13,8 +13,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from tasks.config.job import JobConfig
-from tasks.planning.shards import Shard
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.planning.shards import Shard
 
 Z_95 = 1.96
 
@@ -53,9 +53,9 @@ class Calibration:
 
 def calibrate(cfg: JobConfig, shards: list[Shard], rows: int) -> Calibration:
     """Answer up to ``rows`` rows with text from ``shards`` (read in the order given) and measure."""
-    from tasks.compute.shard_work import input_columns, load_engines
-    from tasks.records.enrichment import clean_text, generation_params, render_prompts
-    from tasks.records.shard_io import read_shard
+    from shardwise.tasks.compute.shard_work import input_columns, load_engines
+    from shardwise.tasks.records.enrichment import clean_text, generation_params, render_prompts
+    from shardwise.tasks.records.shard_io import read_shard
 
     prompts: list[str] = []
     for shard in shards:

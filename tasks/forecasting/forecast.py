@@ -8,7 +8,7 @@ run logs it to MLflow next to the actuals, so later forecasts can learn from ear
   rows are read and the total is extrapolated with a 95% confidence interval.
 - Generated tokens per row come from finished MLflow runs of the same job (experiment name) with
   the same model, prompt and decoding settings; without any, from a calibration run on a sample
-  when asked for (:mod:`tasks.forecasting.calibration`, ``plan --calibrate N``); else the ``max_new_tokens``
+  when asked for (:mod:`shardwise.tasks.forecasting.calibration`, ``plan --calibrate N``); else the ``max_new_tokens``
   upper bound.
 - Device-seconds per token come from those runs on the same device type, else from the calibration;
   without either, from :data:`DEFAULT_THROUGHPUT`, an unmeasured guess per device type with a range
@@ -28,10 +28,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.config.job import JobConfig
-from tasks.config.prices import Price, detect_device_type, lookup_price
-from tasks.forecasting.calibration import Calibration, calibrate
-from tasks.planning.shards import Shard, ShardPlan
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.prices import Price, detect_device_type, lookup_price
+from shardwise.tasks.forecasting.calibration import Calibration, calibrate
+from shardwise.tasks.planning.shards import Shard, ShardPlan
 
 # Rows at or below which every prompt is tokenized; above it, a random sample of shards.
 SAMPLE_ROWS = 20_000
@@ -167,10 +167,15 @@ class _Counts:
 
 
 def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
-    from gpu_runtime.token_count import PromptCounter, count_embedding_tokens, embedding_prompt, load_tokenizer
-    from tasks.compute.shard_work import input_columns
-    from tasks.records.enrichment import clean_text, render_prompts
-    from tasks.records.shard_io import read_shard
+    from shardwise.gpu_runtime.token_count import (
+        PromptCounter,
+        count_embedding_tokens,
+        embedding_prompt,
+        load_tokenizer,
+    )
+    from shardwise.tasks.compute.shard_work import input_columns
+    from shardwise.tasks.records.enrichment import clean_text, render_prompts
+    from shardwise.tasks.records.shard_io import read_shard
 
     counter = (
         PromptCounter(cfg.generate.model, cfg.generate.max_new_tokens, cfg.generate.max_input_tokens)
@@ -186,7 +191,7 @@ def _count_rows(cfg: JobConfig, shards: list[Shard]) -> _Counts:
     embedded: list[int] = []
     rows_cached = 0
     shard_prompt: dict[str, int] = {}
-    from tasks.records.row_cache import cached_rows
+    from shardwise.tasks.records.row_cache import cached_rows
 
     for shard in shards:
         table = read_shard(shard, input_columns(cfg), cfg.storage_options)
@@ -266,8 +271,8 @@ def _history(cfg: JobConfig, device_type: str) -> list[_PastRun]:
     """Finished runs of this job with the same model and generation settings on this device type.
 
     A default sqlite tracking store that does not exist yet means no history (and is not created)."""
-    from tasks.storage.local_state import tracking_uri
-    from tasks.tracking.runs import prompt_hash
+    from shardwise.tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.tracking.runs import prompt_hash
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
@@ -335,15 +340,15 @@ def _device_type(cfg: JobConfig) -> str:
         return cfg.device_type
     if cfg.device == "cpu":
         return "cpu"
-    from gpu_runtime import select_device
+    from shardwise.gpu_runtime import select_device
 
     return detect_device_type(str(select_device(cfg.device)))
 
 
 def _pending_shards(cfg: JobConfig, plan: ShardPlan) -> list[Shard]:
     """Shards a run would compute: those without a verified part from this config (reads only)."""
-    from tasks.output.resume import check_output_compatible, find_committed
-    from tasks.storage.fs import exists
+    from shardwise.tasks.output.resume import check_output_compatible, find_committed
+    from shardwise.tasks.storage.fs import exists
 
     if not exists(cfg.output, cfg.storage_options) or check_output_compatible(cfg):
         return list(plan.shards)
@@ -479,7 +484,7 @@ def make_forecast(
 
     Without history, a generation job with ``calibrate_rows`` answers that many sampled rows to
     measure (loading the model), unless a ``calibration`` made earlier (another partition) is given."""
-    from tasks.compute.runners import worker_count
+    from shardwise.tasks.compute.runners import worker_count
 
     pending = _pending_shards(cfg, plan)
     rows_to_compute = sum(s.num_rows for s in pending)
@@ -655,7 +660,7 @@ def _log(run_id: str, params: dict[str, str], metrics: dict[str, float]) -> None
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     stamp = int(time.time() * 1000)
     MlflowClient(tracking_uri()).log_batch(

@@ -1,4 +1,4 @@
-"""The commit protocol over an :class:`~tasks.storage.output_dir.OutputDir`: parts, the manifest, then ``_SUCCESS``.
+"""The commit protocol over an :class:`~shardwise.tasks.storage.output_dir.OutputDir`: parts, the manifest, then ``_SUCCESS``.
 
 Readers should trust an output directory only when ``_SUCCESS`` exists: it is written last, after
 every planned shard's part is published, confirmed to be the very part this run wrote or verified
@@ -6,7 +6,7 @@ every planned shard's part is published, confirmed to be the very part this run 
 ``running`` and lists the planned shards, so ``shardwise status`` can report progress.
 
 Every write here that readers can see (the manifest, a part moved out of staging, ``_SUCCESS``)
-is preceded by a check that this run's :class:`~tasks.storage.output_dir.Fence` still holds the
+is preceded by a check that this run's :class:`~shardwise.tasks.storage.output_dir.Fence` still holds the
 lease, so a run that lost it publishes nothing more.
 """
 
@@ -22,14 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
 
-from tasks.config.job import JobConfig
-from tasks.errors import StorageError
-from tasks.faults import crash_point
-from tasks.output.verdict import QualityVerdict, write_verdict
-from tasks.planning.shards import ShardPlan
-from tasks.records.results import RunTotals, ShardResult
-from tasks.retry_policy import retry_unless_bad_input
-from tasks.storage.output_dir import MANIFEST_NAME, Fence, OutputDir, part_name
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.errors import StorageError
+from shardwise.tasks.faults import crash_point
+from shardwise.tasks.output.verdict import QualityVerdict, write_verdict
+from shardwise.tasks.planning.shards import ShardPlan
+from shardwise.tasks.records.results import RunTotals, ShardResult
+from shardwise.tasks.retry_policy import retry_unless_bad_input
+from shardwise.tasks.storage.output_dir import MANIFEST_NAME, Fence, OutputDir, part_name
 
 MANIFEST_FORMAT = "shardwise-manifest/1"
 
@@ -84,7 +84,7 @@ class CommitOutcome:
     duplicate_ids: int
     totals: RunTotals
     results: list[ShardResult] = field(default_factory=list)  # as confirmed at commit
-    held: bool = False  # complete, but the quality gate withheld _SUCCESS (see tasks.quality.gate)
+    held: bool = False  # complete, but the quality gate withheld _SUCCESS (see shardwise.tasks.quality.gate)
     # The final manifest as written: JSON text, which Prefect does not walk as it does a dict's
     # every shard entry when the outcome is handed to the report task.
     manifest_json: str = ""
@@ -212,7 +212,7 @@ def unchanged_outcome(
     output: OutputDir, plan: ShardPlan, results: list[ShardResult], manifest: dict[str, Any]
 ) -> CommitOutcome:
     """The outcome of a run that found its output already published as it would publish it
-    (see :func:`tasks.output.resume.published_manifest`): nothing is written."""
+    (see :func:`shardwise.tasks.output.resume.published_manifest`): nothing is written."""
     totals = RunTotals.of(results, planned=len(plan.shards))
     duplicates = int((manifest.get("totals") or {}).get("duplicate_ids") or 0)
     return CommitOutcome(

@@ -16,15 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import task
 
-from tasks.config.job import EXECUTION_KNOBS, FINGERPRINT_SETTINGS, JobConfig
-from tasks.config.output_schema import canonical_schema_text
-from tasks.errors import ConfigError, StorageError
-from tasks.planning.shards import Shard, ShardPlan
-from tasks.records.results import RowIds, ShardResult
-from tasks.redaction import redact_values
-from tasks.retry_policy import retry_unless_bad_input
-from tasks.storage.fs import is_storage_failure, is_transient, with_storage_retries
-from tasks.storage.output_dir import LINEAGE_PREFIX, OutputDir, check_separate, location_relation
+from shardwise.tasks.config.job import EXECUTION_KNOBS, FINGERPRINT_SETTINGS, JobConfig
+from shardwise.tasks.config.output_schema import canonical_schema_text
+from shardwise.tasks.errors import ConfigError, StorageError
+from shardwise.tasks.planning.shards import Shard, ShardPlan
+from shardwise.tasks.records.results import RowIds, ShardResult
+from shardwise.tasks.redaction import redact_values
+from shardwise.tasks.retry_policy import retry_unless_bad_input
+from shardwise.tasks.storage.fs import is_storage_failure, is_transient, with_storage_retries
+from shardwise.tasks.storage.output_dir import LINEAGE_PREFIX, OutputDir, check_separate, location_relation
 
 
 def _differs(name: str, old: Any, new: Any) -> bool:
@@ -68,7 +68,7 @@ def check_output_location(cfg: JobConfig) -> None:
     """Refuse (exit 2) an output that overlaps the input, a row cache that overlaps either (see
     :func:`check_cache_location`), or an output that holds files shardwise did not write: a run
     never deletes or changes a file it cannot prove it wrote."""
-    from tasks.planning.shards import is_input_pattern
+    from shardwise.tasks.planning.shards import is_input_pattern
 
     input_is_pattern = is_input_pattern(cfg.input, cfg.storage_options)
     check_separate(cfg.input, cfg.output, cfg.storage_options, input_is_pattern)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tasks.storage.output_dir import HOLD_NAME, QUALITY_NAME, OutputDir
+from shardwise.tasks.storage.output_dir import HOLD_NAME, QUALITY_NAME, OutputDir
 
 if TYPE_CHECKING:
     pass
@@ -62,7 +62,7 @@ class QualityVerdict:
         """One line naming the failed checks (empty when none failed)."""
         if not self.failed:
             return ""
-        from tasks.redaction import redact_uri
+        from shardwise.tasks.redaction import redact_uri
 
         against = f" (baseline {redact_uri(self.baseline_uri)})" if self.baseline_uri else ""
         action = (
@@ -74,7 +74,7 @@ class QualityVerdict:
 
     def summary(self) -> dict[str, Any]:
         """What the manifest and the run summary record of the verdict."""
-        from tasks.redaction import redact_uri
+        from shardwise.tasks.redaction import redact_uri
 
         return {
             "status": self.status,

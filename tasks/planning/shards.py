@@ -24,11 +24,11 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from prefect import task
 
-from tasks.config.job import JobConfig
-from tasks.config.output_columns import collision_message
-from tasks.errors import InputError, StorageError
-from tasks.retry_policy import retry_unless_bad_input
-from tasks.storage.fs import filesystem, full_uri
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.output_columns import collision_message
+from shardwise.tasks.errors import InputError, StorageError
+from shardwise.tasks.retry_policy import retry_unless_bad_input
+from shardwise.tasks.storage.fs import filesystem, full_uri
 
 STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 
@@ -65,7 +65,7 @@ class Shard:
 
     @property
     def part_name(self) -> str:
-        from tasks.storage.output_dir import part_name
+        from shardwise.tasks.storage.output_dir import part_name
 
         return part_name(self.shard_id)
 
@@ -211,7 +211,7 @@ def validate_schemas(files: list[InputFile], cfg: JobConfig) -> None:
     writes, and every file agrees with the first (no drift)."""
     if not files:
         return
-    from gpu_runtime.prompts import template_fields
+    from shardwise.gpu_runtime.prompts import template_fields
 
     needed = [cfg.id_column, cfg.text_column]
     if cfg.runs_generation:

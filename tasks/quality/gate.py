@@ -27,18 +27,18 @@ from typing import TYPE_CHECKING, Any
 
 from prefect import task
 
-from tasks.config.output_columns import collision_message
-from tasks.config.quality import QualityConfig
-from tasks.errors import ConfigError, StorageError
-from tasks.output.verdict import CheckResult, QualityVerdict
-from tasks.records.profile import merge_profiles
-from tasks.storage.output_dir import HOLD_NAME, MANIFEST_NAME, QUALITY_NAME, SUCCESS_NAME, OutputDir
+from shardwise.tasks.config.output_columns import collision_message
+from shardwise.tasks.config.quality import QualityConfig
+from shardwise.tasks.errors import ConfigError, StorageError
+from shardwise.tasks.output.verdict import CheckResult, QualityVerdict
+from shardwise.tasks.records.profile import merge_profiles
+from shardwise.tasks.storage.output_dir import HOLD_NAME, MANIFEST_NAME, QUALITY_NAME, SUCCESS_NAME, OutputDir
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from tasks.config.job import JobConfig
-    from tasks.records.results import ShardResult
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.results import ShardResult
 
 PROFILE_FORMAT = "shardwise-quality/1"
 # Canary prompts print this date where a chat template prints one, so their answers do not
@@ -59,7 +59,7 @@ def _now() -> str:
 def run_context(cfg: JobConfig, results: list[ShardResult]) -> dict[str, Any]:
     """What produced the output (settings, weights, prompt, engine): shown next to a failed check,
     so a person can tell a change made on purpose from one that was not."""
-    from tasks.tracking.runs import prompt_hash
+    from shardwise.tasks.tracking.runs import prompt_hash
 
     engines = {}
     for r in results:
@@ -81,7 +81,7 @@ def read_canaries(cfg: JobConfig) -> pa.Table:
     """The canary rows; a missing file or column is a config error naming it."""
     import pyarrow.parquet as pq
 
-    from tasks.storage.fs import filesystem
+    from shardwise.tasks.storage.fs import filesystem
 
     uri = cfg.quality.canaries
     assert uri is not None
@@ -97,7 +97,7 @@ def read_canaries(cfg: JobConfig) -> pa.Table:
         raise ConfigError(f"quality.canaries: {uri} is not a readable Parquet file: {err}") from None
     needed = [cfg.id_column, cfg.text_column]
     if cfg.runs_generation:
-        from gpu_runtime import template_fields
+        from shardwise.gpu_runtime import template_fields
 
         needed += template_fields(cfg.template)
     missing = [c for c in dict.fromkeys(needed) if c not in table.column_names]
@@ -113,8 +113,8 @@ def read_canaries(cfg: JobConfig) -> pa.Table:
 
 def run_canaries(cfg: JobConfig) -> dict[str, Any]:
     """``{id: answer}`` (and ``{id: embedding}``) of the canary rows, generated greedily."""
-    from tasks.compute.shard_work import load_engines
-    from tasks.records.enrichment import enrich_table
+    from shardwise.tasks.compute.shard_work import load_engines
+    from shardwise.tasks.records.enrichment import enrich_table
 
     table = read_canaries(cfg)
     greedy = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"temperature": 0.0})})
@@ -175,7 +175,7 @@ def _published_profile(uri: str, storage_options: dict[str, Any] | None) -> dict
 
 def _earlier_partitions(cfg: JobConfig) -> list[str]:
     """Output URIs of the job's partitions before this one, latest first."""
-    from tasks.storage.fs import filesystem, join
+    from shardwise.tasks.storage.fs import filesystem, join
 
     partition = cfg.quality.partition
     assert partition is not None
@@ -372,8 +372,8 @@ def comparison_rows(verdict: QualityVerdict) -> list[tuple[str, Any, Any]]:
 
 
 def markdown(verdict: QualityVerdict) -> str:
-    from tasks.redaction import redact_uri
-    from tasks.tracking.reporting import markdown_text as md
+    from shardwise.tasks.redaction import redact_uri
+    from shardwise.tasks.tracking.reporting import markdown_text as md
 
     lines = [
         f"# Quality gate: {verdict.status}",
@@ -400,8 +400,8 @@ def log_verdict(run_id: str, verdict: QualityVerdict) -> None:
     from mlflow.entities import Metric, RunTag
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.redaction import redact_uri, redact_values
-    from tasks.tracking.figures import generated_length_figure
+    from shardwise.tasks.redaction import redact_uri, redact_values
+    from shardwise.tasks.tracking.figures import generated_length_figure
 
     client = _mlflow()
     stamp = int(time.time() * 1000)
@@ -539,8 +539,8 @@ def _record_release(run_id: str, release: dict[str, Any]) -> None:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-    from tasks.redaction import redact_text, redact_uri
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.redaction import redact_text, redact_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     where = f"MLflow run {run_id} in the tracking store {redact_uri(tracking_uri())}"
     unpublished = "nothing was published; release again once it"
@@ -577,7 +577,7 @@ def _mlflow() -> Any:
 
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # that URL may hold user:password@
     return MlflowClient(tracking_uri=tracking_uri())

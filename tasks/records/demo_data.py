@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.storage.fs import atomic_write_bytes, join
+from shardwise.tasks.storage.fs import atomic_write_bytes, join
 
 PRODUCTS = {
     "kitchen": ["espresso machine", "chef's knife", "air fryer", "cast-iron skillet", "blender"],

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from tasks.config.job import JobConfig
-from tasks.config.output_columns import GENERATION_FIELDS, enrichment_fields
-from tasks.config.output_schema import parse_generated, schema_text
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.output_columns import GENERATION_FIELDS, enrichment_fields
+from shardwise.tasks.config.output_schema import parse_generated, schema_text
 
 if TYPE_CHECKING:  # engines are loaded by the shard task; this module only needs their interface
-    from gpu_runtime import EmbeddingEngine, GenerationEngine, GenerationParams
-    from tasks.records.row_cache import ShardCache
+    from shardwise.gpu_runtime import EmbeddingEngine, GenerationEngine, GenerationParams
+    from shardwise.tasks.records.row_cache import ShardCache
 
 # C0/C1 control characters except tab, newline and carriage return; lone surrogates from bad UTF-8.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -84,7 +84,7 @@ def repair_utf8(table: pa.Table, keep: list[str] | tuple[str, ...] = ()) -> pa.T
 
 
 def output_schema(input_schema: pa.Schema, cfg: JobConfig, embedding_dim: int | None) -> pa.Schema:
-    """Kept input columns, then the enrichment columns (:mod:`tasks.config.output_columns`), in a
+    """Kept input columns, then the enrichment columns (:mod:`shardwise.tasks.config.output_columns`), in a
     fixed order for every part."""
     kept = [input_schema.field(cfg.id_column)] if cfg.keep_columns == "id" else list(input_schema)
     added = enrichment_fields(cfg, -1 if embedding_dim is None else embedding_dim)
@@ -109,7 +109,7 @@ class EnrichStats:
 def render_prompts(cfg: JobConfig, table: pa.Table, texts: list[str | None], rows: list[int]) -> list[str]:
     """The prompt template filled in for each row index in ``rows``, with that row's cleaned text
     from ``texts``; the one place prompts are rendered, so what ``plan`` counts is what runs."""
-    from gpu_runtime import render_prompt, template_fields
+    from shardwise.gpu_runtime import render_prompt, template_fields
 
     values = table.select(template_fields(cfg.template)).to_pylist()
     prompts = []
@@ -125,7 +125,7 @@ def generation_params(cfg: JobConfig, chat_date: dt.date | str | None = None) ->
 
     Every field ``GenerationParams`` shares with ``GenerateConfig`` is carried by name, so a new
     decoding setting needs no copying here; only the fields whose form differs are converted."""
-    from gpu_runtime import GenerationParams
+    from shardwise.gpu_runtime import GenerationParams
 
     g = cfg.generate
     shared = {f.name for f in dataclasses.fields(GenerationParams)} & set(type(g).model_fields)

@@ -19,11 +19,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import InputError
-from tasks.planning.shards import InputFile, ShardPlan
-from tasks.records.shard_io import read_part_lineage
-from tasks.redaction import redact_text, redact_uri
-from tasks.storage.fs import filesystem
+from shardwise.tasks.errors import InputError
+from shardwise.tasks.planning.shards import InputFile, ShardPlan
+from shardwise.tasks.records.shard_io import read_part_lineage
+from shardwise.tasks.redaction import redact_text, redact_uri
+from shardwise.tasks.storage.fs import filesystem
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,7 +121,7 @@ def model_params(models: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def part_lineage(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
-    """:func:`tasks.records.shard_io.read_part_lineage`, with unreadable parts as a one-line InputError."""
+    """:func:`shardwise.tasks.records.shard_io.read_part_lineage`, with unreadable parts as a one-line InputError."""
     try:
         return read_part_lineage(uri, storage_options)
     except FileNotFoundError:
@@ -131,7 +131,7 @@ def part_lineage(uri: str, storage_options: dict[str, Any] | None = None) -> dic
 
 
 def list_parts(target: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    from tasks.storage.output_dir import OutputDir
+    from shardwise.tasks.storage.output_dir import OutputDir
 
     fs, path = filesystem(target, storage_options)
     if fs.isdir(path):

@@ -78,9 +78,11 @@ class ShardResult:
     write_ended_at: float = 0.0
     energy_j: float | None = None  # GPU energy during compute, when NVML is available
     resumed: bool = False  # committed by an earlier run and verified, not recomputed
-    worker: str | None = None  # which worker process ran it (see tasks.compute.runners)
+    worker: str | None = None  # which worker process ran it (see shardwise.tasks.compute.runners)
     model_loads: dict[str, int] = field(default_factory=dict)  # loads so far in that worker, by model
-    quality: dict[str, Any] | None = None  # partial quality figures of its rows (tasks.records.profile.shard_profile)
+    quality: dict[str, Any] | None = (
+        None  # partial quality figures of its rows (shardwise.tasks.records.profile.shard_profile)
+    )
     ids: RowIds = field(default_factory=RowIds, repr=False, compare=False)
 
     @property

@@ -4,7 +4,7 @@ what changed.
 A row's key hashes everything that produced its value and nothing else (not its id, file or
 position): for generation the prompt the engine receives (the row's prompt wrapped by the model's
 chat template with the system prompt, the template variables and the run's date, as
-:func:`gpu_runtime.prompts.build_chat` renders it), the model's weights identity, the engine and
+:func:`shardwise.gpu_runtime.prompts.build_chat` renders it), the model's weights identity, the engine and
 device/dtype, the output schema in its property order, and every decoding setting that changes
 values; for embeddings the cleaned text, the model's weights identity, device/dtype and the prompt
 name. Settings that only may change the prompt (a date a template does not print) are not keyed on
@@ -40,11 +40,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.storage.fs import TEMP_PREFIX, atomic_write_bytes, filesystem, join
+from shardwise.tasks.storage.fs import TEMP_PREFIX, atomic_write_bytes, filesystem, join
 
 if TYPE_CHECKING:
-    from gpu_runtime import EmbeddingEngine, EmbeddingOutput, Generation, GenerationEngine, GenerationParams
-    from tasks.config.job import JobConfig
+    from shardwise.gpu_runtime import EmbeddingEngine, EmbeddingOutput, Generation, GenerationEngine, GenerationParams
+    from shardwise.tasks.config.job import JobConfig
 
 logger = logging.getLogger("shardwise.cache")
 
@@ -89,14 +89,14 @@ def _sha(value: Any) -> str:
 @functools.lru_cache(maxsize=4)
 def _tokenizer(spec: str) -> Any:
     """A model spec's tokenizer (tokenizer files only), loaded once per process."""
-    from gpu_runtime.token_count import load_tokenizer
+    from shardwise.gpu_runtime.token_count import load_tokenizer
 
     return load_tokenizer(spec)
 
 
 def _device_and_dtype(cfg: JobConfig) -> str:
     """Where values are computed changes them (fp32 on CPU, bf16 on CUDA)."""
-    from gpu_runtime import default_dtype, select_device
+    from shardwise.gpu_runtime import default_dtype, select_device
 
     device = select_device(cfg.device)
     return f"{device.type}/{default_dtype(device)}"
@@ -106,7 +106,7 @@ def generation_context(cfg: JobConfig) -> str:
     """Hash of every generation input shared by a job's rows besides the prompt, which each row's
     key adds as the engine receives it (:func:`generation_keys`). The system prompt, the chat
     template, its variables and the date are in that prompt, so they are not here."""
-    from tasks.config.output_schema import canonical_schema_text
+    from shardwise.tasks.config.output_schema import canonical_schema_text
 
     g = cfg.generate
     return _sha(
@@ -131,7 +131,7 @@ def engine_prompts(tokenizer: Any, prompts: list[str], params: GenerationParams)
     """Each row's prompt as the generation engine receives it: wrapped by the chat template with
     the system prompt, the template variables and the date of ``params`` (before tokenizing and
     truncating, which ``max_input_tokens`` and the model decide)."""
-    from gpu_runtime.prompts import build_chat
+    from shardwise.gpu_runtime.prompts import build_chat
 
     return [
         build_chat(
@@ -197,7 +197,7 @@ class RowCache:
         self.warnings: list[str] = []
 
     def _warn(self, message: str) -> None:
-        from tasks.redaction import redact_text
+        from shardwise.tasks.redaction import redact_text
 
         message = redact_text(message)
         self.warnings.append(message)
@@ -453,7 +453,7 @@ class ShardCache:
     cached_embedded_tokens: int = 0
 
     def generate(self, generator: GenerationEngine, prompts: list[str], params: GenerationParams) -> list[Generation]:
-        from gpu_runtime import Generation
+        from shardwise.gpu_runtime import Generation
 
         assert self.gen_context is not None and self.gen_model is not None
         keys = generation_keys(self.gen_context, prompts, params, self.gen_model)
@@ -489,7 +489,7 @@ class ShardCache:
     def embed(self, embedder: EmbeddingEngine, texts: list[str], **options: Any) -> EmbeddingOutput:
         import numpy as np
 
-        from gpu_runtime import EmbeddingOutput
+        from shardwise.gpu_runtime import EmbeddingOutput
 
         assert self.embed_context is not None
         keys = row_keys(self.embed_context, texts)
@@ -551,10 +551,10 @@ def cached_rows(
     cfg: JobConfig, table: pa.Table, cleaned: list[tuple[str | None, str | None]], chat_date: dt.date | str | None
 ) -> set[int]:
     """Positions of the rows with text whose every value the cache holds (for ``plan``); empty
-    without a cache. The keys are those :func:`tasks.records.enrichment.enrich_table` uses."""
+    without a cache. The keys are those :func:`shardwise.tasks.records.enrichment.enrich_table` uses."""
     if not cfg.cache:
         return set()
-    from tasks.records.enrichment import generation_params, render_prompts
+    from shardwise.tasks.records.enrichment import generation_params, render_prompts
 
     cache = RowCache(cfg.cache, cfg.storage_options)
     valid = [i for i, (_, err) in enumerate(cleaned) if err is None]

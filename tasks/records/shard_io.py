@@ -11,11 +11,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import InputError, StorageError
-from tasks.planning.shards import Shard
-from tasks.redaction import redact_text
-from tasks.storage.fs import atomic_write_bytes, filesystem, join, with_storage_retries
-from tasks.storage.output_dir import LINEAGE_PREFIX
+from shardwise.tasks.errors import InputError, StorageError
+from shardwise.tasks.planning.shards import Shard
+from shardwise.tasks.redaction import redact_text
+from shardwise.tasks.storage.fs import atomic_write_bytes, filesystem, join, with_storage_retries
+from shardwise.tasks.storage.output_dir import LINEAGE_PREFIX
 
 METADATA_PREFIX = LINEAGE_PREFIX
 
@@ -68,7 +68,7 @@ def read_shard(shard: Shard, columns: list[str] | None, storage_options: dict[st
 
 def _read_once(shard: Shard, fs: Any, path: str, columns: list[str] | None) -> pa.Table:
     """One try at the shard's row groups; a storage failure is raised as the backend's own error,
-    for :func:`~tasks.storage.fs.with_storage_retries` to judge."""
+    for :func:`~shardwise.tasks.storage.fs.with_storage_retries` to judge."""
     try:
         handle = fs.open(path, "rb")
     except FileNotFoundError as err:

@@ -15,7 +15,7 @@ from prefect import task
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
-from tasks.schedule.partitions import idempotency_key, partition_config, partition_done
+from shardwise.tasks.schedule.partitions import idempotency_key, partition_config, partition_done
 
 POLL_SECONDS = 2.0
 MAX_ATTEMPTS = 50  # keys tried before giving up on finding a fresh one

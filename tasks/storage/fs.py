@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import StorageError
+from shardwise.tasks.errors import StorageError
 
 TEMP_PREFIX = ".tmp-"  # local in-flight writes; never taken for a part
 PROBE_PREFIX = ".shardwise-write-probe-"
@@ -68,8 +68,8 @@ def atomic_write_bytes(
 ) -> None:
     """Write ``data`` so that readers see either the old file/no file, or the whole new file.
 
-    ``fault_point`` names the crash point (``tasks.faults``) reached half-way through the bytes."""
-    from tasks.faults import crash_point
+    ``fault_point`` names the crash point (``shardwise.tasks.faults``) reached half-way through the bytes."""
+    from shardwise.tasks.faults import crash_point
 
     fs, path = filesystem(uri, storage_options)
     half = len(data) // 2

@@ -5,7 +5,7 @@ Layout, all under one root::
     part-<shard id>.parquet   one per shard, published whole (never a partial object)
     _manifest.json            the plan while running; the per-shard outcome at commit
     _SUCCESS                  written last: only then is the directory complete
-    _quality.json             the output's quality profile (see tasks.quality.gate)
+    _quality.json             the output's quality profile (see shardwise.tasks.quality.gate)
     _QUALITY_HOLD             instead of _SUCCESS when the quality gate holds the output
     _shardwise.lease          who is writing here now (host, pid, flow run, epoch), renewed while it lives
     _staging/<fence>/part-*   parts as workers write them, before the lease holder publishes them
@@ -43,9 +43,9 @@ from typing import Any
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import ConfigError, LeaseLost, StorageError
-from tasks.redaction import redact_values
-from tasks.storage.fs import PROBE_PREFIX, TEMP_PREFIX, atomic_write_bytes, filesystem, join
+from shardwise.tasks.errors import ConfigError, LeaseLost, StorageError
+from shardwise.tasks.redaction import redact_values
+from shardwise.tasks.storage.fs import PROBE_PREFIX, TEMP_PREFIX, atomic_write_bytes, filesystem, join
 
 MANIFEST_NAME = "_manifest.json"
 SUCCESS_NAME = "_SUCCESS"
@@ -357,7 +357,7 @@ class OutputDir:
         lease (checked right before the move); returns the part's URI. One atomic step on local
         disk (a rename) and one server-side copy on object stores: a part is whole or absent.
 
-        Raises :class:`~tasks.errors.LeaseLost` when another run holds the lease now: nothing is
+        Raises :class:`~shardwise.tasks.errors.LeaseLost` when another run holds the lease now: nothing is
         published."""
         self.check_fence(fence)
         source = f"{self.path_of(STAGING_DIR)}/{fence.name}/{name}"

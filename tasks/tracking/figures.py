@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.config.prices import Price
-from tasks.records.results import ShardResult
+from shardwise.tasks.config.prices import Price
+from shardwise.tasks.records.results import ShardResult
 
 
 def _figure(width: float, height: float, **margins: float) -> Any:

@@ -14,13 +14,13 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from tasks.config.job import JobConfig
-from tasks.config.prices import Price, detect_device_type, lookup_price
-from tasks.output.manifest import CommitOutcome
-from tasks.planning.shards import UnreadableFile
-from tasks.records.results import ShardResult
-from tasks.redaction import redact_text, redact_uri
-from tasks.tracking.runs import finish_run, run_metrics, shard_metrics
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.prices import Price, detect_device_type, lookup_price
+from shardwise.tasks.output.manifest import CommitOutcome
+from shardwise.tasks.planning.shards import UnreadableFile
+from shardwise.tasks.records.results import ShardResult
+from shardwise.tasks.redaction import redact_text, redact_uri
+from shardwise.tasks.tracking.runs import finish_run, run_metrics, shard_metrics
 
 
 def start_progress(total: int, done: int) -> Any:
@@ -119,7 +119,7 @@ def build_summary(
 
 def mlflow_run_url(run_id: str) -> str | None:
     """A browser link when MLflow is a server; a sqlite file has no UI address of its own."""
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
@@ -213,7 +213,7 @@ def report(
                 round(r.schema_valid_rows / r.rows, 4) if r.schema_valid_rows is not None and r.rows else None
             )
     if cfg.cache:
-        from tasks.records.row_cache import RowCache
+        from shardwise.tasks.records.row_cache import RowCache
 
         RowCache(cfg.cache, cfg.storage_options).record_run(
             {

@@ -1,9 +1,9 @@
 """MLflow tracking, written from one place (the flow's process) through ``MlflowClient``.
 
 MLflow's active run is thread-local and sqlite dislikes many writers, so shard tasks never log:
-they return a :class:`~tasks.records.results.ShardResult` and the flow logs it here, step = shard index.
+they return a :class:`~shardwise.tasks.records.results.ShardResult` and the flow logs it here, step = shard index.
 Nothing in ``storage_options`` reaches MLflow (see ``JobConfig.public_dict``), and every param and
-tag passes :func:`tasks.redaction.redact_text` on its way out.
+tag passes :func:`shardwise.tasks.redaction.redact_text` on its way out.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 from prefect import task
 
-from tasks.config.job import JobConfig
-from tasks.config.prices import Price
-from tasks.planning.shards import ShardPlan
-from tasks.records.results import RunTotals, ShardResult
-from tasks.redaction import redact_text, redact_uri, redact_values
-from tasks.storage.local_state import state_dir, tracking_uri
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.prices import Price
+from shardwise.tasks.planning.shards import ShardPlan
+from shardwise.tasks.records.results import RunTotals, ShardResult
+from shardwise.tasks.redaction import redact_text, redact_uri, redact_values
+from shardwise.tasks.storage.local_state import state_dir, tracking_uri
 
 _PARAM_LIMIT = 6000
 
@@ -62,7 +62,7 @@ def start_run(
     """Create the MLflow run for this flow run, with its config, inputs and code version."""
     from mlflow.entities import Param, RunTag
 
-    from tasks.records.lineage import code_version, log_inputs
+    from shardwise.tasks.records.lineage import code_version, log_inputs
 
     client = _client(uri)
     experiment = client.get_experiment_by_name(cfg.name)
@@ -110,7 +110,7 @@ _monitors: dict[str, Any] = {}
 
 def _start_system_metrics(run_id: str, uri: str) -> None:
     """GPU utilisation, memory and power as MLflow ``system/*`` metrics, when NVML is available."""
-    from tasks.config.prices import nvml_available
+    from shardwise.tasks.config.prices import nvml_available
 
     if not nvml_available():
         return
@@ -228,8 +228,8 @@ def finish_run(
     """Totals, models, the output dataset and manifest, the throughput figure; then close the run."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from tasks.records.lineage import model_params, output_dataset
-    from tasks.tracking.figures import throughput_figure
+    from shardwise.tasks.records.lineage import model_params, output_dataset
+    from shardwise.tasks.tracking.figures import throughput_figure
 
     client = _client(uri)
     stamp = int(time.time() * 1000)
@@ -259,7 +259,7 @@ def interrupted(err: BaseException) -> bool:
 
     from prefect.exceptions import TerminationSignal
 
-    from tasks.errors import Terminated
+    from shardwise.tasks.errors import Terminated
 
     return isinstance(err, (KeyboardInterrupt, Terminated, TerminationSignal, asyncio.CancelledError))
 

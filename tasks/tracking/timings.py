@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from tasks.records.results import ShardResult
+from shardwise.tasks.records.results import ShardResult
 
 SHARDS_PHASE = "shards"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.cli import run_cli
 from tests.flows.test_cli import assert_one_line_error
 

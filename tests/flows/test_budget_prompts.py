@@ -44,9 +44,9 @@ def _short_rows_history(name: str, job: list[str]) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import build_parser, config_from_args
-    from tasks.storage.local_state import tracking_uri
-    from tasks.tracking.runs import _flatten, prompt_hash
+    from shardwise.flows.cli import build_parser, config_from_args
+    from shardwise.tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.tracking.runs import _flatten, prompt_hash
 
     cfg = config_from_args(build_parser().parse_args(["run", *job]))
     client = MlflowClient(tracking_uri())
@@ -75,7 +75,7 @@ def _short_rows_history(name: str, job: list[str]) -> str:
 def _spent(name: str, history_run: str) -> float:
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     client = MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name(name)

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpu_runtime.device import TOKENIZERS_DEFAULTED
+from shardwise.gpu_runtime.device import TOKENIZERS_DEFAULTED
 from tests.cli import Result, run_cli
 
 SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
@@ -211,8 +211,8 @@ def test_tokenizer_threads_default_is_marked_as_shardwises(user_setting):
         env["TOKENIZERS_PARALLELISM"] = user_setting
     probe = (
         "import os, torch\n"
-        "from flows.cli import _environment_defaults\n"
-        "from gpu_runtime.device import tokenize_on_all_cores\n"
+        "from shardwise.flows.cli import _environment_defaults\n"
+        "from shardwise.gpu_runtime.device import tokenize_on_all_cores\n"
         "_environment_defaults()\n"
         "before = os.environ['TOKENIZERS_PARALLELISM']\n"
         "tokenize_on_all_cores(torch.device('cuda', 0))\n"

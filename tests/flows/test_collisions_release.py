@@ -88,9 +88,9 @@ def test_output_columns_come_from_one_place_for_every_task_and_output_schema():
     without an output schema (fake engines: no model loads)."""
     from types import SimpleNamespace
 
-    from tasks.config.job import JobConfig
-    from tasks.config.output_columns import enrichment_column_names
-    from tasks.records.enrichment import enrich_table
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.config.output_columns import enrichment_column_names
+    from shardwise.tasks.records.enrichment import enrich_table
 
     class Generator:
         def generate(self, prompts, params):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.prefect_reads import read_all
 
 pytestmark = pytest.mark.slow

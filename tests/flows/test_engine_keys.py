@@ -82,7 +82,7 @@ def dated_model(tmp_path_factory):
     """A tiny random Llama whose chat template prints the date (as Llama-3.x's does)."""
     from transformers import AutoTokenizer
 
-    from gpu_runtime.dummy import llama_tokenizer_dir
+    from shardwise.gpu_runtime.dummy import llama_tokenizer_dir
     from tests.gpu_runtime.families import save_family
 
     tokenizer = AutoTokenizer.from_pretrained(llama_tokenizer_dir("the dated template test"))

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.records.shard_io import read_part_lineage
-from tasks.storage.local_state import tracking_uri
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.records.shard_io import read_part_lineage
+from shardwise.tasks.storage.local_state import tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ GENERATION_COLUMNS = ["generated_text", "n_prompt_tokens", "n_generated_tokens",
 
 
 def run_flow(cfg: JobConfig):
-    from flows.enrich import enrich
+    from shardwise.flows.enrich import enrich
 
     state = enrich(job=cfg.public_dict(), return_state=True)
     return state, state.result(raise_on_failure=False)
@@ -188,7 +188,7 @@ def test_both_tasks_end_to_end(prefect_server, reviews_dir, tmp_path, capsys):
     assert by_key["quality-gate"].type == "markdown" and "passed" in by_key["quality-gate"].data
 
     # `shardwise lineage` answers for a row by id.
-    from flows.cli import main
+    from shardwise.flows.cli import main
 
     assert main(["lineage", str(output), "--id", "r-000013"]) == 0
     printed = capsys.readouterr().out
@@ -261,7 +261,7 @@ def test_rerun_resumes_only_missing_or_damaged_shards(prefect_server, reviews_di
 
 
 def test_rerun_with_another_config_refuses_unless_overwrite(prefect_server, reviews_dir, tmp_path):
-    from tasks.errors import ConfigError
+    from shardwise.tasks.errors import ConfigError
 
     output = tmp_path / "out"
     base = {
@@ -290,7 +290,7 @@ def test_a_timeout_during_model_work_stops_the_shard_and_frees_the_model(prefect
     # of 48 forced tokens here, far longer than the timeout).
     import time
 
-    from gpu_runtime import load_generation_engine, on_compute_thread
+    from shardwise.gpu_runtime import load_generation_engine, on_compute_thread
 
     spec = "dummy:llama-135m"
     load_generation_engine(spec, device="cpu")  # loading is not what the timeout should catch

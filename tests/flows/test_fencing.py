@@ -19,7 +19,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_integrity import SHARDWISE, shardwise
 
 pytestmark = pytest.mark.slow

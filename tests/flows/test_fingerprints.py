@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config.job import JobConfig
+from shardwise.tasks.config.job import JobConfig
 
 pytestmark = pytest.mark.slow
 
 
 def run_flow(cfg: JobConfig):
-    from flows.enrich import enrich
+    from shardwise.flows.enrich import enrich
 
     state = enrich(job=cfg.public_dict(), return_state=True)
     return state, state.result(raise_on_failure=False)
@@ -150,7 +150,7 @@ def save_tiny_embedder(directory, seed: int) -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from gpu_runtime import resolve_model_spec
+    from shardwise.gpu_runtime import resolve_model_spec
 
     torch.manual_seed(seed)
     config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
@@ -161,7 +161,7 @@ def save_tiny_embedder(directory, seed: int) -> None:
 
 
 def test_replaced_model_weights_are_refused_unless_overwrite(cli, tmp_path):
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     model = tmp_path / "my-embedder"
     save_tiny_embedder(model, seed=0)
@@ -220,8 +220,8 @@ def test_replaced_model_weights_are_refused_unless_overwrite(cli, tmp_path):
 
 
 def test_a_partition_that_was_empty_or_half_landed_is_run_again(prefect_server, tmp_path):
-    from flows.schedules import enrich_partition
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.flows.schedules import enrich_partition
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     date = "2026-11-05"
     raw = tmp_path / "raw" / f"dt={date}"

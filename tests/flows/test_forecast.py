@@ -61,7 +61,7 @@ def _plan(*args: str) -> dict:
 def _mlflow_totals(stdout: str) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     run_id = next(line.split()[2] for line in stdout.splitlines() if line.startswith("MLflow run"))
     return MlflowClient(tracking_uri()).get_run(run_id).data.metrics
@@ -122,9 +122,9 @@ def _optimistic_history(name: str, source: Path, output: Path) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import build_parser, config_from_args
-    from tasks.storage.local_state import tracking_uri
-    from tasks.tracking.runs import _flatten, prompt_hash
+    from shardwise.flows.cli import build_parser, config_from_args
+    from shardwise.tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.tracking.runs import _flatten, prompt_hash
 
     cfg = config_from_args(build_parser().parse_args(["run", *_job(source, output, name)]))
     client = MlflowClient(tracking_uri())
@@ -176,8 +176,8 @@ def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(cli,
 
 def test_a_deployment_run_over_budget_is_refused_before_writing(prefect_server, reviews_dir, tmp_path):
     """Deployments call the flow without a forecast: it makes its own and refuses the same way."""
-    from flows.enrich import enrich
-    from tasks.config.job import build_config
+    from shardwise.flows.enrich import enrich
+    from shardwise.tasks.config.job import build_config
 
     cfg = build_config(
         None,

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def storage(request, tmp_path, prefect_server):
     else:
         fs, bucket = request.getfixturevalue("s3")
         store = Storage(f"s3://{bucket}", fs)
-        from tasks.storage.fs import runtime_storage_options
+        from shardwise.tasks.storage.fs import runtime_storage_options
 
         write_reviews_dataset(
             store.path("in"), files=2, rows_per_file=6, rows_per_group=3, storage_options=runtime_storage_options()
@@ -195,7 +195,7 @@ def test_duplicate_ids_are_processed_counted_and_reported(cli, tmp_path):
 
 
 def test_storage_outage_fails_in_bounded_time_and_a_rerun_completes(prefect_server, s3, s3_server, tmp_path):
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     fs, bucket = s3
     write_reviews_dataset(

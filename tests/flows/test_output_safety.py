@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.cli import Result
 from tests.flows.test_integrity import SHARDWISE, Storage, shardwise
 
@@ -41,7 +41,7 @@ def store(request, tmp_path, prefect_server):
 
 
 def _options() -> dict:
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     return runtime_storage_options()
 
@@ -258,11 +258,11 @@ def test_a_second_run_on_a_leased_output_is_refused_naming_the_holder(store, cli
 
 
 def test_verify_part_fails_loudly_on_a_storage_outage_instead_of_recomputing(s3, s3_server, reviews_dir):
-    from tasks.config.job import JobConfig
-    from tasks.errors import StorageError
-    from tasks.output.resume import verify_part
-    from tasks.planning.shards import plan_shards
-    from tasks.records.shard_io import read_shard, write_part
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.errors import StorageError
+    from shardwise.tasks.output.resume import verify_part
+    from shardwise.tasks.planning.shards import plan_shards
+    from shardwise.tasks.records.shard_io import read_shard, write_part
 
     fs, bucket = s3
     cfg = JobConfig(

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 
 
 @pytest.mark.slow
@@ -16,7 +16,7 @@ def test_run_reports_its_phases_and_per_shard_overhead(cli, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     write_reviews_dataset(str(tmp_path / "in"), files=2, rows_per_file=20, rows_per_group=10)
     run = cli(
@@ -61,7 +61,7 @@ def test_run_reports_its_phases_and_per_shard_overhead(cli, tmp_path):
 def test_progress_updates_are_held_back_then_the_latest_is_sent(prefect_server):
     from prefect.client.orchestration import get_client
 
-    from tasks.tracking.reporting import ProgressUpdates, start_progress
+    from shardwise.tasks.tracking.reporting import ProgressUpdates, start_progress
 
     artifact_id = start_progress(total=50, done=0)
     progress = ProgressUpdates(artifact_id, 50, min_interval_s=3600)

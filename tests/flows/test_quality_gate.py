@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.cli import run_cli
 from tests.flows.test_cli import assert_one_line_error
 from tests.flows.test_deployments import worker  # noqa: F401 - the deployments and their worker, a fixture
@@ -82,7 +82,7 @@ def nightly_job(tmp_path: Path, dates: list[str], **quality: object) -> Path:
 def mlflow_run(output: Path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     manifest = json.loads((output / "_manifest.json").read_text())
     return MlflowClient(tracking_uri()).get_run(manifest["mlflow_run_id"])
@@ -201,7 +201,7 @@ def test_nights_pass_cut_answers_are_held_released_and_canary_changes_caught(cli
 def _client():
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     return MlflowClient(tracking_uri())
 

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.config.job import JobConfig
+from shardwise.tasks.config.job import JobConfig
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_a_ray_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_complete
 
 
 def test_ray_runner_matches_local_runner(ray_cluster, reviews_dir, tmp_path):
-    from flows.enrich import enrich_for
+    from shardwise.flows.enrich import enrich_for
 
     common = dict(
         input=str(reviews_dir),

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_file_names_and_errors_are_escaped_in_the_markdown_summary(cli, tmp_path
 def test_resumed_run_reports_computed_and_reused_rows_and_bills_only_computed(cli, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     source = tmp_path / "in"
     write_reviews_dataset(str(source), files=2, rows_per_file=6, rows_per_group=3)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records.row_cache import RowCache
+from shardwise.tasks.records.row_cache import RowCache
 from tests.flows.test_cli import SHARDWISE
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ SHARDWISE = str(Path(sys.executable).with_name("shardwise"))
 def mlflow_runs(experiment: str) -> list:
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     client = MlflowClient(tracking_uri())
     found = client.get_experiment_by_name(experiment)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def run(tmp_path: Path, experiment: str, env: dict[str, str] | None = None) -> s
 def test_a_rerun_ends_the_mlflow_run_a_sigkill_left_running(prefect_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     experiment = f"leftover-{uuid.uuid4().hex[:8]}"
     write_reviews_dataset(str(tmp_path / "in"), files=1, rows_per_file=4, rows_per_group=2)

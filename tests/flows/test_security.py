@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_ray_runner import ray_cluster  # noqa: F401 - a fixture, for the Ray case
 from tests.prefect_reads import read_all
 from tests.servers import basic_auth_proxy, serve_files_with_basic_auth, start_mlflow_server
@@ -33,7 +33,7 @@ def files_containing(root: Path, needle: bytes) -> list[str]:
 def test_canary_secret_appears_in_no_log_artifact_parameter_or_file(prefect_server, s3, session_dir, tmp_path):
     fs, bucket = s3
     canary = f"CANARY-{uuid.uuid4().hex}"
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     write_reviews_dataset(
         f"s3://{bucket}/in", files=1, rows_per_file=4, rows_per_group=2, storage_options=runtime_storage_options()

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.storage.output_dir import OutputDir
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.storage.output_dir import OutputDir
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def embed_job(reviews_dir, output) -> JobConfig:
 
 
 def test_the_cli_plans_once_and_the_report_reads_no_manifest(prefect_server, reviews_dir, tmp_path, manifest_readers):
-    from flows.cli import execute_with_summary
+    from shardwise.flows.cli import execute_with_summary
 
     output = tmp_path / "out"
     code, summary, _ = execute_with_summary(embed_job(reviews_dir, output))
@@ -56,8 +56,8 @@ def test_the_cli_plans_once_and_the_report_reads_no_manifest(prefect_server, rev
 
 
 def test_a_flow_called_directly_plans_for_itself(prefect_server, reviews_dir, tmp_path):
-    from flows.enrich import enrich
-    from tasks.compute.handoff import flow_parameters
+    from shardwise.flows.enrich import enrich
+    from shardwise.tasks.compute.handoff import flow_parameters
 
     output = tmp_path / "out"
     state = enrich(job=flow_parameters(embed_job(reviews_dir, output)), return_state=True)

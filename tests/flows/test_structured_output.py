@@ -10,8 +10,8 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.cli import run_cli
 from tests.flows.test_cli import assert_one_line_error
 
@@ -99,7 +99,7 @@ def test_schema_gives_typed_rows_and_the_constraint_is_real(cli, tmp_path):
 
     # The same prompt without the constraint: the model's free answers rarely parse into the schema.
     # No --output-schema, so validity is judged here with the same parser the run uses.
-    from tasks.config.output_schema import parse_generated
+    from shardwise.tasks.config.output_schema import parse_generated
 
     free, _, _ = _run(cli, tmp_path, "free", "--max-new-tokens", "60")
     free_valid = sum(parse_generated(r["generated_text"], REVIEW_SCHEMA)[0] is not None for r in free)
@@ -120,7 +120,7 @@ def test_too_few_new_tokens_give_row_errors_not_a_crash(cli, tmp_path):
 @pytest.mark.slow
 def test_schema_valid_line_counts_reused_parts_too(cli, tmp_path):
     """A rerun that reuses committed parts counts their valid answers as well as its own."""
-    from gpu_runtime.dummy import llama_tokenizer_dir
+    from shardwise.gpu_runtime.dummy import llama_tokenizer_dir
     from tests.gpu_runtime.families import save_family
 
     # A tiny random Llama: the grammar alone makes its answers parse, and it answers in seconds.

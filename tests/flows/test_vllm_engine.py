@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_cli import assert_one_line_error, shardwise
 
 DEMO = Path(__file__).resolve().parents[2] / "conf" / "jobs" / "demo.yaml"
@@ -52,7 +52,7 @@ def test_tensor_parallel_without_the_vllm_engine_is_a_config_error(reviews_dir, 
 def test_engine_vllm_without_vllm_installed_is_a_config_error(reviews_dir, tmp_path):
     # sys.modules[name] = None is Python's own way of making a package unimportable.
     code = (
-        "import sys; sys.modules['vllm'] = None; from flows.cli import main; "
+        "import sys; sys.modules['vllm'] = None; from shardwise.flows.cli import main; "
         f"sys.exit(main(['run', '--input', {str(reviews_dir)!r}, '--output', {str(tmp_path / 'out')!r}, "
         "'--engine', 'vllm']))"
     )

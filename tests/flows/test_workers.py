@@ -9,13 +9,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks.config.job import JobConfig
+from shardwise.tasks.config.job import JobConfig
 
 pytestmark = pytest.mark.slow
 
 
 def run_job(cfg: JobConfig) -> dict:
-    from flows.enrich import enrich_for
+    from shardwise.flows.enrich import enrich_for
 
     state = enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
     summary = state.result(raise_on_failure=False)

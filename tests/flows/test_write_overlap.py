@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config.job import JobConfig, build_config
-from tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.config.job import JobConfig, build_config
+from shardwise.tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def reviews(tmp_path: Path) -> Path:
 
 
 def run_enrich(cfg: JobConfig) -> dict:
-    from flows.enrich import enrich_for
+    from shardwise.flows.enrich import enrich_for
 
     state = enrich_for(cfg)(job=cfg.public_dict(), return_state=True)
     assert state.is_completed(), state.message
@@ -49,9 +49,9 @@ def run_shard_tasks(cfg: JobConfig) -> list:
     """The flow's shard task over every shard, on the task runner the job gets; the results back."""
     from prefect import flow, unmapped
 
-    from tasks.compute.runners import shard_task_runner
-    from tasks.compute.shard_work import process_shard
-    from tasks.planning.shards import plan_shards
+    from shardwise.tasks.compute.runners import shard_task_runner
+    from shardwise.tasks.compute.shard_work import process_shard
+    from shardwise.tasks.planning.shards import plan_shards
 
     @flow(name="shard-tasks", task_runner=shard_task_runner(cfg))
     def shard_tasks() -> list:
@@ -98,7 +98,7 @@ def test_a_write_runs_while_the_next_shard_computes(prefect_server, reviews, tmp
 def test_the_run_reports_write_time_hidden_behind_compute(prefect_server, reviews, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.storage.local_state import tracking_uri
 
     two = run_enrich(build_config(overrides=job(tmp_path, "two").public_dict(), set_options=["shards_in_flight=2"]))
     one = run_enrich(job(tmp_path, "one"))  # the CPU default: one shard in flight

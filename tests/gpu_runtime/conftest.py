@@ -26,13 +26,13 @@ TEST_DEVICE = "cpu"
 
 @pytest.fixture(scope="session")
 def generation_engine():
-    from gpu_runtime import load_generation_engine
+    from shardwise.gpu_runtime import load_generation_engine
 
     return load_generation_engine(GENERATION_SPEC, device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
 def embedding_engine():
-    from gpu_runtime import load_embedding_engine
+    from shardwise.gpu_runtime import load_embedding_engine
 
     return load_embedding_engine(EMBEDDING_SPEC, device=TEST_DEVICE)

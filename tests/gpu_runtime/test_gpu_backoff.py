@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_runtime import EngineError, GenerationParams
-from gpu_runtime.backoff import BatchBackoff, is_out_of_memory
+from shardwise.gpu_runtime import EngineError, GenerationParams
+from shardwise.gpu_runtime.backoff import BatchBackoff, is_out_of_memory
 
 
 def _injected() -> torch.OutOfMemoryError:
@@ -69,7 +69,7 @@ class _Flaky:
 def test_backoff_halves_in_order_and_caps_later_batches(caplog):
     backoff = BatchBackoff(torch.device("cpu"), what="test")
     fn = _Flaky(max_rows=2)
-    with caplog.at_level(logging.WARNING, logger="gpu_runtime.backoff"):
+    with caplog.at_level(logging.WARNING, logger="shardwise.gpu_runtime.backoff"):
         first = backoff.run([9, 8, 7, 6, 5], fn)
         second = backoff.run([4, 3, 2, 1, 0], fn)
     assert first == [81, 64, 49, 36, 25] and second == [16, 9, 4, 1, 0]

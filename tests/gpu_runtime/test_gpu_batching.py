@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gpu_runtime import plan_batches
+from shardwise.gpu_runtime import plan_batches
 
 
 def _check_plan(lengths, batches, budget, max_size, extra):

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gpu_runtime import GenerationParams, on_compute_thread
-from gpu_runtime.compute_thread import ComputeCancelled, check_cancelled
+from shardwise.gpu_runtime import GenerationParams, on_compute_thread
+from shardwise.gpu_runtime.compute_thread import ComputeCancelled, check_cancelled
 
 
 def _call_from_new_thread(fn):
@@ -115,7 +115,7 @@ def test_engines_load_and_run_their_model_on_the_compute_thread(generation_engin
 
 
 def test_a_model_loads_on_the_compute_thread():
-    from gpu_runtime.engine_cache import _cached_engine
+    from shardwise.gpu_runtime.engine_cache import _cached_engine
 
     # The engine cache's own loading path, with a builder that reports where it ran (a kind no
     # engine uses, so nothing cached by other tests is touched).

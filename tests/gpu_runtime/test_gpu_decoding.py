@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_runtime.decoding import decode_answer
-from gpu_runtime.generation import GenerationParams
+from shardwise.gpu_runtime.decoding import decode_answer
+from shardwise.gpu_runtime.generation import GenerationParams
 
 EMOJI = "😀"
 CJK = "日本語"

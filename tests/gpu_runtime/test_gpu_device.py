@@ -9,7 +9,7 @@ import sys
 
 PROBE = """
 import json, os, sys, torch
-from gpu_runtime import pin_worker
+from shardwise.gpu_runtime import pin_worker
 label = pin_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), cpus=int(sys.argv[4]),
                    gpus_per_worker=int(sys.argv[5]))
 print(json.dumps({"label": label, "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -63,7 +63,7 @@ def test_tokenizers_use_all_cores_only_beside_a_gpu(monkeypatch):
     CPU the setting is left as it is (the cores belong to the model)."""
     import torch
 
-    from gpu_runtime.device import TOKENIZERS_DEFAULTED, tokenize_on_all_cores
+    from shardwise.gpu_runtime.device import TOKENIZERS_DEFAULTED, tokenize_on_all_cores
 
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv(TOKENIZERS_DEFAULTED, "1")  # shardwise's own default

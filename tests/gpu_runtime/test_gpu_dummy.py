@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_runtime import (
+from shardwise.gpu_runtime import (
     EngineError,
     GenerationParams,
     ModelNotFoundError,
@@ -20,7 +20,7 @@ from gpu_runtime import (
     model_specs,
     resolve_model_spec,
 )
-from gpu_runtime import dummy as dummy_module
+from shardwise.gpu_runtime import dummy as dummy_module
 
 TEST_DEVICE = "cpu"  # as in conftest.py
 LLAMA_SPEC = "dummy:llama-135m"
@@ -145,7 +145,7 @@ def test_dummy_llama_generates_exactly_max_new_tokens_with_ignore_eos(dummy_llam
 
 @pytest.mark.slow
 def test_dummy_llama_is_deterministic_and_loaded_once(dummy_llama):
-    from gpu_runtime import GenerationEngine
+    from shardwise.gpu_runtime import GenerationEngine
 
     params = GenerationParams(max_new_tokens=5, ignore_eos=True)
     first = dummy_llama.generate(PROMPTS, params)
@@ -198,7 +198,7 @@ def test_dummy_minilm_embeds_unit_vectors():
     assert [type(m).__name__ for m in engine.model] == ["Transformer", "Pooling", "Normalize"]
 
     # Same seed, same weights: a second, uncached build embeds identically.
-    from gpu_runtime import EmbeddingEngine
+    from shardwise.gpu_runtime import EmbeddingEngine
 
     again = EmbeddingEngine.from_resolved(resolve_model_spec(MINILM_SPEC), torch.device(TEST_DEVICE))
     np.testing.assert_array_equal(again.embed(texts, max_batch_size=2).vectors, out.vectors)

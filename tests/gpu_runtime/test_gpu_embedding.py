@@ -74,8 +74,8 @@ def test_bf16_embeddings_are_unit_length_in_float32():
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from gpu_runtime import resolve_model_spec
-    from gpu_runtime.embedding import EmbeddingEngine
+    from shardwise.gpu_runtime import resolve_model_spec
+    from shardwise.gpu_runtime.embedding import EmbeddingEngine
 
     path = resolve_model_spec("bundled:all-minilm-l6-v2").path
     model = SentenceTransformer(path, device="cpu", model_kwargs={"dtype": torch.bfloat16})
@@ -94,7 +94,7 @@ def prompted_minilm(tmp_path_factory) -> dict[str, str]:
     one without a default prompt, one whose default is "passage"."""
     from sentence_transformers import SentenceTransformer
 
-    from gpu_runtime import resolve_model_spec
+    from shardwise.gpu_runtime import resolve_model_spec
 
     root = tmp_path_factory.mktemp("prompted-minilm")
     copies = {}
@@ -111,7 +111,7 @@ def prompted_minilm(tmp_path_factory) -> dict[str, str]:
 
 
 def test_prompt_name_prepends_the_models_prompt(prompted_minilm, embedding_engine):
-    from gpu_runtime import load_embedding_engine
+    from shardwise.gpu_runtime import load_embedding_engine
 
     engine = load_embedding_engine(prompted_minilm["named"], device="cpu")
     texts = TEXTS[:6]
@@ -126,7 +126,7 @@ def test_prompt_name_prepends_the_models_prompt(prompted_minilm, embedding_engin
 
 
 def test_the_models_default_prompt_applies_when_none_is_named(prompted_minilm, embedding_engine):
-    from gpu_runtime import load_embedding_engine
+    from shardwise.gpu_runtime import load_embedding_engine
 
     engine = load_embedding_engine(prompted_minilm["default"], device="cpu")
     got = engine.embed(TEXTS[:4], max_batch_size=4)
@@ -136,7 +136,7 @@ def test_the_models_default_prompt_applies_when_none_is_named(prompted_minilm, e
 
 
 def test_truncation_counts_the_prompt(prompted_minilm):
-    from gpu_runtime import load_embedding_engine
+    from shardwise.gpu_runtime import load_embedding_engine
 
     engine = load_embedding_engine(prompted_minilm["named"], device="cpu")
     tokenizer = engine.model.tokenizer
@@ -154,8 +154,8 @@ def _minilm(**tokenizer_settings):
     """A fresh engine on the bundled MiniLM whose model tokenizer has ``tokenizer_settings``."""
     from sentence_transformers import SentenceTransformer
 
-    from gpu_runtime import resolve_model_spec
-    from gpu_runtime.embedding import EmbeddingEngine
+    from shardwise.gpu_runtime import resolve_model_spec
+    from shardwise.gpu_runtime.embedding import EmbeddingEngine
 
     model = SentenceTransformer(resolve_model_spec("bundled:all-minilm-l6-v2").path, device="cpu")
     for name, value in tokenizer_settings.items():
@@ -241,7 +241,7 @@ def test_a_tokenizer_that_prepares_text_itself_keeps_the_transformers_call(caplo
             return tokenizer([text + " amen" for text in texts], **kwargs)
 
     engine._tokenizer = Preparing()
-    with caplog.at_level("INFO", logger="gpu_runtime.embedding"):
+    with caplog.at_level("INFO", logger="shardwise.gpu_runtime.embedding"):
         out = engine.embed(TEXTS[:3])
     assert engine._backend_is_exact is False
     assert "beyond its Rust tokenizer" in caplog.text
@@ -256,7 +256,7 @@ def test_a_cut_unlike_the_tokenizers_truncation_falls_back_to_a_second_pass(capl
     first over-long row shows it, and over-long rows are tokenized again with truncation."""
     engine = _minilm()
     engine._special_layout = (0, 0)  # [CLS] and [SEP] not known: a cut would drop the [SEP]
-    with caplog.at_level("INFO", logger="gpu_runtime.embedding"):
+    with caplog.at_level("INFO", logger="shardwise.gpu_runtime.embedding"):
         out = engine.embed(TEXTS, max_batch_size=4)
     assert engine._cut_is_exact is False
     assert "truncates its own way" in caplog.text

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gpu_runtime import GenerationParams, load_generation_engine
+from shardwise.gpu_runtime import GenerationParams, load_generation_engine
 from tests.gpu_runtime.families import FAMILIES, NEW_TOKENS, TEXTS, greedy_reference, save_family
 
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tokenizer_dir() -> str:
-    from gpu_runtime.dummy import llama_tokenizer_dir
+    from shardwise.gpu_runtime.dummy import llama_tokenizer_dir
 
     return llama_tokenizer_dir("the family tests")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_runtime import GenerationParams
-from gpu_runtime.batching import plan_batches
-from gpu_runtime.prompts import build_chat
+from shardwise.gpu_runtime import GenerationParams
+from shardwise.gpu_runtime.batching import plan_batches
+from shardwise.gpu_runtime.prompts import build_chat
 
 
 def test_params_defaults_are_greedy():
@@ -205,7 +205,7 @@ def _whole_prompt_generate(engine, prompts, params):
 def test_shared_prefix_and_chunked_prefill_give_the_whole_prompt_answers(generation_engine, monkeypatch):
     """The prefix cached once, rows prefilled in several chunks and joined into one decode batch:
     the same greedy answers and token counts as running every whole prompt through generate()."""
-    import gpu_runtime.generation as generation
+    import shardwise.gpu_runtime.generation as generation
 
     params = GenerationParams(max_new_tokens=10, max_batch_size=6)
     encoded = [generation_engine._encode(p, None, 10**6)[0] for p in REVIEWS]

@@ -14,8 +14,8 @@ import threading
 import pytest
 import torch
 
-from gpu_runtime import GenerationParams, compute_thread, load_generation_engine
-from gpu_runtime.backoff import BatchBackoff
+from shardwise.gpu_runtime import GenerationParams, compute_thread, load_generation_engine
+from shardwise.gpu_runtime.backoff import BatchBackoff
 from tests.gpu_runtime.families import NEW_TOKENS, TEXTS, greedy_reference, save_family
 
 pytestmark = pytest.mark.slow
@@ -219,7 +219,7 @@ def test_dummy_llama_overlapped_equals_serial():
 
 @pytest.mark.parametrize("family", ["llama", "mistral-sliding"])  # joined-cache path, plain-generate path
 def test_tiny_families_overlapped_equal_serial_and_the_reference(family, tmp_path):
-    from gpu_runtime.dummy import llama_tokenizer_dir
+    from shardwise.gpu_runtime.dummy import llama_tokenizer_dir
 
     model_dir = save_family(family, tmp_path / family, llama_tokenizer_dir("the prefetch tests"))
     engine = load_generation_engine(str(model_dir), device="cpu")

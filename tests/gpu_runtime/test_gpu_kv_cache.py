@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.cache_utils import DynamicLayer
 
-from gpu_runtime.kv_cache import PreallocatedLayer, joinable_cache_argument
+from shardwise.gpu_runtime.kv_cache import PreallocatedLayer, joinable_cache_argument
 
 SMALL = {
     "vocab_size": 64,
@@ -73,7 +73,7 @@ def test_joined_kv_writes_chunks_in_place_like_padding_and_concatenating():
     copy of the whole batch is made."""
     import torch.nn.functional as F
 
-    from gpu_runtime.kv_cache import JoinedKV
+    from shardwise.gpu_runtime.kv_cache import JoinedKV
 
     length, room = 7, 3
     chunks = {(3, 0): 7, (1,): 4, (2, 4): 5}  # batch rows of a chunk -> its positions

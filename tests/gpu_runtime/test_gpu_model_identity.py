@@ -6,7 +6,7 @@ import hashlib
 import os
 import time
 
-from gpu_runtime.model_identity import model_identity
+from shardwise.gpu_runtime.model_identity import model_identity
 
 
 def test_replaced_weights_with_a_preserved_mtime_get_a_new_identity(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpu_runtime import (
+from shardwise.gpu_runtime import (
     EngineError,
     ModelNotFoundError,
     default_dtype,
@@ -155,7 +155,7 @@ def test_engine_is_loaded_once_and_cached_on_disk(generation_engine):
 _CHILD = textwrap.dedent(
     """
     import json, sys, threading
-    from gpu_runtime import load_generation_engine, model_load_counts, GenerationParams
+    from shardwise.gpu_runtime import load_generation_engine, model_load_counts, GenerationParams
     spec = sys.argv[1]
     engines = []
     threads = [threading.Thread(target=lambda: engines.append(load_generation_engine(spec, device="cpu")))

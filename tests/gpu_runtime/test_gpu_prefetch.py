@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_runtime.prefetch import pin_for, prefetched, to_device
+from shardwise.gpu_runtime.prefetch import pin_for, prefetched, to_device
 
 
 def test_items_come_back_in_order_with_their_preparation():
@@ -77,7 +77,7 @@ def test_cpu_features_are_neither_pinned_nor_changed():
 
 
 def test_prefetched_embeddings_equal_sentence_transformers_encode():
-    from gpu_runtime import load_embedding_engine
+    from shardwise.gpu_runtime import load_embedding_engine
 
     engine = load_embedding_engine("dummy:bert-tiny", device="cpu")
     texts = [("word " * (i % 37)) + f"text {i}" for i in range(150)]

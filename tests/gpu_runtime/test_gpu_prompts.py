@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_runtime import render_prompt, template_fields
+from shardwise.gpu_runtime import render_prompt, template_fields
 
 
 def test_template_fields_in_order_without_duplicates():
@@ -38,7 +38,7 @@ def test_missing_column_names_it():
 
 @pytest.mark.slow
 def test_build_chat_uses_the_models_template(generation_engine):
-    from gpu_runtime.prompts import build_chat
+    from shardwise.gpu_runtime.prompts import build_chat
 
     tokenizer = generation_engine.tokenizer
     plain = build_chat(tokenizer, "Hi there", None)
@@ -49,7 +49,7 @@ def test_build_chat_uses_the_models_template(generation_engine):
 
 
 def test_build_chat_without_template_returns_plain_text():
-    from gpu_runtime.prompts import build_chat
+    from shardwise.gpu_runtime.prompts import build_chat
 
     class NoTemplate:
         chat_template = None
@@ -72,7 +72,7 @@ def dated_tokenizer(tmp_path_factory):
     """A copy of the bundled SmolLM2 tokenizer with the template above."""
     from transformers import AutoTokenizer
 
-    from gpu_runtime.dummy import llama_tokenizer_dir
+    from shardwise.gpu_runtime.dummy import llama_tokenizer_dir
 
     tokenizer = AutoTokenizer.from_pretrained(llama_tokenizer_dir("the chat template tests"))
     tokenizer.chat_template = DATED_THINKING_TEMPLATE
@@ -82,7 +82,7 @@ def dated_tokenizer(tmp_path_factory):
 
 
 def test_chat_template_kwargs_reach_the_template(dated_tokenizer):
-    from gpu_runtime.prompts import build_chat
+    from shardwise.gpu_runtime.prompts import build_chat
 
     thinking = build_chat(dated_tokenizer, "Hi", None)
     quiet = build_chat(dated_tokenizer, "Hi", None, template_kwargs={"enable_thinking": False})
@@ -93,7 +93,7 @@ def test_chat_template_kwargs_reach_the_template(dated_tokenizer):
 def test_the_date_a_template_prints_is_the_one_passed_in(dated_tokenizer):
     import datetime as dt
 
-    from gpu_runtime.prompts import build_chat, encode_chat
+    from shardwise.gpu_runtime.prompts import build_chat, encode_chat
 
     today = dt.datetime.now().strftime("%d %b %Y")
     assert f"Today Date: {today}" in build_chat(dated_tokenizer, "Hi", None)  # the wall clock by default
@@ -107,7 +107,7 @@ def test_the_date_a_template_prints_is_the_one_passed_in(dated_tokenizer):
 def test_truncation_keeps_the_template_variables(dated_tokenizer):
     import datetime as dt
 
-    from gpu_runtime.prompts import encode_chat
+    from shardwise.gpu_runtime.prompts import encode_chat
 
     kwargs = {"template_kwargs": {"enable_thinking": False}, "date": dt.date(2025, 1, 2)}
     full, _ = encode_chat(dated_tokenizer, "word " * 200, 10**6, **kwargs)
@@ -118,7 +118,7 @@ def test_truncation_keeps_the_template_variables(dated_tokenizer):
 
 
 def test_reserved_template_kwargs_are_refused():
-    from gpu_runtime import GenerationParams
+    from shardwise.gpu_runtime import GenerationParams
 
     with pytest.raises(ValueError, match="strftime_now"):
         GenerationParams(chat_template_kwargs={"strftime_now": "x"})
@@ -134,9 +134,9 @@ def test_the_job_configs_template_kwargs_and_run_date_reach_the_engine(generatio
 
     import pyarrow as pa
 
-    from gpu_runtime.prompts import encode_chat
-    from tasks.config.job import JobConfig
-    from tasks.records.enrichment import enrich_table
+    from shardwise.gpu_runtime.prompts import encode_chat
+    from shardwise.tasks.config.job import JobConfig
+    from shardwise.tasks.records.enrichment import enrich_table
 
     monkeypatch.setattr(generation_engine.tokenizer, "chat_template", DATED_THINKING_TEMPLATE)
     table = pa.table({"id": [1, 2], "text": ["Hi", "How are you?"]})
@@ -171,7 +171,7 @@ def test_a_template_that_calls_strftime_now_itself_prints_the_date_passed_in(dat
     """Mistral-style templates call strftime_now directly rather than reading date_string."""
     import datetime as dt
 
-    from gpu_runtime.prompts import build_chat
+    from shardwise.gpu_runtime.prompts import build_chat
 
     class Direct:
         chat_template = "Today is {{ strftime_now('%Y-%m-%d') }}. {{ messages[-1].content }}"

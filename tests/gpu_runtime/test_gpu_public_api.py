@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gpu_runtime
+from shardwise import gpu_runtime
 
 PACKAGE_DIR = Path(gpu_runtime.__file__).parent
 ALLOWED_THIRD_PARTY = {"torch", "transformers", "accelerate", "sentence_transformers", "numpy", "pyarrow"}
@@ -77,8 +77,8 @@ def test_vllm_is_imported_only_inside_functions():
 
 def test_choosing_and_loading_the_hf_engine_never_imports_vllm():
     code = (
-        "import sys; from gpu_runtime import choose_engine, VllmOptions, load_generation_engine;"
-        "from gpu_runtime.vllm_engine import vllm_build; vllm_build();"
+        "import sys; from shardwise.gpu_runtime import choose_engine, VllmOptions, load_generation_engine;"
+        "from shardwise.gpu_runtime.vllm_engine import vllm_build; vllm_build();"
         "assert choose_engine('hf') == 'hf' and choose_engine('auto', 'cpu') == 'hf';"
         "assert 'vllm' not in sys.modules, 'vllm imported'"
     )
@@ -87,7 +87,7 @@ def test_choosing_and_loading_the_hf_engine_never_imports_vllm():
 
 def test_pure_helpers_do_not_import_torch():
     code = (
-        "import sys; from gpu_runtime import plan_batches, template_fields, render_prompt, ModelNotFoundError;"
+        "import sys; from shardwise.gpu_runtime import plan_batches, template_fields, render_prompt, ModelNotFoundError;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE_DIR.parent)
@@ -141,4 +141,4 @@ def test_each_public_name_comes_from_the_module_that_defines_it():
     # ``_LOCATION`` is the one list of public names: ``__all__`` is derived from it.
     assert gpu_runtime.__all__ == list(gpu_runtime._LOCATION)
     for name, module in gpu_runtime._LOCATION.items():
-        assert getattr(gpu_runtime, name).__module__ == f"gpu_runtime.{module}", name
+        assert getattr(gpu_runtime, name).__module__ == f"shardwise.gpu_runtime.{module}", name

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import Gemma3TextConfig, LlamaConfig
 
-from gpu_runtime import GenerationParams
-from gpu_runtime.sizing import (
+from shardwise.gpu_runtime import GenerationParams
+from shardwise.gpu_runtime.sizing import (
     CPU_MAX_BATCH_SIZE,
     CPU_TOKEN_BUDGET,
     GPU_MAX_BATCH_SIZE,

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from gpu_runtime import GenerationParams
-from gpu_runtime.backoff import BatchBackoff
+from shardwise.gpu_runtime import GenerationParams
+from shardwise.gpu_runtime.backoff import BatchBackoff
 from tests.gpu_runtime.test_gpu_generation import REVIEWS, _whole_prompt_generate
 
 SCHEMA = {

@@ -335,8 +335,10 @@ def test_dockerfile_installs_cuda_torch_then_project_and_sets_entrypoint():
     assert deps["torch"].specifier.contains(args["TORCH_VERSION"])
     assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"]
     torch_at = text.index('--index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"')
-    project_at = text.index('"/opt/shardwise[gpu,ray]"')
+    # the dependencies (the gpu and ray extras too) are read from pyproject.toml after torch
+    project_at = text.index("-r /tmp/requirements.txt")
     assert torch_at < project_at
+    assert "p['optional-dependencies']['gpu'] + p['optional-dependencies']['ray']" in text
     # every pip install after torch's is held to the constraints that pin it
     for line in text[torch_at:].splitlines():
         if re.search(r"\bpip install\b", line):

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from tasks.errors import StorageError
-from tasks.redaction import RedactingFilter, redact_text, redact_uri, redact_values
+from shardwise.tasks.errors import StorageError
+from shardwise.tasks.redaction import RedactingFilter, redact_text, redact_uri, redact_values
 
 SECRET = "s3cr3t-CANARY"
 

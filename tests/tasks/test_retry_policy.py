@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from prefect.states import Failed
 
-from gpu_runtime.errors import EngineError, ModelNotFoundError
-from tasks.errors import ConfigError, InputError, StorageError
-from tasks.retry_policy import retry_unless_bad_input
+from shardwise.gpu_runtime.errors import EngineError, ModelNotFoundError
+from shardwise.tasks.errors import ConfigError, InputError, StorageError
+from shardwise.tasks.retry_policy import retry_unless_bad_input
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
-import tasks.compute.runners as runners
-from tasks.config.job import JobConfig
+import shardwise.tasks.compute.runners as runners
+from shardwise.tasks.config.job import JobConfig
 
 
 def _job(**kw) -> JobConfig:
@@ -31,7 +31,7 @@ def test_a_second_shard_in_flight_on_a_gpu(monkeypatch):
 
 
 def test_shards_in_flight_from_the_job_overrides_the_device_rule(monkeypatch):
-    from tasks.config.job import build_config
+    from shardwise.tasks.config.job import build_config
 
     monkeypatch.setattr(runners, "visible_gpus", lambda cfg: 0 if cfg.device == "cpu" else 1)
     cfg = build_config(

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.errors import ConfigError
-from tasks.output.resume import check_output_compatible
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.errors import ConfigError
+from shardwise.tasks.output.resume import check_output_compatible
 
 
 def test_refusal_names_only_settings_that_change_output_values(tmp_path):

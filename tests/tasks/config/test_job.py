@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config.job import JobConfig, build_config, parse_set_options
-from tasks.errors import ConfigError
+from shardwise.tasks.config.job import JobConfig, build_config, parse_set_options
+from shardwise.tasks.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -167,7 +167,7 @@ def test_fingerprint_tracks_template_variables_date_attention_and_prompt_not_siz
 def test_a_partition_prints_its_own_date_in_chat_templates():
     import datetime as dt
 
-    from tasks.schedule.partitions import dated
+    from shardwise.tasks.schedule.partitions import dated
 
     cfg = dated(JobConfig(input="in", output="out"), "2026-11-30")
     assert cfg.generate.chat_date == dt.date(2026, 11, 30)

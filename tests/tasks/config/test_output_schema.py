@@ -7,10 +7,16 @@ import json
 import pyarrow as pa
 import pytest
 
-from tasks.config.job import build_config
-from tasks.config.output_schema import SchemaError, arrow_type, load_output_schema, parse_generated, schema_hash
-from tasks.errors import ConfigError
-from tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
+from shardwise.tasks.config.job import build_config
+from shardwise.tasks.config.output_schema import (
+    SchemaError,
+    arrow_type,
+    load_output_schema,
+    parse_generated,
+    schema_hash,
+)
+from shardwise.tasks.errors import ConfigError
+from shardwise.tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA as REVIEW_SCHEMA
 
 
 def test_every_supported_type_has_its_arrow_type():

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.config.prices import Price, lookup_price
+from shardwise.tasks.config.prices import Price, lookup_price
 
 
 def test_prices_come_from_the_table_and_overrides_win():

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.config.job import validate_config
-from tasks.config.output_schema import canonical_schema_text, schema_hash
-from tasks.records.row_cache import generation_context
+from shardwise.tasks.config.job import validate_config
+from shardwise.tasks.config.output_schema import canonical_schema_text, schema_hash
+from shardwise.tasks.records.row_cache import generation_context
 
 STARS_FIRST = {
     "type": "object",

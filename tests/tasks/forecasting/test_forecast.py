@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tasks.config.job import build_config
-from tasks.forecasting.budget import BudgetGuard
-from tasks.forecasting.forecast import make_forecast
-from tasks.planning.shards import plan_shards
-from tasks.records.results import ShardResult
+from shardwise.tasks.config.job import build_config
+from shardwise.tasks.forecasting.budget import BudgetGuard
+from shardwise.tasks.forecasting.forecast import make_forecast
+from shardwise.tasks.planning.shards import plan_shards
+from shardwise.tasks.records.results import ShardResult
 
 
 def _cfg(reviews_dir: Path, tmp_path: Path, **overrides):
@@ -28,7 +28,7 @@ def _cfg(reviews_dir: Path, tmp_path: Path, **overrides):
 
 
 def test_embed_only_counts_match_the_embedding_engine(reviews_dir, tmp_path):
-    from gpu_runtime import load_embedding_engine
+    from shardwise.gpu_runtime import load_embedding_engine
 
     cfg = _cfg(reviews_dir, tmp_path, task="embed")
     forecast = make_forecast(cfg, plan_shards(cfg))
@@ -58,7 +58,7 @@ def _shard_result(index: int, rows: int) -> ShardResult:
 
 
 def test_budget_guard_counts_spent_and_in_flight_and_learns_the_real_cost():
-    from tasks.planning.shards import Shard
+    from shardwise.tasks.planning.shards import Shard
 
     shards = [Shard(i, str(i), "x", "f", (i,), 0, 10, 10 * i) for i in range(4)]
     guard = BudgetGuard(max_cost=1.0, forecast_cost_per_row=0.02)  # 0.2 per shard expected

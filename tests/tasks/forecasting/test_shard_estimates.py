@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.forecasting.budget import BudgetGuard
-from tasks.forecasting.forecast import Estimate, Forecast, make_forecast
-from tasks.planning.shards import plan_shards
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.forecasting.budget import BudgetGuard
+from shardwise.tasks.forecasting.forecast import Estimate, Forecast, make_forecast
+from shardwise.tasks.planning.shards import plan_shards
 
 LONG = "The kettle boils fast and quietly, and the handle stays cool. " * 60
 
@@ -61,8 +61,8 @@ def test_the_forecast_prices_long_prompts_above_a_short_rows_history(tmp_path):
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from tasks.storage.local_state import tracking_uri
-    from tasks.tracking.runs import _flatten, prompt_hash
+    from shardwise.tasks.storage.local_state import tracking_uri
+    from shardwise.tasks.tracking.runs import _flatten, prompt_hash
 
     cfg = JobConfig(
         name=f"shard-estimates-{uuid.uuid4().hex[:8]}",

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.errors import InputError
-from tasks.planning.shards import list_input_files, plan_shards
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.errors import InputError
+from shardwise.tasks.planning.shards import list_input_files, plan_shards
 
 
 def job(input_uri, **kw) -> JobConfig:

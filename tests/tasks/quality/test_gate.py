@@ -8,10 +8,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from tasks.config.quality import QualityConfig
-from tasks.quality.gate import find_baseline, run_checks
-from tasks.records.profile import merge_profiles, shard_profile
-from tasks.storage.output_dir import OutputDir
+from shardwise.tasks.config.quality import QualityConfig
+from shardwise.tasks.quality.gate import find_baseline, run_checks
+from shardwise.tasks.records.profile import merge_profiles, shard_profile
+from shardwise.tasks.storage.output_dir import OutputDir
 
 
 def enriched(
@@ -85,8 +85,8 @@ def test_checks_compare_with_the_baseline_and_can_be_switched_off():
 
 
 def test_baseline_is_the_latest_earlier_published_partition(tmp_path):
-    from tasks.config.job import validate_config
-    from tasks.schedule.partitions import dated
+    from shardwise.tasks.config.job import validate_config
+    from shardwise.tasks.schedule.partitions import dated
 
     cfg = validate_config({"input": str(tmp_path / "raw"), "output": str(tmp_path / "out"), "task": "embed"})
     for date, published in [("2026-11-01", True), ("2026-11-02", True), ("2026-11-03", False), ("2026-11-05", True)]:
@@ -102,7 +102,7 @@ def test_baseline_is_the_latest_earlier_published_partition(tmp_path):
 
 
 def test_a_hold_names_what_changed_since_the_baseline():
-    from tasks.output.verdict import CheckResult, QualityVerdict
+    from shardwise.tasks.output.verdict import CheckResult, QualityVerdict
 
     before = {"context": {"settings_fingerprint": "a", "prompt_hash": "p1", "models": {"generate": "m"}}}
     now = {"context": {"settings_fingerprint": "b", "prompt_hash": "p2", "models": {"generate": "m"}}}
@@ -131,17 +131,17 @@ def test_the_gates_files_are_not_foreign(tmp_path):
     ],
 )
 def test_bad_quality_settings_are_config_errors(setting, needle):
-    from tasks.config.job import build_config
-    from tasks.errors import ConfigError
+    from shardwise.tasks.config.job import build_config
+    from shardwise.tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         build_config(None, {"input": "in", "output": "out"}, [setting])
 
 
 def test_a_baseline_without_a_profile_is_a_config_error(tmp_path):
-    from tasks.config.job import validate_config
-    from tasks.errors import ConfigError
-    from tasks.quality.gate import check_quality_settings
+    from shardwise.tasks.config.job import validate_config
+    from shardwise.tasks.errors import ConfigError
+    from shardwise.tasks.quality.gate import check_quality_settings
 
     cfg = validate_config({"input": "in", "output": "out", "quality": {"baseline": str(tmp_path)}})
     with pytest.raises(ConfigError, match="quality.baseline: .* has no _quality.json"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config.job import validate_config
-from tasks.records.enrichment import generation_params
-from tasks.records.row_cache import generation_context, generation_keys
+from shardwise.tasks.config.job import validate_config
+from shardwise.tasks.records.enrichment import generation_params
+from shardwise.tasks.records.row_cache import generation_context, generation_keys
 
 PROMPTS = ["The kettle boils fast.", "Shoes fell apart."]
 
@@ -34,7 +34,7 @@ def dated_tokenizer():
     """The bundled SmolLM2 tokenizer with a template that prints the date (as Llama-3.x's does)."""
     from transformers import AutoTokenizer
 
-    from gpu_runtime.dummy import llama_tokenizer_dir
+    from shardwise.gpu_runtime.dummy import llama_tokenizer_dir
 
     tokenizer = AutoTokenizer.from_pretrained(llama_tokenizer_dir("the cache key tests"))
     tokenizer.chat_template = (

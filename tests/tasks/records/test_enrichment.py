@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.records.enrichment import clean_text, enrich_table, repair_utf8
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.records.enrichment import clean_text, enrich_table, repair_utf8
 
 
 def invalid_utf8_column() -> pa.Array:
@@ -37,7 +37,7 @@ def test_repair_utf8_replaces_bad_bytes_and_leaves_good_columns(tmp_path):
 
 @pytest.mark.slow
 def test_enrich_table_with_real_engines(tmp_path):
-    from gpu_runtime import load_embedding_engine, load_generation_engine
+    from shardwise.gpu_runtime import load_embedding_engine, load_generation_engine
 
     long_text = " ".join(["The blender is loud but it crushes ice well."] * 60)
     texts = ["Great kettle.", None, "", long_text, "bad \x00 bytes \x07 here"]
@@ -66,7 +66,7 @@ def test_enrich_table_with_real_engines(tmp_path):
 
 
 def test_ids_are_never_repaired_and_bad_ones_are_found():
-    from tasks.records.enrichment import invalid_utf8_rows
+    from shardwise.tasks.records.enrichment import invalid_utf8_rows
 
     ids = pa.array([b"ok", b"id-\xff", b"id-\xfe", None, b"fine"], pa.binary()).view(pa.string())
     table = pa.table({"id": ids, "text": invalid_utf8_column().take([0, 1, 0, 1, 0])})
@@ -84,8 +84,8 @@ def test_generation_params_carry_every_decoding_setting_of_the_config():
     import datetime as dt
     import json
 
-    from tasks.config.job import GenerateConfig
-    from tasks.records.enrichment import generation_params
+    from shardwise.tasks.config.job import GenerateConfig
+    from shardwise.tasks.records.enrichment import generation_params
 
     settings = {
         "max_new_tokens": 7,

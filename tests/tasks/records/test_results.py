@@ -7,8 +7,8 @@ import pickle
 import pyarrow as pa
 from prefect.utilities.collections import visit_collection
 
-from tasks.output.manifest import count_duplicate_ids
-from tasks.records.results import RowIds, ShardResult
+from shardwise.tasks.output.manifest import count_duplicate_ids
+from shardwise.tasks.records.results import RowIds, ShardResult
 
 
 def result(index: int, ids, status: str = "committed") -> ShardResult:

@@ -4,11 +4,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.errors import StorageError
-from tasks.planning.shards import plan_shards
-from tasks.records.shard_io import read_part_lineage, read_shard, write_part
-from tasks.storage.fs import check_writable, join
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.errors import StorageError
+from shardwise.tasks.planning.shards import plan_shards
+from shardwise.tasks.records.shard_io import read_part_lineage, read_shard, write_part
+from shardwise.tasks.storage.fs import check_writable, join
 
 
 def test_read_shard_returns_exactly_its_rows(reviews_dir):
@@ -51,7 +51,7 @@ def test_unwritable_output_fails_early(tmp_path):
 
 
 def test_corrupt_data_pages_fail_the_shard_naming_the_file(tmp_path):
-    from tasks.errors import InputError
+    from shardwise.tasks.errors import InputError
 
     path = tmp_path / "in" / "pages.parquet"
     path.parent.mkdir()
@@ -67,7 +67,7 @@ def test_corrupt_data_pages_fail_the_shard_naming_the_file(tmp_path):
 
 
 def test_a_storage_failure_mid_read_is_a_storage_error_not_bad_data(tmp_path):
-    from tasks.records.shard_io import _StorageReads
+    from shardwise.tasks.records.shard_io import _StorageReads
 
     path = tmp_path / "a.parquet"
     pq.write_table(pa.table({"id": list(range(1000))}), path)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config.job import JobConfig
-from tasks.errors import InputError, StorageError
-from tasks.planning.shards import plan_shards
-from tasks.records.demo_data import write_reviews_dataset
-from tasks.records.shard_io import read_shard
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.errors import InputError, StorageError
+from shardwise.tasks.planning.shards import plan_shards
+from shardwise.tasks.records.demo_data import write_reviews_dataset
+from shardwise.tasks.records.shard_io import read_shard
 from tests.conftest import S3_OPTIONS_NO_RETRY_STORM
 from tests.servers import _FileHandler, free_port
 

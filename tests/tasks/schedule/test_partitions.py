@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from tasks.errors import ConfigError
-from tasks.schedule.partitions import (
+from shardwise.tasks.errors import ConfigError
+from shardwise.tasks.schedule.partitions import (
     idempotency_key,
     load_job,
     nightly_date,
@@ -90,8 +90,8 @@ def test_partition_done_needs_success_and_the_same_config(tmp_path):
 
 
 def test_partition_done_needs_the_input_files_it_was_made_from(tmp_path):
-    from tasks.planning.shards import plan_shards
-    from tasks.records.demo_data import write_reviews_dataset
+    from shardwise.tasks.planning.shards import plan_shards
+    from shardwise.tasks.records.demo_data import write_reviews_dataset
 
     cfg = partition_config(
         {"input": str(tmp_path / "raw"), "output": str(tmp_path / "out"), "task": "embed", "id_column": "review_id"},

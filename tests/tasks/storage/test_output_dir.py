@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.errors import ConfigError, LeaseLost
-from tasks.storage.fs import atomic_write_bytes
-from tasks.storage.output_dir import LEASE_NAME, MANIFEST_NAME, Fence, OutputDir, check_separate, part_name
+from shardwise.tasks.errors import ConfigError, LeaseLost
+from shardwise.tasks.storage.fs import atomic_write_bytes
+from shardwise.tasks.storage.output_dir import LEASE_NAME, MANIFEST_NAME, Fence, OutputDir, check_separate, part_name
 
 
 def _part(shard_id: str | None) -> bytes:
@@ -79,7 +79,7 @@ def output(request, tmp_path):
     if request.param == "local":
         return OutputDir(str(tmp_path / "out"))
     fs, bucket = request.getfixturevalue("s3")
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     return OutputDir(f"s3://{bucket}/out", runtime_storage_options())
 
@@ -152,8 +152,8 @@ def test_only_the_lease_holders_staged_parts_are_published_and_epochs_only_grow(
 
 
 def test_an_interrupted_s3_upload_publishes_nothing(s3):
-    from tasks.faults import InjectedFault
-    from tasks.storage.fs import runtime_storage_options
+    from shardwise.tasks.faults import InjectedFault
+    from shardwise.tasks.storage.fs import runtime_storage_options
 
     fs, bucket = s3
     options = {**runtime_storage_options(), "default_block_size": 5 * 2**20}
@@ -171,7 +171,7 @@ def test_an_interrupted_s3_upload_publishes_nothing(s3):
 
 
 def test_an_input_named_like_a_glob_is_that_directory_and_a_real_glob_still_works(tmp_path):
-    from tasks.planning.shards import list_input_files
+    from shardwise.tasks.planning.shards import list_input_files
 
     for name in ["in[1]", "in1"]:
         (tmp_path / name).mkdir()

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from tasks.records.results import ShardResult
-from tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
+from shardwise.tasks.records.results import ShardResult
+from shardwise.tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
 
 
 def shard(index: int, read: float, compute: float, write: float, resumed: bool = False) -> ShardResult:
