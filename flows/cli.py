@@ -210,133 +210,42 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def preflight(cfg, before_writing: Any = None) -> Any:
-    """Everything that can fail fast does so here, before Prefect starts or a model loads.
-
-    ``before_writing(cfg, plan)`` runs before the write probe, which creates the output location:
-    a check that refuses the run (the budget) then leaves nothing behind."""
-    from shardwise.gpu_runtime import resolve_model_spec
-    from shardwise.tasks.compute.runners import check_engine_settings
-    from shardwise.tasks.output.resume import check_output_compatible, check_output_location
-    from shardwise.tasks.planning.shards import plan_shards
-    from shardwise.tasks.quality.gate import check_quality_settings
-    from shardwise.tasks.storage.fs import check_writable
-    from shardwise.tasks.storage.output_dir import OutputDir
-
-    check_engine_settings(cfg)
-    check_output_location(cfg)
-    OutputDir(cfg.output, cfg.storage_options).check_lease_free(cfg.lease_timeout_s)
-    plan = plan_shards(cfg)
-    check_output_compatible(cfg)
-    if cfg.runs_generation:
-        resolve_model_spec(cfg.generate.model)
-    if cfg.runs_embedding:
-        resolve_model_spec(cfg.embed.model)
-    check_quality_settings(cfg)
-    if before_writing is not None:
-        before_writing(cfg, plan)
-    check_writable(cfg.output, cfg.storage_options)
-    return plan
-
-
-def run_forecast(cfg, plan) -> Any:
-    """The run's forecast, printed on stderr; refuses (exit 2) a job whose high end exceeds
-    ``max_cost``. Without ``max_cost`` a forecast that cannot be made is only a warning."""
-    from shardwise.tasks.errors import ConfigError
-    from shardwise.tasks.forecasting.forecast import make_forecast, over_budget, run_sample_rows
-
-    try:
-        forecast = make_forecast(cfg, plan, run_sample_rows(cfg))
-    except Exception as err:  # noqa: BLE001 - informative unless a budget depends on it
-        if cfg.max_cost is not None:
-            raise ConfigError(f"max_cost is set but the cost cannot be forecast: {err}") from None
-        print(f"shardwise: warning: no cost forecast: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return None
-    print(f"shardwise: forecast {format_forecast_line(forecast)}", file=sys.stderr, flush=True)
-    refusal = over_budget(cfg, forecast)
-    if refusal:
-        raise ConfigError(refusal)
-    return forecast
-
-
-def format_forecast_line(forecast: dict[str, Any] | Any) -> str:
-    data = forecast if isinstance(forecast, dict) else forecast.to_dict()
-    cost, seconds = data["cost"], data["device_seconds"]
-    tokens = data.get("generated_tokens") or data.get("embedded_tokens") or {}
-    return (
-        f"{data['rows_to_compute']} rows to compute, "
-        f"{tokens.get('expected', 0):.0f} {'generated' if data.get('generated_tokens') else 'embedded'} tokens, "
-        f"{seconds['expected']:.1f}s device time ({seconds['low']:.1f}-{seconds['high']:.1f}), "
-        f"cost {cost['expected']:.6f} {data['currency']} ({cost['low']:.6f}-{cost['high']:.6f})"
-    )
-
-
 def execute(cfg) -> int:
     """Run the flow for ``cfg``, print the summary, return the exit code."""
     return execute_with_summary(cfg)[0]
 
 
-def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
-    """:func:`execute`, also returning the run summary (None when the flow produced none) and why
-    the run failed ("" when it did not)."""
-    from shardwise.flows.enrich import enrich_for
-    from shardwise.tasks.compute.handoff import flow_parameters
-    from shardwise.tasks.compute.runners import shared_prefect_api
+def _notify(line: str) -> None:
+    """A progress line of the command (stderr; stdout is for the summary)."""
     from shardwise.tasks.redaction import redact_text
 
-    forecasts: list[Any] = []
-    preflight_started = time.perf_counter()
-    plan = preflight(cfg, before_writing=lambda cfg, plan: forecasts.append(run_forecast(cfg, plan)))
-    preflight_seconds = time.perf_counter() - preflight_started  # checks, plan, forecast; before the flow
-    forecast = forecasts[0]
-    print(
-        f"shardwise: {plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards",
-        file=sys.stderr,
-        flush=True,
-    )
-    server_started = time.perf_counter()
-    with shared_prefect_api():
-        server_seconds = time.perf_counter() - server_started  # the temporary server's start-up, if any
-        state = enrich_for(cfg)(
-            job=flow_parameters(cfg, plan), forecast=forecast.to_dict() if forecast else None, return_state=True
-        )
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, dict):
-        log_outside_flow(
-            result, {"seconds_preflight": preflight_seconds, "seconds_prefect_server_start": server_seconds}
-        )
-        print(redact_text(format_summary(result)))
-        quality = result.get("quality") or {}
-        if quality.get("status") == "held":
-            message = redact_text(quality["message"])
-            _error(message)
-            return 4, result, message
+    print(redact_text(f"shardwise: {line}"), file=sys.stderr, flush=True)
+
+
+def execute_with_summary(cfg) -> tuple[int, dict[str, Any] | None, str]:
+    """:func:`execute`, also returning the run summary (None when the flow produced none) and why
+    the run failed ("" when it did not): :mod:`shardwise.flows.run`, rendered for people."""
+    from shardwise.flows.run import execute_run, prepare_run
+    from shardwise.tasks.redaction import redact_text
+
+    summary = execute_run(prepare_run(cfg, _notify), _notify)
+    if summary.details:
+        print(redact_text(format_summary(summary.details)))
+        quality = summary.details.get("quality") or {}
         if quality.get("status") == "warned":
             print(f"shardwise: warning: {redact_text(quality['message'])}", file=sys.stderr, flush=True)
-        if not result.get("succeeded") and state.message:
-            _error(redact_text(f"run failed: {state.message}"))
-        ok = bool(result.get("succeeded"))
-        return (0 if ok else 1), result, "" if ok else redact_text(state.message or "some shards failed")
-    reason = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else state.message
-    _error(f"run failed: {reason}")
-    return getattr(result, "exit_code", 1), None, redact_text(str(reason))
+    if summary.exit_code == 4:
+        _error(summary.message)
+    elif summary.exit_code:
+        _error(f"run failed: {summary.message}")
+    return summary.exit_code, summary.details or None, summary.message
 
 
 OUTSIDE_FLOW = ("seconds_preflight", "seconds_prefect_server_start")
 
 
-def log_outside_flow(summary: dict[str, Any], seconds: dict[str, float]) -> None:
-    """What the command spent before the flow started (its checks and forecast, the Prefect
-    server's start-up), next to the run's own timings (in the summary and MLflow). The preflight
-    includes the first imports of transformers and MLflow, which the run would pay anyway."""
-    from shardwise.tasks.tracking.runs import log_timings
-
-    summary.setdefault("timings", {}).update(seconds)
-    if summary.get("mlflow_run_id"):
-        log_timings(summary["mlflow_run_id"], seconds)
-
-
 def format_summary(summary: dict[str, Any]) -> str:
+    from shardwise.flows.run import format_forecast_line
     from shardwise.tasks.redaction import redact_uri
     from shardwise.tasks.storage.local_state import tracking_uri
 
