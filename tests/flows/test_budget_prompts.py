@@ -12,30 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.flows.test_cli import shardwise
+from tests.flows.test_forecast import _job as forecast_job
 
 LONG = "The kettle boils fast and quietly, and the handle stays cool. " * 120  # about 1,700 tokens
 MAX_COST = 0.05  # USD; at 3600 USD per device-hour, 0.05 device-seconds
 
 
 def _job(source: Path, output: Path, name: str) -> list[str]:
-    return [
-        "--input",
-        str(source),
-        "--output",
-        str(output),
-        "--task",
-        "generate",
-        "--rows-per-shard",
-        "2",
-        "--prompt-template",
-        "In five words, what is this review about? {text}",
-        "--max-new-tokens",
-        "4",
-        "--set",
-        f"name={name}",
-        "--set",
-        "price_per_device_hour=3600",
-    ]
+    """The forecast tests' generation job, answering in up to 4 tokens at a price that makes a
+    device-second cost 1 USD."""
+    return forecast_job(source, output, name, "--max-new-tokens", "4", "--set", "price_per_device_hour=3600")
 
 
 def _short_rows_history(name: str, job: list[str]) -> str:

@@ -21,6 +21,7 @@ import pytest
 
 from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.flows.test_integrity import SHARDWISE, shardwise
+from tests.flows.test_output_safety import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +29,6 @@ pytestmark = pytest.mark.slow
 # both under one _SUCCESS would not even read as one table.
 EMBED = ["--task", "embed", "--id-column", "review_id", "--rows-per-shard", "3", "--set", "lease_timeout_s=3"]
 ID_ONLY = ["--keep-columns", "id", "--overwrite"]
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.returncode
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.1)
 
 
 def footer_run(part: Path) -> str:
