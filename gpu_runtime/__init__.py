@@ -10,6 +10,8 @@ Modules import only downward (a test checks there is no circle):
 
 - ``errors``, ``compute_thread``, ``batching``, ``prompts``, ``device``, ``sizing``, ``backoff``,
   ``prefetch``, ``kv_cache``, ``structured``: self-contained helpers;
+- ``generation_params`` (a generation call's params and rows), ``sampling`` (decoding settings and
+  where a row stops) and ``prefill`` (shared prefix, chunked prefill into one joined KV cache);
 - ``model_cache`` (the on-disk cache) and ``dummy_shapes`` (the ``dummy:`` shape table);
 - ``model_specs``: a spec -> :class:`ResolvedModel`, loading nothing;
 - ``gguf_cache`` (GGUF dequantized once), then ``dummy`` (building dummy models);
@@ -30,8 +32,8 @@ _LOCATION = {
     "load_embedding_engine": "engine_cache",
     "model_load_counts": "engine_cache",
     "model_cache_dir": "model_cache",
-    "GenerationParams": "generation",
-    "Generation": "generation",
+    "GenerationParams": "generation_params",
+    "Generation": "generation_params",
     "GenerationEngine": "generation",
     "EmbeddingEngine": "embedding",
     "EmbeddingOutput": "embedding",

@@ -1,7 +1,7 @@
 """KV caches the generation engine can pad, join by row and grow in place.
 
 The engine prefills rows in chunks and joins their caches into one decode batch
-(:mod:`shardwise.gpu_runtime.generation`). That needs a plain full-attention cache (one tensor per layer
+(:mod:`shardwise.gpu_runtime.prefill`). That needs a plain full-attention cache (one tensor per layer
 that can be left-padded), so sliding-window, hybrid and encoder-decoder models are left to
 transformers' own handling. The joined cache preallocates room for the tokens to come:
 transformers' ``DynamicLayer`` concatenates at every decode step, copying the whole cache, which

@@ -29,9 +29,11 @@ from .device import default_dtype
 from .dummy import llama_config, llama_tokenizer_dir
 from .dummy_shapes import dummy_shape
 from .errors import EngineError
-from .generation import Generation, GenerationEngine, GenerationParams, eos_token_ids
+from .generation import GenerationEngine
+from .generation_params import Generation, GenerationParams
 from .gguf_cache import weights_dir
 from .model_cache import model_cache_dir, populate_cache_dir
+from .sampling import eos_token_ids
 
 if TYPE_CHECKING:
     import torch

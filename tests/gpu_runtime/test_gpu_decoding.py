@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from shardwise.gpu_runtime.decoding import decode_answer
-from shardwise.gpu_runtime.generation import GenerationParams
+from shardwise.gpu_runtime.generation_params import GenerationParams
 
 EMOJI = "😀"
 CJK = "日本語"

@@ -205,7 +205,7 @@ def _whole_prompt_generate(engine, prompts, params):
 def test_shared_prefix_and_chunked_prefill_give_the_whole_prompt_answers(generation_engine, monkeypatch):
     """The prefix cached once, rows prefilled in several chunks and joined into one decode batch:
     the same greedy answers and token counts as running every whole prompt through generate()."""
-    import shardwise.gpu_runtime.generation as generation
+    import shardwise.gpu_runtime.prefill as prefill
 
     params = GenerationParams(max_new_tokens=10, max_batch_size=6)
     encoded = [generation_engine._encode(p, None, 10**6)[0] for p in REVIEWS]
@@ -216,7 +216,7 @@ def test_shared_prefix_and_chunked_prefill_give_the_whole_prompt_answers(generat
     assert all(ids[: prefix.length] == encoded[0][: prefix.length] for ids in encoded)
 
     # A chunk budget this small prefills the six rows in several chunks of different widths.
-    monkeypatch.setattr(generation, "PREFILL_CHUNK_TOKENS", 64)
+    monkeypatch.setattr(prefill, "PREFILL_CHUNK_TOKENS", 64)
     bodies = [len(ids) - prefix.length - 1 for ids in encoded]
     assert len(plan_batches(sorted(bodies, reverse=True), token_budget=64, max_batch_size=6)) >= 3
     reused = generation_engine.generate(REVIEWS, params)
