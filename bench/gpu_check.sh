@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue #6): engines on a CUDA device with dummy weights, bf16-vs-fp32 agreement, a
+# The GPU check: engines on a CUDA device with dummy weights, bf16-vs-fp32 agreement, a
 # throughput table next to the memory-bandwidth floor, and the flow end to end when Prefect & co.
 # are importable. Needs only PyTorch + transformers + sentence-transformers there, and no network.
 # Where vllm (a CUDA build) is importable it also times the vLLM engine on the 1B/8B shapes and

@@ -135,7 +135,7 @@ def bench_embedding(root: Path, rows: int) -> dict:
 def bench_tokenize(rows: int) -> dict:
     """Host-side preparation alone, no model: what the embedding engine does for a call (tokenize
     every text once on the caller's thread) and for each batch (pad the ids into tensors, on the
-    prefetch thread), over length-planned batches of 64; next to the two-pass way it replaced
+    prefetch thread), over length-planned batches of 64; next to the two-pass way
     (count tokens, then ``SentenceTransformer.preprocess`` tokenizes each batch again)."""
     from shardwise.gpu_runtime import load_embedding_engine, plan_batches
     from shardwise.tasks.records.demo_data import write_reviews_dataset

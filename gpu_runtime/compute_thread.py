@@ -5,7 +5,7 @@ starts parallel work a team of its own, kept for that thread's life. Once a proc
 OpenMP threads than it has cores (a second team: the main thread loaded or warmed a model, then a
 Prefect worker thread runs it), libgomp stops spin-waiting and parks its workers after every
 parallel region, so every kernel pays a futex wake-up. On 2 cores that was 137,000 context
-switches and 15% slower generation for a 128-row shard (docs/benchmarks.md, session 4).
+switches and 15% slower generation for a 128-row shard (docs/benchmarks.md, 2026-11-28).
 
 So the engines load models and compute on this module's thread, whichever thread calls them:
 one team per process, however many task threads, retries or shards in flight there are.
