@@ -5,7 +5,6 @@ Orchestration only; every step is a task in ``tasks/`` over a plain function.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from typing import Any
@@ -93,8 +92,7 @@ def chat_date_info(cfg: JobConfig) -> dict[str, str]:
     once so every shard of the run renders the same prompt; recorded in the manifest and parts."""
     if not cfg.runs_generation:
         return {}
-    day = cfg.generate.chat_date or datetime.datetime.now(datetime.UTC).date()
-    return {"chat_date": day.isoformat()}
+    return {"chat_date": cfg.run_chat_date().isoformat()}
 
 
 def part_lineage(cfg: JobConfig, run_info: dict[str, Any]) -> dict[str, str]:

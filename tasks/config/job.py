@@ -178,6 +178,9 @@ class JobConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     # spec -> identity of its weights, resolved once per config object (see model_identities)
     _identities: dict[str, str] = PrivateAttr(default_factory=dict)
+    # the date chat templates print in this run and whether the template prints one (see run_chat_date)
+    _run_date: dt.date | None = PrivateAttr(default=None)
+    _prints_date: bool | None = PrivateAttr(default=None)
 
     @field_validator("device")
     @classmethod
@@ -250,12 +253,38 @@ class JobConfig(_Strict):
         return redact_values(self.model_dump(mode="json", exclude={"storage_options"}))
 
     def output_fingerprint(self) -> str:
-        """Hash of every setting that changes output values and of the weights each model spec
-        resolves to (:meth:`model_identities`); a resume must match it."""
-        blob = json.dumps(
-            {"settings": self.settings_fingerprint(), "models": self.model_identities()}, sort_keys=True
-        ).encode()
+        """Hash of every setting that changes output values, of the weights each model spec
+        resolves to (:meth:`model_identities`) and, when no ``generate.chat_date`` is set and the
+        chat template prints the date, of the date this run's prompts carry
+        (:meth:`printed_chat_date`); a resume must match it."""
+        recorded: dict[str, Any] = {"settings": self.settings_fingerprint(), "models": self.model_identities()}
+        printed = self.printed_chat_date()
+        if printed is not None:
+            recorded["printed_chat_date"] = printed
+        blob = json.dumps(recorded, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def run_chat_date(self) -> dt.date:
+        """The date chat templates print in this run: ``generate.chat_date``, else today in UTC,
+        fixed at the first call on this config object so every check and shard of a run uses one."""
+        if self.generate.chat_date is not None:
+            return self.generate.chat_date
+        if self._run_date is None:
+            self._run_date = today_utc()
+        return self._run_date
+
+    def printed_chat_date(self) -> str | None:
+        """The date (ISO) this run's prompts carry when it is not a setting: None when the job does
+        not generate, ``generate.chat_date`` is set (the settings hold it) or the model's chat template
+        renders the same prompt on every date. Otherwise the prompts, and so the answers, differ from
+        day to day, and outputs and parts of another day are another config."""
+        if not self.runs_generation or self.generate.chat_date is not None:
+            return None
+        if self._prints_date is None:
+            self._prints_date = chat_template_prints_date(
+                self.generate.model, self.generate.system_prompt, dict(self.generate.chat_template_kwargs)
+            )
+        return self.run_chat_date().isoformat() if self._prints_date else None
 
     def model_identities(self) -> dict[str, str]:
         """``{"generate": ..., "embed": ...}``: the identity of the weights each configured model
@@ -321,6 +350,25 @@ class JobConfig(_Strict):
                 relevant["generate"]["output_schema"] = canonical_schema_text(self.generate.output_schema)
         blob = json.dumps(relevant, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def today_utc() -> dt.date:
+    """Today's date in UTC: the chat date of a run that sets none."""
+    return dt.datetime.now(dt.UTC).date()
+
+
+def chat_template_prints_date(spec: str, system_prompt: str | None, template_kwargs: dict[str, Any]) -> bool:
+    """Whether ``spec``'s chat template renders a prompt differently on two dates (its tokenizer
+    is read, not its weights)."""
+    from shardwise.gpu_runtime.prompts import build_chat
+    from shardwise.gpu_runtime.token_count import load_tokenizer
+
+    tokenizer = load_tokenizer(spec)
+    rendered = {
+        build_chat(tokenizer, "-", system_prompt, template_kwargs=template_kwargs or None, date=day)
+        for day in (dt.date(2001, 2, 3), dt.date(2002, 3, 4))
+    }
+    return len(rendered) > 1
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

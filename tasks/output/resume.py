@@ -58,6 +58,9 @@ def check_output_compatible(cfg: JobConfig) -> bool:
     if cfg.overwrite:
         return True
     changed = _differences(manifest.get("config", {}), cfg.public_dict()) + cfg.model_changes(manifest.get("models"))
+    printed, written = cfg.printed_chat_date(), manifest.get("chat_date")
+    if printed is not None and written != printed:
+        changed.append(f"the date the chat template prints ({written or 'not recorded'} -> {printed})")
     raise ConfigError(
         f"output {cfg.output} was written with a different config ({', '.join(changed or ['settings'])} changed); "
         "use another output or --overwrite to replace it"

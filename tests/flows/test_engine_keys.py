@@ -115,6 +115,42 @@ def test_cache_does_not_reuse_across_dates_when_the_template_prints_the_date(cli
     assert _totals(tmp_path / "again" / "dt=2026-11-01")["rows_cached"] == 3
 
 
+@pytest.mark.slow
+def test_a_run_whose_template_prints_today_is_not_resumed_on_another_day(cli, tmp_path, dated_model, monkeypatch):
+    """Without ``generate.chat_date`` the prompts carry the day the run started: a resume on a later
+    day would put answers to two different prompts in one output, so it is another config."""
+    import datetime as dt
+
+    from shardwise.tasks.config import job as job_module
+
+    _write(tmp_path / "in" / "a.parquet")
+    _write(tmp_path / "in" / "b.parquet")
+    good = (tmp_path / "in" / "b.parquet").read_bytes()
+    (tmp_path / "in" / "b.parquet").write_bytes(good[: len(good) // 2])  # fails its shard on day 1
+    out = tmp_path / "out"
+    job = ["run", "--input", str(tmp_path / "in"), "--output", str(out), "--task", "generate"]
+    job += ["--max-new-tokens", "4", "--gen-model", str(dated_model)]
+
+    monkeypatch.setattr(job_module, "today_utc", lambda: dt.date(2026, 11, 1))
+    first = cli(*job)
+    assert first.returncode == 1, first.stderr[-3000:]
+    committed = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    assert len(committed) == 1
+    (tmp_path / "in" / "b.parquet").write_bytes(good)
+
+    monkeypatch.setattr(job_module, "today_utc", lambda: dt.date(2026, 11, 2))
+    refused = cli(*job)
+    assert_one_line_error(refused, 2, "different config", "chat template prints (2026-11-01 -> 2026-11-02)")
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == committed
+
+    # On the day it started, the run resumes: every part carries that one date.
+    monkeypatch.setattr(job_module, "today_utc", lambda: dt.date(2026, 11, 1))
+    resumed = cli(*job)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "_manifest.json").read_text())["chat_date"] == "2026-11-01"
+    assert _totals(out)["rows_reused"] == 3 and len(_rows(out)) == 6
+
+
 @pytest.mark.parametrize(
     ("cache", "needle"),
     [
