@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from shardwise.flows.run import RunSummary, execute_run, prepare_run
-from shardwise.tasks.config.job import JobConfig, build_config
+from shardwise.flows.run import RunSummary, execute_run, plan_run, prepare_run
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.loading import build_config
 
 
 def job_config(job: JobConfig | Mapping[str, Any] | str | Path | None = None, /, **settings: Any) -> JobConfig:
@@ -41,18 +42,9 @@ def job_config(job: JobConfig | Mapping[str, Any] | str | Path | None = None, /,
 
 
 def plan(job: JobConfig | Mapping[str, Any] | str | Path | None = None, /, **settings: Any) -> Any:
-    """The forecast of running ``job`` (a :class:`~shardwise.tasks.forecasting.forecast.Forecast`):
+    """The forecast of running ``job`` (a :class:`~shardwise.tasks.forecasting.estimates.Forecast`):
     rows, shards, tokens, device-seconds and cost, low / expected / high. Writes nothing."""
-    from shardwise.gpu_runtime import resolve_model_spec
-    from shardwise.tasks.forecasting.forecast import make_forecast
-    from shardwise.tasks.planning.shards import plan_shards
-
-    cfg = job_config(job, **settings)
-    shards = plan_shards(cfg)
-    for spec, used in ((cfg.generate.model, cfg.runs_generation), (cfg.embed.model, cfg.runs_embedding)):
-        if used:
-            resolve_model_spec(spec)
-    return make_forecast(cfg, shards)
+    return plan_run(job_config(job, **settings))
 
 
 def run(job: JobConfig | Mapping[str, Any] | str | Path | None = None, /, **settings: Any) -> RunSummary:

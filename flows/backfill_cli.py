@@ -11,28 +11,17 @@ first partition refused or stopped by it ends the backfill (a rerun skips what f
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
-from shardwise.flows.cli import config_from_args, execute_with_summary
+from shardwise.flows import render
+from shardwise.flows.commands import run_job
+from shardwise.flows.flags import config_from_args
+from shardwise.flows.run import resolve_models
 from shardwise.tasks.errors import ConfigError, InputError, ShardwiseError
-from shardwise.tasks.forecasting.forecast import (
-    SAMPLE_ROWS,
-    Forecast,
-    format_forecast,
-    make_forecast,
-    over_budget,
-    sum_forecasts,
-)
-from shardwise.tasks.redaction import redact_text
+from shardwise.tasks.forecasting.estimates import Forecast, sum_forecasts
+from shardwise.tasks.forecasting.forecast import SAMPLE_ROWS, make_forecast, over_budget
 from shardwise.tasks.schedule.backfill import backfill_summary
 from shardwise.tasks.schedule.partitions import dated, partition_dates, partition_done
-
-
-def _out(text: str) -> None:
-    """Command output; paths in it come from the user, so with credentials redacted."""
-    print(redact_text(text))
 
 
 def plan_partitions(
@@ -60,48 +49,8 @@ def plan_partitions(
     return (sum_forecasts(forecasts) if forecasts else None), partitions
 
 
-def _resolve_models(cfg) -> None:
-    """A model that cannot be found fails the whole backfill once, before any partition."""
-    from shardwise.gpu_runtime import resolve_model_spec
-
-    if cfg.runs_generation:
-        resolve_model_spec(cfg.generate.model)
-    if cfg.runs_embedding:
-        resolve_model_spec(cfg.embed.model)
-
-
-def _print_plan(cfg, total: Forecast, partitions: list[dict[str, Any]], as_json: bool) -> None:
-    refusal = over_budget(cfg, total)
-    if as_json:
-        entries = [{k: (v.to_dict() if isinstance(v, Forecast) else v) for k, v in p.items()} for p in partitions]
-        print(
-            json.dumps(
-                {**total.to_dict(), "partitions": entries, "max_cost": cfg.max_cost, "refused": refusal}, indent=2
-            )
-        )
-        return
-    lines = [
-        "",
-        f"{'partition':<14}{'rows':>10}{'to compute':>12}{'device-s':>12}"
-        f"{f'cost ({total.currency})':>16}{'cost high':>14}",
-    ]
-    for p in partitions:
-        f = p.get("forecast")
-        if f is None:
-            lines.append(f"{'dt=' + p['date']:<14}  cannot run: {p['error']}")
-            continue
-        lines.append(
-            f"{'dt=' + p['date']:<14}{f.rows:>10}{f.rows_to_compute:>12}{f.device_seconds.expected:>12.1f}"
-            f"{f.cost.expected:>16.6f}{f.cost.high:>14.6f}"
-        )
-    _out("\n".join(lines))
-    _out(format_forecast(total, f"shardwise backfill plan, {len(partitions)} dates (nothing was run)"))
-    if refusal:
-        _out(f"\nbackfill would be refused: {refusal}")
-
-
 def _run_partitions(cfg, dates: list[str]) -> list[dict[str, Any]]:
-    from shardwise.tasks.compute.runners import shared_prefect_api
+    from shardwise.tasks.orchestration.task_runners import shared_prefect_api
 
     outcomes: list[dict[str, Any]] = []
     spent = 0.0
@@ -118,13 +67,13 @@ def _run_partitions(cfg, dates: list[str]) -> list[dict[str, Any]]:
                 continue
             if cfg.max_cost is not None:
                 day = day.model_copy(update={"max_cost": max(cfg.max_cost - spent, 0.0)})
-            print(f"shardwise: backfill: dt={date}", file=sys.stderr, flush=True)
+            render.notify(f"backfill: dt={date}")
             try:
-                code, summary, message = execute_with_summary(day)
+                summary = run_job(day)
+                code, cost, message = summary.exit_code, summary.cost, summary.message
             except ShardwiseError as err:  # this partition's bad input or storage; the others go on
-                print(redact_text(f"shardwise: error: dt={date}: {err}"), file=sys.stderr, flush=True)
-                code, summary, message = err.exit_code, None, str(err)
-            cost = float(summary.get("cost", 0.0)) if summary else 0.0
+                render.error(f"dt={date}: {err}")
+                code, cost, message = err.exit_code, 0.0, str(err)
             spent += cost
             outcomes.append(
                 {**outcome, "status": {0: "ran", 4: "held"}.get(code, "failed"), "cost": cost, "message": message}
@@ -137,33 +86,21 @@ def _run_partitions(cfg, dates: list[str]) -> list[dict[str, Any]]:
 def cmd_backfill(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     dates = partition_dates(args.start, args.end)
-    _resolve_models(cfg)
+    resolve_models(cfg)  # a model that cannot be found fails the whole backfill once, before any partition
     if args.plan or cfg.max_cost is not None:
         total, partitions = plan_partitions(cfg, dates, args.sample_rows or SAMPLE_ROWS, args.calibrate)
         if args.plan:
             if total is None:
-                _print_plan_errors(partitions)
+                render.backfill_plan_errors(partitions)
                 raise ConfigError(f"no partition from {dates[0]} to {dates[-1]} can be planned")
-            _print_plan(cfg, total, partitions, args.json)
+            render.backfill_plan(total, partitions, cfg.max_cost, over_budget(cfg, total), args.json)
             return 0
         refusal = over_budget(cfg, total)
         if refusal:
             raise ConfigError(f"backfill {dates[0]} to {dates[-1]}: {refusal}")
     outcomes = _run_partitions(cfg, dates)
     summary, message = backfill_summary(outcomes)
-    _out("")
-    _out("shardwise backfill summary")
-    for o in outcomes:
-        cost = f"  cost {o['cost']:.6f}" if "cost" in o else ""
-        _out(
-            f"  dt={o['date']:<12}{o['status']:<12}{o['output']}{cost}" + (f"  {o['message']}" if o["message"] else "")
-        )
-    _out(message)
+    render.backfill_summary(outcomes, message)
     if summary["failed"] or summary.get("not started"):
         return 1
     return 4 if summary.get("held") else 0  # held by the quality gate: written, not published
-
-
-def _print_plan_errors(partitions: list[dict[str, Any]]) -> None:
-    for p in partitions:
-        _out(f"dt={p['date']}: cannot run: {p['error']}")

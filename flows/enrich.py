@@ -1,6 +1,7 @@
 """The ``enrich`` flow: plan shards -> one task per shard -> commit -> report.
 
-Orchestration only; every step is a task in ``tasks/`` over a plain function.
+Orchestration only; every step is a task of ``shardwise.tasks.orchestration.steps`` over a plain
+function of the packages under ``tasks/``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from shardwise.tasks.compute.handoff import job_from_parameters, plan_from_parameters
-from shardwise.tasks.compute.runners import (
-    ShardThreadPool,
-    finished_in_turn,
-    shard_placement,
-    shard_tags,
-    shard_task_runner,
-    worker_count,
-)
-from shardwise.tasks.compute.shard_work import process_shard
+from shardwise.tasks.compute.runners import finished_in_turn, worker_count
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.forecasting.budget import (
     BudgetGuard,
@@ -32,24 +25,35 @@ from shardwise.tasks.forecasting.budget import (
     shard_capacity,
     unstarted,
 )
-from shardwise.tasks.forecasting.forecast import Forecast, forecast_task, log_computed, log_forecast, over_budget
-from shardwise.tasks.output.manifest import commit_output_task, publish_part, start_output_task, unchanged_outcome
-from shardwise.tasks.output.resume import find_committed_task, prepare_output_task
-from shardwise.tasks.output.verdict import QualityVerdict, published_quality
-from shardwise.tasks.planning.shards import ShardPlan, plan_shards_task
-from shardwise.tasks.quality.gate import assess_task, log_verdict_task, run_canaries_task
-from shardwise.tasks.records.results import ShardResult
-from shardwise.tasks.redaction import install_log_redaction, redact_text
-from shardwise.tasks.storage.output_dir import Fence, OutputDir
-from shardwise.tasks.tracking.reporting import ProgressUpdates, price_for, report_task, start_progress
-from shardwise.tasks.tracking.runs import (
-    end_orphaned_run,
-    ended_on_error,
-    log_shard,
-    log_timings,
-    prompt_hash,
+from shardwise.tasks.forecasting.estimates import Forecast
+from shardwise.tasks.forecasting.forecast import over_budget
+from shardwise.tasks.forecasting.history import log_computed, log_forecast
+from shardwise.tasks.orchestration.artifacts import ProgressUpdates, start_progress
+from shardwise.tasks.orchestration.interrupts import ended_on_error
+from shardwise.tasks.orchestration.steps import (
+    assess_task,
+    commit_output_task,
+    find_committed_task,
+    forecast_task,
+    log_verdict_task,
+    plan_shards_task,
+    prepare_output_task,
+    process_shard,
+    report_task,
+    run_canaries_task,
+    start_output_task,
     start_tracking_task,
 )
+from shardwise.tasks.orchestration.task_runners import ShardThreadPool, shard_placement, shard_tags, shard_task_runner
+from shardwise.tasks.output.manifest import publish_part, unchanged_outcome
+from shardwise.tasks.output.verdict import QualityVerdict, published_quality
+from shardwise.tasks.planning.shards import ShardPlan
+from shardwise.tasks.records.results import ShardResult
+from shardwise.tasks.redaction import install_log_redaction, redact_text
+from shardwise.tasks.storage.lease import Fence
+from shardwise.tasks.storage.output_dir import OutputDir
+from shardwise.tasks.tracking.reporting import price_for
+from shardwise.tasks.tracking.runs import end_orphaned_run, log_shard, log_timings, prompt_hash
 from shardwise.tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
 
 

@@ -1,11 +1,14 @@
-"""One run of a job, as the command line and the Python API both do it: prepare, then the flow.
+"""One run of a job, as the command line, the Python API and the ``enrich-partition`` deployment
+all do it: prepare, then the flow.
 
 :func:`prepare_run` does everything that can fail fast, before Prefect starts or a model loads
 (the output's location and lease, the shard plan, the config against what the output holds, the
 models' specs, the quality settings, the forecast and its budget, the write check) and returns a
-:class:`PreparedRun`; :func:`execute_run` runs the ``enrich`` flow on it and returns a
-:class:`RunSummary`. Neither prints: what people read goes through ``notify`` (the command line
-passes one that writes to stderr; by default it is this module's logger).
+:class:`PreparedRun`; :func:`execute_run` runs the ``enrich`` flow on it (with
+:func:`flow_arguments`, as the deployment's flow does) and returns a :class:`RunSummary`.
+:func:`plan_run` is the forecast alone, for ``shardwise plan`` and ``shardwise.plan``. None of
+them prints: what people read goes through ``notify`` (the command line passes one that writes to
+stderr, the deployment its run logger; by default it is this module's logger).
 """
 
 from __future__ import annotations
@@ -93,7 +96,6 @@ class RunSummary:
 def prepare_run(cfg: Any, notify: Notify | None = None) -> PreparedRun:
     """Check ``cfg`` and plan it, before anything is written (the write check comes last, after a
     budget refusal could still stop the run); raises ``ConfigError``/``InputError``/``StorageError``."""
-    from shardwise.gpu_runtime import resolve_model_spec
     from shardwise.tasks.compute.runners import check_engine_settings
     from shardwise.tasks.output.resume import check_output_compatible, check_output_location
     from shardwise.tasks.planning.shards import plan_shards
@@ -107,19 +109,40 @@ def prepare_run(cfg: Any, notify: Notify | None = None) -> PreparedRun:
     OutputDir(cfg.output, cfg.storage_options).check_lease_free(cfg.lease_timeout_s)
     plan = plan_shards(cfg)
     check_output_compatible(cfg)
-    if cfg.runs_generation:
-        resolve_model_spec(cfg.generate.model)
-    if cfg.runs_embedding:
-        resolve_model_spec(cfg.embed.model)
+    resolve_models(cfg)
     check_quality_settings(cfg)
     forecast = run_forecast(cfg, plan, notify or logger.info)
     check_writable(cfg.output, cfg.storage_options)
     return PreparedRun(cfg, plan, forecast, time.perf_counter() - started)
 
 
+def resolve_models(cfg: Any) -> None:
+    """Find the models the job uses (``ModelNotFoundError`` names one that is not there)."""
+    from shardwise.gpu_runtime import resolve_model_spec
+
+    if cfg.runs_generation:
+        resolve_model_spec(cfg.generate.model)
+    if cfg.runs_embedding:
+        resolve_model_spec(cfg.embed.model)
+
+
+def plan_run(cfg: Any, sample_rows: int | None = None, calibrate_rows: int = 0) -> Any:
+    """The forecast of running ``cfg`` (a ``Forecast``), as ``shardwise plan`` shows it: reads the
+    inputs' footers, tokenizers and MLflow history; writes nothing. ``sample_rows`` rows are
+    tokenized (default ``SAMPLE_ROWS``); ``calibrate_rows`` > 0 loads the model and answers that
+    many sampled rows when there is no earlier run to learn from."""
+    from shardwise.tasks.forecasting.forecast import SAMPLE_ROWS, make_forecast
+    from shardwise.tasks.planning.shards import plan_shards
+
+    plan = plan_shards(cfg)
+    resolve_models(cfg)
+    return make_forecast(cfg, plan, sample_rows=sample_rows or SAMPLE_ROWS, calibrate_rows=calibrate_rows)
+
+
 def run_forecast(cfg: Any, plan: Any, notify: Notify) -> Any:
     """The run's forecast, told through ``notify``; refuses (ConfigError) a job whose high end
     exceeds ``max_cost``. Without ``max_cost`` a forecast that cannot be made is only a warning."""
+    from shardwise.flows.render import format_forecast_line
     from shardwise.tasks.errors import ConfigError
     from shardwise.tasks.forecasting.forecast import make_forecast, over_budget, run_sample_rows
 
@@ -137,36 +160,30 @@ def run_forecast(cfg: Any, plan: Any, notify: Notify) -> Any:
     return forecast
 
 
-def format_forecast_line(forecast: dict[str, Any] | Any) -> str:
-    data = forecast if isinstance(forecast, dict) else forecast.to_dict()
-    cost, seconds = data["cost"], data["device_seconds"]
-    tokens = data.get("generated_tokens") or data.get("embedded_tokens") or {}
-    return (
-        f"{data['rows_to_compute']} rows to compute, "
-        f"{tokens.get('expected', 0):.0f} {'generated' if data.get('generated_tokens') else 'embedded'} tokens, "
-        f"{seconds['expected']:.1f}s device time ({seconds['low']:.1f}-{seconds['high']:.1f}), "
-        f"cost {cost['expected']:.6f} {data['currency']} ({cost['low']:.6f}-{cost['high']:.6f})"
-    )
+def flow_arguments(prepared: PreparedRun) -> dict[str, Any]:
+    """The ``enrich`` flow's arguments for a prepared run: its public config with the plan made
+    (held in this process: ``flow_parameters``) and the forecast ``max_cost`` was checked against."""
+    from shardwise.tasks.compute.handoff import flow_parameters
+
+    forecast = prepared.forecast
+    return {"job": flow_parameters(prepared.cfg, prepared.plan), "forecast": forecast.to_dict() if forecast else None}
 
 
 def execute_run(prepared: PreparedRun, notify: Notify | None = None) -> RunSummary:
     """Run the ``enrich`` flow on a prepared run (a temporary Prefect server is started when no
     ``PREFECT_API_URL`` is set) and sum it up."""
     from shardwise.flows.enrich import enrich_for
-    from shardwise.tasks.compute.handoff import flow_parameters
-    from shardwise.tasks.compute.runners import shared_prefect_api
+    from shardwise.tasks.orchestration.task_runners import shared_prefect_api
     from shardwise.tasks.redaction import redact_text
     from shardwise.tasks.tracking.runs import log_timings
 
     notify = notify or logger.info
-    cfg, plan, forecast = prepared.cfg, prepared.plan, prepared.forecast
+    cfg, plan = prepared.cfg, prepared.plan
     notify(f"{plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards")
     server_started = time.perf_counter()
     with shared_prefect_api():
         server_seconds = time.perf_counter() - server_started  # the temporary server's start-up, if any
-        state = enrich_for(cfg)(
-            job=flow_parameters(cfg, plan), forecast=forecast.to_dict() if forecast else None, return_state=True
-        )
+        state = enrich_for(cfg)(**flow_arguments(prepared), return_state=True)
     result = state.result(raise_on_failure=False)
     if not isinstance(result, dict):
         reason = f"{type(result).__name__}: {result}" if isinstance(result, BaseException) else state.message
@@ -184,4 +201,13 @@ def execute_run(prepared: PreparedRun, notify: Notify | None = None) -> RunSumma
     return RunSummary.of(result, 1, redact_text(state.message or "some shards failed"), cfg.output)
 
 
-__all__ = ["PreparedRun", "RunSummary", "execute_run", "format_forecast_line", "prepare_run", "run_forecast"]
+__all__ = [
+    "PreparedRun",
+    "RunSummary",
+    "execute_run",
+    "flow_arguments",
+    "plan_run",
+    "prepare_run",
+    "resolve_models",
+    "run_forecast",
+]

@@ -1,6 +1,6 @@
 """Flows behind the deployments in ``prefect.yaml``: one date partition, the nightly run, backfills.
 
-enrich-partition: partition config -> skip if complete -> enrich (as a subflow)
+enrich-partition: partition config -> skip if complete -> prepare (as ``shardwise run`` does) -> enrich (as a subflow)
 nightly-enrich:   partition date from the scheduled start -> enrich-partition
 backfill:         dates -> one enrich-partition deployment run per date (idempotent) -> report
 """
@@ -16,8 +16,12 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from shardwise.flows.enrich import enrich_for
-from shardwise.tasks.compute.handoff import flow_parameters
-from shardwise.tasks.schedule.backfill import backfill_summary, run_partition_task
+from shardwise.flows.run import flow_arguments, prepare_run
+from shardwise.gpu_runtime.errors import ModelNotFoundError
+from shardwise.tasks.errors import ShardwiseError
+from shardwise.tasks.orchestration.steps import run_partition_task
+from shardwise.tasks.redaction import redact_text
+from shardwise.tasks.schedule.backfill import backfill_summary
 from shardwise.tasks.schedule.partitions import nightly_date, partition_config, partition_dates, partition_done
 
 PARTITION_DEPLOYMENT = "enrich-partition/enrich-partition"
@@ -25,13 +29,23 @@ PARTITION_DEPLOYMENT = "enrich-partition/enrich-partition"
 
 @flow(name="enrich-partition", flow_run_name="dt={date}")
 def enrich_partition(job: str | dict[str, Any], date: str):
-    """Enrich one ``dt=YYYY-MM-DD`` partition of a job; a complete partition is left alone."""
+    """Enrich one ``dt=YYYY-MM-DD`` partition of a job; a complete partition is left alone. The
+    run is prepared as ``shardwise run`` prepares it (checks, plan, forecast and ``max_cost``,
+    write check: :func:`~shardwise.flows.run.prepare_run`); a check that refuses it fails this run
+    with its message, before the ``enrich`` flow starts."""
+    logger = get_run_logger()
     cfg = partition_config(job, date)
     if partition_done(cfg):
-        get_run_logger().info("%s is already complete with this config: nothing to do", cfg.output)
+        logger.info("%s is already complete with this config: nothing to do", cfg.output)
         return Completed(message=f"dt={date} already complete", data={"output": cfg.output, "skipped": True})
+    try:
+        prepared = prepare_run(cfg, logger.info)
+    except (ShardwiseError, ModelNotFoundError) as err:
+        message = redact_text(str(err))
+        logger.error("dt=%s cannot run: %s", date, message)
+        return Failed(message=message)
     # The full config (the job file's storage_options too) reaches the subflow in this process.
-    return with_own_message(enrich_for(cfg)(job=flow_parameters(cfg), return_state=True))
+    return with_own_message(enrich_for(cfg)(**flow_arguments(prepared), return_state=True))
 
 
 def with_own_message(state: Any) -> Any:

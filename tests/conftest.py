@@ -28,6 +28,14 @@ import pytest  # noqa: E402
 from shardwise.tasks.records.demo_data import write_reviews_dataset  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """Prefect's logging set up now, on the real stderr: set up on first use instead, inside a test
+    that captures output, its console handlers would keep writing to that test's closed stream."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
@@ -135,3 +143,4 @@ def reviews_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "reviews"
     write_reviews_dataset(str(directory), files=3, rows_per_file=10, rows_per_group=4)
     return directory
+

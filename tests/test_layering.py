@@ -1,7 +1,9 @@
 """The import rule that keeps the architecture readable: flows -> tasks -> gpu_runtime, and inside
 ``tasks`` each package imports only from itself and the packages below it (the order here is the
-order of a run's data: storage and config at the bottom, scheduling at the top). Every import of
-the project's own code goes through the one installed namespace, ``shardwise``."""
+order of a run's data: storage and config at the bottom, scheduling above them all, and the
+orchestration package, the only one that imports Prefect, on top). MLflow is imported by one
+module. Every import of the project's own code goes through the one installed namespace,
+``shardwise``."""
 
 from __future__ import annotations
 
@@ -22,7 +24,13 @@ TASK_LAYERS = [
     "quality",
     "forecasting",
     "schedule",
+    "orchestration",
 ]
+# The package that holds everything Prefect (tasks, task runners, artifacts, deployment runs).
+ORCHESTRATION = "orchestration"
+FRAMEWORK_IMPORTS = {"prefect", "prefect_ray"}
+# The one module that talks to the MLflow tracking store.
+MLFLOW_STORE = "shardwise.tasks.tracking.mlflow_store"
 
 
 def imported_modules(source: Path) -> list[str]:
@@ -50,6 +58,31 @@ def module_name(source: Path) -> str:
 def test_every_tasks_package_has_a_layer():
     packages = {p.name for p in (ROOT / "tasks").iterdir() if (p / "__init__.py").exists()}
     assert packages == set(TASK_LAYERS) - {""}
+    assert TASK_LAYERS[-1] == ORCHESTRATION, "nothing in tasks/ may import the orchestration package"
+
+
+def test_only_the_orchestration_package_imports_prefect():
+    """Steps are plain functions; their Prefect tasks, runners and artifacts live in one package."""
+    offenders = [
+        f"{module_name(source)} imports {target}"
+        for source in (ROOT / "tasks").rglob("*.py")
+        if task_package(module_name(source)) != ORCHESTRATION
+        for target in imported_modules(source)
+        if target.split(".")[0] in FRAMEWORK_IMPORTS
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_only_the_mlflow_store_imports_mlflow():
+    offenders = [
+        f"{source.relative_to(ROOT)} imports {target}"
+        for folder in ("tasks", "flows")
+        for source in (ROOT / folder).rglob("*.py")
+        if module_name(source) != MLFLOW_STORE
+        for target in imported_modules(source)
+        if target.split(".")[0] == "mlflow"
+    ]
+    assert not offenders, "\n".join(offenders)
 
 
 def test_tasks_packages_import_only_downward():

@@ -18,8 +18,9 @@ import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "").lower()]
 sys.path.insert(0, {wheel!r})
 import importlib.util, shardwise, shardwise.flows.cli as cli, shardwise.tasks.config.prices as prices
+import shardwise.flows.commands as commands
 assert shardwise.__file__.startswith({wheel!r}), shardwise.__file__
-assert cli.DEMO_CONFIG.is_file(), cli.DEMO_CONFIG
+assert commands.DEMO_CONFIG.is_file(), commands.DEMO_CONFIG
 assert prices.PRICES_FILE.is_file(), prices.PRICES_FILE
 assert importlib.util.find_spec("tasks") is None and importlib.util.find_spec("flows") is None
 try:

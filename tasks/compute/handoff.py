@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shardwise.tasks.config.job import JobConfig, validate_config
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.loading import validate_config
 from shardwise.tasks.errors import ConfigError
 from shardwise.tasks.planning.shards import ShardPlan
 from shardwise.tasks.redaction import REDACTED

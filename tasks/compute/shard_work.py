@@ -1,8 +1,9 @@
-"""One shard end to end: read its rows, run the engines, write its part. Plain function + Prefect task.
+"""One shard end to end: read its rows, run the engines, write its part.
 
 Models come from ``gpu_runtime``'s per-process cache, so a worker loads each model once however
 many shards it processes. Bad data (an ``InputError``) fails the shard at once; anything else (a
-storage hiccup, an engine crash) is retried by Prefect.
+storage hiccup, an engine crash) is retried by the shard task
+(:func:`shardwise.tasks.orchestration.steps.process_shard`).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-
-from prefect import task
 
 from shardwise.tasks.compute.runners import worker_label
 from shardwise.tasks.config.job import JobConfig
@@ -22,10 +21,9 @@ from shardwise.tasks.planning.shards import Shard
 from shardwise.tasks.records.enrichment import enrich_table, invalid_utf8_rows
 from shardwise.tasks.records.profile import shard_profile
 from shardwise.tasks.records.results import RowIds, ShardResult
-from shardwise.tasks.records.row_cache import shard_cache
+from shardwise.tasks.records.shard_cache import shard_cache
 from shardwise.tasks.records.shard_io import read_shard, write_part
 from shardwise.tasks.redaction import install_log_redaction
-from shardwise.tasks.retry_policy import retry_unless_bad_input
 
 
 def device_lock(device: str | None):
@@ -100,7 +98,7 @@ def input_columns(cfg: JobConfig) -> list[str] | None:
 
 def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: str) -> ShardResult:
     """Process one shard and write its part under ``staging`` (the run's fenced staging directory,
-    see :class:`~shardwise.tasks.storage.output_dir.Fence`), for the lease holder to publish; raises on failure."""
+    see :class:`~shardwise.tasks.storage.lease.Fence`), for the lease holder to publish; raises on failure."""
     install_log_redaction()  # this may be a worker process, with logging handlers of its own
     generator, embedder = load_engines(cfg)
     check_engine_weights(cfg, {"generate": generator, "embed": embedder})
@@ -192,14 +190,3 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: st
         quality=quality,
         ids=RowIds(table.column(cfg.id_column)),
     )
-
-
-@task(
-    name="enrich-shard",
-    task_run_name="{shard.name}",
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_unless_bad_input,
-)
-def process_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: str) -> ShardResult:
-    return run_shard(shard, cfg, lineage, staging)

@@ -1,2 +1,3 @@
-"""What a run will cost before it starts, the cost ceiling while it runs, and the calibration
-run that measures a job without history."""
+"""What a run will cost before it starts (sampled token counts, earlier runs' figures, the
+forecast's arithmetic), the cost ceiling while it runs, and the calibration run that measures a
+job without history."""

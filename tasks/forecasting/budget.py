@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from prefect.futures import PrefectFuture
+from typing import Any, TypeVar
 
 from shardwise.tasks.planning.shards import Shard
 from shardwise.tasks.records.results import ShardResult
+
+# A task runner's future for one shard: anything with ``add_done_callback`` (see finished_in_turn).
+Future = TypeVar("Future")
 
 
 @dataclass
@@ -78,16 +79,16 @@ class BudgetGuard:
 
 
 def budgeted_completions(
-    submit: Callable[[Shard], PrefectFuture],
+    submit: Callable[[Shard], Future],
     shards: list[Shard],
     guard: BudgetGuard,
     capacity: int,
-) -> Iterator[tuple[PrefectFuture, Shard]]:
+) -> Iterator[tuple[Future, Shard]]:
     """Submit up to ``capacity`` shards at a time while ``guard`` allows; yield each as it finishes.
 
     The caller must call ``guard.finished`` for every yielded shard before asking for the next."""
     queue = list(shards)
-    running: dict[PrefectFuture, Shard] = {}
+    running: dict[Future, Shard] = {}
 
     def fill() -> None:
         while queue and len(running) < capacity and not guard.stopped and guard.may_start(queue[0]):
@@ -142,7 +143,7 @@ class ProgressMeter:
 
 
 def forecast_from(data: dict[str, Any] | None) -> Any:
-    from shardwise.tasks.forecasting.forecast import Forecast
+    from shardwise.tasks.forecasting.estimates import Forecast
 
     return Forecast.from_dict(data) if data else None
 

@@ -54,7 +54,8 @@ class Calibration:
 def calibrate(cfg: JobConfig, shards: list[Shard], rows: int) -> Calibration:
     """Answer up to ``rows`` rows with text from ``shards`` (read in the order given) and measure."""
     from shardwise.tasks.compute.shard_work import input_columns, load_engines
-    from shardwise.tasks.records.enrichment import clean_text, generation_params, render_prompts
+    from shardwise.tasks.records.engine_inputs import generation_params, render_prompts
+    from shardwise.tasks.records.enrichment import clean_text
     from shardwise.tasks.records.shard_io import read_shard
 
     prompts: list[str] = []

@@ -6,7 +6,7 @@ every planned shard's part is published, confirmed to be the very part this run 
 ``running`` and lists the planned shards, so ``shardwise status`` can report progress.
 
 Every write here that readers can see (the manifest, a part moved out of staging, ``_SUCCESS``)
-is preceded by a check that this run's :class:`~shardwise.tasks.storage.output_dir.Fence` still holds the
+is preceded by a check that this run's :class:`~shardwise.tasks.storage.lease.Fence` still holds the
 lease, so a run that lost it publishes nothing more.
 """
 
@@ -20,7 +20,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from prefect import task
 
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.errors import StorageError
@@ -28,8 +27,9 @@ from shardwise.tasks.faults import crash_point
 from shardwise.tasks.output.verdict import QualityVerdict, write_verdict
 from shardwise.tasks.planning.shards import ShardPlan
 from shardwise.tasks.records.results import RunTotals, ShardResult
-from shardwise.tasks.retry_policy import retry_unless_bad_input
-from shardwise.tasks.storage.output_dir import MANIFEST_NAME, Fence, OutputDir, part_name
+from shardwise.tasks.storage.lease import Fence
+from shardwise.tasks.storage.output_dir import OutputDir
+from shardwise.tasks.storage.output_layout import MANIFEST_NAME, part_name
 
 MANIFEST_FORMAT = "shardwise-manifest/1"
 
@@ -249,23 +249,6 @@ def remove_stray_parts(cfg: JobConfig, plan: ShardPlan) -> list[str]:
     shardwise did not write are never touched."""
     output = OutputDir(cfg.output, cfg.storage_options)
     return output.remove_own_parts(keep={s.part_name for s in plan.shards})
-
-
-@task(name="start-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
-def start_output_task(cfg: JobConfig, plan: ShardPlan, run_info: dict[str, Any], fence: Fence) -> None:
-    start_output(cfg, plan, run_info, fence)
-
-
-@task(name="commit-output", retries=3, retry_delay_seconds=[2, 5, 10], retry_condition_fn=retry_unless_bad_input)
-def commit_output_task(
-    cfg: JobConfig,
-    plan: ShardPlan,
-    results: list[ShardResult],
-    run_info: dict[str, Any],
-    fence: Fence,
-    verdict: QualityVerdict | None = None,
-) -> CommitOutcome:
-    return commit_output(cfg, plan, results, run_info, fence, verdict)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
 from shardwise.tasks.config.job import EXECUTION_KNOBS, FINGERPRINT_SETTINGS, JobConfig
 from shardwise.tasks.config.output_schema import canonical_schema_text
@@ -22,9 +21,10 @@ from shardwise.tasks.errors import ConfigError, StorageError
 from shardwise.tasks.planning.shards import Shard, ShardPlan
 from shardwise.tasks.records.results import RowIds, ShardResult
 from shardwise.tasks.redaction import redact_values
-from shardwise.tasks.retry_policy import retry_unless_bad_input
 from shardwise.tasks.storage.fs import is_storage_failure, is_transient, with_storage_retries
-from shardwise.tasks.storage.output_dir import LINEAGE_PREFIX, OutputDir, check_separate, location_relation
+from shardwise.tasks.storage.locations import check_separate, location_relation
+from shardwise.tasks.storage.output_dir import OutputDir
+from shardwise.tasks.storage.output_layout import LINEAGE_PREFIX
 
 
 def _differs(name: str, old: Any, new: Any) -> bool:
@@ -231,8 +231,7 @@ def published_manifest(cfg: JobConfig, plan: ShardPlan, committed: list[ShardRes
     return manifest
 
 
-@task(name="find-committed", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
-def find_committed_task(cfg: JobConfig, plan: ShardPlan) -> tuple[list[ShardResult], dict[str, Any] | None]:
+def committed_and_published(cfg: JobConfig, plan: ShardPlan) -> tuple[list[ShardResult], dict[str, Any] | None]:
     """The committed shards, and the published manifest when the run has nothing to change."""
     committed = find_committed(cfg, plan)
     return committed, published_manifest(cfg, plan, committed)
@@ -247,8 +246,3 @@ def prepare_output(cfg: JobConfig) -> None:
         output.clear()
         return
     output.remove_debris()
-
-
-@task(name="prepare-output", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
-def prepare_output_task(cfg: JobConfig) -> None:
-    prepare_output(cfg)

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shardwise.tasks.storage.output_dir import HOLD_NAME, QUALITY_NAME, OutputDir
+from shardwise.tasks.storage.output_dir import OutputDir
+from shardwise.tasks.storage.output_layout import HOLD_NAME, QUALITY_NAME
 
 if TYPE_CHECKING:
     pass

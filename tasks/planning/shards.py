@@ -22,12 +22,10 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
-from prefect import task
 
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.config.output_columns import collision_message
 from shardwise.tasks.errors import InputError, StorageError
-from shardwise.tasks.retry_policy import retry_unless_bad_input
 from shardwise.tasks.storage.fs import filesystem, full_uri
 
 STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
@@ -65,7 +63,7 @@ class Shard:
 
     @property
     def part_name(self) -> str:
-        from shardwise.tasks.storage.output_dir import part_name
+        from shardwise.tasks.storage.output_layout import part_name
 
         return part_name(self.shard_id)
 
@@ -329,8 +327,3 @@ def plan_shards(cfg: JobConfig) -> ShardPlan:
     for file in files:
         shards.extend(split_file(file, cfg.rows_per_shard, first_index=len(shards)))
     return ShardPlan(files=tuple(files), shards=tuple(shards), unreadable=tuple(unreadable))
-
-
-@task(name="plan-shards", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
-def plan_shards_task(cfg: JobConfig) -> ShardPlan:
-    return plan_shards(cfg)

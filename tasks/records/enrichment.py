@@ -6,7 +6,6 @@ and every other row is processed. One output row per input row, in input order.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -16,11 +15,12 @@ import pyarrow as pa
 
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.config.output_columns import GENERATION_FIELDS, enrichment_fields
-from shardwise.tasks.config.output_schema import parse_generated, schema_text
+from shardwise.tasks.config.output_schema import parse_generated
+from shardwise.tasks.records.engine_inputs import generation_params, render_prompts
 
 if TYPE_CHECKING:  # engines are loaded by the shard task; this module only needs their interface
-    from shardwise.gpu_runtime import EmbeddingEngine, GenerationEngine, GenerationParams
-    from shardwise.tasks.records.row_cache import ShardCache
+    from shardwise.gpu_runtime import EmbeddingEngine, GenerationEngine
+    from shardwise.tasks.records.shard_cache import ShardCache
 
 # C0/C1 control characters except tab, newline and carriage return; lone surrogates from bad UTF-8.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -104,38 +104,6 @@ class EnrichStats:
     cached_prompt_tokens: int = 0
     cached_generated_tokens: int = 0
     cached_embedded_tokens: int = 0
-
-
-def render_prompts(cfg: JobConfig, table: pa.Table, texts: list[str | None], rows: list[int]) -> list[str]:
-    """The prompt template filled in for each row index in ``rows``, with that row's cleaned text
-    from ``texts``; the one place prompts are rendered, so what ``plan`` counts is what runs."""
-    from shardwise.gpu_runtime import render_prompt, template_fields
-
-    values = table.select(template_fields(cfg.template)).to_pylist()
-    prompts = []
-    for i in rows:
-        fields = {k: ("" if v is None else v) for k, v in values[i].items()}
-        fields[cfg.text_column] = texts[i]
-        prompts.append(render_prompt(cfg.template, fields))
-    return prompts
-
-
-def generation_params(cfg: JobConfig, chat_date: dt.date | str | None = None) -> GenerationParams:
-    """The engine's decoding settings for ``cfg`` (``chat_date`` as in :func:`enrich_table`).
-
-    Every field ``GenerationParams`` shares with ``GenerateConfig`` is carried by name, so a new
-    decoding setting needs no copying here; only the fields whose form differs are converted."""
-    from shardwise.gpu_runtime import GenerationParams
-
-    g = cfg.generate
-    shared = {f.name for f in dataclasses.fields(GenerationParams)} & set(type(g).model_fields)
-    values = {name: getattr(g, name) for name in shared}
-    values.update(
-        chat_template_kwargs=dict(g.chat_template_kwargs) or None,
-        chat_date=g.chat_date or (dt.date.fromisoformat(chat_date) if isinstance(chat_date, str) else chat_date),
-        output_schema=schema_text(g.output_schema) if g.output_schema is not None else None,
-    )
-    return GenerationParams(**values)
 
 
 def enrich_table(

@@ -1,15 +1,5 @@
 """A content-addressed cache of computed rows, so a rerun over mostly unchanged data pays only for
-what changed.
-
-A row's key hashes everything that produced its value and nothing else (not its id, file or
-position): for generation the prompt the engine receives (the row's prompt wrapped by the model's
-chat template with the system prompt, the template variables and the run's date, as
-:func:`shardwise.gpu_runtime.prompts.build_chat` renders it), the model's weights identity, the engine and
-device/dtype, the output schema in its property order, and every decoding setting that changes
-values; for embeddings the cleaned text, the model's weights identity, device/dtype and the prompt
-name. Settings that only may change the prompt (a date a template does not print) are not keyed on
-themselves: the rendered prompt shows whether they did. See :func:`generation_keys` and
-:func:`embedding_context`.
+what changed. Its keys are made in :mod:`shardwise.tasks.records.row_cache_keys`.
 
 Layout under the cache URI (any fsspec URI; one cache may be shared by many jobs and workers)::
 
@@ -27,28 +17,21 @@ make a run cheaper, never fail it.
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import hashlib
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shardwise.tasks.records.row_cache_keys import LAYOUT
 from shardwise.tasks.storage.fs import TEMP_PREFIX, atomic_write_bytes, filesystem, join
-
-if TYPE_CHECKING:
-    from shardwise.gpu_runtime import EmbeddingEngine, EmbeddingOutput, Generation, GenerationEngine, GenerationParams
-    from shardwise.tasks.config.job import JobConfig
 
 logger = logging.getLogger("shardwise.cache")
 
-LAYOUT = "v1"
 KINDS = ("generate", "embed")
 PREFIX_DIGITS = 1  # 16 partitions: a shard's keys touch them all, so more only means more small files
 # A partition holding more files than this is merged into one after a shard's add: lookup time
@@ -75,106 +58,6 @@ ENTRY_SCHEMAS = {
         ]
     ),
 }
-
-
-# --------------------------------------------------------------------------------------------
-# Keys
-# --------------------------------------------------------------------------------------------
-
-
-def _sha(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(spec: str) -> Any:
-    """A model spec's tokenizer (tokenizer files only), loaded once per process."""
-    from shardwise.gpu_runtime.token_count import load_tokenizer
-
-    return load_tokenizer(spec)
-
-
-def _device_and_dtype(cfg: JobConfig) -> str:
-    """Where values are computed changes them (fp32 on CPU, bf16 on CUDA)."""
-    from shardwise.gpu_runtime import default_dtype, select_device
-
-    device = select_device(cfg.device)
-    return f"{device.type}/{default_dtype(device)}"
-
-
-def generation_context(cfg: JobConfig) -> str:
-    """Hash of every generation input shared by a job's rows besides the prompt, which each row's
-    key adds as the engine receives it (:func:`generation_keys`). The system prompt, the chat
-    template, its variables and the date are in that prompt, so they are not here."""
-    from shardwise.tasks.config.output_schema import canonical_schema_text
-
-    g = cfg.generate
-    return _sha(
-        {
-            "layout": LAYOUT,
-            "model": cfg.model_identities()["generate"],
-            "engine": cfg.generation_engine(),
-            "device": _device_and_dtype(cfg),
-            "max_new_tokens": g.max_new_tokens,
-            "max_input_tokens": g.max_input_tokens,
-            "temperature": g.temperature,
-            "top_p": g.top_p,
-            "seed": g.seed,
-            "ignore_eos": g.ignore_eos,
-            # as text: _sha sorts keys, and the answers follow the properties' order
-            "output_schema": None if g.output_schema is None else canonical_schema_text(g.output_schema),
-        }
-    )
-
-
-def engine_prompts(tokenizer: Any, prompts: list[str], params: GenerationParams) -> list[str]:
-    """Each row's prompt as the generation engine receives it: wrapped by the chat template with
-    the system prompt, the template variables and the date of ``params`` (before tokenizing and
-    truncating, which ``max_input_tokens`` and the model decide)."""
-    from shardwise.gpu_runtime.prompts import build_chat
-
-    return [
-        build_chat(
-            tokenizer,
-            prompt,
-            params.system_prompt,
-            template_kwargs=params.chat_template_kwargs,
-            date=params.chat_date,
-        )
-        for prompt in prompts
-    ]
-
-
-def generation_keys(
-    context: str, prompts: list[str], params: GenerationParams, spec: str, tokenizer: Any = None
-) -> list[str]:
-    """One key per row prompt: the context (:func:`generation_context`) and the prompt as the
-    engine receives it, rendered with ``spec``'s tokenizer unless ``tokenizer`` is given."""
-    return row_keys(context, engine_prompts(tokenizer or _tokenizer(spec), prompts, params))
-
-
-def embedding_context(cfg: JobConfig) -> str:
-    """Hash of every embedding input shared by a job's rows; a row's key adds its cleaned text.
-    Truncation length and normalisation belong to the model, so its weights identity covers them."""
-    return _sha(
-        {
-            "layout": LAYOUT,
-            "model": cfg.model_identities()["embed"],
-            "device": _device_and_dtype(cfg),
-            "prompt_name": cfg.embed.prompt_name,
-        }
-    )
-
-
-def row_keys(context: str, texts: list[str]) -> list[str]:
-    """One key per text: sha256 of the context hash and the text."""
-    prefix = context.encode() + b"\0"
-    return [hashlib.sha256(prefix + text.encode("utf-8", "surrogatepass")).hexdigest() for text in texts]
-
-
-# --------------------------------------------------------------------------------------------
-# The store
-# --------------------------------------------------------------------------------------------
 
 
 def _stamp(now: float | None = None) -> str:
@@ -430,143 +313,3 @@ class RowCache:
 
 def _iso(timestamp: float | None) -> str | None:
     return None if timestamp is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
-
-
-# --------------------------------------------------------------------------------------------
-# One shard's use of the cache
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ShardCache:
-    """A shard's lookups and the entries it computed, added with :meth:`add_computed` once the
-    part has committed. Calls are over the same list of rows with text, in the same order."""
-
-    cache: RowCache
-    gen_context: str | None = None
-    gen_model: str | None = None  # the spec whose chat template renders the prompts keyed
-    embed_context: str | None = None
-    hits: dict[str, list[bool]] = field(default_factory=dict)
-    new: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    cached_prompt_tokens: int = 0
-    cached_generated_tokens: int = 0
-    cached_embedded_tokens: int = 0
-
-    def generate(self, generator: GenerationEngine, prompts: list[str], params: GenerationParams) -> list[Generation]:
-        from shardwise.gpu_runtime import Generation
-
-        assert self.gen_context is not None and self.gen_model is not None
-        keys = generation_keys(self.gen_context, prompts, params, self.gen_model)
-        found = self.cache.lookup("generate", keys)
-        misses = [j for j, k in enumerate(keys) if k not in found]
-        computed = dict(zip(misses, generator.generate([prompts[j] for j in misses], params))) if misses else {}
-        outputs = []
-        for j, key in enumerate(keys):
-            if j in computed:
-                out = computed[j]
-                self.new.setdefault("generate", {})[key] = {
-                    "generated_text": out.text,
-                    "n_prompt_tokens": out.n_prompt_tokens,
-                    "n_generated_tokens": out.n_generated_tokens,
-                    "finish_reason": out.finish_reason,
-                    "truncated": out.truncated,
-                }
-            else:
-                v = found[key]
-                out = Generation(
-                    v["generated_text"],
-                    v["n_prompt_tokens"],
-                    v["n_generated_tokens"],
-                    v["finish_reason"],
-                    v["truncated"],
-                )
-                self.cached_prompt_tokens += out.n_prompt_tokens
-                self.cached_generated_tokens += out.n_generated_tokens
-            outputs.append(out)
-        self.hits["generate"] = [k in found for k in keys]
-        return outputs
-
-    def embed(self, embedder: EmbeddingEngine, texts: list[str], **options: Any) -> EmbeddingOutput:
-        import numpy as np
-
-        from shardwise.gpu_runtime import EmbeddingOutput
-
-        assert self.embed_context is not None
-        keys = row_keys(self.embed_context, texts)
-        found = self.cache.lookup("embed", keys)
-        misses = [j for j, k in enumerate(keys) if k not in found]
-        computed = embedder.embed([texts[j] for j in misses], **options) if misses else None
-        vectors = np.zeros((len(texts), embedder.dim), dtype=np.float32)
-        n_tokens = [0] * len(texts)
-        truncated = [False] * len(texts)
-        for position, j in enumerate(misses):
-            assert computed is not None
-            vectors[j] = computed.vectors[position]
-            n_tokens[j] = computed.n_tokens[position]
-            truncated[j] = computed.truncated[position]
-            self.new.setdefault("embed", {})[keys[j]] = {
-                "embedding": computed.vectors[position].tolist(),
-                "n_tokens": n_tokens[j],
-                "truncated": truncated[j],
-            }
-        for j, key in enumerate(keys):
-            if key in found:
-                v = found[key]
-                vectors[j] = np.asarray(v["embedding"], dtype=np.float32)
-                n_tokens[j] = v["n_tokens"]
-                truncated[j] = v["truncated"]
-                self.cached_embedded_tokens += n_tokens[j]
-        self.hits["embed"] = [k in found for k in keys]
-        return EmbeddingOutput(vectors, n_tokens, truncated)
-
-    def rows_cached(self) -> int:
-        """Rows with text whose every value came from the cache."""
-        masks = list(self.hits.values())
-        if not masks:
-            return 0
-        return sum(all(m[j] for m in masks) for j in range(len(masks[0])))
-
-    def add_computed(self) -> int:
-        added = 0
-        for kind, entries in self.new.items():
-            added += self.cache.add(kind, entries)
-            self.cache.compact(kind)
-        return added
-
-
-def shard_cache(cfg: JobConfig) -> ShardCache | None:
-    """The shard's cache view, or None when the job has no cache."""
-    if not cfg.cache:
-        return None
-    cache = RowCache(cfg.cache, cfg.storage_options)
-    return ShardCache(
-        cache,
-        gen_context=generation_context(cfg) if cfg.runs_generation else None,
-        gen_model=cfg.generate.model if cfg.runs_generation else None,
-        embed_context=embedding_context(cfg) if cfg.runs_embedding else None,
-    )
-
-
-def cached_rows(
-    cfg: JobConfig, table: pa.Table, cleaned: list[tuple[str | None, str | None]], chat_date: dt.date | str | None
-) -> set[int]:
-    """Positions of the rows with text whose every value the cache holds (for ``plan``); empty
-    without a cache. The keys are those :func:`shardwise.tasks.records.enrichment.enrich_table` uses."""
-    if not cfg.cache:
-        return set()
-    from shardwise.tasks.records.enrichment import generation_params, render_prompts
-
-    cache = RowCache(cfg.cache, cfg.storage_options)
-    valid = [i for i, (_, err) in enumerate(cleaned) if err is None]
-    hit = set(valid)
-    if cfg.runs_generation:
-        prompts = render_prompts(cfg, table, [text for text, _ in cleaned], valid)
-        params = generation_params(cfg, chat_date)
-        keys = generation_keys(generation_context(cfg), prompts, params, cfg.generate.model)
-        found = cache.lookup("generate", keys)
-        hit &= {i for i, k in zip(valid, keys) if k in found}
-    if cfg.runs_embedding:
-        keys = row_keys(embedding_context(cfg), [cleaned[i][0] for i in valid])
-        found = cache.lookup("embed", keys)
-        hit &= {i for i, k in zip(valid, keys) if k in found}
-    return hit

@@ -15,7 +15,7 @@ from shardwise.tasks.errors import InputError, StorageError
 from shardwise.tasks.planning.shards import Shard
 from shardwise.tasks.redaction import redact_text
 from shardwise.tasks.storage.fs import atomic_write_bytes, filesystem, join, with_storage_retries
-from shardwise.tasks.storage.output_dir import LINEAGE_PREFIX
+from shardwise.tasks.storage.output_layout import LINEAGE_PREFIX
 
 METADATA_PREFIX = LINEAGE_PREFIX
 

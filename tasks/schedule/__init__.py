@@ -1,1 +1,1 @@
-"""Date partitions for nightly and backfill runs, and running each partition exactly once."""
+"""Date partitions for nightly and backfill runs, their idempotency keys, and the backfill report."""

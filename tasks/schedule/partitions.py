@@ -14,13 +14,14 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shardwise.gpu_runtime.errors import ModelNotFoundError
-from shardwise.tasks.config.job import JobConfig, build_config, read_config_file
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.loading import build_config, read_config_file
 from shardwise.tasks.config.quality import PartitionRef
 from shardwise.tasks.errors import ConfigError, InputError
 from shardwise.tasks.output.manifest import read_manifest
 from shardwise.tasks.planning.shards import inspect_file, list_input_files
 from shardwise.tasks.storage.fs import exists, join
-from shardwise.tasks.storage.output_dir import SUCCESS_NAME
+from shardwise.tasks.storage.output_layout import SUCCESS_NAME
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 MAX_BACKFILL_DAYS = 3660

@@ -1,22 +1,9 @@
 """The one owner of an output directory: what shardwise writes there, and what it may remove.
 
-Layout, all under one root::
-
-    part-<shard id>.parquet   one per shard, published whole (never a partial object)
-    _manifest.json            the plan while running; the per-shard outcome at commit
-    _SUCCESS                  written last: only then is the directory complete
-    _quality.json             the output's quality profile (see shardwise.tasks.quality.gate)
-    _QUALITY_HOLD             instead of _SUCCESS when the quality gate holds the output
-    _shardwise.lease          who is writing here now (host, pid, flow run, epoch), renewed while it lives
-    _staging/<fence>/part-*   parts as workers write them, before the lease holder publishes them
-    .tmp-*, .shardwise-write-probe-*   in-flight local writes and write checks (debris if killed)
-
-Fencing: every run that takes the lease gets a higher *epoch* and a fresh token (its
-:class:`Fence`). Workers never write a ``part-*`` at the root: they stage it under
-``_staging/<fence>/``, and only the lease holder's own process moves it to the root, after
-reading the lease and finding its own token there. A worker that outlives its run (its parent
-was killed, or the whole run was paused past the lease timeout) can only ever add files under
-its dead fence's staging directory, which no run publishes and the next run removes.
+Every read and write under an output goes through :class:`OutputDir`: its parts, manifest and
+markers (named in :mod:`shardwise.tasks.storage.output_layout`), the staging directories of
+fenced writers and their publishing, the lease file (whose protocol is
+:mod:`shardwise.tasks.storage.lease`), and the removal of what killed runs left behind.
 
 Every user path is used literally: names are listed and filtered here, never globbed, so an
 output called ``out[1]`` or ``out?`` means that directory and no other. A ``part-*`` file counts
@@ -30,14 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
-import re
 import shutil
-import socket
-import threading
-import time
-import uuid
-from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -46,164 +26,21 @@ from fsspec.implementations.local import LocalFileSystem
 from shardwise.tasks.errors import ConfigError, LeaseLost, StorageError
 from shardwise.tasks.redaction import redact_values
 from shardwise.tasks.storage.fs import PROBE_PREFIX, TEMP_PREFIX, atomic_write_bytes, filesystem, join
-
-MANIFEST_NAME = "_manifest.json"
-SUCCESS_NAME = "_SUCCESS"
-QUALITY_NAME = "_quality.json"
-HOLD_NAME = "_QUALITY_HOLD"
-LEASE_NAME = "_shardwise.lease"
-STAGING_DIR = "_staging"
-LINEAGE_PREFIX = "shardwise."  # footer keys of every part shardwise writes
-_PART = re.compile(r"part-(?P<shard_id>[A-Za-z0-9_-]{1,48}-\d{10}-[0-9a-f]{10})\.parquet")
+from shardwise.tasks.storage.lease import Fence, Lease, LeaseHolder, acquire, holder_bytes, holder_from_bytes
+from shardwise.tasks.storage.output_layout import (
+    HOLD_NAME,
+    LEASE_NAME,
+    LINEAGE_PREFIX,
+    MANIFEST_NAME,
+    QUALITY_NAME,
+    STAGING_DIR,
+    SUCCESS_NAME,
+    is_own_upload,
+    part_name,
+    part_shard_id,
+)
 
 logger = logging.getLogger("shardwise.output")
-
-
-def part_name(shard_id: str) -> str:
-    return f"part-{shard_id}.parquet"
-
-
-def part_shard_id(name: str) -> str | None:
-    """The shard id a file name claims, when it has the shape of a shardwise part."""
-    match = _PART.fullmatch(name)
-    return match["shard_id"] if match else None
-
-
-def _normalised(uri: str, storage_options: dict[str, Any] | None) -> tuple[tuple[str, ...], str]:
-    fs, path = filesystem(uri, storage_options)
-    protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if isinstance(fs, LocalFileSystem):
-        path = os.path.normpath(os.path.abspath(path))
-    else:
-        path = posixpath.normpath("/" + path.strip("/")).lstrip("/")
-    return protocol, path.rstrip("/") or "/"
-
-
-def _literal_root(uri: str) -> str:
-    """A glob input's fixed directory (``in/2024-*/x.parquet`` -> ``in``); other URIs as they are."""
-    head = re.split(r"[*?\[]", uri, maxsplit=1)[0]
-    return head if head == uri else head.rsplit("/", 1)[0] or "/"
-
-
-def check_separate(
-    input_uri: str, output_uri: str, storage_options: dict[str, Any] | None = None, input_is_pattern: bool = False
-) -> None:
-    """Refuse an output that is the input, lies inside it, or contains it: a run must never
-    write into (or clean) the data it reads. Paths are compared literally after normalising."""
-    source = _literal_root(input_uri) if input_is_pattern else input_uri
-    in_proto, in_path = _normalised(source, storage_options)
-    out_proto, out_path = _normalised(output_uri, storage_options)
-    if set(in_proto).isdisjoint(out_proto):
-        return
-
-    def inside(child: str, parent: str) -> bool:
-        return child == parent or child.startswith(parent.rstrip("/") + "/")
-
-    if inside(out_path, in_path) or inside(in_path, out_path):
-        relation = (
-            "is the input"
-            if in_path == out_path
-            else "is inside the input"
-            if inside(out_path, in_path)
-            else "contains the input"
-        )
-        raise ConfigError(f"output {output_uri} {relation} {input_uri}: choose an output outside the input")
-
-
-def location_relation(
-    uri: str, other_uri: str, storage_options: dict[str, Any] | None = None, other_is_pattern: bool = False
-) -> str | None:
-    """How location ``uri`` lies towards ``other_uri``: ``"is"``, ``"is inside"``, ``"contains"``,
-    or None when they do not overlap (another store, or apart). Compared as :func:`check_separate`
-    compares: literally after normalising, a glob by its fixed directory."""
-    other = _literal_root(other_uri) if other_is_pattern else other_uri
-    proto, path = _normalised(uri, storage_options)
-    other_proto, other_path = _normalised(other, storage_options)
-    if set(proto).isdisjoint(other_proto):
-        return None
-
-    def inside(child: str, parent: str) -> bool:
-        return child == parent or child.startswith(parent.rstrip("/") + "/")
-
-    if path == other_path:
-        return "is"
-    if inside(path, other_path):
-        return "is inside"
-    if inside(other_path, path):
-        return "contains"
-    return None
-
-
-def recorded_epoch(manifest: dict[str, Any] | None) -> int:
-    """The lease epoch a manifest records (0 when none, or not a number)."""
-    try:
-        return int((manifest or {}).get("lease_epoch") or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-@dataclass(frozen=True)
-class Fence:
-    """A lease holder's identity for writes: its epoch (grows with every run that takes the lease)
-    and its token (unique to that run). Writes that can become visible check it first."""
-
-    epoch: int
-    token: str
-
-    @property
-    def name(self) -> str:
-        """The staging directory of this fence's parts (``_staging/<name>/``)."""
-        return f"epoch-{self.epoch:06d}-{self.token[:12]}"
-
-
-def _is_own_upload(name: str) -> bool:
-    """True for an upload shardwise starts under an output: a part (staged or published), a
-    marker, the manifest or a write probe; ``name`` is relative to the output's root."""
-    staged = name.split("/")
-    if len(staged) == 3 and staged[0] == STAGING_DIR:
-        return part_shard_id(staged[2]) is not None
-    return "/" not in name and (
-        part_shard_id(name) is not None
-        or name in (MANIFEST_NAME, SUCCESS_NAME, QUALITY_NAME, HOLD_NAME)
-        or name.startswith(PROBE_PREFIX)
-    )
-
-
-@dataclass(frozen=True)
-class LeaseHolder:
-    host: str
-    pid: int
-    flow_run_id: str | None
-    token: str
-    renewed_at: float
-    epoch: int = 0
-
-    @property
-    def fence(self) -> Fence:
-        return Fence(self.epoch, self.token)
-
-    def is_dead_here(self) -> bool:
-        """True when the holder ran on this host and its process is gone (killed, crashed): its
-        lease is stale now, whatever its age."""
-        if self.host != socket.gethostname() or self.pid <= 0:
-            return False
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def is_live(self, timeout_s: float) -> bool:
-        return time.time() - self.renewed_at <= timeout_s and not self.is_dead_here()
-
-    def describe(self) -> str:
-        age = time.time() - self.renewed_at
-        return (
-            f"host {self.host}, pid {self.pid}, flow run {self.flow_run_id or '-'}, epoch {self.epoch}, "
-            f"renewed {age:.0f}s ago"
-        )
 
 
 class OutputDir:
@@ -448,7 +285,7 @@ class OutputDir:
             raise StorageError(f"cannot list unfinished uploads under {self.uri}: {err}") from None
         for upload in listing.get("Uploads") or []:
             name = upload["Key"][len(prefix) :]
-            if not _is_own_upload(name):
+            if not is_own_upload(name):
                 continue  # not shardwise's: leave it to whoever started it
             self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
             aborted.append(name)
@@ -456,7 +293,7 @@ class OutputDir:
             logger.warning("aborted %d unfinished upload(s) of an interrupted run under %s", len(aborted), self.uri)
         return aborted
 
-    # ---- the lease ----------------------------------------------------------------------
+    # ---- the lease (its protocol: shardwise.tasks.storage.lease) -----------------------
 
     def read_lease(self) -> LeaseHolder | None:
         try:
@@ -465,19 +302,7 @@ class OutputDir:
             return None
         except OSError as err:
             raise StorageError(f"cannot read {self.uri_of(LEASE_NAME)}: {err}") from None
-        try:
-            data = json.loads(raw)
-            return LeaseHolder(
-                data["host"],
-                int(data["pid"]),
-                data.get("flow_run_id"),
-                data["token"],
-                float(data["renewed_at"]),
-                int(data.get("epoch", 0)),
-            )
-        except (ValueError, KeyError, TypeError):
-            # Half-written by a local writer killed between create and write: stale at once.
-            return LeaseHolder("?", 0, None, "unreadable", 0.0)
+        return holder_from_bytes(raw)
 
     def check_lease_free(self, timeout_s: float) -> None:
         """Raise :class:`ConfigError` naming the holder when a live run holds the lease."""
@@ -499,21 +324,9 @@ class OutputDir:
                 f"{holder.describe() if holder else 'nobody'}); nothing more of it is published"
             )
 
-    def _lease_bytes(self, holder: LeaseHolder) -> bytes:
-        return json.dumps(
-            {
-                "host": holder.host,
-                "pid": holder.pid,
-                "flow_run_id": holder.flow_run_id,
-                "token": holder.token,
-                "renewed_at": holder.renewed_at,
-                "epoch": holder.epoch,
-            }
-        ).encode()
-
-    def _create_lease(self, holder: LeaseHolder) -> bool:
+    def create_lease(self, holder: LeaseHolder) -> bool:
         """Create the lease file only if none exists (atomically); False when one does."""
-        data = self._lease_bytes(holder)
+        data = holder_bytes(holder)
         path = self.path_of(LEASE_NAME)
         if self._is_local:
             os.makedirs(self.root, exist_ok=True)
@@ -532,97 +345,22 @@ class OutputDir:
             return False
         return True
 
+    def write_lease(self, holder: LeaseHolder) -> None:
+        """Replace the lease file with ``holder`` (a renewal by the run that holds it)."""
+        atomic_write_bytes(self.uri_of(LEASE_NAME), holder_bytes(holder), self.storage_options)
+
+    def remove_lease(self, token: str) -> None:
+        """Remove the lease file if it still names ``token`` (read right before the removal)."""
+        current = self.read_lease()
+        if current is not None and current.token == token:
+            self._remove(LEASE_NAME)
+
     def acquire_lease(self, timeout_s: float, flow_run_id: str | None) -> Lease:
         """Take the lease, or take over (with a warning) one not renewed for ``timeout_s`` or whose
-        holder's process on this host is gone.
-
-        The new holder's epoch is one more than the highest one recorded here (the lease it takes
-        over, or the manifest of the last run), so epochs only grow on an output.
+        holder's process on this host is gone (see :func:`shardwise.tasks.storage.lease.acquire`).
 
         Raises :class:`ConfigError` naming the holder when a live run has it."""
-        token = uuid.uuid4().hex
-        last = 0  # the highest epoch seen, kept across a takeover's removal of the old lease
-        for _ in range(3):
-            holder = self.read_lease()
-            manifest = self.read_manifest()
-            last = max(last, holder.epoch if holder else 0, recorded_epoch(manifest))
-            me = LeaseHolder(socket.gethostname(), os.getpid(), flow_run_id, token, time.time(), last + 1)
-            if self._create_lease(me):
-                return Lease(self, me, timeout_s)
-            holder = self.read_lease()
-            if holder is None:
-                continue  # released between our create and our read
-            if holder.is_live(timeout_s):
-                self.check_lease_free(timeout_s)
-            reason = "whose process is gone" if holder.is_dead_here() else "that stopped renewing it"
-            logger.warning("taking over the lease on %s from a run %s (%s)", self.uri, reason, holder.describe())
-            current = self.read_lease()
-            if current is not None and current.token == holder.token:
-                self._remove(LEASE_NAME)
-        self.check_lease_free(timeout_s)
-        raise ConfigError(f"output {self.uri}: could not take its lease; try again")
+        return acquire(self, timeout_s, flow_run_id)
 
 
-class Lease:
-    """A held lease, renewed by a background thread until :meth:`release`."""
-
-    def __init__(self, output: OutputDir, holder: LeaseHolder, timeout_s: float) -> None:
-        self.output, self.holder, self.timeout_s = output, holder, timeout_s
-        self.fence = holder.fence
-        self.lost_to: LeaseHolder | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew_loop, name="shardwise-lease", daemon=True)
-        self._thread.start()
-
-    def _renew_loop(self) -> None:
-        while not self._stop.wait(self.timeout_s / 4):
-            try:
-                current = self.output.read_lease()
-                if current is None or current.token != self.holder.token:
-                    self.lost_to = current
-                    logger.error(
-                        "lost the lease on %s to %s",
-                        self.output.uri,
-                        current.describe() if current else "nobody (it was removed)",
-                    )
-                    return
-                self.holder = replace(self.holder, renewed_at=time.time())
-                atomic_write_bytes(
-                    self.output.uri_of(LEASE_NAME), self.output._lease_bytes(self.holder), self.output.storage_options
-                )
-            except Exception as err:  # noqa: BLE001 - a storage hiccup; the next renewal retries
-                logger.warning("could not renew the lease on %s: %s", self.output.uri, err)
-
-    def release(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        try:
-            current = self.output.read_lease()
-            if current is not None and current.token == self.holder.token:
-                self.output._remove(LEASE_NAME)
-        except Exception as err:  # noqa: BLE001 - it expires on its own
-            logger.warning("could not release the lease on %s: %s", self.output.uri, err)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-__all__ = [
-    "STAGING_DIR",
-    "Fence",
-    "HOLD_NAME",
-    "LEASE_NAME",
-    "MANIFEST_NAME",
-    "QUALITY_NAME",
-    "SUCCESS_NAME",
-    "Lease",
-    "LeaseHolder",
-    "OutputDir",
-    "check_separate",
-    "location_relation",
-    "part_name",
-    "part_shard_id",
-]
+__all__ = ["OutputDir"]

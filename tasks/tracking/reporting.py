@@ -1,18 +1,10 @@
-"""The end of a run: totals, cost, MLflow close-out and the Prefect artifacts people look at."""
+"""The end of a run: totals, cost, the MLflow close-out, and the run summary and shard table
+that the flow shows people (``shardwise.tasks.orchestration.artifacts`` publishes them)."""
 
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
-
-from prefect import task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.config.prices import Price, detect_device_type, lookup_price
@@ -20,45 +12,8 @@ from shardwise.tasks.output.manifest import CommitOutcome
 from shardwise.tasks.planning.shards import UnreadableFile
 from shardwise.tasks.records.results import ShardResult
 from shardwise.tasks.redaction import redact_text, redact_uri
+from shardwise.tasks.tracking import mlflow_store
 from shardwise.tasks.tracking.runs import finish_run, run_metrics, shard_metrics
-
-
-def start_progress(total: int, done: int) -> Any:
-    """A progress artifact on the flow run (percent of shards committed), updated as shards land."""
-    return create_progress_artifact(
-        progress=100.0 * done / total if total else 100.0,
-        key="shard-progress",
-        description=f"Shards committed out of {total}",
-    )
-
-
-def update_progress(artifact_id: Any, done: int, total: int, description: str | None = None) -> None:
-    update_progress_artifact(artifact_id, progress=100.0 * done / total if total else 100.0, description=description)
-
-
-class ProgressUpdates:
-    """Updates of the progress artifact, at most one per ``min_interval_s``, and the latest one
-    always sent by :meth:`finish`: each is an API call, which with many small shards would cost
-    more than the shards themselves."""
-
-    def __init__(self, artifact_id: Any, total: int, min_interval_s: float = 2.0) -> None:
-        self.artifact_id, self.total, self.min_interval_s = artifact_id, total, min_interval_s
-        self._last_sent = time.monotonic()
-        self._unsent: tuple[int, str | None] | None = None
-
-    def update(self, done: int, description: str | None = None) -> bool:
-        """Send ``done`` of ``total`` if the last update is old enough; True when it was sent."""
-        self._unsent = (done, description)
-        if time.monotonic() - self._last_sent < self.min_interval_s:
-            return False
-        self.finish()
-        return True
-
-    def finish(self) -> None:
-        """Send the latest update if it was held back."""
-        if self._unsent is not None:
-            update_progress(self.artifact_id, self._unsent[0], self.total, self._unsent[1])
-            self._unsent, self._last_sent = None, time.monotonic()
 
 
 def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:
@@ -124,9 +79,7 @@ def mlflow_run_url(run_id: str) -> str | None:
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return None
-    from mlflow.tracking import MlflowClient
-
-    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    experiment_id = mlflow_store.get_run(run_id, uri).experiment_id
     return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
@@ -145,7 +98,8 @@ def markdown_text(value: Any) -> str:
     return re.sub(r"\r\n|\r|\n", r"\\n", text)
 
 
-def _markdown(summary: dict[str, Any]) -> str:
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run summary as markdown, every value from users or storage shown literally."""
     md = markdown_text
     url = summary.get("mlflow_run_url")
     lines = [
@@ -184,7 +138,9 @@ def report(
     run_id: str,
     wall_seconds: float,
     unreadable: tuple[UnreadableFile, ...] = (),
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sum the run up, close its MLflow run and record it in the row cache; returns the summary
+    and one row per shard (what the flow publishes as its artifacts)."""
     price = price_for(cfg, results)
     summary = build_summary(cfg, outcome, results, run_id, wall_seconds, price, unreadable)
     manifest = outcome.manifest()
@@ -223,18 +179,4 @@ def report(
                 "rows_computed": outcome.totals.rows_computed,
             }
         )
-    create_table_artifact(rows, key="shard-results", description="One row per shard")
-    create_markdown_artifact(_markdown(summary), key="run-summary", description="shardwise run summary")
-    return summary
-
-
-@task(name="report", retries=2, retry_delay_seconds=2)
-def report_task(
-    cfg: JobConfig,
-    outcome: CommitOutcome,
-    results: list[ShardResult],
-    run_id: str,
-    wall_seconds: float,
-    unreadable: tuple[UnreadableFile, ...] = (),
-) -> dict[str, Any]:
-    return report(cfg, outcome, results, run_id, wall_seconds, unreadable)
+    return summary, rows

@@ -1,13 +1,15 @@
-"""MLflow tracking, written from one place (the flow's process) through ``MlflowClient``.
+"""What a run records in MLflow, written from one place (the flow's process).
 
 MLflow's active run is thread-local and sqlite dislikes many writers, so shard tasks never log:
 they return a :class:`~shardwise.tasks.records.results.ShardResult` and the flow logs it here, step = shard index.
 Nothing in ``storage_options`` reaches MLflow (see ``JobConfig.public_dict``), and every param and
-tag passes :func:`shardwise.tasks.redaction.redact_text` on its way out.
+tag passes :func:`shardwise.tasks.redaction.redact_text` on its way out. The store itself is
+reached through :mod:`shardwise.tasks.tracking.mlflow_store`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -16,26 +18,20 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prefect import task
-
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.config.prices import Price
+from shardwise.tasks.errors import Terminated
 from shardwise.tasks.planning.shards import ShardPlan
 from shardwise.tasks.records.results import RunTotals, ShardResult
 from shardwise.tasks.redaction import redact_text, redact_uri, redact_values
-from shardwise.tasks.storage.local_state import state_dir, tracking_uri
+from shardwise.tasks.storage.local_state import state_dir
+from shardwise.tasks.tracking import mlflow_store
 
 _PARAM_LIMIT = 6000
 
-
-def _client(uri: str | None = None):
-    from mlflow.tracking import MlflowClient
-
-    # Against a tracking server MLflow writes the run's URL, built from the tracking URI with any
-    # user:password@ in it, straight to stdout; the run summary gives a redacted link instead.
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+# What ends a run as KILLED rather than FAILED: Ctrl-C, SIGTERM, a cancellation. The flow adds its
+# orchestrator's own form of SIGTERM (see ``ended_on_error``).
+INTERRUPTS: tuple[type[BaseException], ...] = (KeyboardInterrupt, Terminated, asyncio.CancelledError)
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -60,18 +56,12 @@ def start_run(
     flow_run_url: str | None = None,
 ) -> str:
     """Create the MLflow run for this flow run, with its config, inputs and code version."""
-    from mlflow.entities import Param, RunTag
+    from shardwise.tasks.records.lineage import code_version
 
-    from shardwise.tasks.records.lineage import code_version, log_inputs
-
-    client = _client(uri)
-    experiment = client.get_experiment_by_name(cfg.name)
-    if experiment is None:
-        # Next to the default sqlite database rather than wherever the process happens to run.
-        location = None if uri or os.environ.get("MLFLOW_TRACKING_URI") else (state_dir() / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(cfg.name, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
+    # A new experiment's artifacts go next to the default sqlite database rather than wherever the
+    # process happens to run.
+    location = None if uri or os.environ.get("MLFLOW_TRACKING_URI") else (state_dir() / "mlartifacts").as_uri()
+    experiment_id = mlflow_store.experiment_for(cfg.name, location, uri)
     tags = {
         "mlflow.runName": f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
         "shardwise.input": redact_uri(cfg.input),
@@ -83,7 +73,7 @@ def start_run(
     if flow_run_url:
         tags["prefect.flow_run_url"] = flow_run_url
     tags.update(code_version())
-    run = client.create_run(experiment_id, tags=tags)
+    run_id = mlflow_store.create_run(experiment_id, tags, uri)
     params: dict[str, str] = {}
     _flatten("", cfg.public_dict(), params)
     params["input.files"] = str(len(plan.files))
@@ -94,37 +84,24 @@ def start_run(
         params["generate.effective_prompt_template"] = cfg.template[:_PARAM_LIMIT]
         if cfg.output_schema_hash is not None:
             params["generate.output_schema_hash"] = cfg.output_schema_hash
-    client.log_batch(
-        run.info.run_id,
-        params=[Param(k, redact_text(v)) for k, v in params.items()],
-        tags=[RunTag(k, redact_text(v)) for k, v in tags.items() if k != "mlflow.runName"],
+    mlflow_store.log_values(
+        run_id,
+        params={k: redact_text(v) for k, v in params.items()},
+        tags={k: redact_text(v) for k, v in tags.items() if k != "mlflow.runName"},
+        uri=uri,
     )
-    client.log_dict(run.info.run_id, cfg.public_dict(), "job_config.json")
-    log_inputs(run.info.run_id, plan, client)
-    _start_system_metrics(run.info.run_id, uri or tracking_uri())
-    return run.info.run_id
+    mlflow_store.log_dict(run_id, cfg.public_dict(), "job_config.json", uri)
+    mlflow_store.log_input_files(run_id, plan.files, uri)
+    _start_system_metrics(run_id, uri)
+    return run_id
 
 
-_monitors: dict[str, Any] = {}
-
-
-def _start_system_metrics(run_id: str, uri: str) -> None:
+def _start_system_metrics(run_id: str, uri: str | None) -> None:
     """GPU utilisation, memory and power as MLflow ``system/*`` metrics, when NVML is available."""
     from shardwise.tasks.config.prices import nvml_available
 
-    if not nvml_available():
-        return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=10, tracking_uri=uri)
-    monitor.start()
-    _monitors[run_id] = monitor
-
-
-def _stop_system_metrics(run_id: str) -> None:
-    monitor = _monitors.pop(run_id, None)
-    if monitor is not None:
-        monitor.finish()
+    if nvml_available():
+        mlflow_store.start_system_metrics(run_id, uri)
 
 
 def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
@@ -157,19 +134,12 @@ def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
 
 
 def log_shard(run_id: str, result: ShardResult, price: Price, uri: str | None = None) -> None:
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), stamp, result.index) for k, v in shard_metrics(result, price).items()]
-    _client(uri).log_batch(run_id, metrics=metrics)
+    mlflow_store.log_values(run_id, metrics=shard_metrics(result, price), step=result.index, uri=uri)
 
 
 def log_timings(run_id: str, figures: dict[str, float], uri: str | None = None) -> None:
     """Where the run's wall time went (see tasks/tracking/timings.py), logged once the report is done."""
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in figures.items()])
+    mlflow_store.log_values(run_id, metrics=figures, uri=uri)
 
 
 def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int) -> dict[str, float]:
@@ -226,55 +196,41 @@ def finish_run(
     uri: str | None = None,
 ) -> None:
     """Totals, models, the output dataset and manifest, the throughput figure; then close the run."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    from shardwise.tasks.records.lineage import model_params, output_dataset
+    from shardwise.tasks.records.lineage import model_params
     from shardwise.tasks.tracking.figures import throughput_figure
 
-    client = _client(uri)
-    stamp = int(time.time() * 1000)
     models: dict[str, dict[str, Any]] = {}
     for result in results:
         models.update(result.models)
-    logged = client.get_run(run_id).data.params
-    client.log_batch(
+    logged = mlflow_store.get_run(run_id, uri).params
+    mlflow_store.log_values(
         run_id,
-        metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()],
-        params=[Param(k, redact_text(v)) for k, v in model_params(models).items() if k not in logged],
-        tags=[RunTag("shardwise.device_type", price.device_type), RunTag("shardwise.currency", price.currency)],
+        metrics=metrics,
+        params={k: redact_text(v) for k, v in model_params(models).items() if k not in logged},
+        tags={"shardwise.device_type": price.device_type, "shardwise.currency": price.currency},
+        uri=uri,
     )
     if manifest is not None:
-        client.log_dict(run_id, redact_values(manifest), "manifest.json")
-        client.log_inputs(run_id, datasets=[output_dataset(output, manifest)])
+        mlflow_store.log_dict(run_id, redact_values(manifest), "manifest.json", uri)
+        mlflow_store.log_output_dataset(run_id, output, manifest, uri)
     computed = [r for r in results if not r.resumed and r.status == "committed"]
     if computed:
-        client.log_figure(run_id, throughput_figure(computed, price), "throughput.png")
-    _stop_system_metrics(run_id)
-    client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
-
-
-def interrupted(err: BaseException) -> bool:
-    """Ctrl-C, SIGTERM (ours, or Prefect's own bridge while a flow runs) or a cancellation."""
-    import asyncio
-
-    from prefect.exceptions import TerminationSignal
-
-    from shardwise.tasks.errors import Terminated
-
-    return isinstance(err, (KeyboardInterrupt, Terminated, TerminationSignal, asyncio.CancelledError))
+        mlflow_store.log_figure(run_id, throughput_figure(computed, price), "throughput.png", uri)
+    mlflow_store.end_run(run_id, "FINISHED" if succeeded else "FAILED", uri)
 
 
 @contextlib.contextmanager
-def ended_on_error(run_id: str, uri: str | None = None) -> Iterator[None]:
-    """Whatever stops the run before it reports ends its MLflow run: KILLED when interrupted,
-    FAILED otherwise, so no run is left RUNNING forever."""
+def ended_on_error(
+    run_id: str, uri: str | None = None, interrupts: tuple[type[BaseException], ...] = INTERRUPTS
+) -> Iterator[None]:
+    """Whatever stops the run before it reports ends its MLflow run: KILLED when it is one of
+    ``interrupts``, FAILED otherwise, so no run is left RUNNING forever."""
     try:
         yield
     except BaseException as err:
-        status = "KILLED" if interrupted(err) else "FAILED"
+        status = "KILLED" if isinstance(err, interrupts) else "FAILED"
         try:
-            _stop_system_metrics(run_id)
-            _client(uri).set_terminated(run_id, status=status)
+            mlflow_store.end_run(run_id, status, uri)
         except Exception as close_err:  # noqa: BLE001 - the original error is the one to report
             logging.getLogger(__name__).warning("could not mark MLflow run %s %s: %s", run_id, status, close_err)
         raise
@@ -295,35 +251,22 @@ def end_orphaned_run(
         return None
     log = logging.getLogger(__name__)
     try:
-        from mlflow.entities import RunTag
-        from mlflow.exceptions import MlflowException
-
-        client = _client(uri)
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            return None
-        if run.info.status != "RUNNING":
+        if mlflow_store.run_status(run_id, uri) != "RUNNING":
             return None
         ended_by = f"prefect flow run {flow_run_id}" if flow_run_id else f"pid {os.getpid()}"
-        client.log_batch(
+        mlflow_store.log_values(
             run_id,
-            tags=[
-                RunTag("shardwise.ended_by", ended_by),
-                RunTag(
-                    "shardwise.ended_reason",
-                    redact_text(f"left RUNNING by a run that died; ended by the next run on {output}"),
+            tags={
+                "shardwise.ended_by": ended_by,
+                "shardwise.ended_reason": redact_text(
+                    f"left RUNNING by a run that died; ended by the next run on {output}"
                 ),
-            ],
+            },
+            uri=uri,
         )
-        client.set_terminated(run_id, status="KILLED")
+        mlflow_store.end_run(run_id, "KILLED", uri)
     except Exception as err:  # noqa: BLE001 - tidying another run's record must not stop this one
         log.warning("could not end the MLflow run %s of an earlier run on this output: %s", run_id, err)
         return None
     log.warning("MLflow run %s of an earlier run on this output was still RUNNING: ended as KILLED", run_id)
     return run_id
-
-
-@task(name="start-tracking", retries=2, retry_delay_seconds=2)
-def start_tracking_task(cfg: JobConfig, plan: ShardPlan, flow_run_id: str | None, flow_run_url: str | None) -> str:
-    return start_run(cfg, plan, flow_run_id, flow_run_url=flow_run_url)

@@ -30,7 +30,8 @@ def _short_rows_history(name: str, job: list[str]) -> str:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from shardwise.flows.cli import build_parser, config_from_args
+    from shardwise.flows.cli import build_parser
+    from shardwise.flows.flags import config_from_args
     from shardwise.tasks.storage.local_state import tracking_uri
     from shardwise.tasks.tracking.runs import _flatten, prompt_hash
 

@@ -122,7 +122,8 @@ def _optimistic_history(name: str, source: Path, output: Path) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from shardwise.flows.cli import build_parser, config_from_args
+    from shardwise.flows.cli import build_parser
+    from shardwise.flows.flags import config_from_args
     from shardwise.tasks.storage.local_state import tracking_uri
     from shardwise.tasks.tracking.runs import _flatten, prompt_hash
 
@@ -175,9 +176,10 @@ def test_budget_reached_mid_run_keeps_committed_shards_and_a_rerun_finishes(cli,
 
 
 def test_a_deployment_run_over_budget_is_refused_before_writing(prefect_server, reviews_dir, tmp_path):
-    """Deployments call the flow without a forecast: it makes its own and refuses the same way."""
+    """The enrich flow called directly, without a forecast (as a subflow of a user's flow): it makes its
+    own and refuses the same way."""
     from shardwise.flows.enrich import enrich
-    from shardwise.tasks.config.job import build_config
+    from shardwise.tasks.config.loading import build_config
 
     cfg = build_config(
         None,

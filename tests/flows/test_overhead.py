@@ -61,7 +61,7 @@ def test_run_reports_its_phases_and_per_shard_overhead(cli, tmp_path):
 def test_progress_updates_are_held_back_then_the_latest_is_sent(prefect_server):
     from prefect.client.orchestration import get_client
 
-    from shardwise.tasks.tracking.reporting import ProgressUpdates, start_progress
+    from shardwise.tasks.orchestration.artifacts import ProgressUpdates, start_progress
 
     artifact_id = start_progress(total=50, done=0)
     progress = ProgressUpdates(artifact_id, 50, min_interval_s=3600)

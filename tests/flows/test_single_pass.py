@@ -43,11 +43,11 @@ def embed_job(reviews_dir, output) -> JobConfig:
 
 
 def test_the_cli_plans_once_and_the_report_reads_no_manifest(prefect_server, reviews_dir, tmp_path, manifest_readers):
-    from shardwise.flows.cli import execute_with_summary
+    from shardwise.flows.commands import run_job
 
     output = tmp_path / "out"
-    code, summary, _ = execute_with_summary(embed_job(reviews_dir, output))
-    assert code == 0 and summary is not None and summary["rows"] == 30
+    summary = run_job(embed_job(reviews_dir, output))
+    assert summary.exit_code == 0 and summary.rows == 30
     manifest = json.loads((output / "_manifest.json").read_text())
     names = task_run_names(manifest["prefect_flow_run_id"])
     assert any(n.startswith("report-") for n in names), names

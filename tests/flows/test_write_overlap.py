@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shardwise.tasks.config.job import JobConfig, build_config
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.loading import build_config
 from shardwise.tasks.records.demo_data import write_reviews_dataset
 
 pytestmark = pytest.mark.slow
@@ -49,8 +50,8 @@ def run_shard_tasks(cfg: JobConfig) -> list:
     """The flow's shard task over every shard, on the task runner the job gets; the results back."""
     from prefect import flow, unmapped
 
-    from shardwise.tasks.compute.runners import shard_task_runner
-    from shardwise.tasks.compute.shard_work import process_shard
+    from shardwise.tasks.orchestration.steps import process_shard
+    from shardwise.tasks.orchestration.task_runners import shard_task_runner
     from shardwise.tasks.planning.shards import plan_shards
 
     @flow(name="shard-tasks", task_runner=shard_task_runner(cfg))

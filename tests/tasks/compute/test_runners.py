@@ -6,6 +6,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 import shardwise.tasks.compute.runners as runners
 from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.orchestration.task_runners import shard_task_runner
 
 
 def _job(**kw) -> JobConfig:
@@ -17,7 +18,7 @@ def test_one_shard_at_a_time_on_cpu():
         cfg = _job(device=device)
         assert runners.worker_count(cfg) == 1
         assert runners.shards_in_flight(cfg) == 1
-        runner = runners.shard_task_runner(cfg)
+        runner = shard_task_runner(cfg)
         assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 1
 
 
@@ -27,16 +28,16 @@ def test_a_second_shard_in_flight_on_a_gpu(monkeypatch):
     assert runners.shards_in_flight(_job(device="cuda:0")) == runners.SHARDS_IN_FLIGHT == 2
     assert runners.shards_in_flight(_job(device="auto")) == 2
     assert runners.shards_in_flight(_job(device="cpu")) == 1
-    assert runners.shard_task_runner(_job(device="cuda:0"))._max_workers == 2
+    assert shard_task_runner(_job(device="cuda:0"))._max_workers == 2
 
 
 def test_shards_in_flight_from_the_job_overrides_the_device_rule(monkeypatch):
-    from shardwise.tasks.config.job import build_config
+    from shardwise.tasks.config.loading import build_config
 
     monkeypatch.setattr(runners, "visible_gpus", lambda cfg: 0 if cfg.device == "cpu" else 1)
     cfg = build_config(
         overrides={"input": "in/", "output": "out/", "device": "cpu"}, set_options=["shards_in_flight=2"]
     )
-    assert runners.shards_in_flight(cfg) == 2 and runners.shard_task_runner(cfg)._max_workers == 2
+    assert runners.shards_in_flight(cfg) == 2 and shard_task_runner(cfg)._max_workers == 2
     assert runners.shards_in_flight(_job(device="cuda:0", shards_in_flight=1)) == 1
-    assert runners.shard_task_runner(_job(device="cuda:0", shards_in_flight=3))._max_workers == 3
+    assert shard_task_runner(_job(device="cuda:0", shards_in_flight=3))._max_workers == 3

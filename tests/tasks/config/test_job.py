@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from shardwise.tasks.config.job import JobConfig, build_config, parse_set_options
+from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.config.loading import build_config, parse_set_options
 from shardwise.tasks.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[3]

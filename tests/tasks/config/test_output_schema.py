@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from shardwise.tasks.config.job import build_config
+from shardwise.tasks.config.loading import build_config
 from shardwise.tasks.config.output_schema import (
     SchemaError,
     arrow_type,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from shardwise.tasks.config.job import validate_config
+from shardwise.tasks.config.loading import validate_config
 from shardwise.tasks.config.output_schema import canonical_schema_text, schema_hash
-from shardwise.tasks.records.row_cache import generation_context
+from shardwise.tasks.records.row_cache_keys import generation_context
 
 STARS_FIRST = {
     "type": "object",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from shardwise.tasks.config.job import build_config
+from shardwise.tasks.config.loading import build_config
 from shardwise.tasks.forecasting.budget import BudgetGuard
 from shardwise.tasks.forecasting.forecast import make_forecast
 from shardwise.tasks.planning.shards import plan_shards

@@ -12,7 +12,8 @@ import pytest
 
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.forecasting.budget import BudgetGuard
-from shardwise.tasks.forecasting.forecast import Estimate, Forecast, make_forecast
+from shardwise.tasks.forecasting.estimates import Estimate, Forecast
+from shardwise.tasks.forecasting.forecast import make_forecast
 from shardwise.tasks.planning.shards import plan_shards
 
 LONG = "The kettle boils fast and quietly, and the handle stays cool. " * 60

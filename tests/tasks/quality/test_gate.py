@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from shardwise.tasks.config.quality import QualityConfig
-from shardwise.tasks.quality.gate import find_baseline, run_checks
+from shardwise.tasks.quality.baseline import find_baseline
+from shardwise.tasks.quality.gate import run_checks
 from shardwise.tasks.records.profile import merge_profiles, shard_profile
 from shardwise.tasks.storage.output_dir import OutputDir
 
@@ -85,7 +86,7 @@ def test_checks_compare_with_the_baseline_and_can_be_switched_off():
 
 
 def test_baseline_is_the_latest_earlier_published_partition(tmp_path):
-    from shardwise.tasks.config.job import validate_config
+    from shardwise.tasks.config.loading import validate_config
     from shardwise.tasks.schedule.partitions import dated
 
     cfg = validate_config({"input": str(tmp_path / "raw"), "output": str(tmp_path / "out"), "task": "embed"})
@@ -131,7 +132,7 @@ def test_the_gates_files_are_not_foreign(tmp_path):
     ],
 )
 def test_bad_quality_settings_are_config_errors(setting, needle):
-    from shardwise.tasks.config.job import build_config
+    from shardwise.tasks.config.loading import build_config
     from shardwise.tasks.errors import ConfigError
 
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
@@ -139,7 +140,7 @@ def test_bad_quality_settings_are_config_errors(setting, needle):
 
 
 def test_a_baseline_without_a_profile_is_a_config_error(tmp_path):
-    from shardwise.tasks.config.job import validate_config
+    from shardwise.tasks.config.loading import validate_config
     from shardwise.tasks.errors import ConfigError
     from shardwise.tasks.quality.gate import check_quality_settings
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from shardwise.tasks.config.job import validate_config
-from shardwise.tasks.records.enrichment import generation_params
-from shardwise.tasks.records.row_cache import generation_context, generation_keys
+from shardwise.tasks.config.loading import validate_config
+from shardwise.tasks.records.engine_inputs import generation_params
+from shardwise.tasks.records.row_cache_keys import generation_context, generation_keys
 
 PROMPTS = ["The kettle boils fast.", "Shoes fell apart."]
 

@@ -85,7 +85,7 @@ def test_generation_params_carry_every_decoding_setting_of_the_config():
     import json
 
     from shardwise.tasks.config.job import GenerateConfig
-    from shardwise.tasks.records.enrichment import generation_params
+    from shardwise.tasks.records.engine_inputs import generation_params
 
     settings = {
         "max_new_tokens": 7,

@@ -9,8 +9,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from shardwise.tasks.config.job import validate_config
-from shardwise.tasks.records.row_cache import RowCache, embedding_context, generation_context, generation_keys, row_keys
+from shardwise.tasks.config.loading import validate_config
+from shardwise.tasks.records.row_cache import RowCache
+from shardwise.tasks.records.row_cache_keys import embedding_context, generation_context, generation_keys, row_keys
 
 
 def _cfg(**generate):
@@ -37,7 +38,7 @@ def _entry(text: str) -> dict:
 
 
 def _key(cfg, day: str = "2026-12-01", prompt: str = "a") -> str:
-    from shardwise.tasks.records.enrichment import generation_params
+    from shardwise.tasks.records.engine_inputs import generation_params
 
     return generation_keys(generation_context(cfg), [prompt], generation_params(cfg, day), cfg.generate.model)[0]
 

@@ -16,7 +16,10 @@ import pytest
 
 from shardwise.tasks.errors import ConfigError, LeaseLost
 from shardwise.tasks.storage.fs import atomic_write_bytes
-from shardwise.tasks.storage.output_dir import LEASE_NAME, MANIFEST_NAME, Fence, OutputDir, check_separate, part_name
+from shardwise.tasks.storage.lease import Fence
+from shardwise.tasks.storage.locations import check_separate
+from shardwise.tasks.storage.output_dir import OutputDir
+from shardwise.tasks.storage.output_layout import LEASE_NAME, MANIFEST_NAME, part_name
 
 
 def _part(shard_id: str | None) -> bytes:
