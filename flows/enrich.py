@@ -172,10 +172,10 @@ def process_shards(
                     result.name,
                     len(results),
                     len(plan.shards),
-                    result.worker,
+                    result.worker.name,
                     result.rows,
                     result.seconds,
-                    result.generated_tokens / max(result.seconds_compute, 1e-9),
+                    result.tokens.generated / max(result.timings.compute, 1e-9),
                     meter.line(),
                 )
             else:

@@ -143,4 +143,3 @@ def reviews_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "reviews"
     write_reviews_dataset(str(directory), files=3, rows_per_file=10, rows_per_group=4)
     return directory
-

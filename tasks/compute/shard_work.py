@@ -20,7 +20,7 @@ from shardwise.tasks.faults import crash_point
 from shardwise.tasks.planning.shards import Shard
 from shardwise.tasks.records.enrichment import enrich_table, invalid_utf8_rows
 from shardwise.tasks.records.profile import shard_profile
-from shardwise.tasks.records.results import RowIds, ShardResult
+from shardwise.tasks.records.results import PartInfo, RowIds, ShardResult, ShardTimings, TokenCounts, WorkerInfo
 from shardwise.tasks.records.shard_cache import shard_cache
 from shardwise.tasks.records.shard_io import read_shard, write_part
 from shardwise.tasks.redaction import install_log_redaction
@@ -159,34 +159,33 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: st
         rows=stats.rows,
         error_rows=stats.error_rows,
         truncated_rows=stats.truncated_rows,
-        prompt_tokens=stats.prompt_tokens,
-        generated_tokens=stats.generated_tokens,
-        embedded_tokens=stats.embedded_tokens,
         schema_valid_rows=stats.schema_valid_rows,
         rows_cached=stats.rows_cached,
-        cached_prompt_tokens=stats.cached_prompt_tokens,
-        cached_generated_tokens=stats.cached_generated_tokens,
-        cached_embedded_tokens=stats.cached_embedded_tokens,
-        seconds_read=read_done - started,
-        seconds_wait=compute_started - read_done,
-        seconds_compute=compute_done - compute_started,
-        seconds_write=write_done - compute_done,
-        part_uri=part.uri,
-        part_bytes=part.bytes,
-        part_sha256=part.sha256,
-        part_write_id=part.write_id,
-        device=str(device) if device else None,
+        tokens=TokenCounts(stats.prompt_tokens, stats.generated_tokens, stats.embedded_tokens),
+        cached_tokens=TokenCounts(
+            stats.cached_prompt_tokens, stats.cached_generated_tokens, stats.cached_embedded_tokens
+        ),
+        timings=ShardTimings(
+            read=read_done - started,
+            wait=compute_started - read_done,
+            compute=compute_done - compute_started,
+            write=write_done - compute_done,
+            compute_started_at=compute_started_at,
+            compute_ended_at=compute_ended_at,
+            write_started_at=compute_ended_at,
+            write_ended_at=write_ended_at,
+        ),
+        part=PartInfo(uri=part.uri, bytes=part.bytes, sha256=part.sha256, write_id=part.write_id),
+        worker=WorkerInfo(
+            name=worker_label(),
+            device=str(device) if device else None,
+            model_loads=loads_of_this_worker(),
+            energy_j=(energy_after - energy_before) / 1000
+            if energy_before is not None and energy_after is not None
+            else None,
+        ),
         models=models,
-        energy_j=(energy_after - energy_before) / 1000
-        if energy_before is not None and energy_after is not None
-        else None,
         finished_at=write_ended_at,
-        compute_started_at=compute_started_at,
-        compute_ended_at=compute_ended_at,
-        write_started_at=compute_ended_at,
-        write_ended_at=write_ended_at,
-        worker=worker_label(),
-        model_loads=loads_of_this_worker(),
         quality=quality,
         ids=RowIds(table.column(cfg.id_column)),
     )

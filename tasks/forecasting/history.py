@@ -69,7 +69,7 @@ def history_metrics(results: list[Any]) -> dict[str, float]:
     return {
         "computed_rows": float(sum(r.rows_computed for r in computed)),
         "computed_valid_rows": float(sum(r.rows - r.error_rows - r.rows_cached for r in computed)),
-        "computed_embedded_tokens": float(sum(r.embedded_tokens - r.cached_embedded_tokens for r in computed)),
+        "computed_embedded_tokens": float(sum((r.tokens - r.cached_tokens).embedded for r in computed)),
     }
 
 

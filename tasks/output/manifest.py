@@ -104,16 +104,17 @@ def final_manifest(
         result = by_index.get(planned["index"])
         entry = {**planned, "status": result.status if result else "missing"}
         if result is not None and result.status == "committed":
+            part = result.part
             entry.update(
-                part=result.part_uri.rsplit("/", 1)[-1] if result.part_uri else None,
+                part=part.name if part else None,
                 rows=result.rows,
                 error_rows=result.error_rows,
-                bytes=result.part_bytes,
-                sha256=result.part_sha256,
-                write_id=result.part_write_id,
-                worker=result.worker,
-                prompt_tokens=result.prompt_tokens,
-                generated_tokens=result.generated_tokens,
+                bytes=part.bytes if part else 0,
+                sha256=part.sha256 if part else None,
+                write_id=part.write_id if part else None,
+                worker=result.worker.name,
+                prompt_tokens=result.tokens.prompt,
+                generated_tokens=result.tokens.generated,
                 reused=result.resumed,
                 rows_cached=result.rows_cached,
             )
@@ -148,15 +149,14 @@ def final_manifest(
 def publish_part(cfg: JobConfig, fence: Fence, result: ShardResult) -> ShardResult:
     """A committed shard's part moved from the run's staging directory to the output, if ``fence``
     still holds the lease; a part that cannot be published makes the shard failed (with why)."""
-    if result.status != "committed" or result.resumed or not result.part_uri:
+    if result.status != "committed" or result.resumed or result.part is None:
         return result
     output = OutputDir(cfg.output, cfg.storage_options)
-    name = result.part_uri.rsplit("/", 1)[-1]
     try:
-        uri = output.publish_staged(fence, name)
+        uri = output.publish_staged(fence, result.part.name)
     except StorageError as err:
         return replace(result, status="failed", error=str(err))
-    return replace(result, part_uri=uri)
+    return replace(result, part=replace(result.part, uri=uri))
 
 
 def commit_output(
@@ -226,12 +226,13 @@ def confirm_parts(output: OutputDir, results: list[ShardResult]) -> list[ShardRe
     confirmed = []
     for result in results:
         if result.status == "committed":
-            name = result.part_uri.rsplit("/", 1)[-1] if result.part_uri else ""
+            name = result.part.name if result.part else ""
             try:
                 found: str | None = output.part_lineage(name).get("part_write_id")
             except FileNotFoundError:
                 found = "missing"
-            if found != result.part_write_id:  # both None: a part of an older version, unchanged
+            expected = result.part.write_id if result.part else None
+            if found != expected:  # both None: a part of an older version, unchanged
                 what = "disappeared" if found == "missing" else "was replaced by another writer"
                 result = replace(
                     result,

@@ -19,7 +19,7 @@ from shardwise.tasks.config.job import EXECUTION_KNOBS, FINGERPRINT_SETTINGS, Jo
 from shardwise.tasks.config.output_schema import canonical_schema_text
 from shardwise.tasks.errors import ConfigError, StorageError
 from shardwise.tasks.planning.shards import Shard, ShardPlan
-from shardwise.tasks.records.results import RowIds, ShardResult
+from shardwise.tasks.records.results import PartInfo, RowIds, ShardResult, TokenCounts
 from shardwise.tasks.redaction import redact_values
 from shardwise.tasks.storage.fs import is_storage_failure, is_transient, with_storage_retries
 from shardwise.tasks.storage.locations import check_separate, location_relation
@@ -163,13 +163,13 @@ def verify_part(cfg: JobConfig, shard: Shard) -> ShardResult | None:
         status="committed",
         rows=shard.num_rows,
         error_rows=error_rows,
-        part_uri=uri,
-        part_bytes=size,
+        part=PartInfo(uri=uri, bytes=size, write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id")),
         resumed=True,
         ids=RowIds(table.column(0)),
-        part_write_id=lineage.get(f"{LINEAGE_PREFIX}part_write_id"),
-        prompt_tokens=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
-        generated_tokens=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
+        tokens=TokenCounts(
+            prompt=int(lineage.get(f"{LINEAGE_PREFIX}prompt_tokens", 0)),
+            generated=int(lineage.get(f"{LINEAGE_PREFIX}generated_tokens", 0)),
+        ),
         schema_valid_rows=schema_valid_rows,
         quality=footer_quality(lineage.get(f"{LINEAGE_PREFIX}quality")),
     )
@@ -225,7 +225,7 @@ def published_manifest(cfg: JobConfig, plan: ShardPlan, committed: list[ShardRes
         for s in manifest.get("shards", [])
         if isinstance(s, dict) and s.get("status") == "committed"
     }
-    found = {r.part_uri.rsplit("/", 1)[-1]: r.part_write_id for r in committed if r.part_uri}
+    found = {r.part.name: r.part.write_id for r in committed if r.part}
     if found != listed or set(output.part_names()) != set(listed):
         return None
     return manifest

@@ -25,7 +25,7 @@ def throughput_figure(results: list[ShardResult], price: Price) -> Any:
     start = min(r.finished_at - r.seconds for r in ordered)
     times = [r.finished_at - start for r in ordered]
     rows_per_s = [r.rows / max(r.seconds, 1e-9) for r in ordered]
-    tok_per_s = [r.generated_tokens / max(r.seconds_compute, 1e-9) for r in ordered]
+    tok_per_s = [r.tokens.generated / max(r.timings.compute, 1e-9) for r in ordered]
     cumulative, total = [], 0.0
     for r in ordered:
         total += price.cost(r.seconds)

@@ -18,7 +18,7 @@ from shardwise.tasks.tracking.runs import finish_run, run_metrics, shard_metrics
 
 def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:
     """The price of the device the shards actually ran on (or the config's override)."""
-    device = next((r.device for r in results if r.device), None)
+    device = next((r.worker.device for r in results if r.worker.device), None)
     device_type = cfg.device_type or detect_device_type(device)
     return lookup_price(device_type, cfg.price_per_device_hour)
 
@@ -27,11 +27,11 @@ def worker_usage(results: list[ShardResult]) -> dict[str, dict[str, Any]]:
     """Shards each worker ran in this run, and how often it loaded each model (1 when cached)."""
     usage: dict[str, dict[str, Any]] = {}
     for r in results:
-        if r.resumed or r.worker is None:
+        if r.resumed or r.worker.name is None:
             continue
-        entry = usage.setdefault(r.worker, {"shards": 0, "model_loads": {}})
+        entry = usage.setdefault(r.worker.name, {"shards": 0, "model_loads": {}})
         entry["shards"] += 1
-        for spec, count in r.model_loads.items():
+        for spec, count in r.worker.model_loads.items():
             entry["model_loads"][spec] = max(count, entry["model_loads"].get(spec, 0))
     return usage
 
@@ -160,7 +160,7 @@ def report(
                 "seconds": round(r.seconds, 3),
                 "cost": round(m["shard_cost"], 6),
                 "status": "reused" if r.resumed else r.status,
-                "worker": r.worker or "",
+                "worker": r.worker.name or "",
                 "error": redact_text(r.error or ""),
             }
         )

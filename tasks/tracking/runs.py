@@ -107,29 +107,31 @@ def _start_system_metrics(run_id: str, uri: str | None) -> None:
 def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
     """A shard's figures; a shard reused from an earlier run computed nothing now: its rates are 0."""
     seconds = max(result.seconds, 1e-9) if not result.resumed else float("inf")
-    compute = max(result.seconds_compute, 1e-9) if not result.resumed else float("inf")
+    timings, tokens = result.timings, result.tokens
+    uncached = tokens - result.cached_tokens
+    compute = max(timings.compute, 1e-9) if not result.resumed else float("inf")
     metrics = {
         "shard_rows": result.rows,
         "shard_error_rows": result.error_rows,
         "shard_seconds": result.seconds,
-        "shard_seconds_read": result.seconds_read,
-        "shard_seconds_wait": result.seconds_wait,
-        "shard_seconds_compute": result.seconds_compute,
-        "shard_seconds_write": result.seconds_write,
+        "shard_seconds_read": timings.read,
+        "shard_seconds_wait": timings.wait,
+        "shard_seconds_compute": timings.compute,
+        "shard_seconds_write": timings.write,
         "shard_rows_cached": result.rows_cached,
         # rates over what the shard computed: rows from the row cache cost no device time
         "shard_rows_per_s": (result.rows - result.rows_cached) / seconds,
-        "shard_prompt_tok_per_s": (result.prompt_tokens - result.cached_prompt_tokens) / compute,
-        "shard_generated_tok_per_s": (result.generated_tokens - result.cached_generated_tokens) / compute,
+        "shard_prompt_tok_per_s": uncached.prompt / compute,
+        "shard_generated_tok_per_s": uncached.generated / compute,
         "shard_cost": 0.0 if result.resumed else price.cost(result.seconds),
         "shard_failed": 0.0 if result.status == "committed" else 1.0,
     }
     cost = metrics["shard_cost"]
     metrics["shard_cost_per_1k_rows"] = cost / result.rows * 1000 if result.rows else 0.0
-    if result.generated_tokens:
-        metrics["shard_cost_per_1m_generated_tokens"] = cost / result.generated_tokens * 1e6
-    if result.energy_j is not None:
-        metrics["shard_energy_j"] = result.energy_j
+    if tokens.generated:
+        metrics["shard_cost_per_1m_generated_tokens"] = cost / tokens.generated * 1e6
+    if result.worker.energy_j is not None:
+        metrics["shard_energy_j"] = result.worker.energy_j
     return metrics
 
 

@@ -66,7 +66,8 @@ def timing_figures(timer: RunTimer, results: list[ShardResult], workers: int = 1
 def write_seconds_hidden(results: list[ShardResult]) -> float:
     """Seconds of the shards' writes that overlap some shard's compute. A shard's own compute ends
     where its write starts, so the union of all compute spans serves for every shard."""
-    spans = sorted((r.compute_started_at, r.compute_ended_at) for r in results if r.compute_ended_at > 0)
+    timings = [r.timings for r in results]
+    spans = sorted((t.compute_started_at, t.compute_ended_at) for t in timings if t.compute_ended_at > 0)
     merged: list[list[float]] = []
     for start, end in spans:
         if merged and start <= merged[-1][1]:
@@ -75,12 +76,12 @@ def write_seconds_hidden(results: list[ShardResult]) -> float:
             merged.append([start, end])
     starts = [start for start, _ in merged]
     hidden = 0.0
-    for r in results:
-        if r.write_ended_at <= 0:
+    for t in timings:
+        if t.write_ended_at <= 0:
             continue
         # from the last compute span starting before this write, on through those starting within it
-        i = max(0, bisect.bisect_right(starts, r.write_started_at) - 1)
-        while i < len(merged) and merged[i][0] < r.write_ended_at:
-            hidden += max(0.0, min(merged[i][1], r.write_ended_at) - max(merged[i][0], r.write_started_at))
+        i = max(0, bisect.bisect_right(starts, t.write_started_at) - 1)
+        while i < len(merged) and merged[i][0] < t.write_ended_at:
+            hidden += max(0.0, min(merged[i][1], t.write_ended_at) - max(merged[i][0], t.write_started_at))
             i += 1
     return hidden

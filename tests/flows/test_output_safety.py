@@ -281,7 +281,7 @@ def test_verify_part_fails_loudly_on_a_storage_outage_instead_of_recomputing(s3,
         {"shard_id": shard.shard_id, "config_fingerprint": cfg.output_fingerprint()},
         cfg.storage_options,
     )
-    assert verify_part(cfg, shard).part_write_id
+    assert verify_part(cfg, shard).part.write_id
     s3_server.cut()
     try:
         started = time.monotonic()

@@ -79,17 +79,20 @@ def test_a_write_runs_while_the_next_shard_computes(prefect_server, reviews, tmp
             (w.name, c.name)
             for w in results
             for c in results
-            if w is not c and w.write_started_at < c.compute_ended_at and c.compute_started_at < w.write_ended_at
+            if w is not c
+            and w.timings.write_started_at < c.timings.compute_ended_at
+            and c.timings.compute_started_at < w.timings.write_ended_at
         ]
 
     for results in (one, two):
         for r in results:
-            assert 0 < r.compute_started_at <= r.compute_ended_at <= r.write_started_at < r.write_ended_at, r.name
+            t = r.timings
+            assert 0 < t.compute_started_at <= t.compute_ended_at <= t.write_started_at < t.write_ended_at, r.name
         # Compute is serialized (the device lock, the compute thread): no two shards' spans overlap.
-        spans = sorted((r.compute_started_at, r.compute_ended_at) for r in results)
+        spans = sorted((r.timings.compute_started_at, r.timings.compute_ended_at) for r in results)
         assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
     assert overlapping_writes(one) == []
-    assert overlapping_writes(two), [(r.name, r.compute_started_at, r.compute_ended_at, r.write_ended_at) for r in two]
+    assert overlapping_writes(two), [(r.name, r.timings) for r in two]
 
     rows = output_rows(tmp_path / "one")
     assert rows.num_rows == SHARDS * 300

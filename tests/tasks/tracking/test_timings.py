@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from shardwise.tasks.records.results import ShardResult
+from shardwise.tasks.records.results import ShardResult, ShardTimings
 from shardwise.tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
 
 
@@ -18,9 +18,7 @@ def shard(index: int, read: float, compute: float, write: float, resumed: bool =
         source="in.parquet",
         status="committed",
         rows=10,
-        seconds_read=read,
-        seconds_compute=compute,
-        seconds_write=write,
+        timings=ShardTimings(read=read, compute=compute, write=write),
         resumed=resumed,
     )
 
@@ -56,10 +54,12 @@ def spans(index: int, compute: tuple[float, float], write_end: float) -> ShardRe
         name=f"shard-{index}",
         source="in.parquet",
         status="committed",
-        compute_started_at=compute[0],
-        compute_ended_at=compute[1],
-        write_started_at=compute[1],
-        write_ended_at=write_end,
+        timings=ShardTimings(
+            compute_started_at=compute[0],
+            compute_ended_at=compute[1],
+            write_started_at=compute[1],
+            write_ended_at=write_end,
+        ),
     )
 
 
