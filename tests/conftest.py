@@ -143,3 +143,41 @@ def reviews_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "reviews"
     write_reviews_dataset(str(directory), files=3, rows_per_file=10, rows_per_group=4)
     return directory
+
+
+@pytest.fixture(scope="session")
+def worker(prefect_server, tmp_path_factory):
+    """``prefect deploy --all`` from the project root, then one process worker polling the pool,
+    for every test of the session that runs the deployments; its log file is the value."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    prefect_bin = str(Path(sys.executable).with_name("prefect"))
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    }
+    for command in (
+        ["work-pool", "create", "shardwise", "--type", "process", "--overwrite"],
+        ["--no-prompt", "deploy", "--all"],
+    ):
+        done = subprocess.run([prefect_bin, *command], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [prefect_bin, "worker", "start", "--pool", "shardwise", "--type", "process"],
+            cwd=tmp_path_factory.mktemp("worker-cwd"),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    yield log
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -8,8 +8,6 @@ import contextvars
 import datetime as dt
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,43 +19,7 @@ from tests.prefect_reads import read_all
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 DATES = ["2026-11-01", "2026-11-02"]  # two partitions show both the sharing and the limit of 1
-
-
-def prefect(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def worker(prefect_server, tmp_path_factory):
-    """`prefect deploy --all` from the project root, then one process worker polling the pool."""
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_server,
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-    }
-    prefect("work-pool", "create", "shardwise", "--type", "process", "--overwrite", env=env)
-    prefect("--no-prompt", "deploy", "--all", env=env)
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", "shardwise", "--type", "process"],
-            cwd=tmp_path_factory.mktemp("worker-cwd"),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    yield log
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def partitioned_job(tmp_path: Path, dates: list[str]) -> Path:

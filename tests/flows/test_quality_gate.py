@@ -14,7 +14,6 @@ import pytest
 from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.cli import run_cli
 from tests.flows.test_cli import assert_one_line_error
-from tests.flows.test_deployments import worker  # noqa: F401 - the deployments and their worker, a fixture
 
 # The bundled model answers in about 20 tokens (some cut at 24); cut at 3 tokens, every answer is.
 PROMPT = (
@@ -211,7 +210,7 @@ def _artifacts(run_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path):  # noqa: F811 - the fixture
+def test_held_nightly_partition_is_retried_by_the_next_backfill(worker, tmp_path):
     """Embeddings of another kind of text tonight: the nightly deployment run is held and ends
     Failed naming the check; the next backfill over that date reruns it instead of skipping it."""
     from prefect.client.orchestration import get_client
