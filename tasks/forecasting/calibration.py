@@ -8,7 +8,6 @@ sample. Nothing is written: the answers are thrown away.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import time
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ def calibrate(cfg: JobConfig, shards: list[Shard], rows: int) -> Calibration:
         if len(prompts) >= rows:
             break
     generator, _ = load_engines(cfg.model_copy(update={"task": "generate"}))
-    chat_date = cfg.generate.chat_date or dt.datetime.now(dt.UTC).date()
+    chat_date = cfg.run_chat_date()
     params = generation_params(cfg, chat_date)
     started = time.perf_counter()
     outputs = generator.generate(prompts, params) if prompts else []

@@ -5,7 +5,6 @@ are counted apart: a run does not compute them."""
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import random
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ def count_rows(cfg: JobConfig, shards: list[Shard]) -> TokenCounts:
     embed_tokenizer = load_tokenizer(cfg.embed.model) if cfg.runs_embedding else None
     embed_prompt = embedding_prompt(cfg.embed.model, cfg.embed.prompt_name) if cfg.runs_embedding else ""
     # The date a run's chat template prints: the configured one, else today (as the flow fixes it).
-    chat_date = cfg.generate.chat_date or dt.datetime.now(dt.UTC).date()
+    chat_date = cfg.run_chat_date()
     valid: list[bool] = []
     prompt: list[int] = []
     embedded: list[int] = []
