@@ -16,12 +16,12 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from shardwise.tasks.compute.handoff import job_from_parameters, plan_from_parameters
-from shardwise.tasks.compute.runners import finished_in_turn, worker_count
+from shardwise.tasks.compute.runners import completions_while, finished_in_turn, worker_count
 from shardwise.tasks.config.job import JobConfig
+from shardwise.tasks.errors import StorageError
 from shardwise.tasks.forecasting.budget import (
     BudgetGuard,
     ProgressMeter,
-    budgeted_completions,
     shard_capacity,
     unstarted,
 )
@@ -50,7 +50,7 @@ from shardwise.tasks.output.verdict import QualityVerdict, published_quality
 from shardwise.tasks.planning.shards import ShardPlan
 from shardwise.tasks.records.results import ShardResult
 from shardwise.tasks.redaction import install_log_redaction, redact_text
-from shardwise.tasks.storage.lease import Fence
+from shardwise.tasks.storage.lease import Fence, OutputWatch
 from shardwise.tasks.storage.output_dir import OutputDir
 from shardwise.tasks.tracking.reporting import price_for
 from shardwise.tasks.tracking.runs import end_orphaned_run, log_shard, log_timings, prompt_hash
@@ -123,7 +123,10 @@ def process_shards(
     """Submit one task per shard not already committed; publish each part from the run's staging
     directory as its shard finishes (while ``fence`` holds the lease) and log it to MLflow.
 
-    With a ``guard`` (``max_cost``), shards are submitted a few at a time within the budget."""
+    Shards are submitted a few at a time (all at once on Ray), within the budget when there is a
+    ``guard`` (``max_cost``). When a shard fails and the output's storage no longer answers (or
+    the lease is gone), no further shard starts: none could be published. Those in flight finish,
+    and :class:`StorageError` (exit 3) says how many never started; committed parts stay for the rerun."""
     logger = get_run_logger()
     committed = {r.index for r in done}
     pending = [s for s in plan.shards if s.index not in committed]
@@ -134,19 +137,24 @@ def process_shards(
         timeout_seconds=cfg.shard_timeout_s,
         tags=shard_tags(cfg),
     )
-    staging = OutputDir(cfg.output, cfg.storage_options).staging_uri(fence)
+    output = OutputDir(cfg.output, cfg.storage_options)
+    staging = output.staging_uri(fence)
+    watch = OutputWatch(output, fence)
     with shard_placement(cfg) as resources:
         if resources:
             logger.info("each shard asks Ray for %s", resources)
-        if guard is None:
+        if guard is None and cfg.runner == "ray":
+            # Ray schedules every shard across the cluster's resources at once.
             futures = shard_task.map(pending, unmapped(cfg), unmapped(lineage), unmapped(staging))
             by_future = dict(zip(futures, pending))
             finished = ((f, by_future[f]) for f in finished_in_turn(list(futures)))
         else:
-            finished = budgeted_completions(
+            # As many at a time as the runner runs at once, so the run can stop starting shards:
+            # when the budget is reached, or the output's storage is gone.
+            finished = completions_while(
                 lambda shard: shard_task.submit(shard, cfg, lineage, staging),
                 pending,
-                guard,
+                lambda shard: watch.lost is None and (guard is None or guard.may_start(shard)),
                 capacity=shard_capacity(cfg),
             )
         results: list[ShardResult] = list(done)
@@ -180,7 +188,14 @@ def process_shards(
                 )
             else:
                 logger.error("%s failed (%d/%d): %s", result.name, len(results), len(plan.shards), result.error)
+                watch.check()
         progress.finish()
+    if watch.lost is not None:
+        committed = sum(r.status == "committed" for r in results)
+        raise StorageError(
+            f"{watch.lost}; {unstarted(list(plan.shards), results)} shard(s) not started, "
+            f"{committed} of {len(plan.shards)} committed (kept: rerun when the storage is back)"
+        )
     return results
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import queue
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.errors import ConfigError
@@ -147,6 +147,44 @@ def finished_in_turn(futures: list[Any], poll_seconds: float = 0.5) -> Iterator[
                 break
             except queue.Empty:
                 continue
+
+
+Future = TypeVar("Future")  # a task runner's future for one shard: anything with ``add_done_callback``
+Item = TypeVar("Item")
+
+
+def completions_while(
+    submit: Callable[[Item], Future],
+    items: list[Item],
+    may_start: Callable[[Item], bool],
+    capacity: int,
+) -> Iterator[tuple[Future, Item]]:
+    """Submit up to ``capacity`` items at a time, in order, while ``may_start`` allows; yield each
+    (future, item) as it finishes. Once ``may_start`` refuses an item, no further item starts: the
+    run stops starting shards (a budget reached, storage gone) and lets those in flight finish.
+
+    The caller updates whatever ``may_start`` reads from each yielded result before asking for the
+    next, so the next decision sees every shard finished so far."""
+    waiting = list(items)
+    running: dict[Any, Item] = {}
+    stopped = False
+
+    def fill() -> None:
+        nonlocal stopped
+        while waiting and len(running) < capacity and not stopped:
+            if not may_start(waiting[0]):
+                stopped = True
+                return
+            item = waiting.pop(0)
+            running[submit(item)] = item
+
+    fill()
+    while running:
+        finished = finished_in_turn(list(running))
+        future = next(finished)
+        finished.close()
+        yield future, running.pop(future)
+        fill()
 
 
 def worker_label() -> str:

@@ -1,28 +1,25 @@
 """A cost ceiling for one run (``max_cost``) and the progress line that reports against the forecast.
 
 With ``max_cost`` set, the flow hands shards to the task runner a few at a time (as many as can run
-at once) instead of mapping them all up front, and starts the next one only while the cost spent
+at once, on Ray too) instead of mapping them all up front, and starts the next one only while the cost spent
 so far, plus the estimated cost of the shards in flight, plus the next shard's own estimate stays
 within the ceiling. The flow is the one place that sees every shard finish, on every runner
 (threads, worker processes, Ray), so no shared ledger is needed. A shard's estimate is the
 forecast's expected cost of that shard (its rows, and its own prompt tokens where the forecast
 counted them: a shard of long prompts costs more than one of short prompts), or its rows at the
-cost per row measured so far in this run when that is higher. Shards already committed stay; the run ends failed with "budget reached", and a rerun
-with a higher ceiling resumes from them.
+cost per row measured so far in this run when that is higher. Shards already committed stay; the
+run ends failed with "budget reached", and a rerun with a higher ceiling resumes from them.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from shardwise.tasks.planning.shards import Shard
 from shardwise.tasks.records.results import ShardResult
-
-# A task runner's future for one shard: anything with ``add_done_callback`` (see finished_in_turn).
-Future = TypeVar("Future")
 
 
 @dataclass
@@ -57,6 +54,9 @@ class BudgetGuard:
         return max(forecast, measured * shard.num_rows)
 
     def may_start(self, shard: Shard) -> bool:
+        """Whether ``shard`` fits under the ceiling now; once one does not, none starts after it."""
+        if self.stopped:
+            return False
         estimate = self.estimate(shard)
         if self.spent + sum(self.in_flight.values()) + estimate > self.max_cost:
             self.stopped = True
@@ -76,34 +76,6 @@ class BudgetGuard:
             f"{not_started} shard(s) not started (committed ones are kept: rerun with a higher "
             "--max-cost to finish)"
         )
-
-
-def budgeted_completions(
-    submit: Callable[[Shard], Future],
-    shards: list[Shard],
-    guard: BudgetGuard,
-    capacity: int,
-) -> Iterator[tuple[Future, Shard]]:
-    """Submit up to ``capacity`` shards at a time while ``guard`` allows; yield each as it finishes.
-
-    The caller must call ``guard.finished`` for every yielded shard before asking for the next."""
-    queue = list(shards)
-    running: dict[Future, Shard] = {}
-
-    def fill() -> None:
-        while queue and len(running) < capacity and not guard.stopped and guard.may_start(queue[0]):
-            shard = queue.pop(0)
-            running[submit(shard)] = shard
-
-    from shardwise.tasks.compute.runners import finished_in_turn
-
-    fill()
-    while running:
-        finished = finished_in_turn(list(running))
-        future = next(finished)
-        finished.close()
-        yield future, running.pop(future)
-        fill()
 
 
 def unstarted(shards: list[Shard], results: list[ShardResult]) -> int:

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from shardwise.tasks.errors import ConfigError
+from shardwise.tasks.errors import ConfigError, StorageError
 
 logger = logging.getLogger("shardwise.output")
 
@@ -137,6 +137,26 @@ class LeaseFile(Protocol):
     def remove_lease(self, token: str) -> None: ...
 
     def check_lease_free(self, timeout_s: float) -> None: ...
+
+    def check_fence(self, fence: Fence) -> None: ...
+
+
+class OutputWatch:
+    """Whether a run can still publish: asked after a shard fails, it reads the lease once. When
+    that read fails (the output's storage does not answer) or names another run, ``lost`` says
+    why, and the run starts no more shards, since none of them could be published."""
+
+    def __init__(self, directory: LeaseFile, fence: Fence) -> None:
+        self.directory, self.fence = directory, fence
+        self.lost: str | None = None
+
+    def check(self) -> None:
+        if self.lost is not None:
+            return
+        try:
+            self.directory.check_fence(self.fence)
+        except StorageError as err:
+            self.lost = f"stopped starting shards: {err}"
 
 
 def acquire(directory: LeaseFile, timeout_s: float, flow_run_id: str | None) -> Lease:

@@ -25,7 +25,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from shardwise.tasks.errors import ConfigError, LeaseLost, StorageError
 from shardwise.tasks.redaction import redact_values
-from shardwise.tasks.storage.fs import PROBE_PREFIX, TEMP_PREFIX, atomic_write_bytes, filesystem, join
+from shardwise.tasks.storage.fs import (
+    PROBE_PREFIX,
+    TEMP_PREFIX,
+    atomic_write_bytes,
+    filesystem,
+    is_storage_failure,
+    join,
+)
 from shardwise.tasks.storage.lease import Fence, Lease, LeaseHolder, acquire, holder_bytes, holder_from_bytes
 from shardwise.tasks.storage.output_layout import (
     HOLD_NAME,
@@ -300,8 +307,10 @@ class OutputDir:
             raw = self.fs.cat_file(self.path_of(LEASE_NAME))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as err:
-            raise StorageError(f"cannot read {self.uri_of(LEASE_NAME)}: {err}") from None
+        except Exception as err:
+            if not is_storage_failure(err):
+                raise
+            raise StorageError(f"cannot read {self.uri_of(LEASE_NAME)}: {type(err).__name__}: {err}") from None
         return holder_from_bytes(raw)
 
     def check_lease_free(self, timeout_s: float) -> None:
