@@ -11,6 +11,9 @@ release a late worker at the moment it chooses.
 ``SHARDWISE_RAISE_AT=<point>[:<n>]`` raises :class:`InjectedFault` there instead: an exception
 leaving the code mid-way, as a timeout raised into a worker thread or a Ctrl-C would.
 
+The runners hand these variables to every worker they start: worker processes inherit them, and
+Ray workers get them through the job's ``runtime_env`` (:func:`fault_environment`).
+
 Points: ``shard-compute`` (rows read, engines running), ``part-write`` (half of a part's bytes
 written), ``before-manifest`` (every part published, final manifest not yet written),
 ``before-success`` (manifest written, ``_SUCCESS`` not yet).
@@ -38,6 +41,14 @@ def _arrived(variable: str, name: str) -> bool:
     with _lock:
         _reached[(variable, name)] += 1
         return _reached[(variable, name)] == int(nth or 1)
+
+
+FAULT_VARIABLES = ("SHARDWISE_CRASH_AT", "SHARDWISE_RAISE_AT", "SHARDWISE_HANG_AT", "SHARDWISE_HANG_UNTIL")
+
+
+def fault_environment() -> dict[str, str]:
+    """The fault variables set in this process, for workers that do not inherit its environment."""
+    return {name: os.environ[name] for name in FAULT_VARIABLES if os.environ.get(name)}
 
 
 class InjectedFault(RuntimeError):

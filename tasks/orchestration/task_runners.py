@@ -27,6 +27,7 @@ from shardwise.tasks.compute.runners import (
 )
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.errors import ConfigError
+from shardwise.tasks.faults import fault_environment
 
 
 class WorkerProcessPool(ProcessPoolTaskRunner):
@@ -70,6 +71,9 @@ def shard_task_runner(cfg: JobConfig) -> TaskRunner:
             raise ConfigError("runner: ray needs prefect-ray: pip install 'shardwise[ray]'") from None
 
         init_kwargs: dict[str, Any] = {"include_dashboard": False} if cfg.ray.address is None else {}
+        faults = fault_environment()
+        if faults:  # Ray workers do not inherit the driver's environment
+            init_kwargs["runtime_env"] = {"env_vars": faults}
         return RayTaskRunner(address=cfg.ray.address, init_kwargs=init_kwargs)
     workers = worker_count(cfg)
     if workers == 1:

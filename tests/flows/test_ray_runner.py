@@ -53,13 +53,19 @@ def test_a_ray_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_complete
         "--set",
         "shard_retries=0",
     ]
-    address = ray_clusters.get(SHARDWISE_CRASH_AT="part-write")
-    killed = subprocess.run([*job, "--ray-address", address], capture_output=True, text=True, timeout=900)
+    address = ray_clusters.get()  # the driver hands SHARDWISE_CRASH_AT to its Ray workers (runtime_env)
+    killed = subprocess.run(
+        [*job, "--ray-address", address],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "SHARDWISE_CRASH_AT": "part-write"},
+    )
     assert killed.returncode == 1, (killed.returncode, killed.stderr[-3000:])
     files = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert not [n for n in files if n.startswith("part-") or n in ("_SUCCESS", "_shardwise.lease")], files
 
-    rerun = subprocess.run([*job, "--ray-address", ray_clusters.get()], capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run([*job, "--ray-address", address], capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert "_SUCCESS" in files and not [n for n in files if n.startswith(".")], files
