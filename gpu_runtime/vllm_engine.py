@@ -56,6 +56,10 @@ class VllmOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
+    # No torch.compile (nor CUDA graphs): on vLLM's CPU build an engine then starts in about 17 s
+    # instead of 75 s (its compiled graphs are not reused across processes there), decoding about
+    # 7% slower (docs/benchmarks.md). For short jobs and many worker starts.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if (
@@ -70,7 +74,8 @@ class VllmOptions:
             raise ValueError(f"max_model_len must be an int >= 2 or None, got {self.max_model_len!r}")
 
     def cache_key(self) -> str:
-        return f"tp{self.tensor_parallel_size}-mem{self.gpu_memory_utilization}-len{self.max_model_len}"
+        key = f"tp{self.tensor_parallel_size}-mem{self.gpu_memory_utilization}-len{self.max_model_len}"
+        return f"{key}-eager" if self.enforce_eager else key
 
 
 def vllm_build() -> tuple[str, str, Literal["cuda", "cpu"]] | None:
@@ -189,6 +194,7 @@ class VllmGenerationEngine(GenerationEngine):
             enable_prefix_caching=True,
             generation_config="vllm",
             seed=0,
+            enforce_eager=options.enforce_eager,
             **extra,
         )
         max_context = int(llm.llm_engine.model_config.max_model_len)
@@ -198,6 +204,7 @@ class VllmGenerationEngine(GenerationEngine):
             "engine": "vllm",
             "engine_version": f"{dist} {version}",
             "tensor_parallel_size": options.tensor_parallel_size,
+            "enforce_eager": options.enforce_eager,
         }
         if device.type != "cpu":
             info["gpu_memory_utilization"] = options.gpu_memory_utilization

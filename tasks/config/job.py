@@ -35,6 +35,7 @@ EXECUTION_KNOBS = (
     "compile",
     "tensor_parallel_size",
     "gpu_memory_utilization",
+    "enforce_eager",
 )
 
 
@@ -73,6 +74,9 @@ class GenerateConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per model (and per worker)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory it takes")
     max_model_len: int | None = Field(default=None, ge=16, description="vllm: context length (prompt + answer)")
+    enforce_eager: bool = Field(
+        default=False, description="vllm: no torch.compile or CUDA graphs (starts far sooner, decodes a little slower)"
+    )
     output_schema: dict[str, Any] | None = Field(
         default=None,
         description="JSON Schema every answer follows (inline, or a path to a .json file); adds the typed column generated",
@@ -227,7 +231,7 @@ class JobConfig(_Strict):
         from shardwise.gpu_runtime import VllmOptions
 
         g = self.generate
-        return VllmOptions(g.tensor_parallel_size, g.gpu_memory_utilization, g.max_model_len)
+        return VllmOptions(g.tensor_parallel_size, g.gpu_memory_utilization, g.max_model_len, g.enforce_eager)
 
     @property
     def template(self) -> str:
