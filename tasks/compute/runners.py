@@ -69,10 +69,26 @@ def worker_count(cfg: JobConfig) -> int:
     return max(1, visible_gpus(cfg) // gpus_per_worker(cfg)) if _pins_gpus(cfg) else 1
 
 
+def check_device(cfg: JobConfig) -> None:
+    """A ``device`` this machine does not have (``cuda`` without CUDA, ``cuda:N`` past the last
+    GPU) as a ConfigError (exit 2) before any work, when shards run here; on Ray the cluster's
+    workers, not this process, have the devices."""
+    if cfg.runner != "local" or cfg.device in ("auto", "cpu"):
+        return
+    from shardwise.gpu_runtime import EngineError, select_device
+
+    try:
+        select_device(cfg.device)
+    except EngineError as err:
+        raise ConfigError(f"device: {err} on this machine (use --device auto or cpu)") from None
+
+
 def check_engine_settings(cfg: JobConfig) -> None:
     """Settings the generation engine cannot honour on this machine, as a ConfigError (exit 2),
-    before any model loads: vllm not installed or built for the other device, a tensor-parallel
-    size larger than the visible GPUs (or than a worker's share of them)."""
+    before any model loads: a device that is not there, vllm not installed or built for the
+    other device, a tensor-parallel size larger than the visible GPUs (or than a worker's share
+    of them)."""
+    check_device(cfg)
     if not cfg.runs_generation:
         return
     g = cfg.generate

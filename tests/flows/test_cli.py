@@ -47,6 +47,20 @@ def test_missing_column_lists_the_columns(reviews_dir, tmp_path):
     assert_one_line_error(proc, 2, "'uid' not found", "review_id", "created_at", "text")
 
 
+def test_a_gpu_this_machine_lacks_is_a_config_error_before_any_work(reviews_dir, tmp_path):
+    """``--device cuda`` without CUDA (or ``cuda:N`` past the last GPU): one line, exit 2, nothing
+    written, no flow started."""
+    from shardwise.gpu_runtime import visible_gpu_count
+
+    missing = f"cuda:{visible_gpu_count()}"  # never there: CUDA absent, or one past the last GPU
+    for device in [missing] + (["cuda"] if visible_gpu_count() == 0 else []):
+        job = ["run", "--input", str(reviews_dir), "--output", str(tmp_path / "out"), "--id-column", "review_id"]
+        proc = run_cli(*job, "--device", device)
+        assert_one_line_error(proc, 2, f"device: device '{device}' requested but", "--device auto or cpu")
+        assert "Flow run" not in proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
 def test_text_column_must_be_text(reviews_dir, tmp_path):
     proc = run_cli(
         "run",
