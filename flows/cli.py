@@ -189,6 +189,35 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return 128 + signal.SIGPIPE  # as a Unix tool killed by SIGPIPE: `shardwise ... | head` is not an error
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone (``| head`` read what it wanted): the pipe then
+    polls as an error. If so, what is left to print goes nowhere, so the interpreter's exit does
+    not fail on it either."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (captured output)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return True
+
+
+def _main(argv: list[str] | None) -> int:
     _environment_defaults()
     args = build_parser().parse_args(argv)
     from shardwise.gpu_runtime.errors import EngineError, ModelNotFoundError
@@ -220,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err), 2)
     except EngineError as err:
         return _fail(f"engine failed: {err}", 1)
+    except BrokenPipeError:
+        raise  # main() tells a closed standard output from any other broken pipe
     except KeyboardInterrupt:
         _fail(f"interrupted after {time.perf_counter() - started:.0f}s; rerun the same command to redo it", 130)
         _exit_abandoning_threads(130)

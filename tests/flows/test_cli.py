@@ -236,3 +236,17 @@ def test_tokenizer_threads_default_is_marked_as_shardwises(user_setting):
     assert out.returncode == 0, out.stderr[-2000:]
     expected = {None: "false true", "false": "false false", "true": "true true"}[user_setting]
     assert out.stdout.split() == expected.split()
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error(cli, reviews_dir, tmp_path):
+    """``shardwise status OUT | head -1``: the reader goes away; the command ends as a Unix tool
+    does on SIGPIPE (exit 141), silently. Its own process, since the pipe is what is tested."""
+    out = tmp_path / "out"
+    job = ["run", "--input", str(reviews_dir), "--output", str(out), "--task", "embed", "--id-column", "review_id"]
+    assert cli(*job).returncode == 0
+    for command in (["status", str(out)], ["lineage", str(out)]):
+        proc = subprocess.Popen([SHARDWISE, *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader is gone before the first line
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141, (command, proc.returncode, stderr)
+        assert stderr == "", stderr
