@@ -214,7 +214,12 @@ def demo_pointers(output: str) -> None:
 def status(state: Any) -> None:
     """An output's progress (an ``OutputStatus``)."""
     out(f"output   {state.output}")
-    out(f"state    {state.state}")
+    if state.state == "interrupted":
+        out("state    interrupted: no run is writing it; rerun the same job to finish it")
+    elif state.holder:
+        out(f"state    {state.state} ({state.holder})")
+    else:
+        out(f"state    {state.state}")
     out(f"shards   {state.shards_done}/{state.shards_total} done")
     out(f"rows     {state.rows}")
     out(f"_SUCCESS {'yes' if state.success else 'no'}")

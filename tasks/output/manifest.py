@@ -255,13 +255,14 @@ def remove_stray_parts(cfg: JobConfig, plan: ShardPlan) -> list[str]:
 @dataclass(frozen=True)
 class OutputStatus:
     output: str
-    state: str  # "succeeded", "running", "failed", "empty" (no manifest), ...
+    state: str  # "succeeded", "running", "interrupted", "failed", "held", "no manifest", ...
     shards_total: int
     shards_done: int
     rows: int
     success: bool
     unlisted: tuple[str, ...] = ()  # part files of no shard the manifest lists
     replaced: tuple[str, ...] = ()  # listed parts whose footer's write id is not the one listed
+    holder: str | None = None  # the live run writing it, while ``state`` is "running"
 
     @property
     def as_published(self) -> bool:
@@ -300,13 +301,30 @@ def read_status(output: str, storage_options: dict[str, Any] | None = None) -> O
                 found = None
             if found != entry["write_id"]:
                 replaced.append(name)
+    state, holder = manifest.get("status", "unknown"), None
+    if state == "running":
+        state, holder = _running_or_interrupted(directory)
     return OutputStatus(
         output,
-        manifest.get("status", "unknown"),
+        state,
         len(shards),
         len(done),
         rows,
         success,
         tuple(unlisted),
         tuple(replaced),
+        holder,
     )
+
+
+def _running_or_interrupted(directory: OutputDir) -> tuple[str, str | None]:
+    """A manifest says "running" from a run's start until its end: "running" (and by whom) while
+    a live run holds the lease, else "interrupted" (stopped by Ctrl-C, SIGTERM or a kill, or its
+    lease not renewed for the default lease timeout)."""
+    from shardwise.tasks.config.job import JobConfig
+
+    holder = directory.read_lease()
+    timeout_s = JobConfig.model_fields["lease_timeout_s"].default
+    if holder is None or not holder.is_live(timeout_s):
+        return "interrupted", None
+    return "running", holder.describe()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from shardwise.tasks.records.demo_data import write_reviews_dataset
+from tests.cli import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +77,11 @@ def test_signal_mid_run_ends_the_mlflow_run_killed(prefect_server, tmp_path, sig
             assert time.monotonic() < deadline, "the run never reached its shard"
             time.sleep(0.2)
         assert [r.info.status for r in mlflow_runs(experiment)] == ["RUNNING"]
+        running = run_cli("status", str(tmp_path / "out"))
+        assert (
+            running.returncode == 1
+            and f"state    running (host {socket.gethostname()}, pid {proc.pid}" in running.stdout
+        )
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -84,6 +91,8 @@ def test_signal_mid_run_ends_the_mlflow_run_killed(prefect_server, tmp_path, sig
     assert "Traceback" not in stderr
     assert ("terminated" if sig == signal.SIGTERM else "interrupted") in stderr
     assert [r.info.status for r in mlflow_runs(experiment)] == ["KILLED"]
+    stopped = run_cli("status", str(tmp_path / "out"))
+    assert stopped.returncode == 1 and "state    interrupted: no run is writing it" in stopped.stdout, stopped.stdout
 
 
 def test_a_step_that_raises_ends_the_mlflow_run_failed(prefect_server, tmp_path):
