@@ -76,7 +76,12 @@ def check_output_location(cfg: JobConfig) -> None:
     input_is_pattern = is_input_pattern(cfg.input, cfg.storage_options)
     check_separate(cfg.input, cfg.output, cfg.storage_options, input_is_pattern)
     check_cache_location(cfg, input_is_pattern)
-    foreign = OutputDir(cfg.output, cfg.storage_options).foreign_files()
+    output = OutputDir(cfg.output, cfg.storage_options)
+    if output.is_file():
+        raise ConfigError(
+            f"output {cfg.output} is a file: --output names a directory for the parts (created if missing)"
+        )
+    foreign = output.foreign_files()
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ConfigError(

@@ -204,6 +204,29 @@ def inspect_file(uri: str, storage_options: dict[str, Any] | None = None) -> Inp
     return InputFile(uri, size, fingerprint, metadata.num_rows, rows, metadata.schema.to_arrow_schema())
 
 
+def is_string_type(type_: pa.DataType) -> bool:
+    """Text, however stored: string, large_string, string_view, or dictionary-encoded strings (what
+    pandas writes for a categorical column)."""
+    if pa.types.is_dictionary(type_):
+        type_ = type_.value_type
+    return type_ in STRING_TYPES
+
+
+def column_role(cfg: JobConfig, column: str) -> str:
+    """Which setting asks for ``column``, for a message about it (with the default when it is one)."""
+    from shardwise.gpu_runtime.prompts import template_fields
+
+    roles = []
+    for setting, flag in (("id_column", "--id-column"), ("text_column", "--text-column")):
+        if column == getattr(cfg, setting):
+            default = JobConfig.model_fields[setting].default
+            suffix = f", whose default is {default!r}" if column == default else ""
+            roles.append(f"the {setting.replace('_', ' ')}: {flag}{suffix}")
+    if cfg.runs_generation and column in template_fields(cfg.template):
+        roles.append(f"the prompt template's field {{{column}}}")
+    return "; ".join(roles) or "a column the job needs"
+
+
 def validate_schemas(files: list[InputFile], cfg: JobConfig) -> None:
     """Required columns exist with usable types, no kept column has the name of a column shardwise
     writes, and every file agrees with the first (no drift)."""
@@ -219,11 +242,15 @@ def validate_schemas(files: list[InputFile], cfg: JobConfig) -> None:
         names = file.schema.names
         for column in needed:
             if column not in names:
-                raise InputError(f"{file.uri}: column {column!r} not found; columns are: {', '.join(names)}")
+                raise InputError(
+                    f"{file.uri}: column {column!r} not found ({column_role(cfg, column)}); "
+                    f"columns are: {', '.join(names)}"
+                )
         text_type = file.schema.field(cfg.text_column).type
-        if text_type not in STRING_TYPES:
+        if not is_string_type(text_type):
             raise InputError(
-                f"{file.uri}: text column {cfg.text_column!r} has type {text_type}, expected a string column"
+                f"{file.uri}: text column {cfg.text_column!r} (--text-column) has type {text_type}, "
+                "expected a string column"
             )
         collision = collision_message(cfg, names)
         if collision:

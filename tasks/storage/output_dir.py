@@ -80,6 +80,13 @@ class OutputDir:
             raise StorageError(f"cannot list {self.uri}: {err}") from None
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") != "directory")
 
+    def is_file(self) -> bool:
+        """True when the root is a file (an output named after an existing file)."""
+        try:
+            return bool(self.fs.isfile(self.root))
+        except OSError as err:
+            raise StorageError(f"cannot read {self.uri}: {err}") from None
+
     def part_names(self) -> list[str]:
         """Files named like shardwise parts (not yet proven to be shardwise's own)."""
         return [n for n in self.names() if part_shard_id(n)]

@@ -61,6 +61,46 @@ def test_a_gpu_this_machine_lacks_is_a_config_error_before_any_work(reviews_dir,
         assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_column_is_named_with_the_setting_that_asks_for_it(reviews_dir, tmp_path):
+    out = str(tmp_path / "out")
+    # No --id-column: the default 'id' is what is missing.
+    proc = run_cli("run", "--input", str(reviews_dir), "--output", out, "--text-column", "text")
+    assert_one_line_error(proc, 2, "column 'id' not found (the id column: --id-column, whose default is 'id')")
+    proc = run_cli(
+        "run",
+        *("--input", str(reviews_dir), "--output", out, "--id-column", "review_id", "--task", "generate"),
+        *("--prompt-template", "Review of {product} in {region}: {text}"),
+    )
+    assert_one_line_error(proc, 2, "column 'region' not found (the prompt template's field {region})", "rating")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_a_file_is_named_as_such(reviews_dir, tmp_path):
+    blocker = tmp_path / "results.parquet"
+    blocker.write_bytes(b"not a directory")
+    proc = run_cli("run", "--input", str(reviews_dir), "--output", str(blocker), "--id-column", "review_id")
+    assert_one_line_error(proc, 2, f"output {blocker} is a file: --output names a directory")
+    assert blocker.read_bytes() == b"not a directory"
+
+
+def test_categorical_and_large_string_text_columns_are_text(cli, tmp_path):
+    """pandas writes a categorical column as dictionary<string>; both it and large_string are read
+    as the strings they hold."""
+    texts = ["The kettle boils fast and quietly.", "Shoes fell apart after a week.", "Great value."] * 2
+    source = tmp_path / "in"
+    source.mkdir()
+    ids = pa.array([f"row-{i}" for i in range(6)])
+    pq.write_table(pa.table({"id": ids, "text": pa.array(texts).dictionary_encode()}), source / "a.parquet")
+    pq.write_table(pa.table({"id": ids, "text": pa.array(texts, pa.large_string())}), tmp_path / "large.parquet")
+    assert pq.read_schema(source / "a.parquet").field("text").type == pa.dictionary(pa.int32(), pa.string())
+    for data, out in ((source, tmp_path / "out-dict"), (tmp_path / "large.parquet", tmp_path / "out-large")):
+        proc = cli("run", "--input", str(data), "--output", str(out), "--task", "embed")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = pq.read_table(str(out)).sort_by("id").to_pylist()
+        assert [r["text"] for r in rows] == [texts[int(r["id"][4:])] for r in rows]
+        assert all(r["error"] is None and len(r["embedding"]) == 384 for r in rows)
+
+
 def test_text_column_must_be_text(reviews_dir, tmp_path):
     proc = run_cli(
         "run",
