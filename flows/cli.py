@@ -20,6 +20,8 @@ import time
 import traceback
 from typing import Any, NoReturn
 
+from shardwise.flows.console import console
+
 
 def _environment_defaults() -> None:
     """Defaults that must be in place before Prefect or tokenizers are imported."""
@@ -36,10 +38,23 @@ def _environment_defaults() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardwise", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="shardwise",
+        description="Enrich a Parquet dataset with generated text and embeddings, shard by shard, "
+        "as Prefect flows tracked in MLflow.",
+        epilog="`shardwise COMMAND --help` lists a command's flags. Exit codes: 0 done, 1 a run "
+        "failed (every good shard still written), 2 bad input or config, 3 storage unreachable, "
+        "4 held by the quality gate, 130 interrupted, 141 output pipe closed, 143 terminated.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="enrich a Parquet dataset")
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print Prefect's task lines, MLflow's and vLLM's logs and progress bars",
+    )
     run.add_argument("--config", help="YAML job config (conf/jobs/*.yaml)")
     run.add_argument("--input", help="Parquet file, directory, glob or fsspec URI")
     run.add_argument("--output", help="output directory URI")
@@ -136,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate a synthetic review dataset and enrich it")
     demo.add_argument("--rows", type=int, default=48, help="total rows (spread over 3 files)")
     demo.add_argument("--max-new-tokens", type=int)
+    demo._add_action(run._option_string_actions["--verbose"])
     demo.add_argument("--set", dest="set_options", action="append", default=[], metavar="KEY=VALUE")
 
     status = sub.add_parser("status", help="progress of an output directory")
@@ -242,7 +258,8 @@ def _main(argv: list[str] | None) -> int:
     }
     started = time.perf_counter()
     try:
-        return handlers[args.command](args)
+        with console(getattr(args, "verbose", None)):
+            return handlers[args.command](args)
     except ShardwiseError as err:
         return _fail(str(err), err.exit_code)
     except ModelNotFoundError as err:

@@ -183,7 +183,8 @@ def process_shards(
                     result.worker.name,
                     result.rows,
                     result.seconds,
-                    result.tokens.generated / max(result.timings.compute, 1e-9),
+                    # tokens this run generated: rows from the row cache took no compute
+                    (result.tokens - result.cached_tokens).generated / max(result.timings.compute, 1e-9),
                     meter.line(),
                 )
             else:

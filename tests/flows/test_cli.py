@@ -290,3 +290,25 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_an_error(cli, review
         stderr = proc.stderr.read()
         assert proc.wait(timeout=120) == 141, (command, proc.returncode, stderr)
         assert stderr == "", stderr
+
+
+def test_a_run_prints_its_progress_and_the_rest_only_with_verbose(cli, reviews_dir, tmp_path):
+    """What a person reads: the forecast, the flow run's link, one line per shard, the summary.
+    Prefect's task lines, the thread-timeout warning, MLflow's store set-up and weight-loading
+    progress bars only with -v. The default run is a process of its own: its imports, its model
+    loads and its logging set-up are what a user's terminal shows."""
+    job = ["run", "--input", str(reviews_dir), "--id-column", "review_id", "--task", "embed"]
+    quiet = subprocess.run([SHARDWISE, *job, "--output", str(tmp_path / "quiet")], capture_output=True, text=True)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = quiet.stderr.splitlines()
+    progress = [line for line in lines if " committed (" in line]
+    assert len(progress) == len(json.loads((tmp_path / "quiet" / "_manifest.json").read_text())["shards"])
+    assert lines[0].startswith("shardwise: forecast ") and any("View at http" in line for line in lines)
+    assert len(lines) <= len(progress) + 4, quiet.stderr  # forecast, rows -> shards, link, shards
+    for noise in ("Task run '", "Timeout of", "mlflow", "Loading weights", "it/s]", "Beginning flow run"):
+        assert noise not in quiet.stderr, noise
+
+    verbose = cli(*job, "--output", str(tmp_path / "verbose"), "-v")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Task run 'shard-00000' - Finished in state Completed()" in verbose.stderr
+    assert "Beginning flow run" in verbose.stderr and " committed (" in verbose.stderr

@@ -62,6 +62,9 @@ def test_rerun_computes_only_edited_and_new_rows_locally(cli, tmp_path):
     totals = _totals(tmp_path / "out2")
     assert (totals["rows"], totals["rows_computed"], totals["rows_cached"]) == (10, 3, 7)
     assert "7 from the row cache" in second.stdout and "cost saved" in second.stdout
+    # b.parquet's shard came whole from the cache: its progress line claims no generation speed.
+    (cached_line,) = [line for line in second.stderr.splitlines() if "shard-00001 committed" in line]
+    assert "4 rows in" in cached_line and ", 0.0 generated tok/s;" in cached_line, cached_line
     before, after = _rows(tmp_path / "out1"), _rows(tmp_path / "out2")
     reused = {"a1-renamed": "a1", "a2": "a2", "a3": "a3", **{f"b{i}": f"b{i}" for i in range(4)}}
     for now, then in reused.items():
