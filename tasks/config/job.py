@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from shardwise.tasks.config.paths import absolute_location
 from shardwise.tasks.config.quality import QualityConfig
 
 DEFAULT_GEN_MODEL = "bundled:smollm2-135m-instruct"
@@ -182,6 +183,11 @@ class JobConfig(_Strict):
     # the date chat templates print in this run and whether the template prints one (see run_chat_date)
     _run_date: dt.date | None = PrivateAttr(default=None)
     _prints_date: bool | None = PrivateAttr(default=None)
+
+    @field_validator("input", "output", "cache")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute_location(value)
 
     @field_validator("device")
     @classmethod

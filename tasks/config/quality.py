@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shardwise.tasks.config.paths import absolute_location
+
 DEFAULT_REFUSAL_PATTERNS = ("I can't", "I cannot", "As an AI", "I'm sorry, but", "I am unable to")
 
 
@@ -23,6 +25,11 @@ class PartitionRef(BaseModel):
 
     date: dt.date
     output: str = Field(min_length=1)
+
+    @field_validator("output")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return absolute_location(value)
 
 
 class QualityConfig(BaseModel):
@@ -78,6 +85,11 @@ class QualityConfig(BaseModel):
         default=0, ge=0, description="canary rows whose answer (or embedding) differs from the baseline's"
     )
     partition: PartitionRef | None = Field(default=None, description="set by --date and the deployments")
+
+    @field_validator("baseline", "canaries")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute_location(value)
 
     @field_validator("refusal_patterns")
     @classmethod

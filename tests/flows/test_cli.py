@@ -223,7 +223,7 @@ def test_run_then_status(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_from_a_fresh_directory(tmp_path):
+def test_demo_from_a_fresh_directory(tmp_path, prefect_server, monkeypatch):
     """`shardwise demo` with default state dir (./.shardwise): real rows, readable by polars and DuckDB."""
     import duckdb
     import polars as pl
@@ -254,6 +254,13 @@ def test_demo_from_a_fresh_directory(tmp_path):
     )
     assert count == [(8, 8)]
     assert (tmp_path / ".shardwise" / "mlflow.db").exists()
+
+    # A second, smaller demo replaces the first one's output, and says so (in this process).
+    monkeypatch.chdir(tmp_path)
+    again = run_cli("demo", "--rows", "6", "--max-new-tokens", "2", env={"SHARDWISE_HOME": None})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"replacing the earlier demo output (8 rows) in {output}" in again.stderr
+    assert pl.read_parquet(output / "part-*.parquet").height == 6
 
 
 @pytest.mark.parametrize("user_setting", [None, "false", "true"])
@@ -312,3 +319,23 @@ def test_a_run_prints_its_progress_and_the_rest_only_with_verbose(cli, reviews_d
     assert verbose.returncode == 0, verbose.stderr[-3000:]
     assert "Task run 'shard-00000' - Finished in state Completed()" in verbose.stderr
     assert "Beginning flow run" in verbose.stderr and " committed (" in verbose.stderr
+
+
+def test_relative_paths_are_recorded_as_absolute_locations(cli, reviews_dir, tmp_path, monkeypatch):
+    """Run from a project folder with relative paths: the manifest, the MLflow run and the summary
+    say where the data is, whatever directory reads them later."""
+    from mlflow.tracking import MlflowClient
+
+    from shardwise.tasks.storage.local_state import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(reviews_dir)
+    proc = cli("run", "--input", "data", "--output", "out/q_json", "--task", "embed", "--id-column", "review_id")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "q_json" / "_manifest.json").read_text())
+    assert manifest["config"]["input"] == str(tmp_path / "data")
+    assert manifest["config"]["output"] == str(tmp_path / "out" / "q_json")
+    run = MlflowClient(tracking_uri()).get_run(manifest["mlflow_run_id"]).data
+    assert run.params["output"] == run.tags["shardwise.output"] == str(tmp_path / "out" / "q_json")
+    assert run.params["input"] == run.tags["shardwise.input"] == str(tmp_path / "data")
+    assert f"output           {tmp_path / 'out' / 'q_json'}" in proc.stdout
