@@ -56,6 +56,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"demo --rows must be at least 1, got {args.rows}")
     root = state_dir() / "demo"
+    earlier = read_manifest_rows(root / "output")
+    if earlier is not None:
+        render.demo_replaced(earlier, root / "output")
     shutil.rmtree(root / "output", ignore_errors=True)  # the demo always computes from scratch
     input_dir = root / "input"
     shutil.rmtree(input_dir, ignore_errors=True)  # a smaller demo must not keep a bigger one's files
@@ -69,6 +72,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if code == 0:
         render.demo_pointers(cfg.output)
     return code
+
+
+def read_manifest_rows(output: Any) -> int | None:
+    """The rows an earlier output's manifest counts, or None where there is none to read."""
+    import json
+
+    try:
+        return int(json.loads((output / "_manifest.json").read_text())["totals"]["rows"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

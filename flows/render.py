@@ -193,6 +193,10 @@ def demo_dataset(rows: int, files: int, input_dir: Any) -> None:
     print(f"shardwise demo: {rows} synthetic reviews in {files} files in {input_dir}", file=sys.stderr)
 
 
+def demo_replaced(rows: int, output: Any) -> None:
+    print(f"shardwise demo: replacing the earlier demo output ({rows} rows) in {output}", file=sys.stderr)
+
+
 def demo_pointers(output: str) -> None:
     """Where a finished demo's output, MLflow run and Prefect runs can be looked at."""
     from shardwise.tasks.storage.local_state import tracking_uri
