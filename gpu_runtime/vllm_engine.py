@@ -56,10 +56,11 @@ class VllmOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
-    # No torch.compile (nor CUDA graphs): on vLLM's CPU build an engine then starts in about 17 s
-    # instead of 75 s (its compiled graphs are not reused across processes there), decoding about
-    # 7% slower (docs/benchmarks.md). For short jobs and many worker starts.
-    enforce_eager: bool = False
+    # No torch.compile (nor CUDA graphs). None: on CPU only, where vLLM's compiled graph is not
+    # reused across processes, so each engine compiles again: it starts in about 17 s instead of
+    # 75 s, decoding about 7% slower (docs/benchmarks.md). On a GPU, compiled graphs and CUDA
+    # graphs are vLLM's default and pay back.
+    enforce_eager: bool | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -75,7 +76,7 @@ class VllmOptions:
 
     def cache_key(self) -> str:
         key = f"tp{self.tensor_parallel_size}-mem{self.gpu_memory_utilization}-len{self.max_model_len}"
-        return f"{key}-eager" if self.enforce_eager else key
+        return key if self.enforce_eager is None else f"{key}-eager{int(self.enforce_eager)}"
 
 
 def vllm_build() -> tuple[str, str, Literal["cuda", "cpu"]] | None:
@@ -179,6 +180,7 @@ class VllmGenerationEngine(GenerationEngine):
         eos_ids = eos_token_ids(_Defaults(model_defaults), tokenizer)
         model_len = getattr(config, "max_position_embeddings", None)
         max_len = options.max_model_len or (model_len if isinstance(model_len, int) and model_len > 0 else None)
+        eager = options.enforce_eager if options.enforce_eager is not None else device.type == "cpu"
         if device.type == "cpu":
             _cpu_threads_follow_worker()
             if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -194,7 +196,7 @@ class VllmGenerationEngine(GenerationEngine):
             enable_prefix_caching=True,
             generation_config="vllm",
             seed=0,
-            enforce_eager=options.enforce_eager,
+            enforce_eager=eager,
             **extra,
         )
         max_context = int(llm.llm_engine.model_config.max_model_len)
@@ -204,7 +206,7 @@ class VllmGenerationEngine(GenerationEngine):
             "engine": "vllm",
             "engine_version": f"{dist} {version}",
             "tensor_parallel_size": options.tensor_parallel_size,
-            "enforce_eager": options.enforce_eager,
+            "enforce_eager": eager,
         }
         if device.type != "cpu":
             info["gpu_memory_utilization"] = options.gpu_memory_utilization

