@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["load_embedding_engine", "load_generation_engine", "model_load_counts"]
 
 _E = TypeVar("_E")
-_engines: dict[tuple[str, str, str], object] = {}
-_key_locks: dict[tuple[str, str, str], threading.Lock] = {}
+_engines: dict[tuple[str, str, str, str], object] = {}
+_key_locks: dict[tuple[str, str, str, str], threading.Lock] = {}
 _registry_lock = threading.Lock()
 _load_counts: Counter[str] = Counter()
 
@@ -87,9 +87,12 @@ def _cached_engine(
     from .device import select_device  # imports torch: see above
 
     torch_device = select_device(device)
+    resolved = resolve_model_spec(spec)
     # "auto" and "cpu" are the same engine on a CPU machine: key by the device actually used.
     # ``variant`` names load options that give another engine (e.g. another attention kernel).
-    key = (kind + (f"[{variant}]" if variant else ""), spec, str(torch_device))
+    # The weights' revision is in the key: a local directory whose weights were replaced (a model
+    # retrained in a notebook) loads again instead of answering with the old weights.
+    key = (kind + (f"[{variant}]" if variant else ""), spec, str(torch_device), resolved.revision)
     with _registry_lock:
         engine = _engines.get(key)
         if engine is not None:
@@ -103,7 +106,6 @@ def _cached_engine(
             engine = _engines.get(key)
         if engine is not None:
             return engine  # type: ignore[return-value]
-        resolved = resolve_model_spec(spec)
         try:
             engine = on_compute_thread(build, resolved, torch_device)
         except (ModelNotFoundError, EngineError):
@@ -111,6 +113,8 @@ def _cached_engine(
         except Exception as exc:
             raise EngineError(f"could not load {kind} model {spec!r} from {resolved.path}: {exc}") from exc
         with _registry_lock:
+            for stale in [k for k in _engines if k[:3] == key[:3]]:  # older weights under this spec
+                del _engines[stale]
             _engines[key] = engine
             _load_counts[spec] += 1
         return engine  # type: ignore[return-value]

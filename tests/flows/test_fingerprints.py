@@ -133,15 +133,6 @@ def test_a_same_size_edit_of_an_input_file_is_recomputed(store):
 
 # ---- a changed model ---------------------------------------------------------------------------
 
-SHARDWISE = str(__import__("pathlib").Path(__import__("sys").executable).with_name("shardwise"))
-
-
-def shardwise(*args: str):
-    import os
-    import subprocess
-
-    return subprocess.run([SHARDWISE, *args], capture_output=True, text=True, timeout=600, env=dict(os.environ))
-
 
 def save_tiny_embedder(directory, seed: int) -> None:
     """A random-weight BERT of a few layers with MiniLM's tokenizer: a local model directory."""
@@ -206,9 +197,14 @@ def test_replaced_model_weights_are_refused_unless_overwrite(cli, tmp_path):
     assert {p.name: p.read_bytes() for p in output.glob("part-*.parquet")} == parts  # nothing touched
     assert (output / "_SUCCESS").exists()
 
-    # A new process: this one's engine cache holds the old weights under the same model path.
-    replaced = shardwise(*job, "--overwrite")
+    # In this process too, whose engine cache holds the old weights under the same model path: the
+    # cache is keyed by the weights' revision, so the new weights load (once).
+    from shardwise.gpu_runtime import model_load_counts
+
+    loads = model_load_counts().get(str(model), 0)
+    replaced = cli(*job, "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert model_load_counts()[str(model)] == loads + 1
     assert "resuming" not in replaced.stderr
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["models"]["embed"]["identity"] != identity
