@@ -111,14 +111,16 @@ def shard_tags(cfg: JobConfig) -> list[str]:
 
 @contextlib.contextmanager
 def shard_placement(cfg: JobConfig) -> Iterator[dict[str, float]]:
-    """Around the shard ``.map``: on Ray, attach each task's resource request; elsewhere nothing."""
+    """Around the shard submissions: on Ray, attach each task's resource request, and retry a shard
+    whose Ray worker died (killed, out of memory, node lost) ``shard_retries`` times, as one that
+    raised is (Prefect's retries run inside the worker, so they cannot outlive it); elsewhere nothing."""
     if cfg.runner != "ray":
         yield {}
         return
     from prefect_ray.context import remote_options
 
     resources = ray_resources(cfg)
-    with remote_options(**resources):
+    with remote_options(**resources, max_retries=cfg.shard_retries):
         yield resources
 
 

@@ -27,9 +27,9 @@ def ray_cluster(ray_clusters):
 
 
 def test_a_ray_worker_killed_mid_part_fails_the_run_cleanly_and_a_rerun_completes(ray_clusters, reviews_dir, tmp_path):
-    """Every Ray worker SIGKILLs itself while writing its first part (Ray retries the task in a new
-    worker, which dies the same way): no partial part, no _SUCCESS, the lease released, and a rerun
-    on a healthy cluster completes the output."""
+    """Every Ray worker SIGKILLs itself while writing its first part (with shard_retries=0 Ray does
+    not retry the task in a new worker either): no partial part, no _SUCCESS, the lease released,
+    and a rerun completes the output."""
     out = tmp_path / "out"
     job = [
         str(BIN / "shardwise"),
