@@ -67,10 +67,17 @@ class QualityConfig(BaseModel):
         le=1,
         description="ceiling on the share of answers matching a refusal pattern; null: no ceiling",
     )
+    significance: float = Field(
+        default=0.01,
+        gt=0,
+        lt=1,
+        description="a comparison fails only when its change is past the threshold and this unlikely by sampling alone",
+    )
     min_rows: int = Field(
         default=100,
         ge=1,
-        description="compare rates, lengths and centroids with the baseline only when both have this many rows",
+        description="compare figures whose sampling noise a profile does not record (older versions) only "
+        "when both sides have this many rows",
     )
     max_length_rate_increase: float | None = Field(
         default=0.20, ge=0, le=1, description="rise of the finish_reason=length rate over the baseline (rate points)"

@@ -27,6 +27,7 @@ from shardwise.tasks.config.quality import QualityConfig
 from shardwise.tasks.output.verdict import CheckResult, QualityVerdict
 from shardwise.tasks.quality.baseline import find_baseline
 from shardwise.tasks.quality.canaries import changed_canaries, cosine, read_canaries
+from shardwise.tasks.quality.significance import centroid_shift_p, mean_change_p, rate_increase_p
 from shardwise.tasks.records.profile import merge_profiles
 
 if TYPE_CHECKING:
@@ -73,27 +74,38 @@ def _ceiling(name: str, value: float | None, threshold: float | None) -> CheckRe
 
 
 def run_checks(settings: QualityConfig, profile: dict[str, Any], baseline: dict[str, Any] | None) -> list[CheckResult]:
-    """Every enabled check that applies to this output; comparisons only against a baseline."""
+    """Every enabled check that applies to this output; comparisons only against a baseline.
+
+    A comparison fails when its change is past its threshold and, by the test of
+    :mod:`~shardwise.tasks.quality.significance`, unlikely to come from the two outputs' sampling
+    (p below ``significance``). Profiles without the figures for that test (older versions) are
+    compared only when both have ``min_rows`` rows; canaries are compared row by row at any size."""
     checks = [
         _ceiling("error_rate", profile.get("error_rate"), settings.max_error_rate),
         _ceiling("empty_rate", profile.get("empty_rate"), settings.max_empty_rate),
         _ceiling("refusal_rate", profile.get("refusal_rate"), settings.max_refusal_rate),
     ]
     base = baseline or {}
-    # Figures of a handful of rows are mostly noise; canaries are compared row by row whatever the size.
-    comparable = bool(base) and min(profile.get("rows", 0), base.get("rows", 0)) >= settings.min_rows
-    if not comparable:
-        base = {k: v for k, v in base.items() if k == "canaries"}
+    sized = bool(base) and min(profile.get("rows", 0), base.get("rows", 0)) >= settings.min_rows
+
+    def compared(name: str, change: float, threshold: float, p: float | None, before: float | None = None):
+        if p is None and not sized:
+            return None  # a handful of rows, and no way to tell their noise
+        past = change > threshold
+        significant = p is None or p < settings.significance
+        note = "" if p is None else f"p={p:.2g}" + ("" if significant or not past else ": within sampling noise")
+        return CheckResult(name, change, threshold, before, not (past and significant), note=note)
+
     if settings.max_length_rate_increase is not None and "length_rate" in profile and "length_rate" in base:
         increase = profile["length_rate"] - base["length_rate"]
-        checks.append(
-            CheckResult(
-                "length_rate_increase",
-                increase,
-                settings.max_length_rate_increase,
-                base["length_rate"],
-                increase <= settings.max_length_rate_increase,
+        p = None
+        if "answered_rows" in profile and "answered_rows" in base:
+            n_base, n_now = base["answered_rows"], profile["answered_rows"]
+            p = rate_increase_p(
+                round(base["length_rate"] * n_base), n_base, round(profile["length_rate"] * n_now), n_now
             )
+        checks.append(
+            compared("length_rate_increase", increase, settings.max_length_rate_increase, p, base["length_rate"])
         )
     if (
         settings.max_generated_tokens_change is not None
@@ -102,25 +114,15 @@ def run_checks(settings: QualityConfig, profile: dict[str, Any], baseline: dict[
     ):
         before, now = base["generated_tokens"]["mean"], profile["generated_tokens"]["mean"]
         change = abs(now - before) / before if before else (0.0 if not now else math.inf)
-        checks.append(
-            CheckResult(
-                "generated_tokens_change",
-                change,
-                settings.max_generated_tokens_change,
-                before,
-                change <= settings.max_generated_tokens_change,
-            )
-        )
+        p = mean_change_p(base["generated_tokens"].get("histogram"), profile["generated_tokens"].get("histogram"))
+        checks.append(compared("generated_tokens_change", change, settings.max_generated_tokens_change, p, before))
     if settings.max_centroid_drift is not None and profile.get("embedding") and base.get("embedding"):
         now_c, before_c = profile["embedding"]["centroid"], base["embedding"]["centroid"]
         if len(now_c) == len(before_c) and now_c:
             drift = 1 - cosine(now_c, before_c)
-            checks.append(
-                CheckResult(
-                    "centroid_drift", drift, settings.max_centroid_drift, None, drift <= settings.max_centroid_drift
-                )
-            )
-        else:
+            p = centroid_shift_p(base["embedding"], profile["embedding"])
+            checks.append(compared("centroid_drift", drift, settings.max_centroid_drift, p))
+        elif sized:
             checks.append(
                 CheckResult(
                     "centroid_drift",

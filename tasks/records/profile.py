@@ -62,6 +62,7 @@ def shard_profile(table: pa.Table, refusal_patterns: tuple[str, ...] | list[str]
         partial.update(
             embedded_rows=int(embedded.sum()),
             embedding_norm_sum=float(norms[embedded].sum()),
+            embedding_sq_norm_sum=float((norms[embedded] ** 2).sum()),
             embedding_sum=[round(float(v), 7) for v in vectors[embedded].sum(axis=0)],
         )
     return partial
@@ -118,4 +119,6 @@ def merge_profiles(partials: list[dict[str, Any] | None]) -> dict[str, Any]:
             "centroid": [round(v / embedded, 7) for v in embedding_sum] if embedded else [],
             "mean_norm": total.get("embedding_norm_sum", 0.0) / embedded if embedded else 0.0,
         }
+        if "embedding_sq_norm_sum" in total and embedded:  # the spread the quality gate's test needs
+            profile["embedding"]["mean_sq_norm"] = total["embedding_sq_norm_sum"] / embedded
     return profile
