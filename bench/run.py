@@ -456,7 +456,9 @@ def bench_overhead(root: Path, shards: int) -> dict:
         pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
         root / "empty-in" / "empty.parquet",
     )
-    empty_s, empty = run_flow(JobConfig(input=str(root / "empty-in"), output=str(root / "empty-out"), task="embed"))
+    empty_s, empty = run_flow(
+        JobConfig(input=str(root / "empty-in"), output=str(root / "empty-out"), task="embed", allow_empty=True)
+    )
     tiny = root / "tiny-in"
     tiny.mkdir()
     pq.write_table(

@@ -163,6 +163,10 @@ class JobConfig(_Strict):
         default=3600, gt=0, description="a shard attempt running longer fails and is retried; null: no limit"
     )
     overwrite: bool = Field(default=False, description="replace an output written with another config")
+    allow_empty: bool = Field(
+        default=False,
+        description="an input with no rows publishes an empty output (one zero-row part) instead of failing (exit 2)",
+    )
     lease_timeout_s: float = Field(
         default=300, gt=0, description="a run's lease on its output, not renewed for this long, may be taken over"
     )

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.errors import StorageError
 from shardwise.tasks.faults import crash_point
+from shardwise.tasks.output.empty import EMPTY_SHARD_ID, write_empty_part
 from shardwise.tasks.output.verdict import QualityVerdict, write_verdict
 from shardwise.tasks.planning.shards import ShardPlan
 from shardwise.tasks.records.results import RunTotals, ShardResult
@@ -183,10 +184,14 @@ def commit_output(
     held = succeeded and verdict is not None and verdict.held
     if succeeded and verdict is not None:
         manifest.update(status="held" if held else "succeeded", quality=verdict.summary())
+    if succeeded and not plan.shards:
+        manifest["empty_part"] = part_name(EMPTY_SHARD_ID)
     output.check_fence(fence)
     written = output.write_json(MANIFEST_NAME, manifest)
     if succeeded:
         remove_stray_parts(cfg, plan)
+        if not plan.shards:  # an input with no rows, allowed: one zero-row part readers can open
+            write_empty_part(cfg, plan, {k: str(v) for k, v in run_info.items() if v})
         crash_point("before-success")
         rechecked = confirm_parts(output, results)
         if rechecked != results:  # replaced while the manifest was written
@@ -286,7 +291,7 @@ def read_status(output: str, storage_options: dict[str, Any] | None = None) -> O
     shards = [s for s in manifest.get("shards", []) if isinstance(s, dict)]
     done = [s for s in shards if part_name(s["shard_id"]) in parts]
     rows = sum(s.get("num_rows", 0) for s in done)
-    unlisted = sorted(parts - {part_name(s["shard_id"]) for s in shards})
+    unlisted = sorted(parts - {part_name(s["shard_id"]) for s in shards} - {manifest.get("empty_part")})
     replaced = []
     for entry in done:
         if entry.get("write_id"):

@@ -353,4 +353,10 @@ def plan_shards(cfg: JobConfig) -> ShardPlan:
     shards: list[Shard] = []
     for file in files:
         shards.extend(split_file(file, cfg.rows_per_shard, first_index=len(shards)))
+    if not shards and not unreadable and not cfg.allow_empty:
+        found = f"{len(files)} file(s), 0 rows" if files else "no Parquet files"
+        raise InputError(
+            f"input {cfg.input} has no rows ({found}): an empty partition is usually an upstream "
+            "failure; set allow_empty: true (--set allow_empty=true) to publish an empty output"
+        )
     return ShardPlan(files=tuple(files), shards=tuple(shards), unreadable=tuple(unreadable))

@@ -339,3 +339,42 @@ def test_relative_paths_are_recorded_as_absolute_locations(cli, reviews_dir, tmp
     assert run.params["output"] == run.tags["shardwise.output"] == str(tmp_path / "out" / "q_json")
     assert run.params["input"] == run.tags["shardwise.input"] == str(tmp_path / "data")
     assert f"output           {tmp_path / 'out' / 'q_json'}" in proc.stdout
+
+
+def test_an_input_with_no_rows_is_refused_unless_allowed_and_then_readers_can_open_it(cli, tmp_path):
+    """An empty partition is usually an upstream failure: refused with one line (exit 2), whether
+    the directory has no file or a file of no rows. With allow_empty the output is published with
+    one zero-row part of the job's columns, which the next run with rows replaces."""
+    import duckdb
+    import polars as pl
+
+    empty_dir, source, out = tmp_path / "landing", tmp_path / "in", tmp_path / "out"
+    empty_dir.mkdir()
+    job = ["--output", str(out), "--task", "both", "--max-new-tokens", "2"]
+    refused = cli("run", "--input", str(empty_dir), *job)
+    assert_one_line_error(refused, 2, f"input {empty_dir} has no rows (no Parquet files)", "allow_empty: true")
+    planned = cli("plan", "--input", str(empty_dir), *job, "--text-column", "nosuchcol")
+    assert_one_line_error(planned, 2, "has no rows")
+    source.mkdir()
+    schema = pa.schema([("id", pa.string()), ("text", pa.string()), ("stars", pa.int8())])
+    pq.write_table(schema.empty_table(), source / "a.parquet")
+    assert_one_line_error(cli("run", "--input", str(source), *job), 2, "has no rows (1 file(s), 0 rows)")
+    assert not out.exists()
+
+    allowed = cli("run", "--input", str(source), *job, "--set", "allow_empty=true")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert (out / "_SUCCESS").exists()
+    frame = pl.read_parquet(out / "part-*.parquet")
+    assert frame.height == 0 and frame.columns[:3] == ["id", "text", "stars"]
+    assert {"generated_text", "finish_reason", "embedding", "error"} <= set(frame.columns)
+    assert frame.schema["embedding"] == pl.Array(pl.Float32, 384)
+    assert duckdb.connect().execute(f"select count(*) from read_parquet('{out}/part-*.parquet')").fetchall() == [(0,)]
+    status = cli("status", str(out))
+    assert status.returncode == 0 and "_SUCCESS yes" in status.stdout, status.stdout
+
+    table = pa.table({"id": ["r1", "r2"], "text": ["Good kettle.", "Bad lid."], "stars": pa.array([5, 1], pa.int8())})
+    pq.write_table(table, source / "a.parquet")  # the rows land
+    landed = cli("run", "--input", str(source), *job, "--set", "allow_empty=true")
+    assert landed.returncode == 0, landed.stderr[-3000:]
+    frame = pl.read_parquet(out / "part-*.parquet")
+    assert sorted(frame["id"].to_list()) == ["r1", "r2"] and len(list(out.glob("part-*.parquet"))) == 1

@@ -218,17 +218,23 @@ def test_embed_only_keeping_just_the_id(prefect_server, reviews_dir, tmp_path):
     assert df["error"].is_null().all() and df.height == 30
 
 
-def test_empty_dataset_succeeds_with_zero_rows(prefect_server, tmp_path):
+def test_an_empty_dataset_fails_the_flow_unless_allowed(prefect_server, tmp_path):
     source = tmp_path / "in"
     source.mkdir()
     empty = pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
     pq.write_table(empty, source / "empty.parquet")
     output = tmp_path / "out"
-    state, summary = run_flow(JobConfig(input=str(source), output=str(output)))
+    state, _ = run_flow(JobConfig(input=str(source), output=str(output)))
+    assert state.is_failed() and "has no rows (1 file(s), 0 rows)" in state.message, state.message
+    assert not (output / "_SUCCESS").exists()
+
+    state, summary = run_flow(JobConfig(input=str(source), output=str(output), allow_empty=True))
     assert state.is_completed() and summary["succeeded"] and summary["rows"] == 0
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["shards"] == [] and manifest["totals"]["rows"] == 0
     assert (output / "_SUCCESS").exists()
+    (part,) = output.glob("part-*.parquet")
+    assert pq.read_table(part).num_rows == 0 and "generated_text" in pq.read_schema(part).names
 
 
 def test_rerun_resumes_only_missing_or_damaged_shards(prefect_server, reviews_dir, tmp_path):

@@ -120,17 +120,21 @@ def test_file_names_cannot_escape_the_output_root(tmp_path):
     assert shard.part_name.startswith("part-we_ird___x_____-")
 
 
-def test_empty_directory_plans_zero_shards(tmp_path):
-    plan = plan_shards(job(tmp_path))
+def test_an_empty_directory_is_refused_unless_allowed(tmp_path):
+    with pytest.raises(InputError, match=r"has no rows \(no Parquet files\).*allow_empty"):
+        plan_shards(job(tmp_path))
+    plan = plan_shards(job(tmp_path, allow_empty=True))
     assert plan.shards == () and plan.total_rows == 0
 
 
-def test_empty_file_plans_zero_shards(tmp_path):
+def test_an_empty_file_is_refused_unless_allowed(tmp_path):
     pq.write_table(
         pa.table({"review_id": pa.array([], pa.string()), "text": pa.array([], pa.string())}),
         tmp_path / "empty.parquet",
     )
-    assert plan_shards(job(tmp_path)).shards == ()
+    with pytest.raises(InputError, match=r"has no rows \(1 file\(s\), 0 rows\)"):
+        plan_shards(job(tmp_path))
+    assert plan_shards(job(tmp_path, allow_empty=True)).shards == ()
 
 
 def test_listing_skips_hidden_and_underscore_files(tmp_path):
