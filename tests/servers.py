@@ -10,10 +10,12 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -284,6 +286,25 @@ class RayClusters:
     def __init__(self) -> None:
         self.address: str | None = None
         self._env: dict[str, str] = {}
+        self._machine_lock: Any = None
+
+    def _hold_the_machine(self) -> None:
+        """Fail, rather than stop another test process's cluster, when one already runs Ray here
+        (a second pytest-xdist worker: tests/conftest.py's SHARED_WORKER keeps Ray tests on one)."""
+        if self._machine_lock is not None:
+            return
+        import fcntl
+
+        lock = open(Path(tempfile.gettempdir()) / "shardwise-tests-ray.lock", "w")  # noqa: SIM115 - held for the session
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RuntimeError(
+                "another test process on this machine runs Ray clusters; `ray stop` would stop them: "
+                "Ray tests belong to the 'ray' group of SHARED_WORKER in tests/conftest.py"
+            ) from None
+        self._machine_lock = lock
 
     def get(self, **extra_env: str) -> str:
         """The address of a running cluster whose workers see ``extra_env``, started if needed."""
@@ -291,6 +312,7 @@ class RayClusters:
         env.pop("PYTEST_CURRENT_TEST", None)  # changes with every test; nothing in a run reads it
         if self.address is not None and self._env == env:
             return self.address
+        self._hold_the_machine()
         self.stop()
         port = free_port()
         ray = str(Path(sys.executable).with_name("ray"))
