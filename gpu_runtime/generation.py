@@ -41,8 +41,16 @@ from .gguf_cache import weights_dir
 from .prefetch import prefetched, to_device
 from .prefill import BatchInputs, Prefix, batch_inputs, prefill, shared_prefix
 from .prompts import encode_chat
-from .sampling import BatchTokens, eos_token_ids, finished_rows, generation_config, token_ids_only
+from .sampling import (
+    AnswerFrequencyPenalty,
+    BatchTokens,
+    eos_token_ids,
+    finished_rows,
+    generation_config,
+    token_ids_only,
+)
 from .sizing import CPU_MAX_BATCH_SIZE, CPU_TOKEN_BUDGET, auto_batch_limits, free_device_bytes, kv_bytes_per_token
+from .structured import repair_unfinished
 
 if TYPE_CHECKING:
     from .model_specs import ResolvedModel
@@ -136,7 +144,7 @@ class GenerationEngine:
                 raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}")
         if not prompts:
             return []
-        return on_compute_thread(self._generate, prompts, params)
+        return on_compute_thread(repair_unfinished, self._generate, prompts, params)
 
     def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         limit = self._input_limit(params)
@@ -163,7 +171,12 @@ class GenerationEngine:
             def run(batch: list[int], inputs: BatchInputs) -> Callable[[list[int]], list[BatchTokens]]:
                 # A batch split after running out of memory builds its halves' inputs in line.
                 return lambda rows: self._generate_batch(
-                    inputs if rows == batch else prepare(rows), config, params.ignore_eos, prefix, params.output_schema
+                    inputs if rows == batch else prepare(rows),
+                    config,
+                    params.ignore_eos,
+                    prefix,
+                    params.output_schema,
+                    params.frequency_penalty,
                 )
 
             overlap = self.overlap_host_work
@@ -269,11 +282,9 @@ class GenerationEngine:
         ignore_eos: bool = False,
         prefix: Prefix | None = None,
         output_schema: str | None = None,
+        frequency_penalty: float = 0.0,
     ) -> list[BatchTokens]:
         """One ``generate`` call: per row, its new tokens through the first eos, and why it ended."""
-        # One processor per generate() call: its per-row matchers follow this batch's rows only
-        # (both the joined-cache and the plain path below feed it the same per-row tokens).
-        processors = [self._schema_grammars().logits_processor(output_schema)] if output_schema else []
         with torch.inference_mode():
             if inputs.plain is None:
                 cache, mask = prefill(self.model, self._cache_arg, inputs, prefix, room=config.max_new_tokens)
@@ -288,6 +299,13 @@ class GenerationEngine:
                 plain = to_device({"input_ids": inputs.plain[0], "attention_mask": inputs.plain[1]}, self.device)
                 input_ids, attention_mask = plain["input_ids"], plain["attention_mask"]
                 kwargs = {}
+            processors: list[Any] = []
+            if frequency_penalty:
+                processors.append(AnswerFrequencyPenalty(frequency_penalty, answer_start=input_ids.shape[1]))
+            if output_schema:
+                # One processor per generate() call: its per-row matchers follow this batch's rows
+                # only (both paths above feed it the same per-row tokens).
+                processors.append(self._schema_grammars().logits_processor(output_schema))
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

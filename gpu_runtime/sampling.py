@@ -17,7 +17,14 @@ from .errors import EngineError
 if TYPE_CHECKING:
     from .generation_params import GenerationParams
 
-__all__ = ["BatchTokens", "eos_token_ids", "finished_rows", "generation_config", "token_ids_only"]
+__all__ = [
+    "AnswerFrequencyPenalty",
+    "BatchTokens",
+    "eos_token_ids",
+    "finished_rows",
+    "generation_config",
+    "token_ids_only",
+]
 
 # One row of a generate() call: its new tokens through the first eos, and why it ended.
 BatchTokens = tuple[list[int], Literal["stop", "length"]]
@@ -50,6 +57,24 @@ def generation_config(params: GenerationParams, pad_token_id: int, eos_ids: froz
         eos_token_id=sorted(eos_ids),
         **sampling,
     )
+
+
+class AnswerFrequencyPenalty:
+    """A ``generate`` logits processor: each token's logit less ``penalty`` times the number of
+    times the row's answer so far holds it (``frequency_penalty`` as vLLM and OpenAI define it).
+    The answer starts at column ``answer_start`` of ``input_ids``: the prompt's tokens, and the
+    filler standing for a prefilled cache, do not count."""
+
+    def __init__(self, penalty: float, answer_start: int) -> None:
+        self.penalty = float(penalty)
+        self.answer_start = answer_start
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        answer = input_ids[:, self.answer_start :]
+        if answer.shape[1] == 0:
+            return scores
+        counts = scores.new_zeros(scores.shape).scatter_add_(1, answer, scores.new_ones(answer.shape))
+        return scores - self.penalty * counts
 
 
 def finished_rows(new_tokens: list[list[int]], eos_ids: frozenset[int], ignore_eos: bool) -> list[BatchTokens]:

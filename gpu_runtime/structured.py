@@ -9,14 +9,25 @@ out-of-memory split must not reuse them.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import EngineError
+from .generation_params import Generation, GenerationParams
 
-__all__ = ["SchemaGrammars"]
+__all__ = ["SchemaGrammars", "repair_unfinished", "schema_ebnf"]
+
+# No free whitespace: a small model otherwise pads its answer with newlines until max_new_tokens
+# runs out. Every engine compiles a schema with these options (the HF engine below, vLLM through
+# schema_ebnf), so both constrain answers to one grammar.
+_JSON_SCHEMA_OPTIONS = {"any_whitespace": False}
+
+logger = logging.getLogger(__name__)
 
 
 def _xgrammar() -> Any:
@@ -48,10 +59,8 @@ class SchemaGrammars:
                     )
                     self._compiler = xgr.GrammarCompiler(info)
                 try:
-                    # No free whitespace: a small model otherwise pads its answer with newlines
-                    # until max_new_tokens runs out.
                     self._compiled[schema_text] = self._compiler.compile_json_schema(
-                        json.loads(schema_text), any_whitespace=False
+                        json.loads(schema_text), **_JSON_SCHEMA_OPTIONS
                     )
                 except (RuntimeError, ValueError) as err:
                     raise EngineError(f"output schema cannot be compiled into a grammar: {err}") from None
@@ -62,3 +71,44 @@ class SchemaGrammars:
         from xgrammar.contrib.hf import LogitsProcessor
 
         return LogitsProcessor(self.compiled(schema_text))
+
+
+@functools.lru_cache(maxsize=16)
+def schema_ebnf(schema_text: str) -> str:
+    """The grammar of a JSON Schema as xgrammar's EBNF text, for an engine that takes a grammar
+    (vLLM: its per-request JSON option leaves whitespace free; only an engine-wide setting, with
+    other separators, removes it)."""
+    try:
+        return str(_xgrammar().Grammar.from_json_schema(schema_text, **_JSON_SCHEMA_OPTIONS))
+    except (RuntimeError, ValueError) as err:
+        raise EngineError(f"output schema cannot be compiled into a grammar: {err}") from None
+
+
+def repair_unfinished(
+    generate: Callable[[list[str], GenerationParams], list[Generation]], prompts: list[str], params: GenerationParams
+) -> list[Generation]:
+    """``generate(prompts, params)``, then the repair of its schema-constrained answers that
+    ``max_new_tokens`` cut (see ``GenerationParams.repair_frequency_penalty``): those rows are
+    generated once more with that frequency penalty, and an answer that now ends by itself
+    replaces the cut one. Every engine's ``generate`` goes through here."""
+    answers = generate(prompts, params)
+    if params.output_schema is None or not params.repair_frequency_penalty:
+        return answers
+    cut = [i for i, answer in enumerate(answers) if answer.finish_reason == "length"]
+    if not cut:
+        return answers
+    again = dataclasses.replace(params, frequency_penalty=params.repair_frequency_penalty, repair_frequency_penalty=0)
+    repaired = 0
+    for i, answer in zip(cut, generate([prompts[i] for i in cut], again), strict=True):
+        if answer.finish_reason == "stop":
+            answers[i] = answer
+            repaired += 1
+    logger.info(
+        "%d of %d structured answers ran out of max_new_tokens=%d; %d repaired with frequency_penalty=%g",
+        len(cut),
+        len(answers),
+        params.max_new_tokens,
+        repaired,
+        params.repair_frequency_penalty,
+    )
+    return answers

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import multiprocessing.util
 import os
 import threading
@@ -34,6 +33,7 @@ from .generation_params import Generation, GenerationParams
 from .gguf_cache import weights_dir
 from .model_cache import model_cache_dir, populate_cache_dir
 from .sampling import eos_token_ids
+from .structured import schema_ebnf
 
 if TYPE_CHECKING:
     import torch
@@ -236,12 +236,13 @@ class VllmGenerationEngine(GenerationEngine):
             sampling: dict[str, Any] = {"temperature": 0.0}
             if params.temperature > 0:
                 sampling = {"temperature": float(params.temperature), "top_p": float(params.top_p), "top_k": 0}
+            if params.frequency_penalty:
+                sampling["frequency_penalty"] = float(params.frequency_penalty)
             if params.output_schema is not None:
-                # vLLM's own structured outputs (xgrammar, as in the HF engine), with no free
-                # whitespace either, so both engines constrain answers to the same grammar.
-                sampling["structured_outputs"] = StructuredOutputsParams(
-                    json=json.loads(params.output_schema), disable_any_whitespace=True
-                )
+                # vLLM's structured outputs (xgrammar) fed the grammar the HF engine compiles: its
+                # own JSON option would leave whitespace free (the request's disable_any_whitespace
+                # is ignored), so answers would differ between the engines and loop on newlines.
+                sampling["structured_outputs"] = StructuredOutputsParams(grammar=schema_ebnf(params.output_schema))
             requests = [
                 SamplingParams(
                     max_tokens=params.max_new_tokens,

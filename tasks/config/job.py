@@ -84,6 +84,13 @@ class GenerateConfig(_Strict):
         default=None,
         description="JSON Schema every answer follows (inline, or a path to a .json file); adds the typed column generated",
     )
+    repair_frequency_penalty: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=2.0,
+        description="with output_schema: a row whose answer max_new_tokens cut is generated once more with this "
+        "frequency_penalty (breaks a small model's token loops); 0: off",
+    )
 
     @field_validator("output_schema", mode="before")
     @classmethod
@@ -356,7 +363,9 @@ class JobConfig(_Strict):
                 relevant["generate"].pop("max_model_len")
             else:
                 relevant["generate"]["engine"] = "vllm"
-            if self.generate.output_schema is not None:
+            if self.generate.output_schema is None:
+                relevant["generate"].pop("repair_frequency_penalty")  # acts on structured answers only
+            else:
                 # As text: sorting its keys below would lose the property order the grammar follows.
                 from shardwise.tasks.config.output_schema import canonical_schema_text
 

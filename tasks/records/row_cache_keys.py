@@ -52,8 +52,10 @@ def generation_context(cfg: JobConfig) -> str:
     from shardwise.tasks.config.output_schema import canonical_schema_text
 
     g = cfg.generate
+    structured = {} if g.output_schema is None else {"repair_frequency_penalty": g.repair_frequency_penalty}
     return _sha(
         {
+            **structured,
             "layout": LAYOUT,
             "model": cfg.model_identities()["generate"],
             "engine": cfg.generation_engine(),

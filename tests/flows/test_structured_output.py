@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
@@ -49,7 +50,7 @@ def test_bad_schemas_fail_before_anything_runs(reviews_dir, tmp_path, schema, ne
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
-def _run(cli, tmp_path, name: str, *extra: str) -> list[dict]:
+def _run(cli, tmp_path, name: str, *extra: str, prompt: str = PROMPT) -> tuple[list[dict], str, Path]:
     input_dir = tmp_path / "reviews"
     if not input_dir.exists():
         write_reviews_dataset(str(input_dir), files=2, rows_per_file=12, rows_per_group=4)
@@ -67,7 +68,7 @@ def _run(cli, tmp_path, name: str, *extra: str) -> list[dict]:
         "--keep-columns",
         "id",
         "--prompt-template",
-        PROMPT,
+        prompt,
         "--rows-per-shard",
         "24",
         *extra,
@@ -170,3 +171,32 @@ def test_schema_valid_line_counts_reused_parts_too(cli, tmp_path):
     assert re.search(r"computed\s+2 rows \(2 reused", rerun.stdout), rerun.stdout
     valid_now = sum(r["generated"] is not None for r in pq.read_table(str(out)).to_pylist())
     assert re.search(rf"schema valid\s+{valid_now}/4 rows \({valid_now / 4:.1%}\)", rerun.stdout), rerun.stdout
+
+
+@pytest.mark.slow
+def test_answers_that_loop_until_max_new_tokens_are_repaired(cli, tmp_path):
+    """With a bare prompt, greedy SmolLM2 falls into a loop inside the free string of several rows
+    ("topic": "nga-nga-nga-…) until max_new_tokens cuts their JSON; the repair generates those rows
+    again with a frequency penalty. Without it (repair_frequency_penalty=0) they stay invalid."""
+    schema = ("--output-schema", json.dumps(REVIEW_SCHEMA), "--max-new-tokens", "96")
+    bare = "Review: {text}\nDescribe this review as JSON."
+    unrepaired, _, _ = _run(
+        cli, tmp_path, "unrepaired", *schema, "--set", "generate.repair_frequency_penalty=0", prompt=bare
+    )
+    looped = [r for r in unrepaired if r["finish_reason"] == "length"]
+    assert len(looped) >= 3, [r["generated_text"] for r in unrepaired]
+    assert all(r["generated"] is None for r in looped)
+
+    rows, stdout, _ = _run(cli, tmp_path, "repaired", *schema, prompt=bare)
+    valid = [r for r in rows if r["generated"] is not None]
+    assert len(rows) == 24 and len(valid) >= 22, [r["generated_text"] for r in rows]
+    assert re.search(rf"schema valid\s+{len(valid)}/24 rows", stdout), stdout
+    by_id = {r["review_id"]: r for r in rows}
+    for row in looped:  # the rows that looped now end by themselves, within the budget
+        assert by_id[row["review_id"]]["finish_reason"] == "stop"
+        assert by_id[row["review_id"]]["n_generated_tokens"] < 96
+    untouched = [r for r in unrepaired if r["finish_reason"] == "stop"]
+    assert all(by_id[r["review_id"]]["generated_text"] == r["generated_text"] for r in untouched)
+    print(
+        f"valid without the repair: {sum(r['generated'] is not None for r in unrepaired)}/24, with it: {len(valid)}/24"
+    )

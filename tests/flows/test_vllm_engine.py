@@ -223,3 +223,38 @@ def test_vllm_structured_output_follows_the_schema(vllm_in_this_process, hf_and_
     assert len(rows) == 24 and len(valid) >= 22, [r["error"] for r in rows]
     assert {r["generated"]["sentiment"] for r in valid} <= {"positive", "negative", "mixed"}
     assert all(json.loads(r["generated_text"]) == r["generated"] for r in valid)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_structured_answers_and_their_repair_equal_hf(hf_and_vllm):
+    """Both engines constrain answers to one grammar (no free whitespace) and decode the repair's
+    frequency penalty alike: greedy structured answers, looping ones included, are the HF
+    engine's, and the rows that loop are repaired the same way (on the engines the module loaded)."""
+    import dataclasses
+
+    from shardwise import job_config
+    from shardwise.gpu_runtime import GenerationParams, load_generation_engine
+    from shardwise.tasks.records.demo_data import REVIEW_OUTPUT_SCHEMA, review_rows
+
+    cfg = job_config(DEMO, input="-", output="-", device="cpu", generate={"engine": "vllm"})
+    vllm = load_generation_engine(cfg.generate.model, device="cpu", engine="vllm", vllm_options=cfg.vllm_options())
+    hf = load_generation_engine(cfg.generate.model, device="cpu")
+    # Reviews on which greedy SmolLM2 loops inside "topic" under this bare prompt, and a few it answers.
+    reviews = [r["text"] for i, r in enumerate(review_rows(24)) if i in (0, 1, 2, 3, 4, 10, 20, 22, 23)]
+    prompts = [f"Review: {text}\nDescribe this review as JSON." for text in reviews]
+    unrepaired = GenerationParams(
+        max_new_tokens=96, output_schema=json.dumps(REVIEW_OUTPUT_SCHEMA), repair_frequency_penalty=0
+    )
+    first = vllm.generate(prompts, unrepaired)
+    assert [g.text for g in first] == [g.text for g in hf.generate(prompts, unrepaired)]
+    looped = [prompt for prompt, g in zip(prompts, first) if g.finish_reason == "length"]
+    assert len(looped) >= 3, [g.text for g in first]
+
+    repaired = vllm.generate(looped, dataclasses.replace(unrepaired, repair_frequency_penalty=1.0))
+    assert all(
+        g.finish_reason == "stop" and set(json.loads(g.text)) == set(REVIEW_OUTPUT_SCHEMA["properties"])
+        for g in repaired
+    )
+    penalized = hf.generate(looped, dataclasses.replace(unrepaired, frequency_penalty=1.0))
+    assert [g.text for g in repaired] == [g.text for g in penalized]

@@ -56,3 +56,24 @@ def test_constrained_answers_follow_the_schema_on_every_path(generation_engine, 
     monkeypatch.setattr(generation_engine.model, "generate", out_of_memory_above_two)
     assert generation_engine.generate(PROMPTS, params) == joined
     assert attempts[:2] == [6, 3] and max(attempts[2:]) <= 2
+
+
+def test_the_frequency_penalty_counts_the_answer_tokens_only():
+    from shardwise.gpu_runtime.sampling import AnswerFrequencyPenalty
+
+    # Columns 0-1 are the prompt (or the filler standing for a prefilled cache); the answer follows.
+    ids = torch.tensor([[5, 5, 7, 7, 7, 9], [5, 5, 3, 3, 3, 3]])
+    penalized = AnswerFrequencyPenalty(0.5, answer_start=2)(ids, torch.zeros(2, 10))
+    assert penalized[0].tolist() == [0, 0, 0, 0, 0, 0, 0, -1.5, 0, -0.5]
+    assert penalized[1].tolist() == [0, 0, 0, -2.0, 0, 0, 0, 0, 0, 0]
+    scores = torch.randn(2, 10)
+    assert torch.equal(AnswerFrequencyPenalty(0.5, answer_start=6)(ids, scores), scores)  # no answer yet
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("frequency_penalty", 2.5), ("frequency_penalty", True), ("repair_frequency_penalty", -0.5)],
+)
+def test_params_reject_penalties_out_of_range(setting, value):
+    with pytest.raises(ValueError, match=setting):
+        GenerationParams(**{setting: value})

@@ -2,6 +2,7 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.config.loading import build_config, parse_set_options
@@ -204,3 +205,23 @@ def test_shards_in_flight_does_not_change_the_output_fingerprint():
             input="in/", output="out/", task="embed", embed={"model": "dummy:bert-tiny"}
         ).settings_fingerprint()
     )
+
+
+def test_the_repair_penalty_counts_for_structured_jobs_only():
+    """repair_frequency_penalty acts on schema-constrained answers alone: it is in the fingerprint
+    and the row cache's keys of a structured job, and leaves every other job's unchanged."""
+    from shardwise.tasks.records.row_cache_keys import generation_context
+
+    schema = {"type": "object", "properties": {"topic": {"type": "string"}}, "required": ["topic"]}
+
+    def job(penalty: float, **generate) -> JobConfig:
+        return JobConfig(
+            input="a", output="b", device="cpu", generate={"repair_frequency_penalty": penalty, **generate}
+        )
+
+    assert job(1.0).output_fingerprint() == job(0.0).output_fingerprint()
+    assert generation_context(job(1.0)) == generation_context(job(0.0))
+    assert job(1.0, output_schema=schema).output_fingerprint() != job(0.0, output_schema=schema).output_fingerprint()
+    assert generation_context(job(1.0, output_schema=schema)) != generation_context(job(0.0, output_schema=schema))
+    with pytest.raises(ValidationError, match="repair_frequency_penalty"):
+        job(2.5)

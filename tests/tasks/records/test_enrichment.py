@@ -100,6 +100,7 @@ def test_generation_params_carry_every_decoding_setting_of_the_config():
         "cache": "static",
         "compile": True,
         "chat_template_kwargs": {"enable_thinking": False},
+        "repair_frequency_penalty": 0.5,
     }
     cfg = JobConfig(input="x", output="y", generate=settings)
     params = generation_params(cfg, "2026-03-04")
