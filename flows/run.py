@@ -97,6 +97,7 @@ def prepare_run(cfg: Any, notify: Notify | None = None) -> PreparedRun:
     """Check ``cfg`` and plan it, before anything is written (the write check comes last, after a
     budget refusal could still stop the run); raises ``ConfigError``/``InputError``/``StorageError``."""
     from shardwise.tasks.compute.runners import check_engine_settings
+    from shardwise.tasks.forecasting.forecast import pending_shards
     from shardwise.tasks.output.resume import check_output_compatible, check_output_location
     from shardwise.tasks.planning.shards import plan_shards
     from shardwise.tasks.quality.gate import check_quality_settings
@@ -108,10 +109,12 @@ def prepare_run(cfg: Any, notify: Notify | None = None) -> PreparedRun:
     check_output_location(cfg)
     OutputDir(cfg.output, cfg.storage_options).check_lease_free(cfg.lease_timeout_s)
     plan = plan_shards(cfg)
-    check_output_compatible(cfg)
+    # Read once here for the forecast; the flow reads them again holding the output's lease, since
+    # another run may write to the output in between.
+    pending = pending_shards(cfg, plan, check_output_compatible(cfg))
     resolve_models(cfg)
     check_quality_settings(cfg)
-    forecast = run_forecast(cfg, plan, notify or logger.info)
+    forecast = run_forecast(cfg, plan, notify or logger.info, pending)
     check_writable(cfg.output, cfg.storage_options)
     return PreparedRun(cfg, plan, forecast, time.perf_counter() - started)
 
@@ -139,7 +142,7 @@ def plan_run(cfg: Any, sample_rows: int | None = None, calibrate_rows: int = 0) 
     return make_forecast(cfg, plan, sample_rows=sample_rows or SAMPLE_ROWS, calibrate_rows=calibrate_rows)
 
 
-def run_forecast(cfg: Any, plan: Any, notify: Notify) -> Any:
+def run_forecast(cfg: Any, plan: Any, notify: Notify, pending: list[Any] | None = None) -> Any:
     """The run's forecast, told through ``notify``; refuses (ConfigError) a job whose high end
     exceeds ``max_cost``. Without ``max_cost`` a forecast that cannot be made is only a warning."""
     from shardwise.flows.render import format_forecast_line
@@ -147,7 +150,7 @@ def run_forecast(cfg: Any, plan: Any, notify: Notify) -> Any:
     from shardwise.tasks.forecasting.forecast import make_forecast, over_budget, run_sample_rows
 
     try:
-        forecast = make_forecast(cfg, plan, run_sample_rows(cfg))
+        forecast = make_forecast(cfg, plan, run_sample_rows(cfg), pending=pending)
     except Exception as err:  # noqa: BLE001 - informative unless a budget depends on it
         if cfg.max_cost is not None:
             raise ConfigError(f"max_cost is set but the cost cannot be forecast: {err}") from None

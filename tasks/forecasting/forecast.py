@@ -69,12 +69,15 @@ def _device_type(cfg: JobConfig) -> str:
     return detect_device_type(str(select_device(cfg.device)))
 
 
-def _pending_shards(cfg: JobConfig, plan: ShardPlan) -> list[Shard]:
-    """Shards a run would compute: those without a verified part from this config (reads only)."""
+def pending_shards(cfg: JobConfig, plan: ShardPlan, replaces_output: bool | None = None) -> list[Shard]:
+    """Shards a run would compute: those without a verified part from this config (reads only).
+    ``replaces_output`` is what ``check_output_compatible`` returned, when the caller checked."""
     from shardwise.tasks.output.resume import check_output_compatible, find_committed
     from shardwise.tasks.storage.fs import exists
 
-    if not exists(cfg.output, cfg.storage_options) or check_output_compatible(cfg):
+    if replaces_output is None:
+        replaces_output = exists(cfg.output, cfg.storage_options) and check_output_compatible(cfg)
+    if replaces_output or not exists(cfg.output, cfg.storage_options):
         return list(plan.shards)
     committed = {r.index for r in find_committed(cfg, plan)}
     return [s for s in plan.shards if s.index not in committed]
@@ -203,14 +206,17 @@ def make_forecast(
     sample_rows: int = SAMPLE_ROWS,
     calibrate_rows: int = 0,
     calibration: Calibration | None = None,
+    pending: list[Shard] | None = None,
 ) -> Forecast:
     """The forecast of running ``cfg`` over ``plan``; reads inputs, tokenizers and MLflow, writes nothing.
 
     Without history, a generation job with ``calibrate_rows`` answers that many sampled rows to
-    measure (loading the model), unless a ``calibration`` made earlier (another partition) is given."""
+    measure (loading the model), unless a ``calibration`` made earlier (another partition) is given.
+    ``pending``: the shards to compute, when the caller has found them (:func:`pending_shards`)."""
     from shardwise.tasks.compute.runners import worker_count
 
-    pending = _pending_shards(cfg, plan)
+    if pending is None:
+        pending = pending_shards(cfg, plan)
     rows_to_compute = sum(s.num_rows for s in pending)
     device_type = _device_type(cfg)
     price: Price = lookup_price(device_type, cfg.price_per_device_hour)

@@ -65,3 +65,24 @@ def test_a_flow_called_directly_plans_for_itself(prefect_server, reviews_dir, tm
     manifest = json.loads((output / "_manifest.json").read_text())
     names = task_run_names(manifest["prefect_flow_run_id"])
     assert len([n for n in names if n.startswith("plan-shards")]) == 1, names
+
+
+def test_a_run_reads_the_outputs_state_once_before_its_lease_and_once_holding_it(
+    prefect_server, reviews_dir, tmp_path, monkeypatch
+):
+    """The output's config check and the committed parts' verification (footers of every part):
+    once when the run is prepared (the forecast counts the pending shards from them) and once in
+    the flow under the lease, where another run can no longer write."""
+    from shardwise.flows.commands import run_job
+    from shardwise.tasks.output import resume
+
+    calls: list[str] = []
+    for name in ("check_output_compatible", "find_committed"):
+        real = getattr(resume, name)
+        monkeypatch.setattr(resume, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    job = embed_job(reviews_dir, tmp_path / "out")
+    # The first run finds no output before its lease: nothing committed to verify there.
+    for run, committed_reads in (("first", 1), ("rerun", 2)):
+        calls.clear()
+        assert run_job(job).exit_code == 0
+        assert sorted(calls) == ["check_output_compatible"] * 2 + ["find_committed"] * committed_reads, (run, calls)
