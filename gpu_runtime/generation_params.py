@@ -24,7 +24,7 @@ class GenerationParams:
     ``token_budget`` caps a batch's padded tokens, prompt plus ``max_new_tokens`` per row, which is
     what bounds memory; ``max_batch_size`` caps rows per batch. Left at None, both are sized by the
     engine: on CUDA from the free device memory and the model's KV bytes per token
-    (:mod:`shardwise.gpu_runtime.sizing`), elsewhere 16384 tokens and 64 rows. Sampling uses ``temperature``
+    (:mod:`shardwise.gpu_runtime.sizing`), elsewhere 16384 tokens and 32 rows. Sampling uses ``temperature``
     and ``top_p`` only (no top-k); nothing in the model's generation_config but its bos, eos and
     pad ids is used, so the same params mean the same decoding for every model.
 

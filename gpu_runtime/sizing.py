@@ -23,7 +23,10 @@ __all__ = [
 ]
 
 CPU_TOKEN_BUDGET = 16384
-CPU_MAX_BATCH_SIZE = 64
+# A CPU decode step costs about its rows' worth of compute, so wider batches gain little there,
+# while every row waits for the batch's longest answer: 32 rows decode faster than 64 (through the
+# flow, 128 review rows x 32 new tokens: 1.52x naive HF against 1.09-1.30x; docs/benchmarks.md).
+CPU_MAX_BATCH_SIZE = 32
 # Share of the free memory the KV cache may take; the rest is left for activations (prefill
 # chunks, the logits of a decode step) and allocator fragmentation.
 KV_MEMORY_FRACTION = 0.8

@@ -57,7 +57,7 @@ class GenerateConfig(_Strict):
     token_budget: int | None = Field(
         default=None, ge=64, description="padded tokens per batch; null: sized from free GPU memory, 16384 on CPU"
     )
-    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 256 on GPU, 64 on CPU")
+    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 256 on GPU, 32 on CPU")
     cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache: static preallocates")
     compile: bool = Field(default=False, description="torch.compile the decode step (needs cache: static; GPU)")
     attn_implementation: str | None = Field(
