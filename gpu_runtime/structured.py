@@ -4,7 +4,12 @@ xgrammar (the grammar engine vLLM uses too) is imported only here and only when 
 so engines without one never need it. A schema is compiled once per engine (the tokenizer's
 vocabulary is part of the compiled grammar) and every ``generate`` call gets a fresh logits
 processor holding one matcher per row: the matchers are stateful, so a batch retried after an
-out-of-memory split must not reuse them.
+out-of-memory split must not reuse them. The vLLM engine gets the same grammar as EBNF text
+(:func:`schema_ebnf`).
+
+An answer the grammar still held open when ``max_new_tokens`` ran out is usually a loop inside a
+free string; :func:`repair_unfinished`, which every engine's ``generate`` goes through, generates
+those rows once more with a frequency penalty.
 """
 
 from __future__ import annotations
