@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gen-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument(
         "--engine",
-        choices=["auto", "hf", "vllm"],
-        help="generation engine (default auto: vllm when CUDA and a CUDA vLLM are there, else hf)",
+        choices=["auto", "hf", "vllm", "openai"],
+        help="generation engine (default auto: vllm when CUDA and a CUDA vLLM are there, else hf); "
+        "openai: the OpenAI-compatible server at --base-url",
     )
+    run.add_argument("--base-url", help="engine openai: the server's OpenAI API root, e.g. http://127.0.0.1:8000/v1")
     run.add_argument("--embed-model", help="model spec: bundled:NAME, a Hugging Face id or a local path")
     run.add_argument("--rows-per-shard", type=int)
     run.add_argument("--date", help="run one dt=YYYY-MM-DD partition of a partitioned job")
@@ -130,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="without earlier runs of the job: load the model and answer N sampled rows "
         "to measure answer length and speed (default 0: no model is loaded)",
+    )
+    plan.add_argument(
+        "--compare",
+        action="store_true",
+        help="also price the job on each endpoint the config lists under endpoints:, in one table",
     )
 
     backfill = sub.add_parser(

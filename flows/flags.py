@@ -29,6 +29,7 @@ GENERATE = {
     "max_new_tokens": "max_new_tokens",
     "gen_model": "model",
     "engine": "engine",
+    "base_url": "base_url",
     "output_schema": "output_schema",
 }
 

@@ -16,6 +16,8 @@ Modules import only downward (a test checks there is no circle):
 - ``model_specs``: a spec -> :class:`ResolvedModel`, loading nothing;
 - ``gguf_cache`` (GGUF dequantized once), then ``dummy`` (building dummy models);
 - ``generation``, ``embedding``, then ``vllm_engine``; ``token_count`` and ``model_identity``;
+- ``endpoint_client`` (HTTP to a serving endpoint), then ``openai_engine`` (generation and
+  embeddings on one, with the engines' row contract);
 - ``engine_cache``: one loaded engine per process and spec, the top.
 """
 
@@ -48,6 +50,7 @@ _LOCATION = {
     "on_compute_thread": "compute_thread",
     "choose_engine": "vllm_engine",
     "VllmOptions": "vllm_engine",
+    "EndpointOptions": "endpoint_client",
     "ModelNotFoundError": "errors",
     "EngineError": "errors",
 }

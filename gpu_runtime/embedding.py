@@ -52,11 +52,13 @@ logger = logging.getLogger(__name__)
 class EmbeddingOutput:
     """Embeddings in input order: ``vectors`` is float32 ``[n, dim]``; ``n_tokens`` counts each
     text's tokens (special tokens included) before truncation; ``truncated`` marks texts longer
-    than the model's ``max_seq_length``, whose tail did not influence the vector."""
+    than the model's ``max_seq_length``, whose tail did not influence the vector. ``errors`` says,
+    per text, why a serving endpoint refused it (its vector is then zeros); None: no refusals."""
 
     vectors: np.ndarray
     n_tokens: list[int]
     truncated: list[bool]
+    errors: list[str | None] | None = None
 
 
 @dataclass

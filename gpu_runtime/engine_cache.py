@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from .embedding import EmbeddingEngine
+    from .endpoint_client import EndpointOptions
     from .generation import GenerationEngine
     from .vllm_engine import VllmOptions
 
@@ -49,13 +50,20 @@ def load_generation_engine(
     attn_implementation: str | None = None,
     engine: str = "hf",
     vllm_options: VllmOptions | None = None,
+    endpoint: EndpointOptions | None = None,
 ) -> GenerationEngine:
     """The process-wide :class:`GenerationEngine` for ``spec`` on ``device``, loading it on first use.
 
     ``attn_implementation`` None lets transformers choose the attention kernel for the architecture.
     ``engine``: ``hf`` (transformers), ``vllm`` (:mod:`shardwise.gpu_runtime.vllm_engine`, with
-    ``vllm_options``) or ``auto`` (see :func:`~shardwise.gpu_runtime.vllm_engine.choose_engine`).
+    ``vllm_options``), ``openai`` (the serving endpoint ``endpoint`` names, see
+    :mod:`shardwise.gpu_runtime.openai_engine`) or ``auto`` (see
+    :func:`~shardwise.gpu_runtime.vllm_engine.choose_engine`).
     """
+    if engine == "openai":
+        from .openai_engine import OpenAIGenerationEngine
+
+        return _endpoint_engine("generation", spec, endpoint, OpenAIGenerationEngine.connect)  # type: ignore[return-value]
     from .vllm_engine import VllmGenerationEngine, VllmOptions, choose_engine  # imports torch: see above
 
     if choose_engine(engine, device) == "vllm":
@@ -70,11 +78,42 @@ def load_generation_engine(
     return _cached_engine("generation", spec, device, build, variant)
 
 
-def load_embedding_engine(spec: str, device: str | None = "auto") -> EmbeddingEngine:
-    """The process-wide :class:`EmbeddingEngine` for ``spec`` on ``device``, loading it on first use."""
+def load_embedding_engine(
+    spec: str, device: str | None = "auto", engine: str = "hf", endpoint: EndpointOptions | None = None
+) -> EmbeddingEngine:
+    """The process-wide :class:`EmbeddingEngine` for ``spec`` on ``device``, loading it on first use;
+    ``engine="openai"``: the serving endpoint ``endpoint`` names."""
+    if engine == "openai":
+        from .openai_engine import OpenAIEmbeddingEngine
+
+        return _endpoint_engine("embedding", spec, endpoint, OpenAIEmbeddingEngine.connect)  # type: ignore[return-value]
     from .embedding import EmbeddingEngine  # imports torch: see above
 
     return _cached_engine("embedding", spec, device, EmbeddingEngine.from_resolved)
+
+
+def _endpoint_engine(
+    kind: str, spec: str, endpoint: EndpointOptions | None, connect: Callable[[str, EndpointOptions], _E]
+) -> _E:
+    """The process-wide engine of a serving endpoint: one client (and its connections and
+    concurrency limit) per endpoint, spec and settings; connecting checks the server and the model."""
+    if endpoint is None:
+        raise ValueError("engine openai needs the endpoint's options")
+    key = (f"{kind}-openai", spec, f"endpoint:{endpoint.host}", endpoint.cache_key())
+    with _registry_lock:
+        engine = _engines.get(key)
+        if engine is not None:
+            return engine  # type: ignore[return-value]
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with _registry_lock:
+            engine = _engines.get(key)
+        if engine is None:
+            engine = connect(spec, endpoint)
+            with _registry_lock:
+                _engines[key] = engine
+                _load_counts[spec] += 1
+        return engine  # type: ignore[return-value]
 
 
 def _cached_engine(

@@ -133,10 +133,12 @@ def _require_positive_int(name: str, value: object) -> None:
 @dataclass
 class Generation:
     """One row's output. ``finish_reason`` is ``"stop"`` when the model ended its answer and
-    ``"length"`` when ``max_new_tokens`` cut it; ``truncated`` says the prompt was shortened."""
+    ``"length"`` when ``max_new_tokens`` cut it; ``truncated`` says the prompt was shortened.
+    ``error`` says why a serving endpoint refused the row (then there is no answer)."""
 
     text: str
     n_prompt_tokens: int
     n_generated_tokens: int
     finish_reason: Literal["stop", "length"]
     truncated: bool
+    error: str | None = None

@@ -105,7 +105,7 @@ def repair_unfinished(
     again = dataclasses.replace(params, frequency_penalty=params.repair_frequency_penalty, repair_frequency_penalty=0)
     repaired = 0
     for i, answer in zip(cut, generate([prompts[i] for i in cut], again), strict=True):
-        if answer.finish_reason == "stop":
+        if answer.finish_reason == "stop" and answer.error is None:
             answers[i] = answer
             repaired += 1
     logger.info(

@@ -29,10 +29,22 @@ def start_until_healthy(
 ) -> subprocess.Popen:
     """Starts ``command`` with its output in ``directory/server.log`` and waits until ``health_url``
     answers 200. Fails with the log's tail if the process exits, and kills it if ``timeout`` passes."""
+    proc = start_logged(command, env, directory)
+    return wait_until_healthy(name, proc, directory / "server.log", health_url, timeout)
+
+
+def start_logged(command: list[str], env: dict[str, str], directory: Path) -> subprocess.Popen:
+    """Starts ``command`` with its output in ``directory/server.log``."""
     directory.mkdir(parents=True, exist_ok=True)
-    log_path = directory / "server.log"
-    with open(log_path, "wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(directory / "server.log", "wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_until_healthy(
+    name: str, proc: subprocess.Popen, log_path: Path, health_url: str, timeout: float
+) -> subprocess.Popen:
+    """Waits until ``health_url`` answers 200. Fails with the log's tail if the process exits, and
+    kills it if ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -338,3 +350,23 @@ class RayClusters:
         ray = str(Path(sys.executable).with_name("ray"))
         subprocess.run([ray, "stop", "--force"], env=self._env, capture_output=True, timeout=300)
         self.address, self._env = None, {}
+
+
+def start_vllm_openai_server(
+    directory: Path, model_dir: str, served_name: str, api_key: str, *extra: str
+) -> tuple[subprocess.Popen, str]:
+    """vLLM's OpenAI-compatible server (the CPU build in the test environment) for ``model_dir`` on
+    loopback, fp32 and eager as the in-process vLLM engine runs on CPU, answering only requests
+    that carry ``api_key``. Returns at once with the process and its base URL; wait with
+    :func:`wait_until_healthy` on ``<base>/../health``."""
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    env.pop("VLLM_API_KEY", None)
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_dir, "--served-model-name", served_name,
+        "--host", "127.0.0.1", "--port", str(port), "--api-key", api_key,
+        "--dtype", "float32", "--enforce-eager", "--seed", "0", "--generation-config", "vllm",
+        *extra,
+    ]  # fmt: skip
+    return start_logged(command, env, directory), f"http://127.0.0.1:{port}/v1"

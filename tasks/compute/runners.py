@@ -83,13 +83,34 @@ def check_device(cfg: JobConfig) -> None:
         raise ConfigError(f"device: {err} on this machine (use --device auto or cpu)") from None
 
 
+def check_endpoints(cfg: JobConfig) -> None:
+    """Each section that runs on a serving endpoint (``engine: openai``): its key variable set,
+    the server reachable and the model served there, as a ConfigError (exit 2) before any work."""
+    from shardwise.gpu_runtime import EngineError
+    from shardwise.gpu_runtime.endpoint_client import EndpointClient
+    from shardwise.gpu_runtime.openai_engine import served_model
+
+    for role, section in cfg.endpoint_sections().items():
+        options = cfg.endpoint_options(role)
+        try:
+            client = EndpointClient(options)
+            try:
+                served_model(client, section.model)
+            finally:
+                client.close()
+        except EngineError as err:
+            where = "" if str(err).startswith("api_key_env") else "base_url: "
+            raise ConfigError(f"{role}.{where}{err}") from None
+
+
 def check_engine_settings(cfg: JobConfig) -> None:
     """Settings the generation engine cannot honour on this machine, as a ConfigError (exit 2),
     before any model loads: a device that is not there, vllm not installed or built for the
     other device, a tensor-parallel size larger than the visible GPUs (or than a worker's share
     of them)."""
     check_device(cfg)
-    if not cfg.runs_generation:
+    check_endpoints(cfg)
+    if not cfg.runs_generation or cfg.generate.engine == "openai":
         return
     g = cfg.generate
     from shardwise.gpu_runtime import EngineError, choose_engine

@@ -44,8 +44,12 @@ def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
             attn_implementation=cfg.generate.attn_implementation,
             engine=cfg.generation_engine(),
             vllm_options=cfg.vllm_options(),
+            endpoint=cfg.endpoint_options("generate") if cfg.generate.engine == "openai" else None,
         )
-    embedder = load_embedding_engine(cfg.embed.model, device=cfg.device) if cfg.runs_embedding else None
+    embedder = None
+    if cfg.runs_embedding:
+        endpoint = cfg.endpoint_options("embed") if cfg.embed.engine == "openai" else None
+        embedder = load_embedding_engine(cfg.embed.model, device=cfg.device, engine=cfg.embed.engine, endpoint=endpoint)
     return generator, embedder
 
 
@@ -139,6 +143,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: st
             part_lineage[f"{role}_model_dtype"] = str(engine.info.get("dtype"))
             if engine.info.get("engine"):
                 part_lineage[f"{role}_engine"] = f"{engine.info['engine']} ({engine.info.get('engine_version')})"
+            if engine.info.get("endpoint"):
+                part_lineage[f"{role}_endpoint"] = str(engine.info["endpoint"])
     part = write_part(enriched, staging, shard, part_lineage, cfg.storage_options)
     if cache is not None:
         cache.add_computed()  # after the part: an entry never describes a value not yet written

@@ -14,11 +14,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from shardwise.tasks.config.endpoint import ENDPOINT_KNOBS, EndpointOffer
 from shardwise.tasks.config.paths import absolute_location
 from shardwise.tasks.config.quality import QualityConfig
+from shardwise.tasks.config.sections import (
+    DEFAULT_EMBED_MODEL,
+    DEFAULT_GEN_MODEL,
+    EmbedConfig,
+    GenerateConfig,
+    RayConfig,
+)
 
-DEFAULT_GEN_MODEL = "bundled:smollm2-135m-instruct"
-DEFAULT_EMBED_MODEL = "bundled:all-minilm-l6-v2"
+__all__ = ["DEFAULT_EMBED_MODEL", "DEFAULT_GEN_MODEL", "EmbedConfig", "GenerateConfig", "JobConfig", "RayConfig"]
 
 
 class _Strict(BaseModel):
@@ -38,104 +45,6 @@ EXECUTION_KNOBS = (
     "gpu_memory_utilization",
     "enforce_eager",
 )
-
-
-class GenerateConfig(_Strict):
-    """Text generation: an instruct model over a prompt template of row columns."""
-
-    model: str = DEFAULT_GEN_MODEL
-    prompt_template: str | None = Field(
-        default=None, description="Python format string over row columns; default: the text column alone"
-    )
-    system_prompt: str | None = None
-    max_new_tokens: int = Field(default=64, ge=1, le=32768)
-    temperature: float = Field(default=0.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    max_input_tokens: int | None = Field(default=None, ge=8)
-    ignore_eos: bool = Field(default=False, description="always generate max_new_tokens (benchmarks)")
-    token_budget: int | None = Field(
-        default=None, ge=64, description="padded tokens per batch; null: sized from free GPU memory, 16384 on CPU"
-    )
-    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 256 on GPU, 32 on CPU")
-    cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache: static preallocates")
-    compile: bool = Field(default=False, description="torch.compile the decode step (needs cache: static; GPU)")
-    attn_implementation: str | None = Field(
-        default=None, min_length=1, description="sdpa, eager, flash_attention_2...; null: transformers' choice"
-    )
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra chat template variables, e.g. {enable_thinking: false}"
-    )
-    chat_date: dt.date | None = Field(
-        default=None, description="the date a chat template prints; null: the partition date, else the run's start"
-    )
-    engine: Literal["auto", "hf", "vllm"] = Field(
-        default="auto", description="hf (transformers) or vllm; auto: vllm when CUDA and a CUDA vLLM are there"
-    )
-    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs per model (and per worker)")
-    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0, description="vllm: share of GPU memory it takes")
-    max_model_len: int | None = Field(default=None, ge=16, description="vllm: context length (prompt + answer)")
-    enforce_eager: bool | None = Field(
-        default=None,
-        description="vllm: no torch.compile or CUDA graphs (starts far sooner, decodes a little slower); "
-        "null: on CPU only",
-    )
-    output_schema: dict[str, Any] | None = Field(
-        default=None,
-        description="JSON Schema every answer follows (inline, or a path to a .json file); adds the typed column generated",
-    )
-    repair_frequency_penalty: float = Field(
-        default=1.0,
-        ge=0.0,
-        le=2.0,
-        description="with output_schema: a row whose answer max_new_tokens cut is generated once more with this "
-        "frequency_penalty (breaks a small model's token loops); 0: off",
-    )
-
-    @field_validator("output_schema", mode="before")
-    @classmethod
-    def _load_output_schema(cls, value: Any) -> dict[str, Any] | None:
-        # A path or JSON text is replaced by the schema itself, so the fingerprint, the manifest
-        # and MLflow hold what constrained the run, not where it was read from.
-        from shardwise.tasks.config.output_schema import load_output_schema
-
-        return None if value is None else load_output_schema(value)
-
-    @model_validator(mode="after")
-    def _compile_needs_static_cache(self) -> GenerateConfig:
-        if self.compile and self.cache != "static":
-            raise ValueError("compile: true needs cache: static (torch.compile wants fixed cache shapes)")
-        return self
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_kwargs_are_not_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
-        from shardwise.gpu_runtime.prompts import RESERVED_TEMPLATE_KWARGS
-
-        if reserved := sorted(RESERVED_TEMPLATE_KWARGS & value.keys()):
-            raise ValueError(f"{', '.join(reserved)} cannot be set here (the engine sets it)")
-        return value
-
-
-class EmbedConfig(_Strict):
-    """Embeddings of the text column."""
-
-    model: str = DEFAULT_EMBED_MODEL
-    prompt_name: str | None = Field(
-        default=None, min_length=1, description="a prompt of the model's (e.g. query); null: its default prompt, if any"
-    )
-    token_budget: int = Field(default=16384, ge=64)
-    max_batch_size: int = Field(default=64, ge=1)
-
-
-class RayConfig(_Strict):
-    """Where shard tasks go with ``runner: ray``, and what each one asks Ray for."""
-
-    address: str | None = Field(
-        default=None, description="ray://host:10001 or host:6379 of a running cluster; none: a local cluster"
-    )
-    num_gpus: float | None = Field(default=None, ge=0, description="per shard; default: 1 if the cluster has GPUs")
-    num_cpus: float | None = Field(default=None, ge=0, description="per shard; default: 1 when no GPU is asked for")
 
 
 class JobConfig(_Strict):
@@ -179,6 +88,16 @@ class JobConfig(_Strict):
     )
     device_type: str | None = Field(default=None, description="price-table key; default: detected")
     price_per_device_hour: float | None = Field(default=None, ge=0)
+    price_per_million_input_tokens: float | None = Field(
+        default=None, ge=0, description="engine openai: price of a million prompt (or embedded) tokens"
+    )
+    price_per_million_output_tokens: float | None = Field(
+        default=None, ge=0, description="engine openai: price of a million generated tokens"
+    )
+    batch_discount: float = Field(default=0.0, ge=0.0, lt=1.0, description="engine openai: share off the token prices")
+    endpoints: list[EndpointOffer] = Field(
+        default_factory=list, description="endpoints `plan --compare` prices this job on, next to its own engine"
+    )
     max_cost: float | None = Field(
         default=None, gt=0, description="refuse a run forecast to cost more; stop starting shards at it"
     )
@@ -230,6 +149,14 @@ class JobConfig(_Strict):
                 raise ValueError("prompt_template uses no column: put e.g. {text} where the row text goes")
         return self
 
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoint_names_differ(cls, value: list[EndpointOffer]) -> list[EndpointOffer]:
+        names = [offer.name for offer in value]
+        if repeated := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"endpoint names must differ: {', '.join(repeated)} repeated")
+        return value
+
     @property
     def runs_generation(self) -> bool:
         return self.task in ("generate", "both")
@@ -241,10 +168,29 @@ class JobConfig(_Strict):
     def generation_engine(self) -> str:
         """The engine generation runs on: ``generate.engine``, with ``auto`` decided for this machine."""
         if self.generate.engine != "auto":
-            return self.generate.engine  # whether it is installed is the preflight's question
+            return self.generate.engine  # whether it is installed (or reachable) is the preflight's question
         from shardwise.gpu_runtime import choose_engine
 
         return choose_engine("auto", self.device)
+
+    def endpoint_sections(self) -> dict[str, GenerateConfig | EmbedConfig]:
+        """The sections this job runs on a serving endpoint (``engine: openai``), by role."""
+        sections: dict[str, GenerateConfig | EmbedConfig] = {}
+        if self.runs_generation and self.generate.engine == "openai":
+            sections["generate"] = self.generate
+        if self.runs_embedding and self.embed.engine == "openai":
+            sections["embed"] = self.embed
+        return sections
+
+    def endpoint_options(self, role: Literal["generate", "embed"]) -> Any:
+        """The ``EndpointOptions`` of a section that runs on a serving endpoint."""
+        from shardwise.gpu_runtime import EndpointOptions
+
+        s = self.generate if role == "generate" else self.embed
+        assert s.base_url is not None
+        return EndpointOptions(
+            s.base_url, s.served_model, s.api_key_env, s.max_concurrency, s.request_timeout_s, s.max_retries
+        )
 
     def vllm_options(self) -> Any:
         from shardwise.gpu_runtime import VllmOptions
@@ -298,8 +244,8 @@ class JobConfig(_Strict):
         not generate, ``generate.chat_date`` is set (the settings hold it) or the model's chat template
         renders the same prompt on every date. Otherwise the prompts, and so the answers, differ from
         day to day, and outputs and parts of another day are another config."""
-        if not self.runs_generation or self.generate.chat_date is not None:
-            return None
+        if not self.runs_generation or self.generate.chat_date is not None or self.generate.engine == "openai":
+            return None  # an endpoint renders its chat template itself
         if self._prints_date is None:
             self._prints_date = chat_template_prints_date(
                 self.generate.model, self.generate.system_prompt, dict(self.generate.chat_template_kwargs)
@@ -320,7 +266,10 @@ class JobConfig(_Strict):
             ("generate", self.generate, self.runs_generation),
             ("embed", self.embed, self.runs_embedding),
         ):
-            if used:
+            if used and section.engine == "openai":
+                # The server's weights cannot be read from here: the name it serves them under stands for them.
+                identities[role] = f"openai:{section.served_model or section.model}"
+            elif used:
                 if section.model not in self._identities:
                     self._identities[section.model] = model_identity(section.model)
                 identities[role] = self._identities[section.model]
@@ -353,16 +302,23 @@ class JobConfig(_Strict):
             relevant.pop("embed")
         for section in ("generate", "embed"):
             if section in relevant:
-                for knob in EXECUTION_KNOBS:
+                for knob in EXECUTION_KNOBS + ENDPOINT_KNOBS:
                     relevant[section].pop(knob, None)
+                if relevant[section]["engine"] != "openai":
+                    relevant[section].pop("served_model")
+        if "embed" in relevant and relevant["embed"]["engine"] == "hf":
+            relevant["embed"].pop("engine")
         if "generate" in relevant:
             # The engine that runs, not the request: `auto` on another machine may be another engine.
             # hf leaves both out: neither the engine field nor vllm's max_model_len changes its values.
-            if self.generation_engine() == "hf":
+            engine = self.generation_engine()
+            if engine == "hf":
                 relevant["generate"].pop("engine")
                 relevant["generate"].pop("max_model_len")
             else:
-                relevant["generate"]["engine"] = "vllm"
+                relevant["generate"]["engine"] = engine
+                if engine == "openai":
+                    relevant["generate"].pop("max_model_len")
             if self.generate.output_schema is None:
                 relevant["generate"].pop("repair_frequency_penalty")  # acts on structured answers only
             else:

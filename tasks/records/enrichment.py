@@ -139,6 +139,9 @@ def enrich_table(
             outputs = generator.generate(prompts, params) if prompts else []
         gen_cols: dict[str, list[Any]] = {f.name: [None] * n for f in GENERATION_FIELDS}
         for i, out in zip(valid, outputs):
+            if out.error is not None:  # a serving endpoint refused the row: no answer
+                errors[i] = out.error
+                continue
             gen_cols["generated_text"][i] = out.text
             gen_cols["n_prompt_tokens"][i] = out.n_prompt_tokens
             gen_cols["n_generated_tokens"][i] = out.n_generated_tokens
@@ -151,8 +154,8 @@ def enrich_table(
             # A row that does not parse (cut by max_new_tokens, say) keeps its raw text; the run goes on.
             generated: list[Any] = [None] * n
             for i in valid:
-                generated[i], mismatch = parse_generated(gen_cols["generated_text"][i], g.output_schema)
-                errors[i] = errors[i] or mismatch
+                if errors[i] is None:
+                    generated[i], errors[i] = parse_generated(gen_cols["generated_text"][i], g.output_schema)
             columns["generated"] = generated
             stats.schema_valid_rows = sum(generated[i] is not None for i in valid)
 
@@ -173,6 +176,8 @@ def enrich_table(
             vectors[i] = result.vectors[j]
             truncated[i] = truncated[i] or result.truncated[j]
             stats.embedded_tokens += result.n_tokens[j]
+            if result.errors is not None and result.errors[j] is not None:  # refused by a serving endpoint
+                errors[i] = errors[i] or result.errors[j]
         columns["embedding"] = vectors
 
     schema = output_schema(table.schema, cfg, dim)

@@ -37,8 +37,11 @@ def _tokenizer(spec: str) -> Any:
     return load_tokenizer(spec)
 
 
-def _device_and_dtype(cfg: JobConfig) -> str:
-    """Where values are computed changes them (fp32 on CPU, bf16 on CUDA)."""
+def _device_and_dtype(cfg: JobConfig, section: Any) -> str:
+    """Where values are computed changes them (fp32 on CPU, bf16 on CUDA); a serving endpoint's
+    device is its own affair, and its served model name is in the model identity."""
+    if section.engine == "openai":
+        return "endpoint"
     from shardwise.gpu_runtime import default_dtype, select_device
 
     device = select_device(cfg.device)
@@ -59,7 +62,7 @@ def generation_context(cfg: JobConfig) -> str:
             "layout": LAYOUT,
             "model": cfg.model_identities()["generate"],
             "engine": cfg.generation_engine(),
-            "device": _device_and_dtype(cfg),
+            "device": _device_and_dtype(cfg, g),
             "max_new_tokens": g.max_new_tokens,
             "max_input_tokens": g.max_input_tokens,
             "temperature": g.temperature,
@@ -91,10 +94,17 @@ def engine_prompts(tokenizer: Any, prompts: list[str], params: GenerationParams)
 
 
 def generation_keys(
-    context: str, prompts: list[str], params: GenerationParams, spec: str, tokenizer: Any = None
+    context: str, prompts: list[str], params: GenerationParams, spec: str | None, tokenizer: Any = None
 ) -> list[str]:
     """One key per row prompt: the context (:func:`generation_context`) and the prompt as the
-    engine receives it, rendered with ``spec``'s tokenizer unless ``tokenizer`` is given."""
+    engine receives it, rendered with ``spec``'s tokenizer unless ``tokenizer`` is given. A spec of
+    None is a serving endpoint, which receives chat messages: those are keyed."""
+    if spec is None and tokenizer is None:
+        sent = [
+            json.dumps([params.system_prompt, params.chat_template_kwargs, prompt], sort_keys=True)
+            for prompt in prompts
+        ]
+        return row_keys(context, sent)
     return row_keys(context, engine_prompts(tokenizer or _tokenizer(spec), prompts, params))
 
 
@@ -105,7 +115,7 @@ def embedding_context(cfg: JobConfig) -> str:
         {
             "layout": LAYOUT,
             "model": cfg.model_identities()["embed"],
-            "device": _device_and_dtype(cfg),
+            "device": _device_and_dtype(cfg, cfg.embed),
             "prompt_name": cfg.embed.prompt_name,
         }
     )

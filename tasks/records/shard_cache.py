@@ -24,7 +24,7 @@ class ShardCache:
 
     cache: RowCache
     gen_context: str | None = None
-    gen_model: str | None = None  # the spec whose chat template renders the prompts keyed
+    gen_model: str | None = None  # the spec whose chat template renders the prompts keyed; None: an endpoint
     embed_context: str | None = None
     hits: dict[str, list[bool]] = field(default_factory=dict)
     new: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
@@ -35,7 +35,7 @@ class ShardCache:
     def generate(self, generator: GenerationEngine, prompts: list[str], params: GenerationParams) -> list[Generation]:
         from shardwise.gpu_runtime import Generation
 
-        assert self.gen_context is not None and self.gen_model is not None
+        assert self.gen_context is not None
         keys = generation_keys(self.gen_context, prompts, params, self.gen_model)
         found = self.cache.lookup("generate", keys)
         misses = [j for j, k in enumerate(keys) if k not in found]
@@ -44,6 +44,9 @@ class ShardCache:
         for j, key in enumerate(keys):
             if j in computed:
                 out = computed[j]
+                if out.error is not None:  # a refusal is not a value: the row is asked again next time
+                    outputs.append(out)
+                    continue
                 self.new.setdefault("generate", {})[key] = {
                     "generated_text": out.text,
                     "n_prompt_tokens": out.n_prompt_tokens,
@@ -84,6 +87,8 @@ class ShardCache:
             vectors[j] = computed.vectors[position]
             n_tokens[j] = computed.n_tokens[position]
             truncated[j] = computed.truncated[position]
+            if computed.errors is not None and computed.errors[position] is not None:
+                continue  # a refusal is not a value: the row is asked again next time
             self.new.setdefault("embed", {})[keys[j]] = {
                 "embedding": computed.vectors[position].tolist(),
                 "n_tokens": n_tokens[j],
@@ -97,7 +102,12 @@ class ShardCache:
                 truncated[j] = v["truncated"]
                 self.cached_embedded_tokens += n_tokens[j]
         self.hits["embed"] = [k in found for k in keys]
-        return EmbeddingOutput(vectors, n_tokens, truncated)
+        errors = None
+        if computed is not None and computed.errors is not None:
+            errors = [None] * len(texts)
+            for position, j in enumerate(misses):
+                errors[j] = computed.errors[position]
+        return EmbeddingOutput(vectors, n_tokens, truncated, errors)
 
     def rows_cached(self) -> int:
         """Rows with text whose every value came from the cache."""
@@ -122,7 +132,7 @@ def shard_cache(cfg: JobConfig) -> ShardCache | None:
     return ShardCache(
         cache,
         gen_context=generation_context(cfg) if cfg.runs_generation else None,
-        gen_model=cfg.generate.model if cfg.runs_generation else None,
+        gen_model=cfg.generate.model if cfg.runs_generation and cfg.generate.engine != "openai" else None,
         embed_context=embedding_context(cfg) if cfg.runs_embedding else None,
     )
 
@@ -142,7 +152,8 @@ def cached_rows(
     if cfg.runs_generation:
         prompts = render_prompts(cfg, table, [text for text, _ in cleaned], valid)
         params = generation_params(cfg, chat_date)
-        keys = generation_keys(generation_context(cfg), prompts, params, cfg.generate.model)
+        spec = None if cfg.generate.engine == "openai" else cfg.generate.model
+        keys = generation_keys(generation_context(cfg), prompts, params, spec)
         found = cache.lookup("generate", keys)
         hit &= {i for i, k in zip(valid, keys) if k in found}
     if cfg.runs_embedding:

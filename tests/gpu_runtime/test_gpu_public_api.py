@@ -12,7 +12,7 @@ from shardwise import gpu_runtime
 PACKAGE_DIR = Path(gpu_runtime.__file__).parent
 ALLOWED_THIRD_PARTY = {"torch", "transformers", "accelerate", "sentence_transformers", "numpy", "pyarrow"}
 # Optional packages, each confined to its own module and imported there only when chosen.
-OPTIONAL_ENGINE_IMPORTS = {"vllm_engine.py": {"vllm"}, "structured.py": {"xgrammar"}}
+OPTIONAL_ENGINE_IMPORTS = {"vllm_engine.py": {"vllm"}, "structured.py": {"xgrammar"}, "endpoint_client.py": {"httpx"}}
 
 
 def test_exported_names_are_exactly_the_intended_ones():
@@ -39,6 +39,7 @@ def test_exported_names_are_exactly_the_intended_ones():
         "on_compute_thread",
         "choose_engine",
         "VllmOptions",
+        "EndpointOptions",
         "ModelNotFoundError",
         "EngineError",
     }
