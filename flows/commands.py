@@ -40,7 +40,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     forecast = plan_run(cfg, args.sample_rows, args.calibrate)
-    render.plan(forecast, cfg.max_cost, over_budget(cfg, forecast), args.json)
+    comparison = None
+    if args.compare:
+        from shardwise.tasks.forecasting.compare import compare_endpoints
+
+        comparison = compare_endpoints(cfg, forecast)
+    render.plan(forecast, cfg.max_cost, over_budget(cfg, forecast), args.json, comparison)
     return 0
 
 

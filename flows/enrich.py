@@ -53,7 +53,7 @@ from shardwise.tasks.redaction import install_log_redaction, redact_text
 from shardwise.tasks.storage.lease import Fence, OutputWatch
 from shardwise.tasks.storage.output_dir import OutputDir
 from shardwise.tasks.tracking.reporting import price_for
-from shardwise.tasks.tracking.runs import end_orphaned_run, log_shard, log_timings, prompt_hash
+from shardwise.tasks.tracking.runs import end_orphaned_run, log_shard, log_timings, prompt_hash, shard_cost
 from shardwise.tasks.tracking.timings import SHARDS_PHASE, RunTimer, timing_figures
 
 
@@ -168,7 +168,7 @@ def process_shards(
             result = publish_part(cfg, fence, shard_outcome(future, {future.task_run_id: shard}))
             results.append(result)
             price = price_for(cfg, [result])
-            cost = price.cost(result.seconds)
+            cost = shard_cost(result, price)
             meter.add(result, cost)
             if guard is not None:
                 guard.finished(result, cost)

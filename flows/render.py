@@ -121,13 +121,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("rows/s", f"{summary['rows_per_s']:.2f}"),
         ("prompt tok/s", f"{summary['prompt_tok_per_s']:.1f}"),
         ("generated tok/s", f"{summary['generated_tok_per_s']:.1f}"),
-        (
-            "estimated cost",
-            f"{summary['cost']:.6f} {summary['currency']} "
-            f"({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h)",
-        ),
+        ("estimated cost", format_cost(summary)),
         ("MLflow run", f"{summary['mlflow_run_id']} ({redact_uri(tracking_uri())})"),
     ]
+    if "token_cost" in summary:
+        rows.insert(-1, ("cost/1M tokens", f"{summary['cost_per_1m_tokens']:.6f} {summary['currency']} (all tokens)"))
     if summary.get("rows_cached"):
         saved = (
             f"{summary['cost_saved_estimate']:.6f} {summary['currency']} (estimated: cached rows at this "
@@ -151,6 +149,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     for failure in summary.get("failures", []):
         lines.append(f"{'failed':<{width}}  {failure['shard']}: {failure['error']}")
     return "\n".join(lines)
+
+
+def format_cost(summary: dict[str, Any]) -> str:
+    """A run's cost and its basis: device-hours, and the tokens of the sections an endpoint served."""
+    line = f"{summary['cost']:.6f} {summary['currency']} ({summary['device_type']} at {summary['price_per_device_hour']:.2f}/h"
+    if "token_cost" in summary:
+        line += (
+            f": {summary['device_cost']:.6f}; {summary['endpoint_input_tokens']:.0f} input + "
+            f"{summary['endpoint_output_tokens']:.0f} output tokens: {summary['token_cost']:.6f}, {summary['token_basis']}"
+        )
+    return line + ")"
 
 
 def format_timings(timings: dict[str, float]) -> str:
@@ -177,16 +186,39 @@ def format_timings(timings: dict[str, float]) -> str:
 # ---- plan and demo ---------------------------------------------------------------------------------
 
 
-def plan(forecast: Any, max_cost: float | None, refusal: str | None, as_json: bool) -> None:
-    """``shardwise plan``: the forecast, and why ``max_cost`` would refuse the run."""
+def plan(forecast: Any, max_cost: float | None, refusal: str | None, as_json: bool, comparison: Any = None) -> None:
+    """``shardwise plan``: the forecast, why ``max_cost`` would refuse the run, and with ``--compare``
+    the job on each endpoint of its config (``ComparisonRow``s, its own first)."""
     from shardwise.tasks.forecasting.estimates import format_forecast
 
     if as_json:
-        print(json.dumps({**forecast.to_dict(), "max_cost": max_cost, "refused": refusal}, indent=2))
+        extra = {} if comparison is None else {"comparison": [row.to_dict() for row in comparison]}
+        print(json.dumps({**forecast.to_dict(), "max_cost": max_cost, "refused": refusal, **extra}, indent=2))
         return
     print(format_forecast(forecast))
+    if comparison is not None:
+        print(format_comparison(comparison, forecast.currency))
     if refusal:
         print(f"\nrun would be refused: {refusal}")
+
+
+def format_comparison(rows: list[Any], currency: str) -> str:
+    """``plan --compare``'s table (expected tokens and wall seconds, the cost's range), then the bases."""
+    w = max(12, *(len(r.name) for r in rows)) + 2, max(16, *(len(r.where) for r in rows)) + 2
+    head = f"{'compared':<{w[0]}}{'where':<{w[1]}}{'input tok':>12}{'output tok':>12}{'wall s':>10}"
+    lines = ["", head + f"{f'cost {currency} low':>18}{'expected':>12}{'high':>12}"]
+    for r in rows:
+        wall = "?" if r.wall_seconds is None else f"{r.wall_seconds.expected:.1f}"
+        lines.append(
+            f"{r.name:<{w[0]}}{r.where:<{w[1]}}{r.input_tokens.expected:>12,.0f}{r.output_tokens.expected:>12,.0f}"
+            f"{wall:>10}{r.cost.low:>18.6f}{r.cost.expected:>12.6f}{r.cost.high:>12.6f}"
+        )
+    lines += [
+        f"{r.name}: cost {r.cost.basis}" + (f"; time {r.wall_seconds.basis}" if r.wall_seconds else "") for r in rows
+    ]
+    if len(rows) == 1:
+        lines.append("no endpoints to compare with: list them under endpoints: in the job config (see the README)")
+    return "\n".join(lines)
 
 
 def demo_dataset(rows: int, files: int, input_dir: Any) -> None:

@@ -120,12 +120,14 @@ def prepare_run(cfg: Any, notify: Notify | None = None) -> PreparedRun:
 
 
 def resolve_models(cfg: Any) -> None:
-    """Find the models the job uses (``ModelNotFoundError`` names one that is not there)."""
+    """Find the models the job runs here (``ModelNotFoundError`` names one that is not there); a
+    section on a serving endpoint names a model the server holds, not one to find here."""
     from shardwise.gpu_runtime import resolve_model_spec
 
-    if cfg.runs_generation:
+    on_endpoint = cfg.endpoint_sections()
+    if cfg.runs_generation and "generate" not in on_endpoint:
         resolve_model_spec(cfg.generate.model)
-    if cfg.runs_embedding:
+    if cfg.runs_embedding and "embed" not in on_endpoint:
         resolve_model_spec(cfg.embed.model)
 
 

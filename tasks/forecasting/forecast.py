@@ -16,7 +16,13 @@ module does the arithmetic; the figures it combines come from:
 - device-seconds per token from those runs on the same device type, else from the calibration;
   without either, from :data:`DEFAULT_THROUGHPUT`, an unmeasured guess per device type with a
   range wide enough for a busy machine (stated as such);
-- cost: device-seconds times the price per device-hour (``conf/prices.yaml``).
+- cost: device-seconds times the price per device-hour (``conf/prices.yaml``), plus, for the
+  sections a serving endpoint runs (``engine: openai``), their tokens at the job's per-token prices.
+
+A job whose generation (or only engine) runs on an endpoint has the device type
+``endpoint:<host:port>``: its history is the earlier runs on that endpoint, and its device-hours
+cost nothing unless ``price_per_device_hour`` is set. A hosted model name that no local tokenizer
+resolves to has its prompt tokens estimated at ~4 characters per token, as the basis says.
 
 The result is a :class:`~shardwise.tasks.forecasting.estimates.Forecast`.
 """
@@ -25,13 +31,20 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 
 from shardwise.tasks.config.job import JobConfig
-from shardwise.tasks.config.prices import Price, detect_device_type, lookup_price
+from shardwise.tasks.config.prices import Price, detect_device_type, endpoint_device_type, job_price
 from shardwise.tasks.forecasting.calibration import Calibration, calibrate
 from shardwise.tasks.forecasting.estimates import Estimate, Forecast
 from shardwise.tasks.forecasting.history import PastRun, past_runs
-from shardwise.tasks.forecasting.token_counts import count_rows, extrapolate, sample_shards
+from shardwise.tasks.forecasting.token_counts import (
+    CHARS_PER_TOKEN,
+    TokenCounts,
+    count_rows,
+    extrapolate,
+    sample_shards,
+)
 from shardwise.tasks.planning.shards import Shard, ShardPlan
 
 # Rows at or below which every prompt is tokenized; above it, a random sample of shards.
@@ -52,6 +65,13 @@ DEFAULT_THROUGHPUT: dict[str, dict[str, tuple[float, float, float]]] = {
         "prompt": (20000.0, 2000.0, 500000.0),
         "embedded": (50000.0, 5000.0, 1000000.0),
     },
+    # A serving endpoint answering a worker's concurrent requests: anything from a rate-limited
+    # hosted API to a large local server.
+    "endpoint": {
+        "generated": (500.0, 20.0, 10000.0),
+        "prompt": (10000.0, 500.0, 200000.0),
+        "embedded": (20000.0, 1000.0, 500000.0),
+    },
 }
 # Spread put around history-based figures: tokens per row vary with the text; device time also
 # with the machine's load (on a shared 2-core VM, two runs of one small job differed 3.75x).
@@ -59,9 +79,17 @@ TOKENS_SLACK = 2.0
 TIME_SLACK = 4.0
 
 
-def _device_type(cfg: JobConfig) -> str:
-    if cfg.device_type:
-        return cfg.device_type
+def job_device_type(cfg: JobConfig) -> str:
+    """The price-table key and history key of ``cfg``'s work: the config's ``device_type``, else the
+    endpoint's ``endpoint:<host:port>`` where its shards report one, else this machine's device."""
+    return cfg.device_type or endpoint_device_type(cfg) or _local_device_type(cfg)
+
+
+def _guess_kind(device_type: str) -> str:
+    return "cpu" if device_type == "cpu" else "endpoint" if device_type.startswith("endpoint:") else "gpu"
+
+
+def _local_device_type(cfg: JobConfig) -> str:
     if cfg.device == "cpu":
         return "cpu"
     from shardwise.gpu_runtime import select_device
@@ -115,7 +143,7 @@ def _generated(
     )
 
 
-def _device_seconds(
+def estimate_device_seconds(
     cfg: JobConfig,
     device_type: str,
     prompt: Estimate | None,
@@ -159,7 +187,8 @@ def _device_seconds(
             f"sampled rows on {calibration.device} just now, ×/÷ {TIME_SLACK:g} for machine load "
             "and batch size" + (", embedding not included" if cfg.runs_embedding else ""),
         )
-    rates = DEFAULT_THROUGHPUT["cpu" if device_type == "cpu" else "gpu"]
+    kind_of_device = _guess_kind(device_type)
+    rates = DEFAULT_THROUGHPUT[kind_of_device]
     parts = [("generated", generated), ("prompt", prompt)] if cfg.runs_generation else []
     if cfg.runs_embedding:
         parts.append(("embedded", embedded))
@@ -176,19 +205,22 @@ def _device_seconds(
         low,
         expected,
         high,
-        f"unmeasured guess for {'cpu' if device_type == 'cpu' else 'a GPU'} ({shown}; no earlier run "
+        f"unmeasured guess for {_GUESS_NAMES[kind_of_device]} ({shown}; no earlier run "
         "of this job on this device type; it can be off 10x and more: `plan --calibrate N` measures)",
     )
 
 
+_GUESS_NAMES = {"cpu": "cpu", "gpu": "a GPU", "endpoint": "an endpoint"}
+
+
 def _prompt_weight(device_type: str) -> float:
     """A prompt token's device time as a fraction of a generated token's (the guess's rates)."""
-    rates = DEFAULT_THROUGHPUT["cpu" if device_type == "cpu" else "gpu"]
+    rates = DEFAULT_THROUGHPUT[_guess_kind(device_type)]
     return rates["generated"][0] / rates["prompt"][0]
 
 
 def _prompt_token_seconds(cfg: JobConfig, device_type: str, past: list[PastRun], seconds: Estimate) -> float:
-    """Expected device-seconds of one more prompt token, as :func:`_device_seconds` counted it."""
+    """Expected device-seconds of one more prompt token, as :func:`estimate_device_seconds` counted it."""
     if not cfg.runs_generation:
         return 0.0
     if past:
@@ -196,7 +228,7 @@ def _prompt_token_seconds(cfg: JobConfig, device_type: str, past: list[PastRun],
         done = sum(p.generated_tokens + weight * p.prompt_tokens for p in past)
         return weight * sum(p.device_seconds for p in past) / max(done, 1.0)
     if seconds.basis.startswith("unmeasured guess"):
-        return 1.0 / DEFAULT_THROUGHPUT["cpu" if device_type == "cpu" else "gpu"]["prompt"][0]
+        return 1.0 / DEFAULT_THROUGHPUT[_guess_kind(device_type)]["prompt"][0]
     return 0.0  # calibration: its seconds per generated token include its rows' prompts
 
 
@@ -218,8 +250,8 @@ def make_forecast(
     if pending is None:
         pending = pending_shards(cfg, plan)
     rows_to_compute = sum(s.num_rows for s in pending)
-    device_type = _device_type(cfg)
-    price: Price = lookup_price(device_type, cfg.price_per_device_hour)
+    device_type = job_device_type(cfg)
+    price: Price = job_price(cfg, device_type, _mixed_local_device_type(cfg, device_type))
     workers = worker_count(cfg)
     forecast = Forecast(
         rows=plan.total_rows,
@@ -247,11 +279,15 @@ def make_forecast(
             calibration = calibrate(cfg, order, calibrate_rows)
         forecast.calibration = calibration
     if cfg.runs_generation:
-        forecast.prompt_tokens = extrapolate(counts.prompt, rows_to_compute, "tokenized chat prompts")
+        forecast.prompt_tokens = _approximated(
+            extrapolate(counts.prompt, rows_to_compute, "tokenized chat prompts"), "generate", cfg, counts
+        )
         forecast.generated_tokens = _generated(cfg, valid_rows, past, forecast.calibration)
     if cfg.runs_embedding:
-        forecast.embedded_tokens = extrapolate(counts.embedded, rows_to_compute, "tokenized texts")
-    seconds = _device_seconds(
+        forecast.embedded_tokens = _approximated(
+            extrapolate(counts.embedded, rows_to_compute, "tokenized texts"), "embed", cfg, counts
+        )
+    seconds = estimate_device_seconds(
         cfg,
         device_type,
         forecast.prompt_tokens,
@@ -262,6 +298,7 @@ def make_forecast(
     )
     forecast.device_seconds = seconds
     forecast.prompt_token_cost = price.cost(_prompt_token_seconds(cfg, device_type, past, seconds))
+    forecast.prompt_token_cost += price.token_cost(1.0, 0.0, 0.0)
     forecast.shard_prompt_tokens = dict(counts.shard_prompt) if cfg.runs_generation else {}
     forecast.wall_seconds = Estimate(
         seconds.low / workers,
@@ -269,14 +306,48 @@ def make_forecast(
         seconds.high / workers,
         f"device-seconds over {workers} worker(s), model loading not included",
     )
-    forecast.cost = Estimate(
-        price.cost(seconds.low),
-        price.cost(seconds.expected),
-        price.cost(seconds.high),
+    device_basis = (
         f"device-seconds at {price.per_hour:g} {price.currency}/h for {device_type} "
-        f"({'job config' if cfg.price_per_device_hour is not None else 'conf/prices.yaml'})",
+        f"({'job config' if cfg.price_per_device_hour is not None else 'conf/prices.yaml'})"
+    )
+    if price.endpoint_roles and cfg.price_per_device_hour is None and price.per_hour == 0:
+        device_basis = f"no local device ({device_type}: 0 {price.currency}/h)"
+
+    def cost(end: str) -> float:
+        tokens = [
+            getattr(e, end) if e is not None else 0.0
+            for e in (forecast.prompt_tokens, forecast.generated_tokens, forecast.embedded_tokens)
+        ]
+        return price.total_cost(getattr(seconds, end), *tokens)
+
+    forecast.cost = Estimate(
+        cost("low"),
+        cost("expected"),
+        cost("high"),
+        f"{price.token_basis()}; {device_basis}" if price.endpoint_roles else device_basis,
     )
     return forecast
+
+
+def _mixed_local_device_type(cfg: JobConfig, device_type: str) -> str | None:
+    """This machine's device type, for a job that runs one section here and the other on an endpoint."""
+    local = [role for role in ("generate", "embed") if role not in cfg.endpoint_sections()]
+    used = [role for role in local if (cfg.runs_generation if role == "generate" else cfg.runs_embedding)]
+    if not used or not cfg.endpoint_sections() or not device_type.startswith("endpoint:"):
+        return None
+    return _local_device_type(cfg)
+
+
+def _approximated(estimate: Estimate, role: str, cfg: JobConfig, counts: TokenCounts) -> Estimate:
+    """``estimate`` with its basis saying so when ``role``'s tokens were estimated from characters."""
+    if role not in counts.approximated:
+        return estimate
+    model = cfg.generate.model if role == "generate" else cfg.embed.model
+    return replace(
+        estimate,
+        basis=f"approximate: ~{CHARS_PER_TOKEN} characters per token ({model!r} has no local tokenizer); "
+        + estimate.basis.replace("exact: ", "").replace("tokenized ", ""),
+    )
 
 
 def over_budget(cfg: JobConfig, forecast: Forecast | None) -> str | None:

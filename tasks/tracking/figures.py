@@ -28,7 +28,8 @@ def throughput_figure(results: list[ShardResult], price: Price) -> Any:
     tok_per_s = [r.tokens.generated / max(r.timings.compute, 1e-9) for r in ordered]
     cumulative, total = [], 0.0
     for r in ordered:
-        total += price.cost(r.seconds)
+        uncached = r.tokens - r.cached_tokens
+        total += price.total_cost(r.seconds, uncached.prompt, uncached.generated, uncached.embedded)
         cumulative.append(total)
 
     figure = _figure(8, 6, left=0.1, right=0.9, bottom=0.09, top=0.94, hspace=0.3)
@@ -44,7 +45,8 @@ def throughput_figure(results: list[ShardResult], price: Price) -> Any:
     bottom.step(times, cumulative, where="post", color="tab:green")
     bottom.set_ylabel(f"cumulative cost ({price.currency})")
     bottom.set_xlabel("seconds since the first shard started")
-    bottom.set_title(f"Cost at {price.per_hour:.2f} {price.currency}/h ({price.device_type})")
+    tokens = f"; {price.token_basis()}" if price.endpoint_roles else ""
+    bottom.set_title(f"Cost at {price.per_hour:.2f} {price.currency}/h ({price.device_type}){tokens}")
     bottom.grid(alpha=0.3)
     return figure
 

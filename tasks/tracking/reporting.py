@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from shardwise.tasks.config.job import JobConfig
-from shardwise.tasks.config.prices import Price, detect_device_type, lookup_price
+from shardwise.tasks.config.prices import Price, detect_device_type, job_price
 from shardwise.tasks.output.manifest import CommitOutcome
 from shardwise.tasks.planning.shards import UnreadableFile
 from shardwise.tasks.records.results import ShardResult
@@ -17,10 +17,17 @@ from shardwise.tasks.tracking.runs import finish_run, run_metrics, shard_metrics
 
 
 def price_for(cfg: JobConfig, results: list[ShardResult]) -> Price:
-    """The price of the device the shards actually ran on (or the config's override)."""
+    """The price of the device the shards actually ran on (or the config's override), with the
+    token prices of the sections an endpoint served."""
     device = next((r.worker.device for r in results if r.worker.device), None)
     device_type = cfg.device_type or detect_device_type(device)
-    return lookup_price(device_type, cfg.price_per_device_hour)
+    # A section run here next to one on an endpoint: its device's hours are what is paid for.
+    local_roles = [role for role in ("generate", "embed") if role not in cfg.endpoint_sections()]
+    local = next(
+        (r.models[role].get("device") for r in results for role in local_roles if r.models.get(role, {}).get("device")),
+        None,
+    )
+    return job_price(cfg, device_type, detect_device_type(str(local)) if local else None)
 
 
 def worker_usage(results: list[ShardResult]) -> dict[str, dict[str, Any]]:
@@ -45,7 +52,8 @@ def build_summary(
     price: Price,
     unreadable: tuple[UnreadableFile, ...] = (),
 ) -> dict[str, Any]:
-    metrics = run_metrics(outcome.totals, wall_seconds, price, outcome.duplicate_ids)
+    embedded = sum((r.tokens - r.cached_tokens).embedded for r in results if r.status == "committed" and not r.resumed)
+    metrics = run_metrics(outcome.totals, wall_seconds, price, outcome.duplicate_ids, embedded)
     failures = [
         {"shard": "(unplanned)", "source": redact_uri(u.uri), "error": redact_text(u.reason)} for u in unreadable
     ]
@@ -68,6 +76,7 @@ def build_summary(
         "failures": failures,
         "currency": price.currency,
         "device_type": price.device_type,
+        **({"token_basis": price.token_basis()} if price.endpoint_roles else {}),
         **metrics,
     }
 
@@ -117,7 +126,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         ),
         f"- throughput of computed rows: {summary['rows_per_s']:.1f} rows/s, "
         f"{summary['generated_tok_per_s']:.1f} generated tok/s",
-        f"- estimated cost: {summary['cost']:.6f} {md(summary['currency'])} ({md(summary['device_type'])})",
+        f"- estimated cost: {summary['cost']:.6f} {md(summary['currency'])} ({md(summary['device_type'])})"
+        + (f"; {md(summary['token_basis'])}" if summary.get("token_basis") else ""),
         *(
             [f"- estimated cost saved by the row cache: {summary['cost_saved_estimate']:.6f} {md(summary['currency'])}"]
             if summary["rows_cached"]

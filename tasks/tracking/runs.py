@@ -123,15 +123,46 @@ def shard_metrics(result: ShardResult, price: Price) -> dict[str, float]:
         "shard_rows_per_s": (result.rows - result.rows_cached) / seconds,
         "shard_prompt_tok_per_s": uncached.prompt / compute,
         "shard_generated_tok_per_s": uncached.generated / compute,
-        "shard_cost": 0.0 if result.resumed else price.cost(result.seconds),
+        "shard_cost": shard_cost(result, price),
         "shard_failed": 0.0 if result.status == "committed" else 1.0,
     }
     cost = metrics["shard_cost"]
     metrics["shard_cost_per_1k_rows"] = cost / result.rows * 1000 if result.rows else 0.0
     if tokens.generated:
         metrics["shard_cost_per_1m_generated_tokens"] = cost / tokens.generated * 1e6
+    if price.endpoint_roles:
+        metrics |= _token_metrics("shard_", cost, uncached.prompt, uncached.generated, uncached.embedded, price)
     if result.worker.energy_j is not None:
         metrics["shard_energy_j"] = result.worker.energy_j
+    return metrics
+
+
+def shard_cost(result: ShardResult, price: Price) -> float:
+    """What a shard cost: its device-seconds at the hourly price, plus the tokens an endpoint
+    processed for it (rows from the row cache cost none); 0 for a shard reused from an earlier run."""
+    if result.resumed:
+        return 0.0
+    uncached = result.tokens - result.cached_tokens
+    return price.total_cost(result.seconds, uncached.prompt, uncached.generated, uncached.embedded)
+
+
+def _token_metrics(
+    prefix: str, cost: float, prompt: float, generated: float, embedded: float, price: Price
+) -> dict[str, float]:
+    """The token side of an endpoint job's cost: the tokens it bills, their cost, and the cost per
+    1M tokens of all kinds (prompt, generated and embedded, wherever they were processed)."""
+    every = prompt + generated + embedded
+    metrics = {
+        f"{prefix}token_cost": price.token_cost(prompt, generated, embedded),
+        f"{prefix}endpoint_input_tokens": float(price.input_tokens(prompt, embedded)),
+        f"{prefix}endpoint_output_tokens": float(price.output_tokens(generated)),
+        f"{prefix}cost_per_1m_tokens": cost / every * 1e6 if every else 0.0,
+    }
+    if not prefix:
+        metrics["batch_discount"] = price.batch_discount
+        for key in ("per_million_input_tokens", "per_million_output_tokens"):
+            if getattr(price, key) is not None:
+                metrics[f"price_{key}"] = float(getattr(price, key))
     return metrics
 
 
@@ -144,11 +175,16 @@ def log_timings(run_id: str, figures: dict[str, float], uri: str | None = None) 
     mlflow_store.log_values(run_id, metrics=figures, uri=uri)
 
 
-def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int) -> dict[str, float]:
+def run_metrics(
+    totals: RunTotals, wall_seconds: float, price: Price, duplicate_ids: int, embedded_tokens: int = 0
+) -> dict[str, float]:
     """Run figures; rates and cost per row or token are over what this run computed, not over rows
-    or tokens reused from parts an earlier run committed."""
+    or tokens reused from parts an earlier run committed (``embedded_tokens``: those this run
+    embedded, which an embedding endpoint bills)."""
     wall = max(wall_seconds, 1e-9)
-    cost = price.cost(totals.device_seconds)
+    cost = price.total_cost(
+        totals.device_seconds, totals.prompt_tokens_computed, totals.generated_tokens_computed, embedded_tokens
+    )
     energy = {} if totals.energy_j is None else {"energy_j": totals.energy_j}
     if totals.schema_valid_rows is not None:
         energy |= {
@@ -156,7 +192,7 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
             "schema_valid_rate": totals.schema_valid_rows / totals.schema_rows if totals.schema_rows else 0.0,
         }
     computed_tokens = totals.generated_tokens_computed
-    return energy | {
+    metrics = energy | {
         "rows": totals.rows,
         "rows_computed": totals.rows_computed,
         "rows_reused": totals.rows_reused,
@@ -185,6 +221,10 @@ def run_metrics(totals: RunTotals, wall_seconds: float, price: Price, duplicate_
         # what the cached rows would have cost at this run's cost per computed row
         "cost_saved_estimate": cost / totals.rows_computed * totals.rows_cached if totals.rows_computed else 0.0,
     }
+    if price.endpoint_roles:
+        metrics |= _token_metrics("", cost, totals.prompt_tokens_computed, computed_tokens, embedded_tokens, price)
+        metrics["device_cost"] = price.cost(totals.device_seconds)
+    return metrics
 
 
 def finish_run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from shardwise.tasks.config.loading import build_config
 from shardwise.tasks.forecasting.budget import BudgetGuard
@@ -68,3 +69,39 @@ def test_budget_guard_counts_spent_and_in_flight_and_learns_the_real_cost():
     assert not guard.may_start(shards[2])  # 0.5 spent + 0.2 in flight + 0.5 > 1.0
     assert guard.stopped
     assert "budget reached" in guard.message(2, "USD")
+
+
+ENDPOINT = {"engine": "openai", "base_url": "http://127.0.0.1:9/v1"}  # nothing listens: never contacted
+
+
+def test_an_endpoint_jobs_forecast_costs_its_tokens_and_no_device_hours(reviews_dir, tmp_path):
+    prices = {"price_per_million_input_tokens": 1.0, "price_per_million_output_tokens": 4.0}
+    cfg = _cfg(reviews_dir, tmp_path, task="generate", generate={**ENDPOINT, "max_new_tokens": 8}, **prices)
+    forecast = make_forecast(cfg, plan_shards(cfg))
+    local = _cfg(reviews_dir, tmp_path, task="generate", generate={"max_new_tokens": 8}, device="cpu")
+    # the model name resolves to a local tokenizer: the prompts are counted exactly, as for the local engine
+    assert forecast.prompt_tokens == make_forecast(local, plan_shards(local)).prompt_tokens
+    assert (forecast.device_type, forecast.price_per_device_hour) == ("endpoint:127.0.0.1:9", 0.0)
+    p, g = forecast.prompt_tokens, forecast.generated_tokens
+    for end in ("low", "expected", "high"):
+        assert getattr(forecast.cost, end) == pytest.approx((getattr(p, end) * 1.0 + getattr(g, end) * 4.0) / 1e6)
+    assert forecast.cost.expected > 0
+    assert "1 in / 4 out USD per 1M tokens" in forecast.cost.basis
+    assert forecast.device_seconds.basis.startswith("unmeasured guess for an endpoint")
+
+
+def test_a_hosted_models_prompts_are_estimated_at_four_characters_per_token(reviews_dir, tmp_path):
+    import math
+
+    from shardwise.tasks.records.enrichment import clean_text
+
+    template = "Summarise: {text}"
+    generate = {**ENDPOINT, "model": "gpt-4o-mini", "prompt_template": template}
+    cfg = _cfg(reviews_dir, tmp_path, task="generate", generate=generate)
+    forecast = make_forecast(cfg, plan_shards(cfg))
+    texts = [clean_text(t) for f in sorted(reviews_dir.glob("*.parquet")) for t in pq.read_table(f)["text"].to_pylist()]
+    assert forecast.prompt_tokens.expected == sum(
+        math.ceil(len(template.format(text=t)) / 4) for t, err in texts if not err
+    )
+    assert forecast.prompt_tokens.basis.startswith("approximate: ~4 characters per token ('gpt-4o-mini'")
+    assert forecast.cost.high == 0.0 and "no token prices set" in forecast.cost.basis
