@@ -84,29 +84,23 @@ def test_generation_columns_are_refused_for_both_and_a_colliding_id_even_with_ke
 
 def test_output_columns_come_from_one_place_for_every_task_and_output_schema():
     """The check's column names are exactly what enrich_table adds, for each task, with and
-    without an output schema (fake engines: no model loads)."""
-    from types import SimpleNamespace
+    without an output schema (fake engines returning the engines' own result types: no model loads)."""
+    import numpy as np
 
+    from shardwise.gpu_runtime import EmbeddingOutput, Generation
     from shardwise.tasks.config.job import JobConfig
     from shardwise.tasks.config.output_columns import enrichment_column_names
     from shardwise.tasks.records.enrichment import enrich_table
 
     class Generator:
         def generate(self, prompts, params):
-            return [
-                SimpleNamespace(
-                    text='{"ok": true}', n_prompt_tokens=3, n_generated_tokens=2, finish_reason="stop", truncated=False
-                )
-                for _ in prompts
-            ]
+            return [Generation('{"ok": true}', 3, 2, "stop", False) for _ in prompts]
 
     class Embedder:
         dim = 2
 
         def embed(self, texts, **_):
-            return SimpleNamespace(
-                vectors=[[1.0, 0.0]] * len(texts), truncated=[False] * len(texts), n_tokens=[1] * len(texts)
-            )
+            return EmbeddingOutput(np.array([[1.0, 0.0]] * len(texts)), [1] * len(texts), [False] * len(texts))
 
     table = pa.table({"id": ["a", "b"], "text": ["one", None]})
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}

@@ -10,6 +10,7 @@ or a missing key is exit 2 before any work; the key is stored nowhere.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 from shardwise.tasks.records.demo_data import write_reviews_dataset
 from tests.fault_proxy import FaultProxy
 from tests.flows.test_cli import assert_one_line_error
+from tests.flows.test_security import files_containing
 from tests.flows.test_vllm_engine import needs_vllm
 from tests.servers import start_vllm_openai_server, wait_until_healthy
 
@@ -32,8 +34,8 @@ GEN_FIELDS = ["generated_text", "n_prompt_tokens", "n_generated_tokens", "finish
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """(generation base URL, embedding base URL): both servers started together, stopped after the module."""
+def booting(tmp_path_factory):
+    """Both servers starting (each takes tens of seconds), stopped after the module."""
     from shardwise.gpu_runtime import resolve_model_spec
     from shardwise.gpu_runtime.gguf_cache import weights_dir
 
@@ -45,10 +47,7 @@ def servers(tmp_path_factory):
         start_vllm_openai_server(root / "embed", embed_dir, "minilm", API_KEY, "--runner", "pooling"),
     ]
     try:
-        for (proc, url), name in zip(started, ("gen", "embed")):
-            health = url.removesuffix("/v1") + "/health"
-            wait_until_healthy(f"vLLM {name} server", proc, root / name / "server.log", health, timeout=300)
-        yield started[0][1], started[1][1]
+        yield root, started
     finally:
         for proc, _ in started:
             proc.terminate()
@@ -57,6 +56,17 @@ def servers(tmp_path_factory):
                 proc.wait(timeout=60)
             except Exception:  # noqa: BLE001 - a server that will not stop is killed
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def servers(booting, local_rows):
+    """(generation base URL, embedding base URL) of the running servers; the local engines' run
+    (``local_rows``) goes first, while they start."""
+    root, started = booting
+    for (proc, url), name in zip(started, ("gen", "embed")):
+        health = url.removesuffix("/v1") + "/health"
+        wait_until_healthy(f"vLLM {name} server", proc, root / name / "server.log", health, timeout=300)
+    return started[0][1], started[1][1]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +102,7 @@ def rows(output: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def local_rows(reviews, tmp_path_factory, prefect_server):
+def local_rows(booting, reviews, tmp_path_factory, prefect_server):
     from tests.cli import run_cli
 
     output = tmp_path_factory.mktemp("local") / "out"
@@ -101,7 +111,9 @@ def local_rows(reviews, tmp_path_factory, prefect_server):
     return rows(output)
 
 
-def test_a_job_on_endpoints_writes_what_the_local_engines_write(cli, servers, reviews, local_rows, tmp_path, key):
+def test_a_job_on_endpoints_writes_what_the_local_engines_write(
+    cli, servers, reviews, local_rows, tmp_path, key, session_dir
+):
     gen_url, embed_url = servers
     output = tmp_path / "out"
     done = cli(*job(reviews, output, *on_endpoints(gen_url, embed_url)))
@@ -114,13 +126,17 @@ def test_a_job_on_endpoints_writes_what_the_local_engines_write(cli, servers, re
         assert {f: row[f] for f in GEN_FIELDS} == {f: local[f] for f in GEN_FIELDS}, review_id
         assert np.allclose(row["embedding"], local["embedding"], atol=1e-5), review_id
 
-    # The engine and the endpoint's host are recorded with every part; the key nowhere.
+    # The engine and the endpoint's host are recorded with every part and in the manifest; the
+    # key nowhere: not in the output, the MLflow store, Prefect's database or what was printed.
     footer = pq.read_metadata(sorted(output.glob("part-*.parquet"))[0]).metadata
     host = gen_url.split("//")[1].split("/")[0]
     assert footer[b"shardwise.generate_engine"].decode().startswith("openai (vllm at ")
     assert footer[b"shardwise.generate_endpoint"].decode() == host
-    stored = b"".join(p.read_bytes() for p in output.rglob("*") if p.is_file())
-    assert API_KEY.encode() not in stored
+    models = json.loads((output / "_manifest.json").read_text())["models"]
+    assert models["generate"]["engine"] == "openai" and models["generate"]["endpoint"] == host
+    assert models["embed"]["engine"] == "openai" and models["embed"]["served_model"] == "minilm"
+    assert files_containing(output, API_KEY.encode()) == []
+    assert files_containing(session_dir, API_KEY.encode()) == []
     assert API_KEY not in done.stdout + done.stderr
 
 
@@ -155,7 +171,9 @@ def test_faults_of_the_server_lose_and_duplicate_nothing(cli, servers, reviews, 
         assert {f: row[f] for f in GEN_FIELDS} == {f: local_rows[review_id][f] for f in GEN_FIELDS}
     # One delivered answer per row: nothing answered was asked again.
     assert sorted(proxy.delivered.values()) == [1] * 16
-    assert proxy.max_in_flight <= 4
+    # At most max_concurrency requests in flight, and one more at the proxy: the slow answer the
+    # client gave up on, which the proxy still holds.
+    assert proxy.max_in_flight <= 4 + 1
 
 
 def test_a_server_gone_fails_the_shard_and_the_rerun_sends_only_what_is_not_committed(
@@ -168,7 +186,7 @@ def test_a_server_gone_fails_the_shard_and_the_rerun_sends_only_what_is_not_comm
     output = tmp_path / "out"
     settings = {"max_concurrency": 1, "max_retries": 1}
     args = job(
-        reviews, output, "--task", "generate", "--set", "shard_retries=1", *on_endpoints(proxy.base_url, **settings)
+        reviews, output, "--task", "generate", "--set", "shard_retries=0", *on_endpoints(proxy.base_url, **settings)
     )
     try:
         failed = cli(*args)
