@@ -23,8 +23,10 @@ def run_job(cfg: Any) -> RunSummary:
     """Prepare and run ``cfg`` with progress on stderr and the summary on stdout; the summary's
     ``exit_code`` is the command's."""
     from shardwise.flows.run import execute_run, prepare_run
+    from shardwise.tasks.orchestration.task_runners import prefect_api_starting
 
-    summary = execute_run(prepare_run(cfg, render.notify), render.notify)
+    with prefect_api_starting():  # the temporary Prefect server starts while the run is checked and planned
+        summary = execute_run(prepare_run(cfg, render.notify), render.notify)
     render.run_summary(summary)
     return summary
 

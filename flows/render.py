@@ -177,7 +177,7 @@ def format_timings(timings: dict[str, float]) -> str:
     if "seconds_preflight" in timings:
         line += f"; before the flow: checks and forecast {timings['seconds_preflight']:.1f}s"
     if "seconds_prefect_server_start" in timings:
-        line += f"; Prefect server start-up {timings['seconds_prefect_server_start']:.1f}s"
+        line += f"; waited for the Prefect server {timings['seconds_prefect_server_start']:.1f}s"
     if timings.get("seconds_write_hidden"):
         line += f"; writes hidden behind compute {timings['seconds_write_hidden']:.2f}s"
     return line

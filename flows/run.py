@@ -187,7 +187,7 @@ def execute_run(prepared: PreparedRun, notify: Notify | None = None) -> RunSumma
     notify(f"{plan.total_rows} rows in {len(plan.files)} files -> {len(plan.shards)} shards")
     server_started = time.perf_counter()
     with shared_prefect_api():
-        server_seconds = time.perf_counter() - server_started  # the temporary server's start-up, if any
+        server_seconds = time.perf_counter() - server_started  # waiting for the temporary server, if any
         state = enrich_for(cfg)(**flow_arguments(prepared), return_state=True)
     result = state.result(raise_on_failure=False)
     if not isinstance(result, dict):

@@ -16,7 +16,8 @@ Modules import only downward (a test checks there is no circle):
 - ``model_specs``: a spec -> :class:`ResolvedModel`, loading nothing;
 - ``gguf_cache`` (GGUF dequantized once), then ``dummy`` (building dummy models);
 - ``generation``, ``embedding``, then ``vllm_engine``; ``token_count`` and ``model_identity``;
-- ``endpoint_client`` (HTTP to a serving endpoint), then ``openai_engine`` (generation and
+- ``embedding_output`` (what an embedding call returns), ``endpoint_client`` (HTTP to a serving
+  endpoint), then ``openai_engine`` (generation and
   embeddings on one, with the engines' row contract);
 - ``engine_cache``: one loaded engine per process and spec, the top.
 """
@@ -38,7 +39,7 @@ _LOCATION = {
     "Generation": "generation_params",
     "GenerationEngine": "generation",
     "EmbeddingEngine": "embedding",
-    "EmbeddingOutput": "embedding",
+    "EmbeddingOutput": "embedding_output",
     "plan_batches": "batching",
     "template_fields": "prompts",
     "render_prompt": "prompts",

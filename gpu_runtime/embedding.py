@@ -37,6 +37,7 @@ from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
 from .device import default_dtype, tokenize_on_all_cores
 from .dummy import build_sentence_transformer
+from .embedding_output import EmbeddingOutput
 from .errors import EngineError
 from .prefetch import host_tensor, pin_for, prefetched, to_device
 
@@ -46,19 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["EmbeddingEngine", "EmbeddingOutput"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EmbeddingOutput:
-    """Embeddings in input order: ``vectors`` is float32 ``[n, dim]``; ``n_tokens`` counts each
-    text's tokens (special tokens included) before truncation; ``truncated`` marks texts longer
-    than the model's ``max_seq_length``, whose tail did not influence the vector. ``errors`` says,
-    per text, why a serving endpoint refused it (its vector is then zeros); None: no refusals."""
-
-    vectors: np.ndarray
-    n_tokens: list[int]
-    truncated: list[bool]
-    errors: list[str | None] | None = None
 
 
 @dataclass

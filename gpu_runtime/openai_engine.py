@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .embedding import EmbeddingOutput
+from .embedding_output import EmbeddingOutput
 from .endpoint_client import EndpointClient, EndpointOptions, RowRefused
 from .errors import EngineError
 from .generation_params import Generation, GenerationParams

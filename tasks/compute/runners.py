@@ -86,11 +86,14 @@ def check_device(cfg: JobConfig) -> None:
 def check_endpoints(cfg: JobConfig) -> None:
     """Each section that runs on a serving endpoint (``engine: openai``): its key variable set,
     the server reachable and the model served there, as a ConfigError (exit 2) before any work."""
+    sections = cfg.endpoint_sections()
+    if not sections:
+        return
     from shardwise.gpu_runtime import EngineError
     from shardwise.gpu_runtime.endpoint_client import EndpointClient
     from shardwise.gpu_runtime.openai_engine import served_model
 
-    for role, section in cfg.endpoint_sections().items():
+    for role, section in sections.items():
         options = cfg.endpoint_options(role)
         try:
             client = EndpointClient(options)

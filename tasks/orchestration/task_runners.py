@@ -10,8 +10,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,23 +128,132 @@ def shard_placement(cfg: JobConfig) -> Iterator[dict[str, float]]:
         yield resources
 
 
+# The temporary server :func:`prefect_api_starting` started, while it runs.
+_starting: dict[str, _TemporaryServer] = {}
+
+
+def _temporary_server_needed() -> bool:
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    return not PREFECT_API_URL.value() and bool(PREFECT_SERVER_EPHEMERAL_ENABLED.value())
+
+
+class _TemporaryServer:
+    """Prefect's temporary server process, started with the command and settings Prefect's own
+    ``SubprocessASGIServer`` uses, but without importing Prefect's server code into this process
+    (about 1.5 s here) and without waiting for it to answer (:meth:`wait_until_up`)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        import prefect
+        from prefect.settings import get_current_settings
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            **get_current_settings().to_environment_variables(exclude_unset=True),
+        }
+        self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(prefect.__module_path__.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],  # fmt: skip
+            env=env,
+        )
+        atexit.register(self.stop)
+
+    def wait_until_up(self) -> None:
+        import httpx
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        assert self.process is not None
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        with httpx.Client() as client:
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+        code = self.process.poll()
+        raise RuntimeError(
+            f"the temporary Prefect server did not answer at {self.api_url} in time"
+            + (f" (it exited with code {code})" if code is not None else "")
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
+@contextlib.contextmanager
+def prefect_api_starting() -> Iterator[None]:
+    """Start the temporary Prefect server a run will need (none when ``PREFECT_API_URL`` is set)
+    now, without waiting for it: its start-up (seconds of imports and database set-up) overlaps the
+    run's checks, plan and forecast, and :func:`shared_prefect_api` waits for it when the flow
+    starts. Stopped on leaving, also when the run is refused before its flow."""
+    if not _temporary_server_needed() or _starting:
+        yield
+        return
+    server = _TemporaryServer()
+    _starting["server"] = server
+    try:
+        yield
+    finally:
+        del _starting["server"]
+        server.stop()
+
+
 @contextlib.contextmanager
 def shared_prefect_api() -> Iterator[str | None]:
     """Make worker processes and Ray tasks report to the flow's Prefect API.
 
     With ``PREFECT_API_URL`` set, everything already shares that server. Without it, Prefect would
     start a temporary server per process, and each worker's task runs would land in a different
-    one; so the temporary server is started here, once, and its URL handed down in the settings.
+    one; so the temporary server is started here, once (or taken from
+    :func:`prefect_api_starting`), and its URL handed down in the settings.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+    if not _temporary_server_needed():
         yield PREFECT_API_URL.value()
         return
-    from prefect.server.api.server import SubprocessASGIServer
+    early = _starting.get("server")
+    if early is not None:
+        early.wait_until_up()
+        server: Any = early
+    else:
+        from prefect.server.api.server import SubprocessASGIServer
 
-    server = SubprocessASGIServer()
-    server.start()
+        server = SubprocessASGIServer()
+        server.start()
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server.api_url
@@ -150,4 +263,5 @@ def shared_prefect_api() -> Iterator[str | None]:
 
         for service in (APILogWorker, EventsWorker):  # deliver what is queued while the server is up
             service.drain_all(timeout=10, at_exit=False)
-        server.stop()
+        if server is not early:
+            server.stop()

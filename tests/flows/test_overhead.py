@@ -40,7 +40,7 @@ def test_run_reports_its_phases_and_per_shard_overhead(cli, tmp_path):
     assert re.search(
         r"s per run \(plan [\d.]+, forecast [\d.]+, start [\d.]+, commit [\d.]+, report [\d.]+\), "
         r"[\d.]+s per shard; before the flow: checks and forecast [\d.]+s; "
-        r"Prefect server start-up [\d.]+s",
+        r"waited for the Prefect server [\d.]+s",
         line.group(1),
     ), line.group(1)
 
@@ -84,3 +84,56 @@ def _artifact_progress(client, artifact_id) -> float:
 
     (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
     return float(artifact.data)
+
+
+def _temporary_server_children() -> list[int]:
+    """Live child processes of this one that are Prefect's temporary server."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"prefect.server.api.server:create_app" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_the_temporary_prefect_server_starts_before_the_checks_and_stops_with_the_run(tmp_path, monkeypatch):
+    """Without PREFECT_API_URL a run starts its temporary server before its checks and forecast, so
+    that the start-up overlaps them; a run refused by its budget stops it too, and a run that goes
+    through waits for it only as long as the checks did not cover."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from shardwise.tasks.orchestration import task_runners
+    from tests.cli import run_cli
+
+    started = []
+    original = task_runners._TemporaryServer.__init__
+
+    def recording(self):
+        original(self)
+        started.append((self, _temporary_server_children()))
+
+    monkeypatch.setattr(task_runners._TemporaryServer, "__init__", recording)
+    write_reviews_dataset(str(tmp_path / "in"), files=1, rows_per_file=12, rows_per_group=12)
+    args = ["run", "--input", str(tmp_path / "in"), "--id-column", "review_id", "--task", "embed"]
+    env = {"PREFECT_API_URL": None, "PREFECT_HOME": str(tmp_path / "prefect")}
+
+    # As in a process started without PREFECT_API_URL (this one's settings hold the session's server).
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        refused = run_cli(*args, "--output", str(tmp_path / "refused"), "--max-cost", "1e-12", env=env)
+        assert refused.returncode == 2 and "exceeds max_cost" in refused.stderr
+        assert len(started) == 1 and len(started[0][1]) == 1  # it was running during the checks
+        assert started[0][0].process is None and _temporary_server_children() == []
+
+        done = run_cli(*args, "--output", str(tmp_path / "out"), env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(started) == 2 and _temporary_server_children() == []
+    overhead = next(line for line in done.stdout.splitlines() if "overhead" in line)
+    assert re.search(r"before the flow: checks and forecast [\d.]+s; waited for the Prefect server [\d.]+s", overhead)
