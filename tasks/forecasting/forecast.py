@@ -103,9 +103,9 @@ def pending_shards(cfg: JobConfig, plan: ShardPlan, replaces_output: bool | None
     from shardwise.tasks.output.resume import check_output_compatible, find_committed
     from shardwise.tasks.storage.fs import exists
 
-    if replaces_output is None:
-        replaces_output = exists(cfg.output, cfg.storage_options) and check_output_compatible(cfg)
     if replaces_output or not exists(cfg.output, cfg.storage_options):
+        return list(plan.shards)
+    if replaces_output is None and check_output_compatible(cfg):  # the caller had not checked
         return list(plan.shards)
     committed = {r.index for r in find_committed(cfg, plan)}
     return [s for s in plan.shards if s.index not in committed]
