@@ -100,20 +100,7 @@ def _endpoint_engine(
     if endpoint is None:
         raise ValueError("engine openai needs the endpoint's options")
     key = (f"{kind}-openai", spec, f"endpoint:{endpoint.host}", endpoint.cache_key())
-    with _registry_lock:
-        engine = _engines.get(key)
-        if engine is not None:
-            return engine  # type: ignore[return-value]
-        key_lock = _key_locks.setdefault(key, threading.Lock())
-    with key_lock:
-        with _registry_lock:
-            engine = _engines.get(key)
-        if engine is None:
-            engine = connect(spec, endpoint)
-            with _registry_lock:
-                _engines[key] = engine
-                _load_counts[spec] += 1
-        return engine  # type: ignore[return-value]
+    return _load_once(key, spec, lambda: connect(spec, endpoint))
 
 
 def _cached_engine(
@@ -132,27 +119,38 @@ def _cached_engine(
     # The weights' revision is in the key: a local directory whose weights were replaced (a model
     # retrained in a notebook) loads again instead of answering with the old weights.
     key = (kind + (f"[{variant}]" if variant else ""), spec, str(torch_device), resolved.revision)
+
+    def load() -> _E:
+        # On the compute thread, like every later call (see compute_thread.py: the thread that
+        # first runs torch work keeps an OpenMP team).
+        try:
+            return on_compute_thread(build, resolved, torch_device)
+        except (ModelNotFoundError, EngineError):
+            raise
+        except Exception as exc:
+            raise EngineError(f"could not load {kind} model {spec!r} from {resolved.path}: {exc}") from exc
+
+    return _load_once(key, spec, load)
+
+
+def _load_once(key: tuple[str, str, str, str], spec: str, load: Callable[[], _E]) -> _E:
+    """The engine under ``key``, made by ``load`` on first use. Loading happens outside the
+    registry lock, so two threads asking for the same engine wait for a single load; an engine
+    made replaces those of the same kind, spec and device under another last key part (older
+    weights, other settings)."""
     with _registry_lock:
         engine = _engines.get(key)
         if engine is not None:
             return engine  # type: ignore[return-value]
         key_lock = _key_locks.setdefault(key, threading.Lock())
-    # Loading happens outside the registry lock, so two threads asking for the same model wait for
-    # a single load; the load itself runs on the compute thread, like every later call (see
-    # compute_thread.py: the thread that first runs torch work keeps an OpenMP team).
     with key_lock:
         with _registry_lock:
             engine = _engines.get(key)
         if engine is not None:
             return engine  # type: ignore[return-value]
-        try:
-            engine = on_compute_thread(build, resolved, torch_device)
-        except (ModelNotFoundError, EngineError):
-            raise
-        except Exception as exc:
-            raise EngineError(f"could not load {kind} model {spec!r} from {resolved.path}: {exc}") from exc
+        engine = load()
         with _registry_lock:
-            for stale in [k for k in _engines if k[:3] == key[:3]]:  # older weights under this spec
+            for stale in [k for k in _engines if k[:3] == key[:3]]:
                 del _engines[stale]
             _engines[key] = engine
             _load_counts[spec] += 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,13 +85,15 @@ class _Answers:
     def key(body: dict[str, Any]) -> str:
         return json.dumps(body, sort_keys=True)
 
-    def get(self, key: str) -> Any:
+    def once(self, key: str, ask: Callable[[], Any]) -> Any:
+        """The answer kept for ``key``, else ``ask()``'s, kept (a refusal is an answer too)."""
         with self._lock:
-            return self._kept.get(key)
-
-    def put(self, key: str, answer: Any) -> None:
+            if key in self._kept:
+                return self._kept[key]
+        answer = ask()
         with self._lock:
             self._kept[key] = answer
+        return answer
 
     def returned(self, keys: Sequence[str]) -> None:
         with self._lock:
@@ -159,9 +161,9 @@ class OpenAIGenerationEngine:
 
     def _answer(self, keyed: tuple[str, dict[str, Any]]) -> Generation:
         key, body = keyed
-        kept = self._answers.get(key)
-        if kept is not None:
-            return kept
+        return self._answers.once(key, lambda: self._ask(body))
+
+    def _ask(self, body: dict[str, Any]) -> Generation:
         try:
             data = self.client.post("/chat/completions", body)
         except RowRefused as refused:
@@ -171,13 +173,11 @@ class OpenAIGenerationEngine:
             usage = data.get("usage") or {}
             text = (choice.get("message") or {}).get("content") or ""
             finish = "length" if choice.get("finish_reason") == "length" else "stop"
-            answer = Generation(
+            return Generation(
                 text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0), finish, False
             )
         except (KeyError, IndexError, TypeError, ValueError) as err:
             raise EngineError(f"{self.client.options.host} answered without a chat completion: {err!r}") from None
-        self._answers.put(key, answer)
-        return answer
 
     def close(self) -> None:
         self.client.close()
@@ -232,9 +232,9 @@ class OpenAIEmbeddingEngine:
 
     def _vector(self, keyed: tuple[str, dict[str, Any]]) -> tuple[np.ndarray | None, int, str | None]:
         key, body = keyed
-        kept = self._answers.get(key)
-        if kept is not None:
-            return kept
+        return self._answers.once(key, lambda: self._ask(body))
+
+    def _ask(self, body: dict[str, Any]) -> tuple[np.ndarray | None, int, str | None]:
         try:
             data = self.client.post("/embeddings", body)
         except RowRefused as refused:
@@ -246,9 +246,7 @@ class OpenAIEmbeddingEngine:
             raise EngineError(f"{self.client.options.host} answered without an embedding: {err!r}") from None
         if vector.shape != (self.dim,):
             raise EngineError(f"{self.client.options.host} answered a {vector.shape} vector, not ({self.dim},)")
-        answer = (vector, tokens, None)
-        self._answers.put(key, answer)
-        return answer
+        return vector, tokens, None
 
     def close(self) -> None:
         self.client.close()
