@@ -246,3 +246,26 @@ def test_a_wrong_base_url_or_key_is_a_config_error_before_any_work(cli, servers,
     assert_one_line_error(wrong, 2, "generate.base_url", "401")
     assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
     assert "sk-wrong" not in wrong.stderr + wrong.stdout and os.environ[KEY_ENV] == "sk-wrong"
+
+
+def test_an_output_schema_goes_to_the_endpoint_as_its_response_format(cli, servers, reviews, tmp_path, key):
+    """The server constrains the answers (vLLM's json_schema response format): they parse and
+    follow the schema, as typed rows in `generated`."""
+    gen_url, _ = servers
+    schema = {
+        "type": "object",
+        "properties": {"sentiment": {"type": "string", "enum": ["positive", "negative", "mixed"]}},
+        "required": ["sentiment"],
+        "additionalProperties": False,
+    }
+    output = tmp_path / "out"
+    done = cli(
+        *job(reviews, output, "--task", "generate", "--output-schema", json.dumps(schema), *on_endpoints(gen_url))
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = rows(output)
+    assert len(written) == 16
+    for row in written.values():
+        assert row["error"] is None, row
+        assert json.loads(row["generated_text"]) == {"sentiment": row["generated"]["sentiment"]}
+        assert row["generated"]["sentiment"] in ("positive", "negative", "mixed")
