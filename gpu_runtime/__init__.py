@@ -9,7 +9,8 @@ torch and transformers are imported on first use of a name that needs them, so
 Modules import only downward (a test checks there is no circle):
 
 - ``errors``, ``compute_thread``, ``batching``, ``prompts``, ``device``, ``sizing``, ``backoff``,
-  ``prefetch``, ``kv_cache``, ``structured``: self-contained helpers;
+  ``prefetch``, ``kv_cache``, ``structured``, ``attention`` (grouped KV read in place on CPU),
+  ``greedy`` (the decode loop that lets ended rows go): self-contained helpers;
 - ``generation_params`` (a generation call's params and rows), ``sampling`` (decoding settings and
   where a row stops) and ``prefill`` (shared prefix, chunked prefill into one joined KV cache);
 - ``model_cache`` (the on-disk cache) and ``dummy_shapes`` (the ``dummy:`` shape table);

@@ -14,6 +14,8 @@ all of them. Set ``GenerationEngine.overlap_host_work = False`` for the serial p
 A batch that runs out of memory is halved and retried, and later batches (of this and every later
 call on the engine) are capped at the size that worked (:mod:`shardwise.gpu_runtime.backoff`).
 
+Plain greedy batches decode in the engine's own loop, which drops rows from the batch as they end
+(:mod:`shardwise.gpu_runtime.greedy`); sampling, penalties and output schemas use ``generate``.
 Decoding is decided by :class:`GenerationParams` alone (:mod:`shardwise.gpu_runtime.sampling`), so
 a greedy row decodes the same on every path.
 """
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .attention import use_grouped_kv_attention
 from .backoff import BatchBackoff
 from .batching import plan_batches
 from .compute_thread import check_cancelled, on_compute_thread
@@ -38,6 +41,7 @@ from .dummy import build_causal_lm
 from .errors import EngineError
 from .generation_params import Generation, GenerationParams
 from .gguf_cache import weights_dir
+from .greedy import greedy_decode
 from .prefetch import prefetched, to_device
 from .prefill import BatchInputs, Prefix, batch_inputs, prefill, shared_prefix
 from .prompts import encode_chat
@@ -93,6 +97,9 @@ class GenerationEngine:
         # Build the next batch's inputs and decode the last batch's text on helper threads while
         # the device generates; False does both on the compute thread, in line (same results).
         self.overlap_host_work = True
+        # Greedy rows leave their decode batch as they end (greedy.py); False keeps every row in
+        # transformers' generate() until the batch's longest answer ends (same results).
+        self.drop_finished_rows = True
 
     @classmethod
     def from_resolved(
@@ -116,6 +123,7 @@ class GenerationEngine:
             if device.type != "cuda":
                 model.to(device)
         model.eval()
+        use_grouped_kv_attention(model)
         import transformers
 
         info = {
@@ -286,9 +294,18 @@ class GenerationEngine:
     ) -> list[BatchTokens]:
         """One ``generate`` call: per row, its new tokens through the first eos, and why it ended."""
         with torch.inference_mode():
+            plain_greedy = self.drop_finished_rows and not (
+                config.do_sample or ignore_eos or frequency_penalty or output_schema
+            )
             if inputs.plain is None:
                 cache, mask = prefill(self.model, self._cache_arg, inputs, prefix, room=config.max_new_tokens)
                 last = to_device({"last": inputs.last}, self.device)["last"]
+                if plain_greedy:
+                    # Rows leave the batch as they end (see greedy.py); the rest goes through generate.
+                    answers = greedy_decode(
+                        self.model, self._cache_arg, cache, mask, last, config.max_new_tokens, self._eos_ids
+                    )
+                    return finished_rows(answers, self._eos_ids, ignore_eos)
                 # generate() runs only the tokens the cache lacks: each row's last one. The filler
                 # stands for the cached ones (only its length matters) and is sliced off below.
                 filler = torch.full((inputs.rows, mask.shape[1]), self.tokenizer.pad_token_id, device=self.device)

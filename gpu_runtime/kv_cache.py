@@ -55,6 +55,21 @@ class PreallocatedLayer(DynamicLayer):
         self._views = (self.keys, self.values)
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep the rows ``indices`` (finished rows leaving a decode batch): one copy of the
+        buffers, spare room included, where transformers' own would copy twice to regrow."""
+        if (
+            self._buffers is None
+            or self._views is None
+            or self.keys is not self._views[0]
+            or self.values is not self._views[1]
+        ):
+            super().batch_select_indices(indices)
+            return
+        self._buffers = (self._buffers[0][indices], self._buffers[1][indices])
+        self.keys, self.values = self._buffers[0][..., : self._length, :], self._buffers[1][..., : self._length, :]
+        self._views = (self.keys, self.values)
+
     @classmethod
     def adopt(cls, keys: torch.Tensor, values: torch.Tensor, length: int, room: int) -> PreallocatedLayer:
         """A layer whose first ``length`` positions are already written in ``keys``/``values``

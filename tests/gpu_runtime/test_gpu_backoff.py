@@ -1,6 +1,7 @@
 """Out-of-memory back-off: the helper on its own (fast) and injected into the real engines (slow).
 
-The engine tests wrap the real ``model.generate`` / the real sentence-transformers module forward
+The engine tests wrap the generation engine's real per-batch device work (``_generate_batch``: prefill
+and decoding) / the real sentence-transformers module forward
 so that batches above a size raise ``torch.OutOfMemoryError`` and smaller ones run for real."""
 
 from __future__ import annotations
@@ -132,6 +133,11 @@ def fresh_caps(generation_engine, embedding_engine, monkeypatch):
         monkeypatch.setattr(engine, "backoff", BatchBackoff(engine.device, what=engine.backoff.what))
 
 
+def _rows(inputs, *args, **kwargs) -> int:
+    """The rows of one batch's device work (``GenerationEngine._generate_batch``: prefill and decode)."""
+    return inputs.rows
+
+
 def _oom_above(real, max_rows: int, attempts: list[int], rows_of):
     def wrapper(*args, **kwargs):
         rows = rows_of(*args, **kwargs)
@@ -149,9 +155,8 @@ def test_generation_splits_batches_that_run_out_of_memory(generation_engine, mon
     expected = generation_engine.generate(PROMPTS, params)
 
     attempts: list[int] = []
-    model = generation_engine.model
-    wrapped = _oom_above(model.generate, 2, attempts, lambda *a, **kw: kw["input_ids"].shape[0])
-    monkeypatch.setattr(model, "generate", wrapped)
+    wrapped = _oom_above(generation_engine._generate_batch, 2, attempts, _rows)
+    monkeypatch.setattr(generation_engine, "_generate_batch", wrapped)
     got = generation_engine.generate(PROMPTS, params)
 
     assert got == expected  # same order, same greedy text, same counts
@@ -165,9 +170,8 @@ def test_the_learned_cap_persists_across_calls(generation_engine, monkeypatch, f
     """A batch size that ran out of memory is not tried again by the next call (the next shard)."""
     params = GenerationParams(max_new_tokens=4, max_batch_size=3)
     attempts: list[int] = []
-    model = generation_engine.model
     monkeypatch.setattr(
-        model, "generate", _oom_above(model.generate, 2, attempts, lambda *a, **kw: kw["input_ids"].shape[0])
+        generation_engine, "_generate_batch", _oom_above(generation_engine._generate_batch, 2, attempts, _rows)
     )
     first = generation_engine.generate(PROMPTS, params)
     assert attempts == [3, 2, 1, 2, 1] and generation_engine.backoff.limit == 2
@@ -180,9 +184,8 @@ def test_the_learned_cap_persists_across_calls(generation_engine, monkeypatch, f
 @pytest.mark.slow
 def test_generation_single_row_out_of_memory_is_an_engine_error(generation_engine, monkeypatch, fresh_caps):
     attempts: list[int] = []
-    model = generation_engine.model
     monkeypatch.setattr(
-        model, "generate", _oom_above(model.generate, 0, attempts, lambda *a, **kw: kw["input_ids"].shape[0])
+        generation_engine, "_generate_batch", _oom_above(generation_engine._generate_batch, 0, attempts, _rows)
     )
     with pytest.raises(EngineError, match=r"out of memory on a batch of a single row \(prompt \d: \d+ tokens") as info:
         generation_engine.generate(PROMPTS[:3], GenerationParams(max_new_tokens=4, max_batch_size=2))
@@ -196,9 +199,8 @@ def test_ignore_eos_survives_a_split(generation_engine, monkeypatch, fresh_caps)
     params = GenerationParams(max_new_tokens=6, max_batch_size=4, ignore_eos=True)
     expected = generation_engine.generate(PROMPTS[:4], params)
     attempts: list[int] = []
-    model = generation_engine.model
     monkeypatch.setattr(
-        model, "generate", _oom_above(model.generate, 1, attempts, lambda *a, **kw: kw["input_ids"].shape[0])
+        generation_engine, "_generate_batch", _oom_above(generation_engine._generate_batch, 1, attempts, _rows)
     )
     got = generation_engine.generate(PROMPTS[:4], params)
     assert got == expected

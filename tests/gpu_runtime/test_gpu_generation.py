@@ -240,3 +240,46 @@ def test_shared_prefix_is_skipped_where_it_does_not_pay_or_apply(generation_engi
     shared = list(range(1, 20))
     assert engine._shared_prefix([shared + [50], shared + [60, 70]], params).length == 19
     assert engine._shared_prefix([shared + [50], shared + [60]], GenerationParams(cache="static")) is None
+
+
+ENDINGS = [
+    "What is the capital of France? Answer in one word.",
+    "Write a long story about a dragon who learns to bake bread.",
+    "Say yes.",
+    "Describe, in detail, every step of making fresh pasta by hand.",
+    "Name one colour. One word only.",
+    "Explain how a refrigerator works, at length.",
+    "Is water wet? Yes or no.",
+    "Write a poem about the sea with many verses.",
+]
+
+
+@pytest.mark.slow
+def test_greedy_rows_leave_the_batch_as_they_end_with_generates_answers(generation_engine, monkeypatch):
+    """The engine's own greedy loop drops ended rows from the decode batch (and its KV cache);
+    every answer, token count and finish reason equals generate()'s, which keeps all rows."""
+    model = generation_engine.model
+    params = GenerationParams(max_new_tokens=24, max_batch_size=8)
+    widths: list[int] = []
+
+    def recording(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:  # a decode step
+            widths.append(ids.shape[0])
+
+    # A hook, not a wrapped forward: generate() reads the forward's signature.
+    hook = model.register_forward_pre_hook(recording, with_kwargs=True)
+    try:
+        dropping = generation_engine.generate(ENDINGS, params)
+        dropped_widths, widths[:] = list(widths), []
+        monkeypatch.setattr(generation_engine, "drop_finished_rows", False)
+        kept = generation_engine.generate(ENDINGS, params)
+    finally:
+        hook.remove()
+    assert dropping == kept
+    finished = sorted(g.n_generated_tokens for g in kept if g.finish_reason == "stop")
+    assert len(finished) >= 2 and finished[0] < 24  # the premise: answers of different lengths
+    assert set(widths) == {8}  # generate() decodes all 8 rows at every step
+    assert dropped_widths[0] == 8 and dropped_widths[-1] < 8  # ended rows left the batch
+    assert dropped_widths == sorted(dropped_widths, reverse=True)
+    assert sum(dropped_widths) < sum(widths)

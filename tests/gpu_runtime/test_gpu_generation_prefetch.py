@@ -97,14 +97,14 @@ def test_next_batch_is_prepared_while_the_current_one_generates(generation_engin
     """``generate`` of batch k waits for the preparation of batch k+1 to have finished on the
     prefetch thread, and the decoding of batch k waits for batch k+1's ``generate`` to have
     started: with serial host work either wait would time out."""
-    engine, model = generation_engine, generation_engine.model
+    engine = generation_engine
     params = GenerationParams(max_new_tokens=4, max_batch_size=2)  # 8 prompts: 4 batches
     expected = _serial_and_overlapped(engine, PROMPTS, params)[0]
 
     prepared = [threading.Event() for _ in range(4)]
     generating = [threading.Event() for _ in range(4)]
     events: dict[str, list] = {"prepare": [], "generate": [], "decode": [], "waits": []}
-    real_inputs, real_generate, real_decode = engine._batch_inputs, model.generate, engine._decode
+    real_inputs, real_generate, real_decode = engine._batch_inputs, engine._generate_batch, engine._decode
 
     def batch_inputs(*args, **kwargs):
         index = len(events["prepare"])
@@ -129,7 +129,7 @@ def test_next_batch_is_prepared_while_the_current_one_generates(generation_engin
         return real_decode(batch_tokens)
 
     monkeypatch.setattr(engine, "_batch_inputs", batch_inputs)
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(engine, "_generate_batch", generate)
     monkeypatch.setattr(engine, "_decode", decode)
     got = engine.generate(PROMPTS, params)
 
@@ -145,16 +145,16 @@ def test_out_of_memory_split_with_prefetched_batches(generation_engine, monkeypa
     """A prefetched batch that runs out of memory is split; its halves get inputs of their own."""
     params = GenerationParams(max_new_tokens=6, max_batch_size=4)
     expected = _serial_and_overlapped(generation_engine, PROMPTS, params)[0]
-    model, attempts = generation_engine.model, []
-    real = model.generate
+    attempts: list[int] = []
+    real = generation_engine._generate_batch
 
-    def generate(*args, **kwargs):
-        attempts.append(kwargs["input_ids"].shape[0])
+    def generate(inputs, *args, **kwargs):
+        attempts.append(inputs.rows)
         if attempts[-1] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(*args, **kwargs)
+        return real(inputs, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(generation_engine, "_generate_batch", generate)
     assert generation_engine.generate(PROMPTS, params) == expected
     assert attempts == [4, 2, 2, 2, 2]
 
@@ -166,7 +166,7 @@ def test_an_error_in_any_stage_propagates_and_leaves_no_thread(generation_engine
     calls = []
     target, name = {
         "prepare": (engine, "_batch_inputs"),
-        "generate": (engine.model, "generate"),
+        "generate": (engine, "_generate_batch"),
         "decode": (engine, "_decode"),
     }[where]
     real = getattr(target, name)
@@ -192,16 +192,16 @@ def test_an_error_in_any_stage_propagates_and_leaves_no_thread(generation_engine
 def test_cancelling_stops_before_the_next_batch(generation_engine, monkeypatch):
     """The caller stopping (compute_thread's cancel event) ends the call at the next batch; the
     batch prepared ahead is dropped and the helper threads are gone."""
-    engine, model = generation_engine, generation_engine.model
+    engine = generation_engine
     generated = []
-    real = model.generate
+    real = engine._generate_batch
 
-    def generate(*args, **kwargs):
-        generated.append(kwargs["input_ids"].shape[0])
+    def generate(inputs, *args, **kwargs):
+        generated.append(inputs.rows)
         compute_thread._job.cancel.set()  # what on_compute_thread does when its caller is interrupted
-        return real(*args, **kwargs)
+        return real(inputs, *args, **kwargs)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(engine, "_generate_batch", generate)
     with pytest.raises(compute_thread.ComputeCancelled):
         engine.generate(PROMPTS, GenerationParams(max_new_tokens=3, max_batch_size=2))
     assert generated == [2]

@@ -49,6 +49,20 @@ def test_preallocated_layer_survives_transformers_replacing_its_tensors():
     assert roomy.keys.shape == (2, 2, 6, 4)
 
 
+def test_preallocated_layer_drops_rows_with_one_copy_and_keeps_its_room():
+    plain, roomy = DynamicLayer(), PreallocatedLayer(room=4)
+    for layer in (plain, roomy):
+        layer.update(*_states(5, 6, 0))
+        layer.batch_select_indices(torch.tensor([1, 3, 4]))  # finished rows leave the batch
+    storage = roomy.keys.untyped_storage().data_ptr()
+    for step in range(3):
+        keys, values = _states(3, 1, step + 1)
+        want, got = plain.update(keys, values), roomy.update(keys, values)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert roomy.keys.untyped_storage().data_ptr() == storage  # grew into its room, no regrow
+    assert roomy.keys.shape == (3, 2, 9, 4)
+
+
 def test_only_plain_full_attention_caches_are_joinable():
     """Sliding-window and encoder-decoder models keep transformers' own path: their caches cannot
     be padded and joined row by row."""
