@@ -40,6 +40,7 @@ from .dummy import build_sentence_transformer
 from .embedding_output import EmbeddingOutput
 from .errors import EngineError
 from .prefetch import host_tensor, pin_for, prefetched, to_device
+from .sizing import embedding_batch_size
 
 if TYPE_CHECKING:
     from .model_specs import ResolvedModel
@@ -145,10 +146,11 @@ class EmbeddingEngine:
         texts: Sequence[str],
         *,
         token_budget: int = 16384,
-        max_batch_size: int = 64,
+        max_batch_size: int | None = None,
         prompt_name: str | None = None,
     ) -> EmbeddingOutput:
         """Embed ``texts`` (returned in input order); over-long texts are truncated by the model.
+        ``max_batch_size`` None is the device's default (:func:`embedding_batch_size`).
         ``prompt_name`` picks one of the model's prompts (``query``, ``document``...); None uses
         its default prompt, if it defines one."""
         texts = list(texts)
@@ -159,7 +161,8 @@ class EmbeddingEngine:
         if not texts:
             return EmbeddingOutput(np.zeros((0, self.dim), dtype=np.float32), [], [])
         tokenized = self._tokenize(texts, prompt)  # on this thread, while the device may be busy
-        return on_compute_thread(self._embed, texts, tokenized, token_budget, max_batch_size, prompt)
+        rows = max_batch_size or embedding_batch_size(self.device)
+        return on_compute_thread(self._embed, texts, tokenized, token_budget, rows, prompt)
 
     def _tokenize(self, texts: list[str], prompt: str) -> _Tokenized:
         """Every text after ``prompt``, tokenized once: counted whole, and cut to what the model

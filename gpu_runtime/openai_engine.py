@@ -209,7 +209,7 @@ class OpenAIEmbeddingEngine:
         texts: Sequence[str],
         *,
         token_budget: int = 16384,
-        max_batch_size: int = 64,
+        max_batch_size: int | None = None,
         prompt_name: str | None = None,
     ) -> EmbeddingOutput:
         """One vector per text, in order (``token_budget`` and ``max_batch_size`` are the local

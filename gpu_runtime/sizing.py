@@ -17,16 +17,26 @@ import torch
 __all__ = [
     "CPU_MAX_BATCH_SIZE",
     "CPU_TOKEN_BUDGET",
+    "EMBED_CPU_MAX_BATCH_SIZE",
+    "EMBED_MAX_BATCH_SIZE",
     "auto_batch_limits",
+    "embedding_batch_size",
     "free_device_bytes",
     "kv_bytes_per_token",
 ]
 
 CPU_TOKEN_BUDGET = 16384
-# A CPU decode step costs about its rows' worth of compute, so wider batches gain little there,
-# while every row waits for the batch's longest answer: 32 rows decode faster than 64 (through the
-# flow, 128 review rows x 32 new tokens: 1.52x naive HF against 1.09-1.30x; docs/benchmarks.md).
-CPU_MAX_BATCH_SIZE = 32
+# A CPU decode step is bound by reading the weights and the KV cache, so a wider batch makes each
+# token cheaper (SmolLM2, one step over 120 positions: 122 ms for 32 rows, 202 ms for 64), while every
+# row waits for the batch's longest answer. With grouped KV read in place (attention.py), 128 review
+# rows x 32 new tokens took 22.9 s in batches of 64 against 29.4 s in batches of 32
+# (docs/benchmarks.md); the token budget above still bounds the KV cache's memory.
+CPU_MAX_BATCH_SIZE = 64
+# Rows per embedding batch. On a CPU, smaller batches are faster: MiniLM over 4,000 review texts in
+# 1,000-row calls took 20.0 s in batches of 32 against 22.3 s in batches of 64 (sentence-transformers'
+# own encode at batch 64: 23.0 s), as the activations of a batch of 32 stay in the caches. A GPU keeps 64.
+EMBED_CPU_MAX_BATCH_SIZE = 32
+EMBED_MAX_BATCH_SIZE = 64
 # Share of the free memory the KV cache may take; the rest is left for activations (prefill
 # chunks, the logits of a decode step) and allocator fragmentation.
 KV_MEMORY_FRACTION = 0.8
@@ -66,3 +76,8 @@ def free_device_bytes(device: torch.device) -> int:
     free, _total = torch.cuda.mem_get_info(device)
     cached_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return int(free + max(cached_unused, 0))
+
+
+def embedding_batch_size(device: torch.device) -> int:
+    """Rows per embedding batch on ``device`` when the job does not set ``embed.max_batch_size``."""
+    return EMBED_CPU_MAX_BATCH_SIZE if device.type == "cpu" else EMBED_MAX_BATCH_SIZE

@@ -35,7 +35,7 @@ class GenerateConfig(EndpointSettings):
     token_budget: int | None = Field(
         default=None, ge=64, description="padded tokens per batch; null: sized from free GPU memory, 16384 on CPU"
     )
-    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 256 on GPU, 32 on CPU")
+    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 256 on GPU, 64 on CPU")
     cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache: static preallocates")
     compile: bool = Field(default=False, description="torch.compile the decode step (needs cache: static; GPU)")
     attn_implementation: str | None = Field(
@@ -114,7 +114,7 @@ class EmbedConfig(EndpointSettings):
         default=None, min_length=1, description="a prompt of the model's (e.g. query); null: its default prompt, if any"
     )
     token_budget: int = Field(default=16384, ge=64)
-    max_batch_size: int = Field(default=64, ge=1)
+    max_batch_size: int | None = Field(default=None, ge=1, description="rows per batch; null: 64 on GPU, 32 on CPU")
 
     @model_validator(mode="after")
     def _endpoint_settings(self) -> EmbedConfig:
