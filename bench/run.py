@@ -9,8 +9,8 @@ Every figure is a ratio against a baseline measured in the same process on the s
                 sides are warmed first (a batch of raw encode; a 64-row flow run, whose one-time
                 imports are reported apart).
 2. generation - the whole flow vs a naive loop (HF ``generate`` in input order, batch 16, left
-                padding), same prompts, same max_new_tokens, greedy.  Goal >= 1.6x generated
-                tok/s, with identical outputs.  The naive loop runs before and after the flow.
+                padding, on the model as ``from_pretrained`` loads it), same prompts, same
+                max_new_tokens, greedy.  Goal >= 2.0x generated tok/s, with identical outputs.  The naive loop runs before and after the flow.
    vLLM       - when vllm is importable (``make setup`` installs its CPU build): the same prompts
                 through vLLM's own ``LLM.chat`` (what a vLLM user would write) and through the flow
                 with ``generate.engine: vllm``, as peer columns with their ratios to the naive loop.
@@ -46,6 +46,7 @@ which slows both sides (see gpu_runtime/compute_thread.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -53,6 +54,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -283,14 +285,27 @@ def bench_ceiling(root: Path, rows: int, shards: int = 8) -> dict:
     }
 
 
+@functools.cache
+def naive_model() -> tuple[Any, Any]:
+    """The bundled model as a user loads it: plain ``from_pretrained`` (transformers' own attention
+    choice), not the engine's instance, which carries the engine's attention switch (attention.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardwise.gpu_runtime import load_generation_engine
+
+    path = load_generation_engine(GEN_MODEL, device="cpu").info["loaded_from"]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def naive_generate(prompts: list[str], max_new_tokens: int, system_prompt: str | None) -> tuple[list[str], int, float]:
     """What a user would write: input order, fixed batch 16, left padding, greedy."""
     import torch
 
-    from shardwise.gpu_runtime import load_generation_engine
-
-    engine = load_generation_engine(GEN_MODEL, device="cpu")
-    tokenizer, model = engine.tokenizer, engine.model
+    tokenizer, model = naive_model()
     tokenizer.padding_side = "left"
     texts, generated = [], 0
     started = time.perf_counter()
@@ -324,19 +339,29 @@ def bench_generation(root: Path, rows: int, max_new_tokens: int) -> dict:
     write_reviews_dataset(str(root / "gen-in"), files=2, rows_per_file=rows // 2, rows_per_group=16)
     source = pl.read_parquet(root / "gen-in" / "*.parquet").sort("review_id")
     prompts = [render_prompt(TEMPLATE, row) for row in source.iter_rows(named=True)]
+    # As in the embedding part, a small generation run first pays the process's one-time work
+    # (imports on a generation run's path: the quality report's figure, the row decoding) and a
+    # naive call warms that side; the extra seconds of the first run are reported apart.
+    write_reviews_dataset(str(root / "gen-warm-in"), files=1, rows_per_file=4, rows_per_group=4)
+
+    def gen_job(name: str, shard_rows: int) -> JobConfig:
+        return JobConfig(
+            input=str(root / f"{name}-in"),
+            output=str(root / f"{name}-out"),
+            task="generate",
+            id_column="review_id",
+            keep_columns="id",
+            rows_per_shard=shard_rows,
+            device="cpu",
+            generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens},
+        )
+
+    warm_s, warm_summary = run_flow(gen_job("gen-warm", 4))
+    on_compute_thread(naive_generate, prompts[:4], max_new_tokens, None)
     # The naive loop runs before and after the flow (A-B-A): a slow drift of the machine's speed
     # (a shared VM's is tens of percent over minutes) then hits both sides alike.
     naive_texts, naive_tokens, naive_s = on_compute_thread(naive_generate, prompts, max_new_tokens, None)
-    cfg = JobConfig(
-        input=str(root / "gen-in"),
-        output=str(root / "gen-out"),
-        task="generate",
-        id_column="review_id",
-        keep_columns="id",
-        rows_per_shard=max(16, rows // 2),
-        device="cpu",
-        generate={"prompt_template": TEMPLATE, "max_new_tokens": max_new_tokens},
-    )
+    cfg = gen_job("gen", max(16, rows // 2))
     flow_s, summary = run_flow(cfg)
     again_texts, again_tokens, again_s = on_compute_thread(naive_generate, prompts, max_new_tokens, None)
     out = pl.read_parquet(root / "gen-out" / "part-*.parquet").sort("review_id")
@@ -355,7 +380,10 @@ def bench_generation(root: Path, rows: int, max_new_tokens: int) -> dict:
         "flow_compute_tok_per_s": summary["generated_tokens"] / summary["seconds_compute"],
         "ratio": (summary["generated_tokens"] / flow_s) / naive_tok_per_s,
         "identical_outputs": identical,
-        "goal": ">= 1.6 with identical outputs",
+        "first_run_s": warm_s,
+        "first_run_extra_s": (warm_s - warm_summary["timings"]["seconds_shards"])
+        - (flow_s - summary["timings"]["seconds_shards"]),
+        "goal": ">= 2.0 with identical outputs",
         "vllm": bench_vllm(root, cfg, prompts, max_new_tokens, naive_texts, naive_tok_per_s),
     }
 
@@ -701,6 +729,8 @@ def main() -> None:
 
             load_embedding_engine(EMBED_MODEL, device="cpu")  # model loading is timed by neither side
             load_generation_engine(GEN_MODEL, device="cpu")
+            if "generation" in parts:
+                naive_model()
             if "overhead" in parts:
                 results["overhead"] = bench_overhead(root, shards=8)
             if "ceiling" in parts:
@@ -751,6 +781,7 @@ def main() -> None:
             f"{g['flow_tok_per_s']:>14.1f}{g['ratio']:>9.2f}  {g['goal']} (identical: {g['identical_outputs']})"
         )
         print(f"{'  of which model compute alone':<34}{'':>14}{g['flow_compute_tok_per_s']:>14.1f}")
+        print(f"  first flow run of the process: {g['first_run_extra_s']:.2f} s more outside its shards (one-time)")
         v = g["vllm"]
         if v["ran"]:
             print(
