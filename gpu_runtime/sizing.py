@@ -29,8 +29,8 @@ CPU_TOKEN_BUDGET = 16384
 # A CPU decode step is bound by reading the weights and the KV cache, so a wider batch makes each
 # token cheaper (SmolLM2, one step over 120 positions: 122 ms for 32 rows, 202 ms for 64), while every
 # row waits for the batch's longest answer. With grouped KV read in place (attention.py), 128 review
-# rows x 32 new tokens took 22.9 s in batches of 64 against 29.4 s in batches of 32
-# (docs/benchmarks.md); the token budget above still bounds the KV cache's memory.
+# rows x 32 new tokens in two 64-row calls took 24.5-25.0 s in batches of 64 against 28.1-29.4 s in
+# batches of 32 (docs/benchmarks.md); the token budget above still bounds the KV cache's memory.
 CPU_MAX_BATCH_SIZE = 64
 # Rows per embedding batch. On a CPU, smaller batches are faster: MiniLM over 4,000 review texts in
 # 1,000-row calls took 20.0 s in batches of 32 against 22.3 s in batches of 64 (sentence-transformers'
