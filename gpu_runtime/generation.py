@@ -292,7 +292,8 @@ class GenerationEngine:
         output_schema: str | None = None,
         frequency_penalty: float = 0.0,
     ) -> list[BatchTokens]:
-        """One ``generate`` call: per row, its new tokens through the first eos, and why it ended."""
+        """One batch's device work (prefill, then the greedy loop or ``generate``): per row, its new
+        tokens through the first eos, and why it ended."""
         with torch.inference_mode():
             plain_greedy = self.drop_finished_rows and not (
                 config.do_sample or ignore_eos or frequency_penalty or output_schema
