@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,11 +50,39 @@ def _tokenizer_source(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def load_tokenizer(spec: str) -> Any:
-    """The tokenizer of a model spec (bundled, local, GGUF, Hub or dummy), without its weights."""
+    """The tokenizer of a model spec (bundled, local, GGUF, Hub or dummy), without its weights.
+
+    Loaded once per process while its directory's files stay the same (a run's fingerprint,
+    forecast and row cache each need it, and loading takes a few hundred ms); the object is
+    shared, so callers only read it."""
     from transformers import AutoTokenizer
 
     source, kwargs = _tokenizer_source(spec)
-    return AutoTokenizer.from_pretrained(source, **kwargs)
+    key = (source, json.dumps(kwargs, sort_keys=True), _files_signature(source))
+    with _TOKENIZERS_GUARD:
+        tokenizer = _TOKENIZERS.get(key)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        with _TOKENIZERS_GUARD:
+            if len(_TOKENIZERS) >= _TOKENIZERS_KEPT:
+                del _TOKENIZERS[next(iter(_TOKENIZERS))]
+            tokenizer = _TOKENIZERS.setdefault(key, tokenizer)
+    return tokenizer
+
+
+_TOKENIZERS: dict[tuple[str, str, tuple | None], Any] = {}
+_TOKENIZERS_GUARD = threading.Lock()
+_TOKENIZERS_KEPT = 8
+
+
+def _files_signature(source: str) -> tuple | None:
+    """Names, sizes and modification times of a local directory's files (None for a Hub id):
+    an edited tokenizer or chat template is loaded again."""
+    try:
+        entries = list(os.scandir(source))
+    except OSError:
+        return None
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file()))
 
 
 def _max_context(spec: str, tokenizer: Any) -> int | None:

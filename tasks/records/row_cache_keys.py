@@ -13,7 +13,6 @@ themselves: the rendered prompt shows whether they did. See :func:`generation_ke
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from typing import TYPE_CHECKING, Any
@@ -29,9 +28,8 @@ def _sha(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
 def _tokenizer(spec: str) -> Any:
-    """A model spec's tokenizer (tokenizer files only), loaded once per process."""
+    """A model spec's tokenizer (tokenizer files only; loaded once per process)."""
     from shardwise.gpu_runtime.token_count import load_tokenizer
 
     return load_tokenizer(spec)
