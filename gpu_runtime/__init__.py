@@ -16,7 +16,8 @@ Modules import only downward (a test checks there is no circle):
 - ``model_cache`` (the on-disk cache) and ``dummy_shapes`` (the ``dummy:`` shape table);
 - ``model_specs``: a spec -> :class:`ResolvedModel`, loading nothing;
 - ``gguf_cache`` (GGUF dequantized once), then ``dummy`` (building dummy models);
-- ``generation``, ``embedding``, then ``vllm_engine``; ``token_count`` and ``model_identity``;
+- ``generation``, ``embedding``, then ``vllm_feed`` (calls from several threads in one vLLM
+  scheduler) and ``vllm_engine``; ``token_count`` and ``model_identity``;
 - ``embedding_output`` (what an embedding call returns), ``endpoint_client`` (HTTP to a serving
   endpoint), then ``openai_engine`` (generation and
   embeddings on one, with the engines' row contract);

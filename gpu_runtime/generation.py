@@ -152,6 +152,10 @@ class GenerationEngine:
                 raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}")
         if not prompts:
             return []
+        return self._decode_call(prompts, params)
+
+    def _decode_call(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        """One checked ``generate`` call: on the compute thread (one OpenMP team per process)."""
         return on_compute_thread(repair_unfinished, self._generate, prompts, params)
 
     def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:

@@ -33,7 +33,8 @@ from .generation_params import Generation, GenerationParams
 from .gguf_cache import weights_dir
 from .model_cache import model_cache_dir, populate_cache_dir
 from .sampling import eos_token_ids
-from .structured import schema_ebnf
+from .structured import repair_unfinished, schema_ebnf
+from .vllm_feed import VllmFeed
 
 if TYPE_CHECKING:
     import torch
@@ -125,7 +126,12 @@ class VllmGenerationEngine(GenerationEngine):
     ``seed`` (each row draws from its own stream, so a sampled row does not depend on its batch,
     unlike the HF engine's one stream per call). ``generation_config="vllm"``: the checkpoint's
     sampling defaults are not applied; only its eos ids are read, as in the HF engine.
+
+    Calls from several threads at once (shards in flight) share vLLM's batches (:class:`VllmFeed`),
+    so the flow does not serialize them on the device (``batches_across_calls``).
     """
+
+    batches_across_calls = True
 
     def __init__(self, llm: Any, tokenizer: Any, eos_ids: frozenset[int], max_context: int, info: dict[str, Any]):
         # Not GenerationEngine.__init__: there is no torch model here to inspect.
@@ -141,6 +147,7 @@ class VllmGenerationEngine(GenerationEngine):
         self._lock = threading.Lock()
         self._cache_arg = None
         self._closed = False
+        self.feed = VllmFeed(llm)
         # A process exiting (a pool worker included) first SIGTERMs and joins its daemon children;
         # vLLM's engine process can wait forever on that. Its own shutdown runs before that join.
         multiprocessing.util.Finalize(None, self.close, exitpriority=10)
@@ -217,6 +224,7 @@ class VllmGenerationEngine(GenerationEngine):
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and not self._closed:
             self._closed = True
+            self.feed.close()
             core.shutdown()
 
     @property
@@ -224,6 +232,11 @@ class VllmGenerationEngine(GenerationEngine):
         import torch
 
         return torch.device(self.info["device"])
+
+    def _decode_call(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
+        """On the calling thread, not the compute thread: vLLM computes in its own engine process,
+        and calls from several threads (shards in flight) decode in one batch (:class:`VllmFeed`)."""
+        return repair_unfinished(self._generate, prompts, params)
 
     def _generate(self, prompts: list[str], params: GenerationParams) -> list[Generation]:
         from vllm import SamplingParams
@@ -254,19 +267,22 @@ class VllmGenerationEngine(GenerationEngine):
                 )
                 for i in range(len(prompts))
             ]
-            outputs = self.llm.generate(
-                [TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded], requests, use_tqdm=False
-            )
+        outputs = self.feed.run([TokensPrompt(prompt_token_ids=ids) for ids, _ in encoded], requests)
         results = []
-        for (ids, truncated), output in zip(encoded, outputs, strict=True):
-            completion = output.outputs[0]
-            tokens = list(completion.token_ids)
-            # Counted through the eos that ended the answer, as the HF engine counts.
-            stopped = completion.finish_reason == "stop"
-            if stopped and (not tokens or tokens[-1] not in self._eos_ids) and completion.stop_reason in self._eos_ids:
-                tokens.append(int(completion.stop_reason))
-            text = decode_answer(self.tokenizer, tokens)
-            results.append(Generation(text, len(ids), len(tokens), "stop" if stopped else "length", truncated))
+        with self._lock:  # the tokenizer is not used from two threads at once
+            for (ids, truncated), output in zip(encoded, outputs, strict=True):
+                completion = output.outputs[0]
+                tokens = list(completion.token_ids)
+                # Counted through the eos that ended the answer, as the HF engine counts.
+                stopped = completion.finish_reason == "stop"
+                if (
+                    stopped
+                    and (not tokens or tokens[-1] not in self._eos_ids)
+                    and completion.stop_reason in self._eos_ids
+                ):
+                    tokens.append(int(completion.stop_reason))
+                text = decode_answer(self.tokenizer, tokens)
+                results.append(Generation(text, len(ids), len(tokens), "stop" if stopped else "length", truncated))
         return results
 
 

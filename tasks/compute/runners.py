@@ -42,11 +42,15 @@ def visible_gpus(cfg: JobConfig) -> int:
 def shards_in_flight(cfg: JobConfig) -> int:
     """Shards an in-process worker holds at once: ``shards_in_flight`` from the job, else two where
     compute runs on a GPU, so that one shard's read and another's write run on the CPU meanwhile,
-    and one on a CPU. Compute is serialized either way (the device lock and gpu_runtime's compute
-    thread). On 2 CPU cores a second shard in flight hid the writes but saved about 1% of an
-    embedding run, within the machine's noise (docs/benchmarks.md, 2026-12-02)."""
+    or where the job only generates with vLLM, whose scheduler decodes the rows of both shards in
+    one batch (the tail of one shard's longest answers no longer runs alone); else one. Other
+    engines compute one shard at a time (the device turn, see device_turns.py). On 2 CPU cores a
+    second shard in flight hid the writes but saved about 1% of an embedding run, within the
+    machine's noise (docs/benchmarks.md, 2026-12-02)."""
     if cfg.shards_in_flight is not None:
         return cfg.shards_in_flight
+    if cfg.task == "generate" and cfg.generation_engine() == "vllm":
+        return SHARDS_IN_FLIGHT
     return SHARDS_IN_FLIGHT if cfg.device != "cpu" and visible_gpus(cfg) > 0 else 1
 
 

@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from shardwise.tasks.compute.device_turns import device_turn
 from shardwise.tasks.compute.runners import worker_label
 from shardwise.tasks.config.job import JobConfig
 from shardwise.tasks.config.prices import gpu_energy_mj
@@ -24,12 +25,6 @@ from shardwise.tasks.records.results import PartInfo, RowIds, ShardResult, Shard
 from shardwise.tasks.records.shard_cache import shard_cache
 from shardwise.tasks.records.shard_io import read_shard, write_part
 from shardwise.tasks.redaction import install_log_redaction
-
-
-def device_lock(device: str | None):
-    from shardwise.gpu_runtime import device_lock as lock_for
-
-    return lock_for(device)
 
 
 def load_engines(cfg: JobConfig) -> tuple[Any, Any]:
@@ -112,8 +107,12 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: st
     read_done = time.perf_counter()
     crash_point("shard-compute")
     cache = shard_cache(cfg)
-    engine_device = next((str(e.info.get("device")) for e in (generator, embedder) if e is not None), None)
-    with device_lock(engine_device):  # another shard in flight reads or writes meanwhile
+    engines = [e for e in (generator, embedder) if e is not None]
+    engine_device = next((str(e.info.get("device")) for e in engines), None)
+    # Alone on the device while another shard in flight reads or writes, unless every engine
+    # batches the shards in flight together (vLLM): then they compute side by side.
+    shared = bool(engines) and all(getattr(e, "batches_across_calls", False) for e in engines)
+    with device_turn(engine_device, shared) as turn:
         compute_started = time.perf_counter()
         compute_started_at = time.time()
         energy_before = gpu_energy_mj(engine_device)
@@ -173,8 +172,9 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: st
         ),
         timings=ShardTimings(
             read=read_done - started,
-            wait=compute_started - read_done,
-            compute=compute_done - compute_started,
+            # Waiting for the device, and the part of a shared compute span billed to other shards.
+            wait=compute_started - read_done + (turn.span - turn.billed),
+            compute=turn.billed,
             write=write_done - compute_done,
             compute_started_at=compute_started_at,
             compute_ended_at=compute_ended_at,
@@ -186,7 +186,8 @@ def run_shard(shard: Shard, cfg: JobConfig, lineage: dict[str, str], staging: st
             name=worker_label(),
             device=str(device) if device else None,
             model_loads=loads_of_this_worker(),
-            energy_j=(energy_after - energy_before) / 1000
+            # A shared compute span's energy, in the shard's share.
+            energy_j=(energy_after - energy_before) / 1000 * (turn.billed / turn.span if turn.span > 0 else 1.0)
             if energy_before is not None and energy_after is not None
             else None,
         ),

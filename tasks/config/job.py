@@ -66,7 +66,7 @@ class JobConfig(_Strict):
         default=None,
         ge=1,
         description="shards one in-process worker holds at once (one computes while another reads or writes); "
-        "null: 2 where compute runs on a GPU, 1 on CPU",
+        "null: 2 where compute runs on a GPU or the job only generates with vLLM (one batch for both), else 1",
     )
     runner: Literal["local", "ray"] = Field(default="local", description="local processes, or a Ray cluster")
     ray: RayConfig = RayConfig()

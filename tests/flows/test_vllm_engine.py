@@ -258,3 +258,118 @@ def test_vllm_structured_answers_and_their_repair_equal_hf(hf_and_vllm):
     )
     penalized = hf.generate(looped, dataclasses.replace(unrepaired, frequency_penalty=1.0))
     assert [g.text for g in repaired] == [g.text for g in penalized]
+
+
+def _module_vllm_engine():
+    """The vLLM engine the module's in-process runs loaded (this process's engine cache)."""
+    from shardwise import job_config
+    from shardwise.gpu_runtime import load_generation_engine
+
+    cfg = job_config(DEMO, input="-", output="-", device="cpu", generate={"engine": "vllm"})
+    return load_generation_engine(cfg.generate.model, device="cpu", engine="vllm", vllm_options=cfg.vllm_options())
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_shards_in_flight_compute_side_by_side(hf_and_vllm, demo_input, tmp_path):
+    """A generate-only vLLM job holds two shards at once on a CPU too (the flow's shard tasks on the
+    job's task runner), and vLLM decodes both in its batches: their compute spans overlap. Each
+    shard is billed its share of the time they shared, so the billed seconds add up to the time
+    the engine was busy, not to the sum of the spans. The rows are the in-process run's."""
+    from shardwise import job_config
+    from tests.flows.test_write_overlap import run_shard_tasks
+
+    cfg = job_config(
+        DEMO,
+        input=str(demo_input),
+        output=str(tmp_path / "out"),
+        task="generate",
+        device="cpu",
+        generate={"engine": "vllm", "max_new_tokens": 16, "max_input_tokens": 72},
+    )
+    results = run_shard_tasks(cfg)
+    spans = sorted((r.timings.compute_started_at, r.timings.compute_ended_at) for r in results)
+    assert len(spans) == 3
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+    busy, end = 0.0, 0.0
+    for start, stop in spans:  # the union of the spans
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    billed = sum(r.timings.compute for r in results)
+    assert abs(billed - busy) < 0.05 * busy, (billed, busy, spans)
+    assert billed < sum(stop - start for start, stop in spans) - 0.1
+    assert rows_by_id(tmp_path / "out") == rows_by_id(hf_and_vllm[1])
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_concurrent_vllm_calls_share_the_engines_batches(hf_and_vllm):
+    """Calls from two threads go into vLLM's scheduler together, and each gets its own answers,
+    in its own order, equal to those of the calls made one after the other (greedy)."""
+    import threading
+
+    from shardwise.gpu_runtime import GenerationParams
+
+    engine = _module_vllm_engine()
+    params = GenerationParams(max_new_tokens=12)
+    asks = [[f"Name a fruit that starts with {c}." for c in "ABCDE"], [f"Count to {n}." for n in range(2, 9)]]
+    alone = [engine.generate(prompts, params) for prompts in asks]
+    engine.feed.peak_requests = 0
+    together: list = [None, None]
+    start = threading.Barrier(2)
+
+    def call(i: int) -> None:
+        start.wait()
+        together[i] = engine.generate(asks[i], params)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == alone
+    assert engine.feed.peak_requests == len(asks[0]) + len(asks[1])
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_an_interrupted_vllm_call_is_aborted_and_the_engine_serves_on(hf_and_vllm):
+    """An exception raised into a waiting caller (how Prefect times out a shard task in a worker
+    thread) ends its call at once: its requests leave vLLM's scheduler, and the next call gets
+    the same answers as before."""
+    import ctypes
+    import threading
+    import time
+
+    from shardwise.gpu_runtime import GenerationParams
+
+    engine = _module_vllm_engine()
+    quick = GenerationParams(max_new_tokens=8)
+    prompts = ["Say hello.", "Say goodbye."]
+    before = engine.generate(prompts, quick)
+    outcome: dict = {}
+
+    def long_call() -> None:
+        try:
+            engine.generate(
+                ["Write a long story about the sea."] * 4, GenerationParams(max_new_tokens=4000, ignore_eos=True)
+            )
+        except TimeoutError as err:
+            outcome["error"] = err
+            outcome["at"] = time.perf_counter()
+
+    thread = threading.Thread(target=long_call)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while engine.llm.llm_engine.get_num_unfinished_requests() < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.llm.llm_engine.get_num_unfinished_requests() == 4
+    raised_at = time.perf_counter()
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(TimeoutError))
+    thread.join(timeout=30)
+    assert not thread.is_alive() and isinstance(outcome.get("error"), TimeoutError)
+    assert outcome["at"] - raised_at < 2
+    while engine.llm.llm_engine.get_num_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert engine.llm.llm_engine.get_num_unfinished_requests() == 0  # aborted, not decoded to the end
+    assert engine.generate(prompts, quick) == before

@@ -41,3 +41,13 @@ def test_shards_in_flight_from_the_job_overrides_the_device_rule(monkeypatch):
     assert runners.shards_in_flight(cfg) == 2 and shard_task_runner(cfg)._max_workers == 2
     assert runners.shards_in_flight(_job(device="cuda:0", shards_in_flight=1)) == 1
     assert shard_task_runner(_job(device="cuda:0", shards_in_flight=3))._max_workers == 3
+
+
+def test_a_vllm_generation_job_holds_two_shards_on_cpu():
+    """vLLM's scheduler decodes the rows of both shards in one batch, so a generate-only job on the
+    vllm engine holds two even on a CPU; with embeddings in the same job (one shard at a time on
+    the device) it holds one."""
+    assert runners.shards_in_flight(_job(device="cpu", task="generate", generate={"engine": "vllm"})) == 2
+    assert shard_task_runner(_job(device="cpu", task="generate", generate={"engine": "vllm"}))._max_workers == 2
+    assert runners.shards_in_flight(_job(device="cpu", task="both", generate={"engine": "vllm"})) == 1
+    assert runners.shards_in_flight(_job(device="cpu", task="generate", generate={"engine": "hf"})) == 1
