@@ -305,3 +305,24 @@ def test_callers_tokenize_on_their_own_threads_concurrently():
     assert tokenizing_threads and all(name.startswith("shard") for name in tokenizing_threads)
     for half in (0, 1):
         np.testing.assert_allclose(together[half], alone[half], atol=1e-6)
+
+
+def test_a_tokenizer_is_loaded_once_until_its_files_change(tmp_path):
+    """A run's fingerprint, forecast and row cache share one tokenizer per process; an edited
+    tokenizer file in a local model directory is read again."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from shardwise.gpu_runtime import resolve_model_spec
+    from shardwise.gpu_runtime.token_count import load_tokenizer
+
+    source = Path(resolve_model_spec("bundled:all-minilm-l6-v2").path)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, tmp_path / name)
+    first = load_tokenizer(str(tmp_path))
+    assert load_tokenizer(str(tmp_path)) is first and first.model_max_length == 512
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 77}))
+    again = load_tokenizer(str(tmp_path))
+    assert again is not first and again.model_max_length == 77
