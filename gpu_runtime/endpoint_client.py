@@ -120,6 +120,10 @@ class AdaptiveLimit:
                 self.lowest = min(self.lowest, self.limit)
 
 
+# How often ``map`` wakes while it waits for its requests.
+_WAIT_SLICE_S = 0.5
+
+
 class EndpointClient:
     """Requests to one endpoint, shared by the threads of one engine."""
 
@@ -137,7 +141,6 @@ class EndpointClient:
             ),
         )
         self.limit = AdaptiveLimit(options.max_concurrency)
-        self.requests = 0  # sent, retries included
         self._stop = threading.Event()
 
     def get(self, path: str, timeout: float | None = None) -> Any:
@@ -163,7 +166,6 @@ class EndpointClient:
                 raise EngineError("stopped: another request of this call failed")
             wait = None
             with self.limit:
-                self.requests += 1
                 try:
                     response = self._http.post(path, json=body)
                 except httpx.HTTPError as err:
@@ -198,6 +200,16 @@ class EndpointClient:
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="endpoint") as pool:
             futures = [pool.submit(fn, item) for item in items]
             try:
+                # Whichever request fails first ends the call, not the first in order; waited in
+                # slices so that an exception raised into this thread (a task timeout) gets through.
+                pending = set(futures)
+                while pending:
+                    _, pending = concurrent.futures.wait(
+                        pending, timeout=_WAIT_SLICE_S, return_when=concurrent.futures.FIRST_EXCEPTION
+                    )
+                    failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+                    if failed is not None:
+                        failed.result()
                 return [future.result() for future in futures]
             except BaseException:
                 self._stop.set()

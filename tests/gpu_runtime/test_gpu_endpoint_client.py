@@ -73,3 +73,30 @@ def test_the_key_comes_from_the_named_variable_and_messages_name_only_the_host(m
         options.api_key()
     monkeypatch.setenv("SHARDWISE_TEST_KEY", "sk-1")
     assert options.api_key() == "sk-1"
+
+
+def test_the_first_failed_request_stops_the_call_before_slower_ones_end():
+    """A call's requests run side by side; when one fails, the requests still waiting for a thread
+    are not sent, even while an earlier one is still out (the first in order is the slow one)."""
+    from shardwise.gpu_runtime.endpoint_client import EndpointClient
+
+    client = EndpointClient(EndpointOptions(base_url="http://127.0.0.1:9", served_model="m", max_concurrency=2))
+    sent: list[int] = []
+
+    def request(item: int) -> int:
+        sent.append(item)
+        if item == 0:
+            time.sleep(1.5)
+        elif item == 1:
+            time.sleep(0.1)
+            raise EngineError("item 1 refused")
+        else:
+            time.sleep(0.05)
+        return item
+
+    try:
+        with pytest.raises(EngineError, match="item 1 refused"):
+            client.map(request, list(range(40)))
+    finally:
+        client.close()
+    assert sent[:2] == [0, 1] and len(sent) <= 5, sent
