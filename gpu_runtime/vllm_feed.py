@@ -118,11 +118,8 @@ class VllmFeed:
             try:
                 self._abort(engine, aborted)
                 for call in incoming:
-                    if call in aborted:
-                        continue
-                    ids = self._llm.enqueue(call.prompts, call.params, use_tqdm=False)
-                    for position, request_id in enumerate(ids):
-                        self._owners[_given_id(request_id)] = (call, position)
+                    if call not in aborted:
+                        self._add(call)
                 self.peak_requests = max(self.peak_requests, len(self._owners))
                 if self._owners and not engine.has_unfinished_requests():
                     raise EngineError(f"{len(self._owners)} requests vanished from the engine without an output")
@@ -133,6 +130,19 @@ class VllmFeed:
                     self._failure = f"vLLM's engine failed: {type(error).__name__}: {error}"
                     self._fail_all(EngineError(self._failure), incoming)
                 return
+
+    def _add(self, call: _Call) -> None:
+        """Put a call's requests in the engine. Requests vLLM refuses (its checks of the prompt
+        and the sampling settings, ``VLLMValidationError``) fail that call only, with vLLM's own
+        error, as an ``LLM.generate`` call would; vLLM takes back the call's requests it had
+        already added."""
+        try:
+            ids = self._llm.enqueue(call.prompts, call.params, use_tqdm=False)
+        except Exception as error:  # noqa: BLE001 - the caller's to handle; a dead engine fails at the next step
+            call.fail(error)
+            return
+        for position, request_id in enumerate(ids):
+            self._owners[_given_id(request_id)] = (call, position)
 
     def _abort(self, engine: Any, aborted: list[_Call]) -> None:
         if not aborted:

@@ -373,3 +373,22 @@ def test_an_interrupted_vllm_call_is_aborted_and_the_engine_serves_on(hf_and_vll
         time.sleep(0.1)
     assert engine.llm.llm_engine.get_num_unfinished_requests() == 0  # aborted, not decoded to the end
     assert engine.generate(prompts, quick) == before
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_request_vllm_refuses_fails_its_call_only(vllm_in_this_process):
+    """vLLM's own checks of a request (here a prompt past ``max_model_len``) fail that call with
+    vLLM's error, as ``LLM.generate`` would; the engine serves the next call."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from shardwise.gpu_runtime import EngineError, GenerationParams
+
+    engine = _module_vllm_engine()
+    too_long = TokensPrompt(prompt_token_ids=[1] * (engine.max_context + 10))
+    with pytest.raises(Exception) as refused:
+        engine.feed.run([too_long], [SamplingParams(max_tokens=4)])
+    assert not isinstance(refused.value, EngineError) and str(engine.max_context) in str(refused.value)
+    [answer] = engine.generate(["Say hello."], GenerationParams(max_new_tokens=8))
+    assert answer.text and answer.error is None and 0 < answer.n_generated_tokens <= 8
