@@ -28,13 +28,6 @@ def _sha(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _tokenizer(spec: str) -> Any:
-    """A model spec's tokenizer (tokenizer files only; loaded once per process)."""
-    from shardwise.gpu_runtime.token_count import load_tokenizer
-
-    return load_tokenizer(spec)
-
-
 def _device_and_dtype(cfg: JobConfig, section: Any) -> str:
     """Where values are computed changes them (fp32 on CPU, bf16 on CUDA); a serving endpoint's
     device is its own affair, and its served model name is in the model identity."""
@@ -103,7 +96,11 @@ def generation_keys(
             for prompt in prompts
         ]
         return row_keys(context, sent)
-    return row_keys(context, engine_prompts(tokenizer or _tokenizer(spec), prompts, params))
+    if tokenizer is None:
+        from shardwise.gpu_runtime.token_count import load_tokenizer  # loaded once per process
+
+        tokenizer = load_tokenizer(spec)
+    return row_keys(context, engine_prompts(tokenizer, prompts, params))
 
 
 def embedding_context(cfg: JobConfig) -> str:
